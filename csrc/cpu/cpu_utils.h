@@ -1,0 +1,111 @@
+// Small building blocks shared by the CPU kernels: a vectorisable exp, a
+// row-major block GEMM, element conversion, and per-sample length reading.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
+
+#include <algorithm>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace comet::cpu {
+
+// exp(x) for float arrays, ~2 ulp, written branch-free so the compiler vectorises
+// the loop; exp(-inf) and anything below the float range is exactly 0, NaN stays NaN.
+inline float exp_scalar(float x) {
+  const float hi = 88.0f, lo = -87.3365447504019f;
+  const bool under = x < lo;
+  const bool nan = x != x;
+  const float x_in = x;
+  x = std::fmin(std::fmax(x, lo), hi);
+  const float log2e = 1.44269504088896341f;
+  const float n = std::nearbyint(x * log2e);
+  // Cody-Waite split of ln 2 keeps r exact to float precision.
+  float r = std::fma(n, -0.693359375f, x);
+  r = std::fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = std::fma(p, r, 1.3981999507e-3f);
+  p = std::fma(p, r, 8.3334519073e-3f);
+  p = std::fma(p, r, 4.1665795894e-2f);
+  p = std::fma(p, r, 1.6666665459e-1f);
+  p = std::fma(p, r, 5.0000001201e-1f);
+  p = std::fma(p * r, r, r) + 1.0f;
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  int32_t bits = e << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(float));
+  const float y = under ? 0.0f : p * scale;
+  return nan ? x_in : y;
+}
+inline double exp_scalar(double x) { return std::exp(x); }
+
+// C[M,N] (+)= A[M,K] . B[K,N], all row-major with leading dimensions.
+inline void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    if (!accumulate)
+      for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
+    return;
+  }
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+}
+// float64 exists for gradcheck only: a plain loop is enough.
+inline void block_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                       const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    double* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, 0.0);
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = A[i * lda + k];
+      const double* b = B + k * ldb;
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+template <typename acc_t, typename scalar_t>
+inline void load_row(const scalar_t* src, int64_t n, acc_t* dst, acc_t scale = acc_t(1)) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+}
+
+// How many row slices a row-parallel kernel uses: one per thread, none smaller
+// than min_rows. Kernels that reduce over rows keep one accumulator per slice,
+// so the result does not depend on how the pool schedules the slices.
+inline int64_t num_parts(int64_t rows, int64_t min_rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), rows / min_rows));
+}
+
+// Runs fn(part, begin, end) over `parts` contiguous slices of [0, rows) in parallel.
+template <typename F>
+inline void for_each_part(int64_t rows, int64_t parts, const F& fn) {
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) fn(p, rows * p / parts, rows * (p + 1) / parts);
+  });
+}
+
+// Per-sample lengths as int64 on the host; `fallback` when the tensor is absent.
+inline std::vector<int64_t> read_lengths(const c10::optional<at::Tensor>& t, int64_t batch,
+                                         int64_t fallback) {
+  std::vector<int64_t> out(batch, fallback);
+  if (t.has_value() && t->defined()) {
+    const at::Tensor l = t->to(at::kLong).contiguous();
+    std::memcpy(out.data(), l.data_ptr<int64_t>(), batch * sizeof(int64_t));
+  }
+  return out;
+}
+
+}  // namespace comet::cpu

@@ -1,0 +1,145 @@
+"""Builds comet_ext._C against the torch installed in this environment.
+
+C++ CPU kernels are always built; the CUDA kernels are added when torch has
+CUDA and a CUDA toolkit (nvcc) is found. Environment variables:
+
+  COMET_CUDA=0|1            force the CUDA sources off / on (default: auto)
+  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0+PTX")
+  COMET_CPU_NATIVE=0        do not tune the CPU kernels for the build machine
+  DEBUG=1                   -O0 -g debug build with assertions
+  CUDA_HOME                 toolkit root; found by following nvcc when unset
+"""
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+try:
+    import torch
+except ImportError:  # pip's build isolation hides the user's torch from us
+    sys.exit(
+        "\n\ncomet_ext is a PyTorch extension and must be built against the torch you\n"
+        "run it with, but no torch is importable in this build environment. Install\n"
+        "torch first, then build without pip's isolated environment:\n\n"
+        "    pip install --no-build-isolation .\n"
+    )
+
+
+def _real_toolkit_root():
+    """Toolkit root holding bin/nvcc and include/cuda_runtime.h, or None.
+
+    `nvcc` on PATH may be a wrapper script (`exec /opt/cuda/bin/nvcc "$@"`),
+    so its parent folder is not the toolkit: follow symlinks and wrappers.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    for _ in range(4):
+        if nvcc is None:
+            return None
+        nvcc = os.path.realpath(nvcc)
+        root = os.path.dirname(os.path.dirname(nvcc))
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+        try:
+            with open(nvcc, "r", errors="ignore") as f:
+                head = f.read(4096)
+        except OSError:
+            return None
+        m = re.search(r"(/\S+/bin/nvcc)\b", head)
+        nvcc = m.group(1) if m else None
+    return None
+
+
+def _want_cuda(cuda_home):
+    flag = os.environ.get("COMET_CUDA", "auto")
+    if flag == "0":
+        return False
+    ok = torch.version.cuda is not None and cuda_home is not None
+    if flag == "1" and not ok:
+        sys.exit("COMET_CUDA=1 but torch has no CUDA or no CUDA toolkit (nvcc) was found")
+    return ok
+
+
+cuda_home = _real_toolkit_root()
+if cuda_home:
+    # Must be set before torch.utils.cpp_extension is imported: it reads it once.
+    os.environ["CUDA_HOME"] = cuda_home
+WITH_CUDA = _want_cuda(cuda_home)
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def _wheel_cuda_includes():
+    """Headers ATen's CUDA headers need (cuBLAS, cuSPARSE …) that a bare toolkit may lack.
+
+    The pip wheels of the CUDA libraries ship them under site-packages/nvidia/*/include.
+    """
+    found = []
+    for entry in sys.path:
+        for inc in glob.glob(os.path.join(entry, "nvidia", "*", "include")):
+            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(
+                os.path.join(inc, "cusparse.h")
+            ):
+                found.append(inc)
+    return sorted(set(found))
+
+
+debug = os.environ.get("DEBUG", "0") == "1"
+native = os.environ.get("COMET_CPU_NATIVE", "1") == "1" and not debug
+cxx = ["-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
+if native:
+    cxx += ["-march=native"]
+nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
+nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
+
+sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+include_dirs = [os.path.join(ROOT, "csrc")]
+define_macros = []
+if WITH_CUDA:
+    sources += sorted(glob.glob("csrc/cuda/*.cu"))
+    include_dirs += _wheel_cuda_includes()
+    define_macros.append(("COMET_WITH_CUDA", "1"))
+    ext = CUDAExtension(
+        "comet_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        py_limited_api=True,
+    )
+else:
+    ext = CppExtension(
+        "comet_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
+        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True,
+    )
+
+
+def _write_build_info():
+    """Records what _C was built against, so a mismatch at import is explained."""
+    info = (
+        '"""Written by setup.py at build time; do not edit."""\n'
+        f"TORCH_VERSION = {torch.__version__!r}\n"
+        f"WITH_CUDA = {WITH_CUDA!r}\n"
+        f"CUDA_ARCH_LIST = {os.environ['TORCH_CUDA_ARCH_LIST'] if WITH_CUDA else ''!r}\n"
+    )
+    path = os.path.join(ROOT, "comet_ext", "_build_info.py")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(info)
+    os.replace(tmp, path)
+
+
+_write_build_info()
+print(f"comet_ext: torch {torch.__version__}, CUDA kernels {'on' if WITH_CUDA else 'off'}"
+      + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""))
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension},
+    options={"bdist_wheel": {"py_limited_api": "cp39"}},
+)
