@@ -11,13 +11,13 @@ CUDA and a CUDA toolkit (nvcc) is found. Environment variables:
 """
 import glob
 import os
-import re
-import shutil
 import sys
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+from build_env import real_toolkit_root, wheel_cuda_includes  # noqa: E402
 
 try:
     import torch
@@ -30,32 +30,6 @@ except ImportError:  # pip's build isolation hides the user's torch from us
     )
 
 
-def _real_toolkit_root():
-    """Toolkit root holding bin/nvcc and include/cuda_runtime.h, or None.
-
-    `nvcc` on PATH may be a wrapper script (`exec /opt/cuda/bin/nvcc "$@"`),
-    so its parent folder is not the toolkit: follow symlinks and wrappers.
-    """
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    nvcc = shutil.which("nvcc")
-    for _ in range(4):
-        if nvcc is None:
-            return None
-        nvcc = os.path.realpath(nvcc)
-        root = os.path.dirname(os.path.dirname(nvcc))
-        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
-            return root
-        try:
-            with open(nvcc, "r", errors="ignore") as f:
-                head = f.read(4096)
-        except OSError:
-            return None
-        m = re.search(r"(/\S+/bin/nvcc)\b", head)
-        nvcc = m.group(1) if m else None
-    return None
-
-
 def _want_cuda(cuda_home):
     flag = os.environ.get("COMET_CUDA", "auto")
     if flag == "0":
@@ -66,7 +40,7 @@ def _want_cuda(cuda_home):
     return ok
 
 
-cuda_home = _real_toolkit_root()
+cuda_home = real_toolkit_root()
 if cuda_home:
     # Must be set before torch.utils.cpp_extension is imported: it reads it once.
     os.environ["CUDA_HOME"] = cuda_home
@@ -74,21 +48,6 @@ WITH_CUDA = _want_cuda(cuda_home)
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
-
-
-def _wheel_cuda_includes():
-    """Headers ATen's CUDA headers need (cuBLAS, cuSPARSE …) that a bare toolkit may lack.
-
-    The pip wheels of the CUDA libraries ship them under site-packages/nvidia/*/include.
-    """
-    found = []
-    for entry in sys.path:
-        for inc in glob.glob(os.path.join(entry, "nvidia", "*", "include")):
-            if os.path.exists(os.path.join(inc, "cublas_v2.h")) or os.path.exists(
-                os.path.join(inc, "cusparse.h")
-            ):
-                found.append(inc)
-    return sorted(set(found))
 
 
 debug = os.environ.get("DEBUG", "0") == "1"
@@ -105,7 +64,7 @@ include_dirs = [os.path.join(ROOT, "csrc")]
 define_macros = []
 if WITH_CUDA:
     sources += sorted(glob.glob("csrc/cuda/*.cu"))
-    include_dirs += _wheel_cuda_includes()
+    include_dirs += wheel_cuda_includes()
     define_macros.append(("COMET_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "comet_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,

@@ -61,7 +61,13 @@ def prefix_attention(
         out (B, N, Hq, D) in q's dtype, and lse (B, Hq, N) float32 (float64 for
         float64 inputs), the log-sum-exp of each row's scaled scores. Rows that
         see no key (padding) give ``out = 0`` and ``lse = -inf``. Both outputs
-        are differentiable. NaN in the inputs propagates to the rows that see it.
+        are differentiable.
+
+    NaN / Inf: a non-finite q row poisons only its own output row; a non-finite
+    visible key or value poisons every row that sees it and, as in
+    FlashAttention, may also reach the other rows of the same 64-row query
+    tile through the tile products (0 * NaN). Rows past ``k_lens`` are never
+    read, so padding may hold garbage.
 
     Example::
 
@@ -69,7 +75,8 @@ def prefix_attention(
         out, lse = prefix_attention(q, k, v)   # 7 prefix rows, 5 chunk rows
     """
     if scale is None:
-        scale = q.shape[-1] ** -0.5
+        # Malformed q (no dims, head_dim 0) falls through to the op's own checks.
+        scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
     return _ops.prefix_attention.default(q, k, v, float(scale), q_lens, k_lens)
 
 
@@ -131,6 +138,8 @@ def rla(
     """
     if x.dim() < 1:
         raise ValueError(f"rla: 'x' must have a hidden dimension, got a {x.dim()}-D tensor")
+    if x.dim() == 2 or x.shape[-1] == 0:  # 2-D as is; hidden 0 is refused by the op
+        return _ops.rla.default(x, down, up, norm_weight, float(eps))
     y = _ops.rla.default(x.reshape(-1, x.shape[-1]), down, up, norm_weight, float(eps))
     return y.view(x.shape)
 
@@ -191,8 +200,8 @@ def gated_update(
     Returns:
         new_state (B, n, d) and memory ``G = new + up(down(new))`` (B, n, d).
     """
-    if eps is None:
-        eps = torch.finfo(readout.dtype).eps
+    if eps is None:  # non-float readouts fall through to the op's dtype check
+        eps = torch.finfo(readout.dtype).eps if readout.is_floating_point() else 0.0
     return _ops.gated_update.default(readout, state, norm_weight, gate_weight, down, up, float(eps))
 
 
@@ -247,10 +256,10 @@ def fifo_empty(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """A new empty ring: buffer (batch, capacity, *feature_shape), head and length int64 (batch,)."""
     for name, value in (("batch", batch), ("capacity", capacity)):
-        if not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"fifo_empty: '{name}' must be an int >= 0, got {value!r}")
     feature_shape = tuple(feature_shape)
-    if any((not isinstance(f, int)) or f <= 0 for f in feature_shape):
+    if any(isinstance(f, bool) or not isinstance(f, int) or f <= 0 for f in feature_shape):
         raise ValueError(f"fifo_empty: 'feature_shape' must be positive ints, got {feature_shape}")
     buffer = torch.zeros((batch, capacity, *feature_shape), dtype=dtype, device=device)
     head = torch.zeros(batch, dtype=torch.long, device=device)
@@ -353,7 +362,7 @@ def _view_setup(ctx, inputs, output):
 
 def _view_backward(ctx, grad_view):
     head, length, cos, sin = ctx.saved_tensors
-    if ctx.needs_input_grad[3] or ctx.needs_input_grad[4]:
+    if any(ctx.needs_input_grad[3:]):
         raise NotImplementedError(
             "fifo_view: gradients with respect to the RoPE tables 'cos' / 'sin' are not "
             "supported; pass tables that do not require grad (e.g. .detach())"

@@ -64,8 +64,12 @@ def prefix_attention(
     qf = q.to(ct).transpose(1, 2)  # (B, Hq, N, D)
     kf = k.to(ct).repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
     vf = v.to(ct).repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
-    s = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, N, K)
     visible = attention_mask(B, N, K, q_lens, k_lens, q.device).unsqueeze(1)
+    # Like the kernels, never read keys / values past k_lens: padding may hold garbage.
+    readable = visible.any(2, keepdim=True).transpose(-1, -2)  # (B, 1, K, 1)
+    zero = torch.zeros((), dtype=ct, device=q.device)
+    kf, vf = torch.where(readable, kf, zero), torch.where(readable, vf, zero)
+    s = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, N, K)
     s = s.masked_fill(~visible, float("-inf"))
     empty = ~visible.any(-1)  # (B, 1, N)
     m = s.amax(-1, keepdim=True).masked_fill(empty.unsqueeze(-1), 0).detach()

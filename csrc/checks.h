@@ -109,6 +109,7 @@ inline void check_rla_args(const char* op, const at::Tensor& x, const at::Tensor
   check_dim(x, 2, op, "x", "(rows, hidden)");
   check_float(x, op, "x");
   COMET_CHECK(x.size(1) > 0, op, "'x' must have a positive hidden size, got ", shape_str(x));
+  check_last_contiguous(x, op, "x");
   check_rla_weights(op, x, "x", down, up, norm_weight.has_value() ? &*norm_weight : nullptr);
   COMET_CHECK(std::isfinite(eps) && eps >= 0, op, "'eps' must be finite and >= 0, got ", eps);
 }
@@ -122,11 +123,13 @@ inline void check_gated_update_args(const char* op, const at::Tensor& readout,
   check_float(readout, op, "readout");
   const int64_t d = readout.size(2);
   COMET_CHECK(d > 0, op, "'readout' must have a positive hidden size, got ", shape_str(readout));
+  check_last_contiguous(readout, op, "readout");
   if (state.has_value()) {
     COMET_CHECK(state->sizes() == readout.sizes(), op, "'state' must have the shape of readout ",
                 shape_str(readout), ", got ", shape_str(*state));
     check_same_dtype(*state, readout, op, "state", "readout");
     check_same_device(*state, readout, op, "state", "readout");
+    check_last_contiguous(*state, op, "state");
   }
   check_defined(norm_weight, op, "norm_weight");
   check_rla_weights(op, readout, "readout", down, up, &norm_weight);

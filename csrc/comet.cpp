@@ -9,7 +9,8 @@ extern "C" {
 // Importing comet_ext._C only has to load this library: the static TORCH_LIBRARY
 // initialisers below register every op with the dispatcher.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }

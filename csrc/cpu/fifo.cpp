@@ -10,6 +10,17 @@
 namespace comet::cpu {
 namespace {
 
+// head[b] in [0, C) (0 when C == 0) and length[b] in [0, C].
+void check_state_values(const char* op, const std::vector<int64_t>& hd,
+                        const std::vector<int64_t>& len, int64_t C) {
+  for (size_t b = 0; b < hd.size(); ++b) {
+    COMET_CHECK(len[b] >= 0 && len[b] <= C, op, "'length'[", b, "] = ", len[b],
+                " must lie in [0, ", C, "] (the capacity)");
+    COMET_CHECK(hd[b] >= 0 && (hd[b] < C || (C == 0 && hd[b] == 0)), op, "'head'[", b, "] = ",
+                hd[b], " must lie in [0, ", C, ") (the capacity)");
+  }
+}
+
 // Checks the per-sample state values and the rows to push; returns counts on the host.
 std::vector<int64_t> check_push(const char* op, const at::Tensor& buffer, const at::Tensor& head,
                                 const at::Tensor& length, const at::Tensor& rows,
@@ -22,11 +33,8 @@ std::vector<int64_t> check_push(const char* op, const at::Tensor& buffer, const 
   for (int64_t b = 0; b < B; ++b) {
     COMET_CHECK(cnt[b] >= 0 && cnt[b] <= rows.size(1), op, "'counts'[", b, "] = ", cnt[b],
                 " must lie in [0, ", rows.size(1), "] (the rows given per sample)");
-    COMET_CHECK(len[b] >= 0 && len[b] <= C, op, "'length'[", b, "] = ", len[b],
-                " must lie in [0, ", C, "] (the capacity)");
-    COMET_CHECK(hd[b] >= 0 && (hd[b] < C || (C == 0 && hd[b] == 0)), op, "'head'[", b, "] = ",
-                hd[b], " must lie in [0, ", C, ") (the capacity)");
   }
+  check_state_values(op, hd, len, C);
   return cnt;
 }
 
@@ -90,6 +98,7 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cpu(const at::Tensor& grad
   const auto cnt = read_lengths(counts, B, 0);
   const auto hd = read_lengths(head, B, 0);
   const auto len = read_lengths(length, B, 0);
+  check_state_values(op, hd, len, C);
   at::Tensor grad_buffer = grad_buffer_out.clone(at::MemoryFormat::Contiguous);
   std::vector<int64_t> rows_shape = grad_buffer_out.sizes().vec();
   rows_shape[1] = num_rows;
@@ -153,10 +162,7 @@ at::Tensor fifo_view_cpu(const at::Tensor& buffer, const at::Tensor& head, const
   const int64_t B = buffer.size(0), C = buffer.size(1);
   const auto hd = read_lengths(head, B, 0);
   const auto len = read_lengths(length, B, 0);
-  for (int64_t b = 0; b < B; ++b)
-    COMET_CHECK(len[b] >= 0 && len[b] <= C && hd[b] >= 0 && (hd[b] < C || hd[b] == 0), op,
-                "sample ", b, " has head ", hd[b], " and length ", len[b],
-                "; both must lie in [0, capacity ", C, ")");
+  check_state_values(op, hd, len, C);
   const at::Tensor buf = buffer.contiguous();
   at::Tensor out = at::zeros(buffer.sizes(), buffer.options());
   if (C == 0 || out.numel() == 0) return out;
@@ -191,6 +197,7 @@ at::Tensor fifo_view_backward_cpu(const at::Tensor& grad_view, const at::Tensor&
   const int64_t B = grad_view.size(0), C = grad_view.size(1);
   const auto hd = read_lengths(head, B, 0);
   const auto len = read_lengths(length, B, 0);
+  check_state_values(op, hd, len, C);
   const at::Tensor g = grad_view.contiguous();
   at::Tensor out = at::zeros(grad_view.sizes(), grad_view.options());
   if (C == 0 || out.numel() == 0) return out;

@@ -1,0 +1,93 @@
+"""Facts about the local torch / CUDA toolkit that the build needs, shared by
+setup.py and CMakeLists.txt.
+
+`nvcc` on PATH may be a wrapper script, so torch's own guess of CUDA_HOME (the
+wrapper's parent folder) can be wrong; and a bare toolkit may lack the cuBLAS /
+cuSPARSE headers and nvrtc library that ATen's CUDA headers and TorchConfig
+expect, which the pip wheels (site-packages/nvidia/*/) provide.
+
+    python tools/build_env.py cmake   # prints -D arguments for a CMake configure
+"""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+
+def real_toolkit_root() -> str | None:
+    """Toolkit root holding bin/nvcc and include/cuda_runtime.h, or None.
+
+    CUDA_HOME wins when set; otherwise follow `nvcc` through symlinks and
+    wrapper scripts of the form `exec /path/to/bin/nvcc "$@"`.
+    """
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = shutil.which("nvcc")
+    for _ in range(4):
+        if nvcc is None:
+            return None
+        nvcc = os.path.realpath(nvcc)
+        root = os.path.dirname(os.path.dirname(nvcc))
+        if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
+            return root
+        try:
+            with open(nvcc, errors="ignore") as f:
+                head = f.read(4096)
+        except OSError:
+            return None
+        m = re.search(r"(/\S+/bin/nvcc)\b", head)
+        nvcc = m.group(1) if m else None
+    return None
+
+
+def _wheel_dirs(sub: str) -> list[str]:
+    found = set()
+    for entry in sys.path:
+        found.update(glob.glob(os.path.join(entry, "nvidia", "*", sub)))
+    return sorted(found)
+
+
+def wheel_cuda_includes() -> list[str]:
+    """site-packages/nvidia/*/include folders that hold cuBLAS or cuSPARSE headers."""
+    return [
+        d for d in _wheel_dirs("include")
+        if os.path.exists(os.path.join(d, "cublas_v2.h")) or os.path.exists(os.path.join(d, "cusparse.h"))
+    ]
+
+
+def wheel_library(name: str) -> str | None:
+    """Path of lib<name>.so* shipped by a CUDA pip wheel, if any."""
+    for d in _wheel_dirs("lib"):
+        hits = sorted(glob.glob(os.path.join(d, f"lib{name}.so*")))
+        if hits:
+            return hits[0]
+    return None
+
+
+def cmake_args() -> list[str]:
+    import torch
+
+    args = [f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}"]
+    root = real_toolkit_root()
+    if torch.version.cuda and root:
+        args += [
+            f"-DCUDA_TOOLKIT_ROOT_DIR={root}",
+            f"-DCUDAToolkit_ROOT={root}",
+            f"-DCMAKE_CUDA_COMPILER={os.path.join(root, 'bin', 'nvcc')}",
+        ]
+        nvrtc = wheel_library("nvrtc")
+        if nvrtc and not glob.glob(os.path.join(root, "lib*", "libnvrtc.so*")):
+            args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc}")
+        includes = wheel_cuda_includes()
+        if includes:
+            args.append(f"-DCOMET_EXTRA_INCLUDES={';'.join(includes)}")
+    return args
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["cmake"]:
+        sys.exit("usage: python tools/build_env.py cmake")
+    print(" ".join(f'"{a}"' if " " in a else a for a in cmake_args()))
