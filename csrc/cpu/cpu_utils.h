@@ -45,6 +45,51 @@ inline float exp_scalar(float x) {
 }
 inline double exp_scalar(double x) { return std::exp(x); }
 
+// s[j] = exp(s[j] - mx) for j < n; returns the sum.
+template <typename acc_t>
+inline acc_t exp_row(acc_t* s, int64_t n, acc_t mx) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] = exp_scalar(s[j] - mx);
+    sum += s[j];
+  }
+  return sum;
+}
+
+// max(init, s[0..n)), or NaN if any s[j] is NaN (vectorises: NaN is tracked apart).
+template <typename acc_t>
+inline acc_t row_max_nan(const acc_t* s, int64_t n, acc_t init) {
+  acc_t mx = init;
+  int nan = 0;
+#pragma omp simd reduction(max : mx) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    mx = s[j] > mx ? s[j] : mx;
+    nan |= s[j] != s[j];
+  }
+  return nan ? std::numeric_limits<acc_t>::quiet_NaN() : mx;
+}
+
+// p[c] = exp(p[c] - lse[c]) for c < n.
+template <typename acc_t>
+inline void exp_row_minus(acc_t* p, const acc_t* lse, int64_t n) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) p[c] = exp_scalar(p[c] - lse[c]);
+}
+
+// ds[c] = p[c] * (ds[c] - delta[c]): the softmax backward of one row.
+template <typename acc_t>
+inline void softmax_grad_row(const acc_t* p, const acc_t* delta, int64_t n, acc_t* ds) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) ds[c] = p[c] * (ds[c] - delta[c]);
+}
+
+template <typename acc_t>
+inline void scale_row(acc_t* x, int64_t n, acc_t alpha) {
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) x[c] *= alpha;
+}
+
 // C[M,N] (+)= A[M,K] . B[K,N], all row-major with leading dimensions.
 inline void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                        const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {

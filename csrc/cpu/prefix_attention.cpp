@@ -1,6 +1,7 @@
 // CPU prefix_attention: flash-style tiling with online softmax (forward) and
 // recomputation from the log-sum-exp (backward). Extra memory per thread is a
-// few (block x block) and (block x head_dim) tiles, never the full score matrix.
+// few (tile x tile) and (tile x head_dim) tiles, plus operands re-laid-out once
+// per call (O((N + K) * H * D), the size of the inputs); never the score matrix.
 //
 // Mask, per sample b (ql = q_lens[b], kl = k_lens[b], off = kl - ql):
 // query i < ql sees key j < kl iff j <= off + i. Queries past ql, and queries
@@ -38,203 +39,147 @@ inline int64_t visible_end(int64_t i, int64_t off, int64_t kl) {
   return std::clamp<int64_t>(off + i + 1, 0, kl);
 }
 
+// Forward. One task = (batch, kv head, query tile): the query rows of all `group`
+// q heads that share the kv head are stacked into one (group * m, D) tile, so
+// each key tile is read once for the whole group and the GEMMs are taller.
+// kt: (B, Hkv, D, K) keys transposed, vf: values; both in the accumulation type.
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
-                    at::Tensor& lse, double scale_d, const std::vector<int64_t>& qls,
-                    const std::vector<int64_t>& kls) {
+void forward_kernel(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& vf,
+                    at::Tensor& out, at::Tensor& lse, double scale_d,
+                    const std::vector<int64_t>& qls, const std::vector<int64_t>& kls) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t group = Hq / k.size(2);
+  const int64_t Hkv = kt.size(1), K = kt.size(3), group = Hq / Hkv;
   const int64_t n_qblocks = (N + kBlockQ - 1) / kBlockQ;
+  const int64_t rows_max = group * kBlockQ;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
-  at::parallel_for(0, B * Hq * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(kBlockQ * D), kt_tile(D * kBlockK), v_tile(kBlockK * D);
-    std::vector<acc_t> s_tile(kBlockQ * kBlockK), o_tile(kBlockQ * D);
-    std::vector<acc_t> row_max(kBlockQ), row_sum(kBlockQ);
+  at::parallel_for(0, B * Hkv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> q_tile(rows_max * D), s_tile(rows_max * kBlockK), o_tile(rows_max * D);
+    std::vector<acc_t> row_max(rows_max), row_sum(rows_max);
+    std::vector<int64_t> row_vis(rows_max);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t qb = item % n_qblocks, h = (item / n_qblocks) % Hq, b = item / (n_qblocks * Hq);
-      const int64_t hk = h / group, ql = qls[b], kl = kls[b], off = kl - ql;
-      const auto Q = head_view<scalar_t>(q, b, h);
-      const auto K = head_view<scalar_t>(k, b, hk);
-      const auto V = head_view<scalar_t>(v, b, hk);
-      const auto O = head_view<scalar_t>(out, b, h);
-      acc_t* L = lse.data_ptr<acc_t>() + (b * Hq + h) * N;
+      const int64_t qb = item % n_qblocks, hk = (item / n_qblocks) % Hkv;
+      const int64_t b = item / (n_qblocks * Hkv);
+      const int64_t ql = qls[b], kl = kls[b], off = kl - ql;
       const int64_t i0 = qb * kBlockQ, i_end = std::min(i0 + kBlockQ, N);
-      const int64_t i1 = std::clamp<int64_t>(ql, i0, i_end);  // valid rows [i0, i1)
-      const int64_t m = i1 - i0;
-      const int64_t key_end = m > 0 ? visible_end(i1 - 1, off, kl) : 0;
+      const int64_t m = std::clamp<int64_t>(ql, i0, i_end) - i0;  // valid rows [i0, i0 + m)
+      const int64_t rows = group * m;                              // row r: head r / m, query i0 + r % m
+      const int64_t key_end = m > 0 ? visible_end(i0 + m - 1, off, kl) : 0;
+      const acc_t* KT = kt.data_ptr<acc_t>() + (b * Hkv + hk) * D * K;
+      const acc_t* V = vf.data_ptr<acc_t>() + b * vf.stride(0) + hk * vf.stride(2);
+      const int64_t ldv = vf.stride(1);
 
-      for (int64_t r = 0; r < m; ++r) load_row(Q.row(i0 + r), D, &q_tile[r * D], scale);
-      std::fill(o_tile.begin(), o_tile.begin() + m * D, acc_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        const auto Q = head_view<scalar_t>(q, b, hk * group + r / m);
+        load_row(Q.row(i0 + r % m), D, &q_tile[r * D], scale);
+        row_vis[r] = visible_end(i0 + r % m, off, kl);
+      }
+      std::fill(o_tile.begin(), o_tile.begin() + rows * D, acc_t(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
 
       for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, key_end - j0);
-        for (int64_t j = 0; j < n; ++j) {  // K tile transposed: (D, n)
-          const scalar_t* kr = K.row(j0 + j);
-          for (int64_t c = 0; c < D; ++c) kt_tile[c * n + j] = static_cast<acc_t>(kr[c]);
-        }
-        block_gemm(m, n, D, q_tile.data(), D, kt_tile.data(), n, s_tile.data(), n, false);
-
-        bool any = false;
-        for (int64_t r = 0; r < m; ++r) {
+        block_gemm(rows, n, D, q_tile.data(), D, KT + j0, K, s_tile.data(), n, false);
+        for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = &s_tile[r * n];
-          const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, off, kl) - j0, 0, n);
-          acc_t mx = row_max[r];
-          for (int64_t j = 0; j < vis; ++j) mx = (s[j] > mx || s[j] != s[j]) ? s[j] : mx;
+          const int64_t vis = std::clamp<int64_t>(row_vis[r] - j0, 0, n);
+          const acc_t mx = row_max_nan(s, vis, row_max[r]);
           if (vis == 0 || mx == neg_inf) {  // nothing visible in this tile for this row
             std::fill(s, s + n, acc_t(0));
             continue;
           }
-          any = true;
           const acc_t alpha = exp_scalar(row_max[r] - mx);
-          acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < vis; ++j) {
-            s[j] = exp_scalar(s[j] - mx);
-            sum += s[j];
-          }
+          row_sum[r] = row_sum[r] * alpha + exp_row(s, vis, mx);
           std::fill(s + vis, s + n, acc_t(0));
-          row_sum[r] = row_sum[r] * alpha + sum;
           row_max[r] = mx;
-          if (alpha != acc_t(1)) {
-            acc_t* o = &o_tile[r * D];
-#pragma omp simd
-            for (int64_t c = 0; c < D; ++c) o[c] *= alpha;
-          }
+          if (alpha != acc_t(1)) scale_row(&o_tile[r * D], D, alpha);
         }
-        if (!any) continue;
-        for (int64_t j = 0; j < n; ++j) load_row(V.row(j0 + j), D, &v_tile[j * D]);
-        block_gemm(m, D, n, s_tile.data(), n, v_tile.data(), D, o_tile.data(), D, true);
+        block_gemm(rows, D, n, s_tile.data(), n, V + j0 * ldv, ldv, o_tile.data(), D, true);
       }
 
-      for (int64_t r = 0; r < m; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t h = hk * group + r / m, i = i0 + r % m;
         const acc_t l = row_sum[r];
         const acc_t inv = l > 0 ? acc_t(1) / l : (l != l ? l : acc_t(0));  // NaN stays NaN
-        acc_t* o = &o_tile[r * D];
-#pragma omp simd
-        for (int64_t c = 0; c < D; ++c) o[c] *= inv;
-        store_row(o, D, O.row(i0 + r));
-        L[i0 + r] = l > 0 ? row_max[r] + std::log(l) : (l != l ? l : neg_inf);
+        scale_row(&o_tile[r * D], D, inv);
+        store_row(&o_tile[r * D], D, head_view<scalar_t>(out, b, h).row(i));
+        lse.data_ptr<acc_t>()[(b * Hq + h) * N + i] =
+            l > 0 ? row_max[r] + std::log(l) : (l != l ? l : neg_inf);
       }
-      for (int64_t i = i1; i < i_end; ++i) {  // padded query rows
-        std::fill(O.row(i), O.row(i) + D, scalar_t(0));
-        L[i] = neg_inf;
+      for (int64_t g = 0; g < group; ++g) {  // padded query rows
+        const int64_t h = hk * group + g;
+        for (int64_t i = i0 + m; i < i_end; ++i) {
+          scalar_t* o = head_view<scalar_t>(out, b, h).row(i);
+          std::fill(o, o + D, scalar_t(0));
+          lse.data_ptr<acc_t>()[(b * Hq + h) * N + i] = neg_inf;
+        }
       }
     }
   });
 }
 
-// Backward for one (batch, q head) per task: key tiles outer, query tiles inner.
-// dq accumulates in place (the task owns its rows); dk / dv go to a per-q-head
-// fp32 slab (B, K, Hq, D) that is summed over the GQA group afterwards.
-template <typename scalar_t>
-void backward_kernel(const at::Tensor& grad_out, const at::Tensor& grad_lse, const at::Tensor& q,
-                     const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-                     const at::Tensor& lse, double scale_d, const std::vector<int64_t>& qls,
-                     const std::vector<int64_t>& kls, at::Tensor& dq_acc, at::Tensor& dk_acc,
-                     at::Tensor& dv_acc) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t group = Hq / k.size(2);
-  const acc_t scale = static_cast<acc_t>(scale_d);
+// Backward. One task = (batch, q head); key tiles outer, query tiles inner.
+// Everything is computed transposed (keys as rows), so every product is a plain
+// row-major GEMM on pre-laid-out operands and no tile is ever transposed:
+//   S^T = K Qs^T, P^T = exp(S^T - lse), dV += P^T dO, dP^T = V dO^T,
+//   dS^T = P^T (dP^T - delta), dK += dS^T Qs, dQ^T += K^T dS^T (times scale at the end).
+// Qs = scale * Q. dK / dV accumulate into a per-q-head slab (B, K, Hq, D) that is
+// summed over the GQA group afterwards; dQ^T into (B, Hq, D, N), owned by the task.
+struct BackwardOperands {
+  at::Tensor kf, kt, vf;    // (B, K, Hkv, D), (B, Hkv, D, K), (B, K, Hkv, D)
+  at::Tensor qs, qst;       // (B, N, Hq, D), (B, Hq, D, N)
+  at::Tensor dof, dot;      // (B, N, Hq, D), (B, Hq, D, N)
+  at::Tensor dk, dv, dqt;   // (B, K, Hq, D), (B, K, Hq, D), (B, Hq, D, N)
+};
+
+template <typename acc_t>
+void backward_kernel(BackwardOperands& t, const at::Tensor& delta, const at::Tensor& lse,
+                     const std::vector<int64_t>& qls, const std::vector<int64_t>& kls) {
+  const int64_t B = t.qs.size(0), N = t.qs.size(1), Hq = t.qs.size(2), D = t.qs.size(3);
+  const int64_t K = t.kf.size(1), Hkv = t.kf.size(2), group = Hq / Hkv;
+  const int64_t ld_k = Hkv * D, ld_q = Hq * D;
 
   at::parallel_for(0, B * Hq, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> k_tile(kBlockK * D), kt_tile(D * kBlockK), vt_tile(D * kBlockK);
-    std::vector<acc_t> q_tile(kBlockQ * D), do_tile(kBlockQ * D), p_tile(kBlockQ * kBlockK);
-    std::vector<acc_t> pt_tile(kBlockK * kBlockQ), ds_tile(kBlockQ * kBlockK);
-    std::vector<acc_t> dst_tile(kBlockK * kBlockQ), dk_tile(kBlockK * D), dv_tile(kBlockK * D);
-    std::vector<acc_t> delta(N), row(D);
+    std::vector<acc_t> pt(kBlockK * kBlockQ), dst(kBlockK * kBlockQ);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item % Hq, b = item / Hq, hk = h / group;
       const int64_t ql = qls[b], kl = kls[b], off = kl - ql;
       if (ql == 0) continue;
-      const auto Q = head_view<scalar_t>(q, b, h);
-      const auto K = head_view<scalar_t>(k, b, hk);
-      const auto V = head_view<scalar_t>(v, b, hk);
-      const auto O = head_view<scalar_t>(out, b, h);
-      const auto dO = head_view<scalar_t>(grad_out, b, h);
-      const auto dQ = head_view<acc_t>(dq_acc, b, h);
-      const auto dK = head_view<acc_t>(dk_acc, b, h);
-      const auto dV = head_view<acc_t>(dv_acc, b, h);
+      const acc_t* Kr = t.kf.data_ptr<acc_t>() + (b * K * Hkv + hk) * D;
+      const acc_t* KT = t.kt.data_ptr<acc_t>() + (b * Hkv + hk) * D * K;
+      const acc_t* Vr = t.vf.data_ptr<acc_t>() + (b * K * Hkv + hk) * D;
+      const acc_t* Qs = t.qs.data_ptr<acc_t>() + (b * N * Hq + h) * D;
+      const acc_t* QsT = t.qst.data_ptr<acc_t>() + (b * Hq + h) * D * N;
+      const acc_t* dO = t.dof.data_ptr<acc_t>() + (b * N * Hq + h) * D;
+      const acc_t* dOT = t.dot.data_ptr<acc_t>() + (b * Hq + h) * D * N;
+      acc_t* dK = t.dk.data_ptr<acc_t>() + (b * K * Hq + h) * D;
+      acc_t* dV = t.dv.data_ptr<acc_t>() + (b * K * Hq + h) * D;
+      acc_t* dQT = t.dqt.data_ptr<acc_t>() + (b * Hq + h) * D * N;
       const acc_t* L = lse.data_ptr<acc_t>() + (b * Hq + h) * N;
-      const acc_t* dL = grad_lse.data_ptr<acc_t>() + (b * Hq + h) * N;
+      const acc_t* dl = delta.data_ptr<acc_t>() + (b * Hq + h) * N;
 
-      // delta_i = <dO_i, O_i> - dlse_i: the softmax-Jacobian term, with the lse
-      // gradient folded in (d lse_i / d s_ij = p_ij).
-      for (int64_t i = 0; i < ql; ++i) {
-        const scalar_t* o = O.row(i);
-        const scalar_t* g = dO.row(i);
-        acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-        for (int64_t c = 0; c < D; ++c) acc += static_cast<acc_t>(o[c]) * static_cast<acc_t>(g[c]);
-        delta[i] = acc - dL[i];
-      }
       const int64_t key_end = visible_end(ql - 1, off, kl);
       for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, key_end - j0);
-        for (int64_t j = 0; j < n; ++j) {
-          const scalar_t* kr = K.row(j0 + j);
-          const scalar_t* vr = V.row(j0 + j);
-          for (int64_t c = 0; c < D; ++c) {
-            const acc_t kv = static_cast<acc_t>(kr[c]);
-            k_tile[j * D + c] = kv;
-            kt_tile[c * n + j] = kv;
-            vt_tile[c * n + j] = static_cast<acc_t>(vr[c]);
-          }
-        }
-        std::fill(dk_tile.begin(), dk_tile.begin() + n * D, acc_t(0));
-        std::fill(dv_tile.begin(), dv_tile.begin() + n * D, acc_t(0));
-        // First query that sees key j0: off + i >= j0.
-        const int64_t i_start = std::max<int64_t>(0, j0 - off);
+        const int64_t i_start = std::max<int64_t>(0, j0 - off);  // first query that sees key j0
         for (int64_t i0 = i_start; i0 < ql; i0 += kBlockQ) {
           const int64_t m = std::min(kBlockQ, ql - i0);
-          for (int64_t r = 0; r < m; ++r) {
-            load_row(Q.row(i0 + r), D, &q_tile[r * D], scale);
-            load_row(dO.row(i0 + r), D, &do_tile[r * D]);
+          block_gemm(n, m, D, Kr + j0 * ld_k, ld_k, QsT + i0, N, pt.data(), m, false);
+          // Key j0 + j is visible to query i0 + c iff c >= j0 + j - off - i0.
+          for (int64_t j = 0; j < n; ++j) {
+            acc_t* p = &pt[j * m];
+            const int64_t first = std::clamp<int64_t>(j0 + j - off - i0, 0, m);
+            std::fill(p, p + first, acc_t(0));
+            exp_row_minus(p + first, L + i0 + first, m - first);
           }
-          // P = exp(S - lse), masked; S uses the pre-scaled q tile.
-          block_gemm(m, n, D, q_tile.data(), D, kt_tile.data(), n, p_tile.data(), n, false);
-          for (int64_t r = 0; r < m; ++r) {
-            acc_t* p = &p_tile[r * n];
-            const int64_t vis = std::clamp<int64_t>(visible_end(i0 + r, off, kl) - j0, 0, n);
-            const acc_t l = L[i0 + r];
-#pragma omp simd
-            for (int64_t j = 0; j < vis; ++j) p[j] = exp_scalar(p[j] - l);
-            std::fill(p + vis, p + n, acc_t(0));
-          }
-          // dV += P^T dO
-          for (int64_t r = 0; r < m; ++r)
-            for (int64_t j = 0; j < n; ++j) pt_tile[j * m + r] = p_tile[r * n + j];
-          block_gemm(n, D, m, pt_tile.data(), m, do_tile.data(), D, dv_tile.data(), D, true);
-          // dP = dO V^T, then dS = P * (dP - delta)
-          block_gemm(m, n, D, do_tile.data(), D, vt_tile.data(), n, ds_tile.data(), n, false);
-          for (int64_t r = 0; r < m; ++r) {
-            const acc_t dl = delta[i0 + r];
-            acc_t* ds = &ds_tile[r * n];
-            const acc_t* p = &p_tile[r * n];
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - dl);
-          }
-          // dQ += scale * dS K   (accumulated straight into this task's rows)
-          block_gemm(m, D, n, ds_tile.data(), n, k_tile.data(), D, p_tile.data(), D, false);
-          for (int64_t r = 0; r < m; ++r) {
-            acc_t* dq = dQ.row(i0 + r);
-            const acc_t* src = &p_tile[r * D];
-#pragma omp simd
-            for (int64_t c = 0; c < D; ++c) dq[c] += scale * src[c];
-          }
-          // dK += dS^T (scale * Q): q_tile already holds scale * Q.
-          for (int64_t r = 0; r < m; ++r)
-            for (int64_t j = 0; j < n; ++j) dst_tile[j * m + r] = ds_tile[r * n + j];
-          block_gemm(n, D, m, dst_tile.data(), m, q_tile.data(), D, dk_tile.data(), D, true);
-        }
-        for (int64_t j = 0; j < n; ++j) {
-          std::copy_n(&dk_tile[j * D], D, dK.row(j0 + j));
-          std::copy_n(&dv_tile[j * D], D, dV.row(j0 + j));
+          block_gemm(n, D, m, pt.data(), m, dO + i0 * ld_q, ld_q, dV + j0 * ld_q, ld_q, true);
+          block_gemm(n, m, D, Vr + j0 * ld_k, ld_k, dOT + i0, N, dst.data(), m, false);
+          for (int64_t j = 0; j < n; ++j) softmax_grad_row(&pt[j * m], dl + i0, m, &dst[j * m]);
+          block_gemm(n, D, m, dst.data(), m, Qs + i0 * ld_q, ld_q, dK + j0 * ld_q, ld_q, true);
+          block_gemm(D, m, n, KT + j0, K, dst.data(), m, dQT + i0, N, true);
         }
       }
     }
@@ -262,8 +207,13 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(const at::Tensor& q, con
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({B, Hq, N}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
+  // Keys transposed and values in the accumulation type, laid out once: O(K * D)
+  // per kv head, the size of the inputs; the score matrix is never formed.
+  const auto acc = acc_dtype(q.scalar_type());
+  const at::Tensor kt = k.permute({0, 2, 3, 1}).to(acc).contiguous();  // (B, Hkv, D, K)
+  const at::Tensor vf = v.to(acc);                                      // (B, K, Hkv, D)
   COMET_DISPATCH_FLOATING(q.scalar_type(), "prefix_attention_cpu", [&] {
-    forward_kernel<scalar_t>(q, k, v, out, lse, scale, qls, kls);
+    forward_kernel<scalar_t>(q, kt, vf, out, lse, scale, qls, kls);
   });
   return {out, lse};
 }
@@ -277,26 +227,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cpu(
   check_attention_args(op, q, k, v, scale, q_lens, k_lens);
   check_attention_backward_args(op, grad_out, grad_lse, q, out, lse);
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3), K = k.size(1);
-  const int64_t Hkv = k.size(2);
+  const int64_t Hkv = k.size(2), group = Hq / Hkv;
   const auto qls = read_lengths(q_lens, B, N);
   const auto kls = read_lengths(k_lens, B, K);
   check_length_values(op, qls, N, "q_lens", "number of query rows");
   check_length_values(op, kls, K, "k_lens", "number of key rows");
-  const auto acc_opts = q.options().dtype(acc_dtype(q.scalar_type()));
-  at::Tensor dq_acc = at::zeros({B, N, Hq, D}, acc_opts);
-  at::Tensor dk_acc = at::zeros({B, K, Hq, D}, acc_opts);
-  at::Tensor dv_acc = at::zeros({B, K, Hq, D}, acc_opts);
-  const at::Tensor lse_c = lse.contiguous(), glse_c = grad_lse.contiguous();
-  if (q.numel() > 0 && K > 0) {
-    COMET_DISPATCH_FLOATING(q.scalar_type(), "prefix_attention_backward_cpu", [&] {
-      backward_kernel<scalar_t>(grad_out, glse_c, q, k, v, out, lse_c, scale, qls, kls, dq_acc,
-                                dk_acc, dv_acc);
-    });
-  }
-  const int64_t group = Hq / Hkv;
-  at::Tensor dk = dk_acc.view({B, K, Hkv, group, D}).sum(3).to(q.scalar_type());
-  at::Tensor dv = dv_acc.view({B, K, Hkv, group, D}).sum(3).to(q.scalar_type());
-  return {dq_acc.to(q.scalar_type()), dk, dv};
+  const auto acc = acc_dtype(q.scalar_type());
+  const auto dt = q.scalar_type();
+  const auto acc_opts = q.options().dtype(acc);
+  if (q.numel() == 0 || K == 0)
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous),
+            at::zeros_like(k, at::MemoryFormat::Contiguous),
+            at::zeros_like(v, at::MemoryFormat::Contiguous)};
+  // delta_i = <dO_i, O_i> - dlse_i: the softmax-Jacobian term with the lse
+  // gradient folded in (d lse_i / d s_ij = p_ij). Padded rows are never read.
+  const at::Tensor dof = grad_out.to(acc).contiguous();
+  const at::Tensor delta =
+      ((dof * out.to(acc)).sum(-1).transpose(1, 2) - grad_lse.to(acc)).contiguous();
+  BackwardOperands t;
+  t.kf = k.to(acc).contiguous();
+  t.kt = t.kf.permute({0, 2, 3, 1}).contiguous();
+  t.vf = v.to(acc).contiguous();
+  t.qs = (q.to(acc) * scale).contiguous();
+  t.qst = t.qs.permute({0, 2, 3, 1}).contiguous();
+  t.dof = dof;
+  t.dot = dof.permute({0, 2, 3, 1}).contiguous();
+  t.dk = at::zeros({B, K, Hq, D}, acc_opts);
+  t.dv = at::zeros({B, K, Hq, D}, acc_opts);
+  t.dqt = at::zeros({B, Hq, D, N}, acc_opts);
+  const at::Tensor lse_c = lse.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(acc, "prefix_attention_backward_cpu", [&] {
+    backward_kernel<scalar_t>(t, delta, lse_c, qls, kls);
+  });
+  at::Tensor dq = (t.dqt.permute({0, 3, 1, 2}) * scale).to(dt).contiguous();  // dS = dS' scale
+  at::Tensor dk = t.dk.view({B, K, Hkv, group, D}).sum(3).to(dt);
+  at::Tensor dv = t.dv.view({B, K, Hkv, group, D}).sum(3).to(dt);
+  return {dq, dk, dv};
 }
 
 }  // namespace
