@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace comet::cpu {
@@ -115,16 +116,37 @@ inline void block_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t
   }
 }
 
+// out (cols, rows) = in (rows, cols)^T, both row-major and dense.
+template <typename T>
+inline void transpose(const T* in, int64_t rows, int64_t cols, T* out) {
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) out[j * rows + i] = in[i * cols + j];
+}
+
 template <typename acc_t, typename scalar_t>
 inline void load_row(const scalar_t* src, int64_t n, acc_t* dst, acc_t scale = acc_t(1)) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<acc_t>(src[i]) * scale;
 }
 
+// float -> bfloat16, round to nearest even, NaN kept: the same result as
+// c10's conversion, written as plain integer ops so the store loop vectorises.
+inline c10::BFloat16 to_bfloat16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  const uint16_t r = f != f ? uint16_t(0x7FC0) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+  return c10::BFloat16(r, c10::BFloat16::from_bits());
+}
+
 template <typename scalar_t, typename acc_t>
 inline void store_row(const acc_t* src, int64_t n, scalar_t* dst) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+    for (int64_t i = 0; i < n; ++i) dst[i] = to_bfloat16(src[i]);
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
 }
 
 // How many row slices a row-parallel kernel uses: one per thread, none smaller

@@ -34,11 +34,11 @@ inline acc_t gate_blend(const acc_t* c, const acc_t* s, const acc_t* gate, int64
   return g;
 }
 
-// Given ds = dL/d(out) of gate_blend: dc (written), d_gate += dz [c ; s], d_state (stored).
-template <typename acc_t, typename scalar_t>
+// Given ds = dL/d(out) of gate_blend: dc and d_state (written), d_gate += dz [c ; s].
+template <typename acc_t>
 inline void gate_blend_backward(const acc_t* c, const acc_t* s, const acc_t* gate, acc_t g,
                                 const acc_t* ds, int64_t d, acc_t* dc, acc_t* d_gate,
-                                scalar_t* d_state) {
+                                acc_t* d_state) {
   acc_t dg = 0;
 #pragma omp simd reduction(+ : dg)
   for (int64_t j = 0; j < d; ++j) dg += ds[j] * (s[j] - c[j]);
@@ -48,7 +48,7 @@ inline void gate_blend_backward(const acc_t* c, const acc_t* s, const acc_t* gat
     dc[j] = (acc_t(1) - g) * ds[j] + dz * gate[j];
     d_gate[j] += dz * c[j];
     d_gate[d + j] += dz * s[j];
-    d_state[j] = static_cast<scalar_t>(g * ds[j] + dz * gate[d + j]);
+    d_state[j] = g * ds[j] + dz * gate[d + j];
   }
 }
 
@@ -59,16 +59,97 @@ inline void add_row(const scalar_t* src, int64_t d, acc_t* dst) {
   for (int64_t j = 0; j < d; ++j) dst[j] += static_cast<acc_t>(src[j]);
 }
 
-// Weights in the accumulation type; up transposed to (r, d).
-struct Weights {
-  at::Tensor norm, gate, down, up_t;
-  Weights(const at::Tensor& norm_weight, const at::Tensor& gate_weight, const at::Tensor& down_w,
-          const at::Tensor& up_w, at::ScalarType acc)
-      : norm(norm_weight.to(acc).contiguous()),
-        gate(gate_weight.to(acc).contiguous()),
-        down(down_w.to(acc).contiguous()),
-        up_t(up_w.t().to(acc).contiguous()) {}
+constexpr int64_t kBlock = 64;  // rows per block
+
+template <typename scalar_t>
+void forward_kernel(const at::Tensor& R, const at::Tensor& S, const at::Tensor& w_f,
+                    const at::Tensor& gate_f, const LowRankWeights& lw, double eps,
+                    at::Tensor& new_state, at::Tensor& memory) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = R.size(0), d = R.size(1);
+  const LowRank<acc_t> lr = lw.get<acc_t>();
+  const acc_t* w = w_f.data_ptr<acc_t>();
+  const acc_t* gw = gate_f.data_ptr<acc_t>();
+  for_each_part(M, num_parts(M, kMinRows), [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<acc_t> x(d), c(d), Sn(kBlock * d), H(kBlock * lr.r), G(kBlock * d);
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, end - i0);
+      for (int64_t i = 0; i < m; ++i) {
+        acc_t* sn = &Sn[i * d];
+        load_row(R.data_ptr<scalar_t>() + (i0 + i) * R.stride(0), d, x.data());
+        if (S.defined()) {
+          rms_forward(x.data(), w, d, static_cast<acc_t>(eps), c.data());
+          load_row(S.data_ptr<scalar_t>() + (i0 + i) * S.stride(0), d, sn);
+          gate_blend(c.data(), sn, gw, d, sn);
+        } else {
+          rms_forward(x.data(), w, d, static_cast<acc_t>(eps), sn);
+        }
+        store_row(sn, d, new_state.data_ptr<scalar_t>() + (i0 + i) * d);
+      }
+      lowrank_forward(lr, m, Sn.data(), H.data(), G.data());
+      for (int64_t i = 0; i < m; ++i)
+        store_row(&G[i * d], d, memory.data_ptr<scalar_t>() + (i0 + i) * d);
+    }
+  });
+}
+
+struct Grads {
+  at::Tensor readout, state, norm, gate, down, up_t;  // norm/gate/down/up_t: per-part partials
 };
+
+template <typename scalar_t>
+void backward_kernel(const at::Tensor& GS, const at::Tensor& GM, const at::Tensor& R,
+                     const at::Tensor& S, const at::Tensor& w_f, const at::Tensor& gate_f,
+                     const LowRankWeights& lw, double eps, int64_t parts, Grads& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = R.size(0), d = R.size(1);
+  const LowRank<acc_t> lr = lw.get<acc_t>();
+  const int64_t r = lr.r;
+  const acc_t* w = w_f.data_ptr<acc_t>();
+  const acc_t* gw = gate_f.data_ptr<acc_t>();
+  const bool has_state = S.defined();
+  for_each_part(M, parts, [&](int64_t p, int64_t begin, int64_t end) {
+    // Per block: X readout, C candidate, S0 old state, Sn new state, g gates.
+    std::vector<acc_t> X(kBlock * d), C(kBlock * d), S0(kBlock * d), Sn(kBlock * d);
+    std::vector<acc_t> dG(kBlock * d), dSn(kBlock * d), dc(d), dx(d), ds0(d);
+    std::vector<acc_t> H(kBlock * r), dH(kBlock * r), T(kBlock * r), rstd(kBlock), g(kBlock);
+    acc_t* pd_w = out.norm.data_ptr<acc_t>() + p * d;
+    acc_t* pd_gate = out.gate.data_ptr<acc_t>() + p * 2 * d;
+    acc_t* pd_down = out.down.data_ptr<acc_t>() + p * r * d;
+    acc_t* pd_up = out.up_t.data_ptr<acc_t>() + p * r * d;
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, end - i0);
+      for (int64_t i = 0; i < m; ++i) {  // recompute the forward rows
+        load_row(R.data_ptr<scalar_t>() + (i0 + i) * R.stride(0), d, &X[i * d]);
+        rstd[i] = rms_forward(&X[i * d], w, d, static_cast<acc_t>(eps), &C[i * d]);
+        if (has_state) {
+          load_row(S.data_ptr<scalar_t>() + (i0 + i) * S.stride(0), d, &S0[i * d]);
+          g[i] = gate_blend(&C[i * d], &S0[i * d], gw, d, &Sn[i * d]);
+        } else {
+          std::copy_n(&C[i * d], d, &Sn[i * d]);
+        }
+        load_row(GM.data_ptr<scalar_t>() + (i0 + i) * GM.stride(0), d, &dG[i * d]);
+      }
+      // d new_state = grad_new_state + RLA^T grad_memory.
+      block_gemm(m, r, d, Sn.data(), d, lr.down_t, r, H.data(), r, false);
+      lowrank_backward(lr, m, dG.data(), Sn.data(), H.data(), dH.data(), T.data(), dSn.data(),
+                       pd_down, pd_up);
+      for (int64_t i = 0; i < m; ++i) {
+        acc_t* ds = &dSn[i * d];
+        add_row(GS.data_ptr<scalar_t>() + (i0 + i) * GS.stride(0), d, ds);
+        if (has_state) {
+          gate_blend_backward(&C[i * d], &S0[i * d], gw, g[i], ds, d, dc.data(), pd_gate,
+                              ds0.data());
+          store_row(ds0.data(), d, out.state.data_ptr<scalar_t>() + (i0 + i) * d);
+          rms_backward(&X[i * d], w, rstd[i], dc.data(), d, dx.data(), pd_w);
+        } else {
+          rms_backward(&X[i * d], w, rstd[i], ds, d, dx.data(), pd_w);
+        }
+        store_row(dx.data(), d, out.readout.data_ptr<scalar_t>() + (i0 + i) * d);
+      }
+    }
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor> gated_update_cpu(const at::Tensor& readout,
                                                     const c10::optional<at::Tensor>& state,
@@ -77,36 +158,17 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cpu(const at::Tensor& readout,
                                                     const at::Tensor& down, const at::Tensor& up,
                                                     double eps) {
   check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps);
-  const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
+  const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2);
   at::Tensor new_state = at::empty(readout.sizes(), readout.options());
   at::Tensor memory = at::empty(readout.sizes(), readout.options());
   if (M == 0) return {new_state, memory};
-  const Weights wts(norm_weight, gate_weight, down, up, acc_dtype(readout.scalar_type()));
+  const auto acc = acc_dtype(readout.scalar_type());
+  const LowRankWeights lw(down, up, acc);
+  const at::Tensor w_f = norm_weight.to(acc).contiguous(), gate_f = gate_weight.to(acc).contiguous();
   const at::Tensor R = readout.reshape({M, d});
   const at::Tensor S = state.has_value() ? state->reshape({M, d}) : at::Tensor();
   COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* w = wts.norm.data_ptr<acc_t>();
-    const acc_t* gw = wts.gate.data_ptr<acc_t>();
-    const acc_t* dw = wts.down.data_ptr<acc_t>();
-    const acc_t* uw = wts.up_t.data_ptr<acc_t>();
-    at::parallel_for(0, M, kMinRows, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> x(d), c(d), s(d), h(r), mem(d);
-      for (int64_t i = begin; i < end; ++i) {
-        load_row(R.data_ptr<scalar_t>() + i * R.stride(0), d, x.data());
-        rms_forward(x.data(), w, d, static_cast<acc_t>(eps), c.data());
-        if (S.defined()) {
-          load_row(S.data_ptr<scalar_t>() + i * S.stride(0), d, s.data());
-          gate_blend(c.data(), s.data(), gw, d, s.data());
-        } else {
-          std::copy(c.begin(), c.end(), s.begin());
-        }
-        lowrank_project(s.data(), dw, r, d, h.data());
-        lowrank_expand(s.data(), uw, h.data(), r, d, mem.data());
-        store_row(s.data(), d, new_state.data_ptr<scalar_t>() + i * d);
-        store_row(mem.data(), d, memory.data_ptr<scalar_t>() + i * d);
-      }
-    });
+    forward_kernel<scalar_t>(R, S, w_f, gate_f, lw, eps, new_state, memory);
   });
   return {new_state, memory};
 }
@@ -131,67 +193,32 @@ gated_update_backward_cpu(const at::Tensor& grad_new_state, const at::Tensor& gr
   const auto acc_opts = readout.options().dtype(acc);
   const bool has_state = state.has_value();
   const int64_t parts = num_parts(M, kMinRows);
-  at::Tensor d_readout = at::empty(readout.sizes(), readout.options());
-  at::Tensor d_state = has_state ? at::empty(readout.sizes(), readout.options())
-                                 : at::empty({0}, readout.options());
-  at::Tensor d_w = at::zeros({parts, d}, acc_opts);
-  at::Tensor d_gate = at::zeros({parts, 2 * d}, acc_opts);
-  at::Tensor d_down = at::zeros({parts, r, d}, acc_opts);
-  at::Tensor d_up_t = at::zeros({parts, r, d}, acc_opts);
+  Grads out;
+  out.readout = at::empty(readout.sizes(), readout.options());
+  out.state = has_state ? at::empty(readout.sizes(), readout.options())
+                        : at::empty({0}, readout.options());
+  out.norm = at::zeros({parts, d}, acc_opts);
+  out.gate = at::zeros({parts, 2 * d}, acc_opts);
+  out.down = at::zeros({parts, r, d}, acc_opts);
+  out.up_t = at::zeros({parts, r, d}, acc_opts);
   if (M > 0) {
-    const Weights wts(norm_weight, gate_weight, down, up, acc);
+    const LowRankWeights lw(down, up, acc);
+    const at::Tensor w_f = norm_weight.to(acc).contiguous();
+    const at::Tensor gate_f = gate_weight.to(acc).contiguous();
     const at::Tensor R = readout.reshape({M, d});
     const at::Tensor S = has_state ? state->reshape({M, d}) : at::Tensor();
-    const at::Tensor GS = grad_new_state.reshape({M, d});
-    const at::Tensor GM = grad_memory.reshape({M, d});
     COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t* w = wts.norm.data_ptr<acc_t>();
-      const acc_t* gw = wts.gate.data_ptr<acc_t>();
-      const acc_t* dw = wts.down.data_ptr<acc_t>();
-      const acc_t* uw = wts.up_t.data_ptr<acc_t>();
-      for_each_part(M, parts, [&](int64_t p, int64_t begin, int64_t end) {
-        std::vector<acc_t> x(d), c(d), s(d), sn(d), h(r), dh(r), gm(d), ds(d), dc(d), dx(d);
-        acc_t* pd_w = d_w.data_ptr<acc_t>() + p * d;
-        acc_t* pd_gate = d_gate.data_ptr<acc_t>() + p * 2 * d;
-        acc_t* pd_down = d_down.data_ptr<acc_t>() + p * r * d;
-        acc_t* pd_up = d_up_t.data_ptr<acc_t>() + p * r * d;
-        for (int64_t i = begin; i < end; ++i) {
-          // Recompute the forward row.
-          load_row(R.data_ptr<scalar_t>() + i * R.stride(0), d, x.data());
-          const acc_t rstd = rms_forward(x.data(), w, d, static_cast<acc_t>(eps), c.data());
-          acc_t g = 0;
-          if (has_state) {
-            load_row(S.data_ptr<scalar_t>() + i * S.stride(0), d, s.data());
-            g = gate_blend(c.data(), s.data(), gw, d, sn.data());
-          } else {
-            std::copy(c.begin(), c.end(), sn.begin());
-          }
-          lowrank_project(sn.data(), dw, r, d, h.data());
-          // d s' = grad_new_state + RLA^T grad_memory.
-          load_row(GM.data_ptr<scalar_t>() + i * GM.stride(0), d, gm.data());
-          lowrank_backward(gm.data(), sn.data(), h.data(), dw, uw, r, d, dh.data(), ds.data(),
-                           pd_down, pd_up);
-          add_row(GS.data_ptr<scalar_t>() + i * GS.stride(0), d, ds.data());
-          if (has_state) {
-            gate_blend_backward(c.data(), s.data(), gw, g, ds.data(), d, dc.data(), pd_gate,
-                                d_state.data_ptr<scalar_t>() + i * d);
-          } else {
-            std::copy(ds.begin(), ds.end(), dc.begin());
-          }
-          rms_backward(x.data(), w, rstd, dc.data(), d, dx.data(), pd_w);
-          store_row(dx.data(), d, d_readout.data_ptr<scalar_t>() + i * d);
-        }
-      });
+      backward_kernel<scalar_t>(grad_new_state.reshape({M, d}), grad_memory.reshape({M, d}), R, S,
+                                w_f, gate_f, lw, eps, parts, out);
     });
   }
   const auto dt = readout.scalar_type();
-  return {d_readout,
-          d_state,
-          d_w.sum(0).to(dt),
-          d_gate.sum(0).view({1, 2 * d}).to(dt),
-          d_down.sum(0).to(dt),
-          d_up_t.sum(0).t().contiguous().to(dt)};
+  return {out.readout,
+          out.state,
+          out.norm.sum(0).to(dt),
+          out.gate.sum(0).view({1, 2 * d}).to(dt),
+          out.down.sum(0).to(dt),
+          out.up_t.sum(0).t().contiguous().to(dt)};
 }
 
 }  // namespace

@@ -1,5 +1,6 @@
-// CPU rla: y = n + up(down(n)), n = RMSNorm(x) * w (or x). One pass per row,
-// the row held in fp32 scratch; weight gradients reduce over per-slice partials.
+// CPU rla: y = n + up(down(n)), n = RMSNorm(x) * w (or x). Rows are processed
+// in blocks held in fp32 scratch: the norm per row, the low-rank part as GEMMs
+// per block. Weight gradients reduce over per-slice partials.
 #include <torch/library.h>
 
 #include "checks.h"
@@ -9,92 +10,106 @@
 namespace comet::cpu {
 namespace {
 
+constexpr int64_t kBlock = 64;  // rows per block
 constexpr int64_t kMinRows = 16;
+
+template <typename scalar_t>
+void rla_forward_kernel(const at::Tensor& x, const LowRankWeights& lw, const at::Tensor& w_f,
+                        double eps, at::Tensor& y) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(0), d = x.size(1);
+  const LowRank<acc_t> lr = lw.get<acc_t>();
+  const acc_t* w = w_f.defined() ? w_f.data_ptr<acc_t>() : nullptr;
+  for_each_part(M, num_parts(M, kMinRows), [&](int64_t, int64_t begin, int64_t end) {
+    std::vector<acc_t> X(kBlock * d), Nb(kBlock * d), H(kBlock * lr.r), Y(kBlock * d);
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, end - i0);
+      for (int64_t i = 0; i < m; ++i) {
+        load_row(x.data_ptr<scalar_t>() + (i0 + i) * x.stride(0), d, &X[i * d]);
+        if (w) rms_forward(&X[i * d], w, d, static_cast<acc_t>(eps), &Nb[i * d]);
+      }
+      lowrank_forward(lr, m, w ? Nb.data() : X.data(), H.data(), Y.data());
+      for (int64_t i = 0; i < m; ++i) store_row(&Y[i * d], d, y.data_ptr<scalar_t>() + (i0 + i) * d);
+    }
+  });
+}
+
+template <typename scalar_t>
+void rla_backward_kernel(const at::Tensor& grad_y, const at::Tensor& x, const LowRankWeights& lw,
+                         const at::Tensor& w_f, double eps, int64_t parts, at::Tensor& dx,
+                         at::Tensor& d_down, at::Tensor& d_up_t, at::Tensor& d_w) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t M = x.size(0), d = x.size(1);
+  const LowRank<acc_t> lr = lw.get<acc_t>();
+  const int64_t r = lr.r;
+  const acc_t* w = w_f.defined() ? w_f.data_ptr<acc_t>() : nullptr;
+  for_each_part(M, parts, [&](int64_t p, int64_t begin, int64_t end) {
+    std::vector<acc_t> X(kBlock * d), Nb(kBlock * d), dY(kBlock * d), dN(kBlock * d), dX(d);
+    std::vector<acc_t> H(kBlock * r), dH(kBlock * r), T(kBlock * r), rstd(kBlock);
+    acc_t* pd_down = d_down.data_ptr<acc_t>() + p * r * d;
+    acc_t* pd_up = d_up_t.data_ptr<acc_t>() + p * r * d;
+    acc_t* pd_w = w ? d_w.data_ptr<acc_t>() + p * d : nullptr;
+    for (int64_t i0 = begin; i0 < end; i0 += kBlock) {
+      const int64_t m = std::min(kBlock, end - i0);
+      for (int64_t i = 0; i < m; ++i) {
+        load_row(x.data_ptr<scalar_t>() + (i0 + i) * x.stride(0), d, &X[i * d]);
+        load_row(grad_y.data_ptr<scalar_t>() + (i0 + i) * grad_y.stride(0), d, &dY[i * d]);
+        if (w) rstd[i] = rms_forward(&X[i * d], w, d, static_cast<acc_t>(eps), &Nb[i * d]);
+      }
+      const acc_t* NN = w ? Nb.data() : X.data();
+      block_gemm(m, r, d, NN, d, lr.down_t, r, H.data(), r, false);
+      lowrank_backward(lr, m, dY.data(), NN, H.data(), dH.data(), T.data(), dN.data(), pd_down,
+                       pd_up);
+      for (int64_t i = 0; i < m; ++i) {
+        scalar_t* out = dx.data_ptr<scalar_t>() + (i0 + i) * d;
+        if (w) {
+          rms_backward(&X[i * d], w, rstd[i], &dN[i * d], d, dX.data(), pd_w);
+          store_row(dX.data(), d, out);
+        } else {
+          store_row(&dN[i * d], d, out);
+        }
+      }
+    }
+  });
+}
 
 at::Tensor rla_cpu(const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
                    const c10::optional<at::Tensor>& norm_weight, double eps) {
   check_rla_args("rla", x, down, up, norm_weight, eps);
-  const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
-  at::Tensor y = at::empty({M, d}, x.options());
-  if (M == 0) return y;
+  at::Tensor y = at::empty({x.size(0), x.size(1)}, x.options());
+  if (x.size(0) == 0) return y;
   const auto acc = acc_dtype(x.scalar_type());
-  const at::Tensor down_f = down.to(acc).contiguous();
-  const at::Tensor up_t = up.t().to(acc).contiguous();
+  const LowRankWeights lw(down, up, acc);
   const at::Tensor w_f = norm_weight.has_value() ? norm_weight->to(acc).contiguous() : at::Tensor();
-  COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* dw = down_f.data_ptr<acc_t>();
-    const acc_t* uw = up_t.data_ptr<acc_t>();
-    const acc_t* w = w_f.defined() ? w_f.data_ptr<acc_t>() : nullptr;
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    const int64_t xs = x.stride(0);
-    at::parallel_for(0, M, kMinRows, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> xr(d), n(d), h(r), yr(d);
-      for (int64_t i = begin; i < end; ++i) {
-        load_row(xp + i * xs, d, xr.data());
-        if (w) rms_forward(xr.data(), w, d, static_cast<acc_t>(eps), n.data());
-        lowrank_project(w ? n.data() : xr.data(), dw, r, d, h.data());
-        lowrank_expand(w ? n.data() : xr.data(), uw, h.data(), r, d, yr.data());
-        store_row(yr.data(), d, yp + i * d);
-      }
-    });
-  });
+  COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_cpu",
+                          [&] { rla_forward_kernel<scalar_t>(x, lw, w_f, eps, y); });
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
     const c10::optional<at::Tensor>& norm_weight, double eps) {
-  check_rla_args("rla_backward", x, down, up, norm_weight, eps);
-  COMET_CHECK(grad_y.sizes() == x.sizes(), "rla_backward", "'grad_y' must have the shape of x ",
-              shape_str(x), ", got ", shape_str(grad_y));
-  check_same_dtype(grad_y, x, "rla_backward", "grad_y", "x");
-  check_same_device(grad_y, x, "rla_backward", "grad_y", "x");
-  check_last_contiguous(grad_y, "rla_backward", "grad_y");
+  const char* op = "rla_backward";
+  check_rla_args(op, x, down, up, norm_weight, eps);
+  COMET_CHECK(grad_y.sizes() == x.sizes(), op, "'grad_y' must have the shape of x ", shape_str(x),
+              ", got ", shape_str(grad_y));
+  check_same_dtype(grad_y, x, op, "grad_y", "x");
+  check_same_device(grad_y, x, op, "grad_y", "x");
+  check_last_contiguous(grad_y, op, "grad_y");
   const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
   const auto acc = acc_dtype(x.scalar_type());
+  const auto acc_opts = x.options().dtype(acc);
   const bool has_norm = norm_weight.has_value();
   const int64_t parts = num_parts(M, kMinRows);
   at::Tensor dx = at::empty({M, d}, x.options());
-  at::Tensor d_down = at::zeros({parts, r, d}, x.options().dtype(acc));
-  at::Tensor d_up_t = at::zeros({parts, r, d}, x.options().dtype(acc));
-  at::Tensor d_w = at::zeros({parts, has_norm ? d : 0}, x.options().dtype(acc));
-  const at::Tensor down_f = down.to(acc).contiguous();
-  const at::Tensor up_t = up.t().to(acc).contiguous();
-  const at::Tensor w_f = has_norm ? norm_weight->to(acc).contiguous() : at::Tensor();
+  at::Tensor d_down = at::zeros({parts, r, d}, acc_opts);
+  at::Tensor d_up_t = at::zeros({parts, r, d}, acc_opts);
+  at::Tensor d_w = at::zeros({parts, has_norm ? d : 0}, acc_opts);
   if (M > 0) {
+    const LowRankWeights lw(down, up, acc);
+    const at::Tensor w_f = has_norm ? norm_weight->to(acc).contiguous() : at::Tensor();
     COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_backward_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t* dwn = down_f.data_ptr<acc_t>();
-      const acc_t* uw = up_t.data_ptr<acc_t>();
-      const acc_t* w = has_norm ? w_f.data_ptr<acc_t>() : nullptr;
-      const scalar_t* xp = x.data_ptr<scalar_t>();
-      const scalar_t* gp = grad_y.data_ptr<scalar_t>();
-      scalar_t* dxp = dx.data_ptr<scalar_t>();
-      const int64_t xs = x.stride(0), gs = grad_y.stride(0);
-      for_each_part(M, parts, [&](int64_t p, int64_t begin, int64_t end) {
-        std::vector<acc_t> xr(d), n(d), h(r), dh(r), dy(d), dn(d), dxr(d);
-        acc_t* pd_down = d_down.data_ptr<acc_t>() + p * r * d;
-        acc_t* pd_up = d_up_t.data_ptr<acc_t>() + p * r * d;
-        acc_t* pd_w = has_norm ? d_w.data_ptr<acc_t>() + p * d : nullptr;
-        for (int64_t i = begin; i < end; ++i) {
-          load_row(xp + i * xs, d, xr.data());
-          load_row(gp + i * gs, d, dy.data());
-          acc_t rstd = 0;
-          if (w) rstd = rms_forward(xr.data(), w, d, static_cast<acc_t>(eps), n.data());
-          const acc_t* nn = w ? n.data() : xr.data();
-          lowrank_project(nn, dwn, r, d, h.data());
-          lowrank_backward(dy.data(), nn, h.data(), dwn, uw, r, d, dh.data(), dn.data(), pd_down,
-                           pd_up);
-          if (w) {
-            rms_backward(xr.data(), w, rstd, dn.data(), d, dxr.data(), pd_w);
-            store_row(dxr.data(), d, dxp + i * d);
-          } else {
-            store_row(dn.data(), d, dxp + i * d);
-          }
-        }
-      });
+      rla_backward_kernel<scalar_t>(grad_y, x, lw, w_f, eps, parts, dx, d_down, d_up_t, d_w);
     });
   }
   const auto dt = x.scalar_type();

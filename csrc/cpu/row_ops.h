@@ -1,10 +1,12 @@
-// Per-row building blocks of rla and gated_update, in the accumulation type.
-// Weights arrive pre-converted: down (r, d) and up_t = up^T (r, d), both
-// row-major, so every inner loop runs over the hidden dimension and vectorises.
+// Building blocks of rla and gated_update, in the accumulation type: RMSNorm on
+// one row, the low-rank adapter on a block of rows.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "cpu/cpu_utils.h"
 
 namespace comet::cpu {
 
@@ -35,61 +37,53 @@ inline void rms_backward(const acc_t* x, const acc_t* w, acc_t rstd, const acc_t
   }
 }
 
-// h = down n (r values).
+// The low-rank part on a block of m rows (row-major, leading dimension d), as
+// GEMMs so the weights are streamed once per block, not once per row.
+// Weights in the accumulation type: down (r, d), down_t (d, r), up (d, r), up_t (r, d).
 template <typename acc_t>
-inline void lowrank_project(const acc_t* n, const acc_t* down, int64_t r, int64_t d, acc_t* h) {
-  for (int64_t k = 0; k < r; ++k) {
-    const acc_t* dk = down + k * d;
-    acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < d; ++i) acc += dk[i] * n[i];
-    h[k] = acc;
-  }
+struct LowRank {
+  const acc_t *down, *down_t, *up, *up_t;
+  int64_t r, d;
+};
+
+// H = N down^T (m, r); Y = N + H up^T (m, d).
+template <typename acc_t>
+inline void lowrank_forward(const LowRank<acc_t>& w, int64_t m, const acc_t* N, acc_t* H, acc_t* Y) {
+  block_gemm(m, w.r, w.d, N, w.d, w.down_t, w.r, H, w.r, false);
+  std::copy_n(N, m * w.d, Y);
+  block_gemm(m, w.d, w.r, H, w.r, w.up_t, w.d, Y, w.d, true);
 }
 
-// y = n + up h.
+// Given dY (m, d) and the forward's N, H: dN = dY + (dY up) down (written),
+// d_up_t += H^T dY, d_down += (dY up)^T N. Scratch: dH (m, r), t (r, m).
 template <typename acc_t>
-inline void lowrank_expand(const acc_t* n, const acc_t* up_t, const acc_t* h, int64_t r, int64_t d,
-                           acc_t* y) {
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) y[i] = n[i];
-  for (int64_t k = 0; k < r; ++k) {
-    const acc_t* uk = up_t + k * d;
-    const acc_t hk = h[k];
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) y[i] += uk[i] * hk;
-  }
+inline void lowrank_backward(const LowRank<acc_t>& w, int64_t m, const acc_t* dY, const acc_t* N,
+                             const acc_t* H, acc_t* dH, acc_t* t, acc_t* dN, acc_t* d_down,
+                             acc_t* d_up_t) {
+  const int64_t r = w.r, d = w.d;
+  block_gemm(m, r, d, dY, d, w.up, r, dH, r, false);
+  transpose(H, m, r, t);
+  block_gemm(r, d, m, t, m, dY, d, d_up_t, d, true);
+  std::copy_n(dY, m * d, dN);
+  block_gemm(m, d, r, dH, r, w.down, d, dN, d, true);
+  transpose(dH, m, r, t);
+  block_gemm(r, d, m, t, m, N, d, d_down, d, true);
 }
 
-// Given dy: dn = dy + down^T (up^T dy) (written), d_up_t += h dy^T, d_down += dh n^T.
-template <typename acc_t>
-inline void lowrank_backward(const acc_t* dy, const acc_t* n, const acc_t* h, const acc_t* down,
-                             const acc_t* up_t, int64_t r, int64_t d, acc_t* dh, acc_t* dn,
-                             acc_t* d_down, acc_t* d_up_t) {
-  for (int64_t k = 0; k < r; ++k) {
-    const acc_t* uk = up_t + k * d;
-    acc_t* duk = d_up_t + k * d;
-    const acc_t hk = h[k];
-    acc_t acc = 0;
-#pragma omp simd reduction(+ : acc)
-    for (int64_t i = 0; i < d; ++i) {
-      acc += uk[i] * dy[i];
-      duk[i] += hk * dy[i];
-    }
-    dh[k] = acc;
+// The adapter's weights converted once per call to the accumulation type, in
+// both orientations the GEMMs above read.
+struct LowRankWeights {
+  at::Tensor down, down_t, up, up_t;
+  LowRankWeights(const at::Tensor& down_w, const at::Tensor& up_w, at::ScalarType acc)
+      : down(down_w.to(acc).contiguous()),
+        down_t(down.t().contiguous()),
+        up(up_w.to(acc).contiguous()),
+        up_t(up.t().contiguous()) {}
+  template <typename acc_t>
+  LowRank<acc_t> get() const {
+    return {down.data_ptr<acc_t>(), down_t.data_ptr<acc_t>(), up.data_ptr<acc_t>(),
+            up_t.data_ptr<acc_t>(), down.size(0), down.size(1)};
   }
-#pragma omp simd
-  for (int64_t i = 0; i < d; ++i) dn[i] = dy[i];
-  for (int64_t k = 0; k < r; ++k) {
-    const acc_t* dk = down + k * d;
-    acc_t* ddk = d_down + k * d;
-    const acc_t g = dh[k];
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) {
-      dn[i] += dk[i] * g;
-      ddk[i] += g * n[i];
-    }
-  }
-}
+};
 
 }  // namespace comet::cpu
