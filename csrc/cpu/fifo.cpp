@@ -164,8 +164,8 @@ at::Tensor fifo_view_cpu(const at::Tensor& buffer, const at::Tensor& head, const
   const auto len = read_lengths(length, B, 0);
   check_state_values(op, hd, len, C);
   const at::Tensor buf = buffer.contiguous();
-  at::Tensor out = at::zeros(buffer.sizes(), buffer.options());
-  if (C == 0 || out.numel() == 0) return out;
+  at::Tensor out = at::empty(buffer.sizes(), buffer.options());
+  if (out.numel() == 0) return out;
   const int64_t row = row_numel(buf);
   COMET_DISPATCH_FLOATING(buffer.scalar_type(), "fifo_view_cpu", [&] {
     const scalar_t* src = buf.data_ptr<scalar_t>();
@@ -173,9 +173,12 @@ at::Tensor fifo_view_cpu(const at::Tensor& buffer, const at::Tensor& head, const
     at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / C, i = idx % C;
-        if (i >= len[b]) continue;
-        const scalar_t* s = src + (b * C + (hd[b] + i) % C) * row;
         scalar_t* d = dst + idx * row;
+        if (i >= len[b]) {
+          std::fill_n(d, row, scalar_t(0));
+          continue;
+        }
+        const scalar_t* s = src + (b * C + (hd[b] + i) % C) * row;
         if (cs.defined())
           rope_row(s, d, buf.size(2), buf.size(3), cs.data_ptr<float>() + i * buf.size(3),
                    sn.data_ptr<float>() + i * buf.size(3));

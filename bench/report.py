@@ -1,0 +1,129 @@
+"""Turns one pytest-benchmark JSON run (+ optional peak-memory JSON) into the
+markdown table of ratios committed under bench/results/.
+
+    python bench/report.py ops.json --memory mem.json --command "..." --out bench/results/cpu_ops.md
+
+Speedup = baseline median / comet median, both from the same run (> 1: comet is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+from collections import defaultdict
+
+import torch
+
+
+def machine() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.strip()
+        return sha + (" (with uncommitted changes)" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def ratio_tables(benchmarks: list[dict]) -> list[str]:
+    """One table per op: a row per (case, mode), a column per baseline."""
+    by_op = defaultdict(lambda: defaultdict(dict))
+    for b in benchmarks:
+        info = b["extra_info"]
+        by_op[info["op"]][(info["case"], info["mode"])][info["provider"]] = b
+    lines = []
+    for op, cases in by_op.items():
+        baselines = sorted({p for c in cases.values() for p in c} - {"comet"})
+        lines += [f"### {op}", ""]
+        head = "| case | mode | comet median (ms) | " + " | ".join(f"speedup vs {p}" for p in baselines)
+        extra = any("flops" in c["comet"]["extra_info"] for c in cases.values() if "comet" in c)
+        lines.append(head + (" | comet GFLOP/s |" if extra else " |"))
+        lines.append("|" + "---|" * (3 + len(baselines) + (1 if extra else 0)))
+        for (case, mode), provs in cases.items():
+            if "comet" not in provs:
+                continue
+            ours = provs["comet"]["stats"]["median"]
+            cells = []
+            for p in baselines:
+                cells.append(f"{provs[p]['stats']['median'] / ours:.2f}x" if p in provs else "n/a")
+            row = f"| {case} | {mode} | {ours * 1e3:.2f} | " + " | ".join(cells) + " |"
+            if extra:
+                fl = provs["comet"]["extra_info"].get("flops")
+                mult = 1 if mode == "fwd" else 3.5  # bwd ~ 2.5x the forward's matmuls
+                row += f" {fl * mult / ours / 1e9:.0f} |" if fl else " |"
+            lines.append(row)
+        lines.append("")
+    return lines
+
+
+def capacity_lines(benchmarks: list[dict]) -> list[str]:
+    push = {(b["extra_info"]["case"], b["extra_info"]["mode"]): b["stats"]["median"]
+            for b in benchmarks
+            if b["extra_info"]["op"] == "fifo_push" and b["extra_info"]["provider"] == "comet"}
+    lines = []
+    for cache in ("cold", "warm"):
+        if ("C256", cache) in push and ("C4096", cache) in push:
+            r = push[("C4096", cache)] / push[("C256", cache)]
+            lines.append(f"- fifo_push time, capacity 4096 / capacity 256 ({cache} cache): **{r:.2f}x**")
+    return lines
+
+
+def memory_lines(rows: list[dict]) -> list[str]:
+    lines = ["### prefix_attention peak extra memory (forward, fp32, 8/2 heads, head dim 128)", "",
+             "| N | P | comet (MB) | torch SDPA (MB) | output alone (MB) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['N']} | {r['P']} | {r['comet_peak_extra_mb']:.1f} | "
+                     f"{r['sdpa_peak_extra_mb']:.1f} | {r['output_mb']:.1f} |")
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("benchmark_json")
+    ap.add_argument("--memory", help="JSON from bench/peak_memory.py")
+    ap.add_argument("--command", required=True, help="the command that produced the numbers")
+    ap.add_argument("--title", default="comet_ext op benchmarks")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    with open(args.benchmark_json) as f:
+        benchmarks = json.load(f)["benchmarks"]
+    lines = [
+        f"# {args.title}", "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {machine()}",
+        f"- commit: {commit()}",
+        f"- command: `{args.command}`",
+        "- speedup = baseline median / comet median, measured in the same run (> 1: comet faster)",
+        "",
+    ]
+    lines += ratio_tables(benchmarks)
+    cap = capacity_lines(benchmarks)
+    if cap:
+        lines += ["### fifo_push against capacity", ""] + cap + [""]
+    if args.memory:
+        with open(args.memory) as f:
+            lines += memory_lines(json.load(f))
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines))
+    os.replace(tmp, args.out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
