@@ -115,12 +115,7 @@ def gated_update(
     eps: Optional[float] = None,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Global-memory update of one layer (DESIGN.md §1).
-
-    readout / state (B, n, d). Candidate c = RMSNorm(readout); with a state,
-    g = sigmoid(gate_weight . [c ; state]) per slot and new = g state + (1-g) c;
-    without one, new = c. Returns (new, RLA(new)).
-    """
+    """Global-memory update (DESIGN.md §1): returns (new state, RLA(new state)), (B, n, d)."""
     eps = torch.finfo(readout.dtype).eps if eps is None else eps
     ct = _compute_dtype(readout, upcast)
     c = rms_norm(readout, norm_weight, eps, upcast)

@@ -118,8 +118,10 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cpu(const at::Tensor& grad
   return {grad_buffer, grad_rows};
 }
 
-// Rotate-half RoPE (as HF's apply_rotary_pos_emb) of one (H, D) row with one table row.
-template <typename scalar_t>
+// Rotate-half RoPE (as HF's apply_rotary_pos_emb) of one (H, D) row with one
+// table row; Transposed applies its transpose (the backward), which for the
+// usual tables (equal halves) is the rotation by the opposite angle.
+template <bool Transposed, typename scalar_t>
 void rope_row(const scalar_t* src, scalar_t* dst, int64_t H, int64_t D, const float* cos,
               const float* sin) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -129,100 +131,67 @@ void rope_row(const scalar_t* src, scalar_t* dst, int64_t H, int64_t D, const fl
     scalar_t* y = dst + hh * D;
     for (int64_t c = 0; c < half; ++c) {
       const acc_t x1 = static_cast<acc_t>(x[c]), x2 = static_cast<acc_t>(x[c + half]);
-      y[c] = static_cast<scalar_t>(x1 * cos[c] - x2 * sin[c]);
-      y[c + half] = static_cast<scalar_t>(x2 * cos[c + half] + x1 * sin[c + half]);
+      const acc_t s1 = Transposed ? -sin[c + half] : sin[c];
+      const acc_t s2 = Transposed ? -sin[c] : sin[c + half];
+      y[c] = static_cast<scalar_t>(x1 * cos[c] - x2 * s1);
+      y[c + half] = static_cast<scalar_t>(x2 * cos[c + half] + x1 * s2);
     }
   }
 }
 
-// The transpose of rope_row, used by backward: dx1 = g1 c1 + g2 s2, dx2 = g2 c2 - g1 s1.
-template <typename scalar_t>
-void rope_row_transposed(const scalar_t* g, scalar_t* dx, int64_t H, int64_t D, const float* cos,
-                         const float* sin) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const int64_t half = D / 2;
-  for (int64_t hh = 0; hh < H; ++hh) {
-    const scalar_t* gg = g + hh * D;
-    scalar_t* y = dx + hh * D;
-    for (int64_t c = 0; c < half; ++c) {
-      const acc_t g1 = static_cast<acc_t>(gg[c]), g2 = static_cast<acc_t>(gg[c + half]);
-      y[c] = static_cast<scalar_t>(g1 * cos[c] + g2 * sin[c + half]);
-      y[c + half] = static_cast<scalar_t>(g2 * cos[c + half] - g1 * sin[c]);
-    }
-  }
+// The view (Backward = false): out[b, i] = RoPE(in[b, slot(b, i)]) for i < length[b],
+// zeros after. Its transpose (Backward = true): out[b, slot(b, i)] = RoPE^T(in[b, i]),
+// zeros in the slots no row came from.
+template <bool Backward>
+at::Tensor view_or_scatter(const char* op, const at::Tensor& input, const at::Tensor& head,
+                           const at::Tensor& length, const c10::optional<at::Tensor>& cos,
+                           const c10::optional<at::Tensor>& sin) {
+  check_fifo_state(op, input, head, length);
+  check_float(input, op, Backward ? "grad_view" : "buffer");
+  auto [cs, sn] = check_rope_tables(op, input, cos, sin);
+  const int64_t B = input.size(0), C = input.size(1);
+  const auto hd = read_lengths(head, B, 0);
+  const auto len = read_lengths(length, B, 0);
+  check_state_values(op, hd, len, C);
+  const at::Tensor in = input.contiguous();
+  at::Tensor out = Backward ? at::zeros(input.sizes(), input.options())
+                            : at::empty(input.sizes(), input.options());
+  if (out.numel() == 0) return out;
+  const int64_t row = row_numel(in);
+  COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cpu", [&] {
+    const scalar_t* src = in.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t idx = begin; idx < end; ++idx) {
+        const int64_t b = idx / C, i = idx % C;
+        const int64_t slot = b * C + (hd[b] + i) % C;
+        if (i >= len[b]) {
+          if (!Backward) std::fill_n(dst + idx * row, row, scalar_t(0));
+          continue;
+        }
+        const scalar_t* s = src + (Backward ? idx : slot) * row;
+        scalar_t* d = dst + (Backward ? slot : idx) * row;
+        if (cs.defined())
+          rope_row<Backward>(s, d, in.size(2), in.size(3), cs.data_ptr<float>() + i * in.size(3),
+                             sn.data_ptr<float>() + i * in.size(3));
+        else
+          std::copy_n(s, row, d);
+      }
+    });
+  });
+  return out;
 }
 
 at::Tensor fifo_view_cpu(const at::Tensor& buffer, const at::Tensor& head, const at::Tensor& length,
                          const c10::optional<at::Tensor>& cos,
                          const c10::optional<at::Tensor>& sin) {
-  const char* op = "fifo_view";
-  check_fifo_state(op, buffer, head, length);
-  check_float(buffer, op, "buffer");
-  auto [cs, sn] = check_rope_tables(op, buffer, cos, sin);
-  const int64_t B = buffer.size(0), C = buffer.size(1);
-  const auto hd = read_lengths(head, B, 0);
-  const auto len = read_lengths(length, B, 0);
-  check_state_values(op, hd, len, C);
-  const at::Tensor buf = buffer.contiguous();
-  at::Tensor out = at::empty(buffer.sizes(), buffer.options());
-  if (out.numel() == 0) return out;
-  const int64_t row = row_numel(buf);
-  COMET_DISPATCH_FLOATING(buffer.scalar_type(), "fifo_view_cpu", [&] {
-    const scalar_t* src = buf.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / C, i = idx % C;
-        scalar_t* d = dst + idx * row;
-        if (i >= len[b]) {
-          std::fill_n(d, row, scalar_t(0));
-          continue;
-        }
-        const scalar_t* s = src + (b * C + (hd[b] + i) % C) * row;
-        if (cs.defined())
-          rope_row(s, d, buf.size(2), buf.size(3), cs.data_ptr<float>() + i * buf.size(3),
-                   sn.data_ptr<float>() + i * buf.size(3));
-        else
-          std::copy_n(s, row, d);
-      }
-    });
-  });
-  return out;
+  return view_or_scatter<false>("fifo_view", buffer, head, length, cos, sin);
 }
 
 at::Tensor fifo_view_backward_cpu(const at::Tensor& grad_view, const at::Tensor& head,
                                   const at::Tensor& length, const c10::optional<at::Tensor>& cos,
                                   const c10::optional<at::Tensor>& sin) {
-  const char* op = "fifo_view_backward";
-  check_fifo_state(op, grad_view, head, length);
-  check_float(grad_view, op, "grad_view");
-  auto [cs, sn] = check_rope_tables(op, grad_view, cos, sin);
-  const int64_t B = grad_view.size(0), C = grad_view.size(1);
-  const auto hd = read_lengths(head, B, 0);
-  const auto len = read_lengths(length, B, 0);
-  check_state_values(op, hd, len, C);
-  const at::Tensor g = grad_view.contiguous();
-  at::Tensor out = at::zeros(grad_view.sizes(), grad_view.options());
-  if (C == 0 || out.numel() == 0) return out;
-  const int64_t row = row_numel(g);
-  COMET_DISPATCH_FLOATING(g.scalar_type(), "fifo_view_backward_cpu", [&] {
-    const scalar_t* src = g.data_ptr<scalar_t>();
-    scalar_t* dst = out.data_ptr<scalar_t>();
-    at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / C, i = idx % C;
-        if (i >= len[b]) continue;
-        const scalar_t* s = src + idx * row;
-        scalar_t* d = dst + (b * C + (hd[b] + i) % C) * row;
-        if (cs.defined())
-          rope_row_transposed(s, d, g.size(2), g.size(3), cs.data_ptr<float>() + i * g.size(3),
-                              sn.data_ptr<float>() + i * g.size(3));
-        else
-          std::copy_n(s, row, d);
-      }
-    });
-  });
-  return out;
+  return view_or_scatter<true>("fifo_view_backward", grad_view, head, length, cos, sin);
 }
 
 }  // namespace
