@@ -122,13 +122,14 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cpu(const at::Tensor& grad
 // table row; Transposed applies its transpose (the backward), which for the
 // usual tables (equal halves) is the rotation by the opposite angle.
 template <bool Transposed, typename scalar_t>
-void rope_row(const scalar_t* src, scalar_t* dst, int64_t H, int64_t D, const float* cos,
-              const float* sin) {
+void rope_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t H, int64_t D,
+              const float* __restrict__ cos, const float* __restrict__ sin) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t half = D / 2;
   for (int64_t hh = 0; hh < H; ++hh) {
     const scalar_t* x = src + hh * D;
     scalar_t* y = dst + hh * D;
+#pragma omp simd
     for (int64_t c = 0; c < half; ++c) {
       const acc_t x1 = static_cast<acc_t>(x[c]), x2 = static_cast<acc_t>(x[c + half]);
       const acc_t s1 = Transposed ? -sin[c + half] : sin[c];

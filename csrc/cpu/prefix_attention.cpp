@@ -1,7 +1,8 @@
 // CPU prefix_attention: flash-style tiling with online softmax (forward) and
-// recomputation from the log-sum-exp (backward). Extra memory per thread is a
-// few (tile x tile) and (tile x head_dim) tiles, plus operands re-laid-out once
-// per call (O((N + K) * H * D), the size of the inputs); never the score matrix.
+// recomputation from the log-sum-exp (backward). The forward's extra memory is
+// a few (tile x tile) and (tile x head_dim) tiles per thread; the backward also
+// re-lays-out its operands once per call (O((N + K) * H * D), the size of the
+// inputs). The score matrix is never formed.
 //
 // Mask, per sample b (ql = q_lens[b], kl = k_lens[b], off = kl - ql):
 // query i < ql sees key j < kl iff j <= off + i. Queries past ql, and queries
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu/cpu_utils.h"
@@ -20,6 +22,8 @@ namespace {
 
 constexpr int64_t kBlockQ = 64;   // query rows per tile
 constexpr int64_t kBlockK = 128;  // key rows per tile
+// Query rows per task from which laying out K^T once beats reading K rows (decode).
+constexpr int64_t kMinRowsForKt = 32;
 
 // Strided view of one (batch, head) slice of a (B, S, H, D) tensor.
 template <typename T>
@@ -31,7 +35,8 @@ struct HeadView {
 
 template <typename T>
 HeadView<T> head_view(const at::Tensor& t, int64_t b, int64_t h) {
-  return {t.data_ptr<T>() + b * t.stride(0) + h * t.stride(2), t.stride(1)};
+  using U = std::remove_const_t<T>;
+  return {t.data_ptr<U>() + b * t.stride(0) + h * t.stride(2), t.stride(1)};
 }
 
 // Keys visible to query i (i < ql): [0, visible_end(i)).
@@ -39,24 +44,45 @@ inline int64_t visible_end(int64_t i, int64_t off, int64_t kl) {
   return std::clamp<int64_t>(off + i + 1, 0, kl);
 }
 
+// Key / value rows of one tile in the accumulation type: a pointer into the
+// input when it already is (fp32 / fp64), else converted into `scratch`.
+template <typename scalar_t, typename acc_t>
+inline const acc_t* tile_rows(const HeadView<const scalar_t>& src, int64_t j0, int64_t n, int64_t D,
+                              acc_t* scratch, int64_t& ld) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    ld = src.row_stride;
+    return src.row(j0);
+  } else {
+    for (int64_t j = 0; j < n; ++j) load_row(src.row(j0 + j), D, scratch + j * D);
+    ld = D;
+    return scratch;
+  }
+}
+
 // Forward. One task = (batch, kv head, query tile): the query rows of all `group`
-// q heads that share the kv head are stacked into one (group * m, D) tile, so
-// each key tile is read once for the whole group and the GEMMs are taller.
-// kt: (B, Hkv, D, K) keys transposed, vf: values; both in the accumulation type.
+// q heads that share the kv head are stacked into one (rows = group * m, D) tile,
+// so each key tile is read once for the whole group and the GEMMs are taller.
+// Per key tile: S = Q K^T, online softmax per row, O += P V.
+// Prefill (many rows per tile) reads K^T from `kt`, (B, Hkv, D, K) in the
+// accumulation type, laid out once per call: O(K * D), the size of k itself,
+// and 1 / rows of the work. Decode (few rows; `kt` undefined) computes
+// S^T = K Q^T straight from the key rows and transposes the small S^T tile.
 template <typename scalar_t>
-void forward_kernel(const at::Tensor& q, const at::Tensor& kt, const at::Tensor& vf,
-                    at::Tensor& out, at::Tensor& lse, double scale_d,
+void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& kt, at::Tensor& out, at::Tensor& lse, double scale_d,
                     const std::vector<int64_t>& qls, const std::vector<int64_t>& kls) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
-  const int64_t Hkv = kt.size(1), K = kt.size(3), group = Hq / Hkv;
+  const int64_t Hkv = k.size(2), group = Hq / Hkv;
   const int64_t n_qblocks = (N + kBlockQ - 1) / kBlockQ;
   const int64_t rows_max = group * kBlockQ;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   at::parallel_for(0, B * Hkv * n_qblocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> q_tile(rows_max * D), s_tile(rows_max * kBlockK), o_tile(rows_max * D);
+    std::vector<acc_t> q_tile(rows_max * D), qt_tile(D * rows_max), k_tile(kBlockK * D);
+    std::vector<acc_t> v_tile(kBlockK * D), st_tile(kBlockK * rows_max), s_tile(rows_max * kBlockK);
+    std::vector<acc_t> o_tile(rows_max * D);
     std::vector<acc_t> row_max(rows_max), row_sum(rows_max);
     std::vector<int64_t> row_vis(rows_max);
     for (int64_t item = begin; item < end; ++item) {
@@ -67,22 +93,30 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& kt, const at::Tensor&
       const int64_t m = std::clamp<int64_t>(ql, i0, i_end) - i0;  // valid rows [i0, i0 + m)
       const int64_t rows = group * m;                              // row r: head r / m, query i0 + r % m
       const int64_t key_end = m > 0 ? visible_end(i0 + m - 1, off, kl) : 0;
-      const acc_t* KT = kt.data_ptr<acc_t>() + (b * Hkv + hk) * D * K;
-      const acc_t* V = vf.data_ptr<acc_t>() + b * vf.stride(0) + hk * vf.stride(2);
-      const int64_t ldv = vf.stride(1);
+      const auto K = head_view<const scalar_t>(k, b, hk);
+      const auto V = head_view<const scalar_t>(v, b, hk);
 
-      for (int64_t r = 0; r < rows; ++r) {
-        const auto Q = head_view<scalar_t>(q, b, hk * group + r / m);
-        load_row(Q.row(i0 + r % m), D, &q_tile[r * D], scale);
+      for (int64_t r = 0; r < rows; ++r) {  // Q tile (rows, D), pre-scaled
+        load_row(head_view<const scalar_t>(q, b, hk * group + r / m).row(i0 + r % m), D,
+                 &q_tile[r * D], scale);
         row_vis[r] = visible_end(i0 + r % m, off, kl);
       }
+      if (!kt.defined()) transpose(q_tile.data(), rows, D, qt_tile.data());
+      const acc_t* KT = kt.defined() ? kt.data_ptr<acc_t>() + (b * Hkv + hk) * D * kt.size(3) : nullptr;
       std::fill(o_tile.begin(), o_tile.begin() + rows * D, acc_t(0));
       std::fill(row_max.begin(), row_max.end(), neg_inf);
       std::fill(row_sum.begin(), row_sum.end(), acc_t(0));
 
       for (int64_t j0 = 0; j0 < key_end; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, key_end - j0);
-        block_gemm(rows, n, D, q_tile.data(), D, KT + j0, K, s_tile.data(), n, false);
+        if (KT != nullptr) {
+          block_gemm(rows, n, D, q_tile.data(), D, KT + j0, kt.size(3), s_tile.data(), n, false);
+        } else {
+          int64_t ldk;
+          const acc_t* Kr = tile_rows(K, j0, n, D, k_tile.data(), ldk);
+          block_gemm(n, rows, D, Kr, ldk, qt_tile.data(), rows, st_tile.data(), rows, false);
+          transpose(st_tile.data(), n, rows, s_tile.data());
+        }
         for (int64_t r = 0; r < rows; ++r) {
           acc_t* s = &s_tile[r * n];
           const int64_t vis = std::clamp<int64_t>(row_vis[r] - j0, 0, n);
@@ -97,7 +131,9 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& kt, const at::Tensor&
           row_max[r] = mx;
           if (alpha != acc_t(1)) scale_row(&o_tile[r * D], D, alpha);
         }
-        block_gemm(rows, D, n, s_tile.data(), n, V + j0 * ldv, ldv, o_tile.data(), D, true);
+        int64_t ldv;
+        const acc_t* Vt = tile_rows(V, j0, n, D, v_tile.data(), ldv);
+        block_gemm(rows, D, n, s_tile.data(), n, Vt, ldv, o_tile.data(), D, true);
       }
 
       for (int64_t r = 0; r < rows; ++r) {
@@ -207,13 +243,12 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cpu(const at::Tensor& q, con
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({B, Hq, N}, q.options().dtype(acc_dtype(q.scalar_type())));
   if (out.numel() == 0) return {out, lse};
-  // Keys transposed and values in the accumulation type, laid out once: O(K * D)
-  // per kv head, the size of the inputs; the score matrix is never formed.
-  const auto acc = acc_dtype(q.scalar_type());
-  const at::Tensor kt = k.permute({0, 2, 3, 1}).to(acc).contiguous();  // (B, Hkv, D, K)
-  const at::Tensor vf = v.to(acc);                                      // (B, K, Hkv, D)
+  const int64_t group = Hq / k.size(2);
+  const at::Tensor kt = std::min<int64_t>(N, kBlockQ) * group >= kMinRowsForKt
+                            ? k.permute({0, 2, 3, 1}).to(acc_dtype(q.scalar_type())).contiguous()
+                            : at::Tensor();
   COMET_DISPATCH_FLOATING(q.scalar_type(), "prefix_attention_cpu", [&] {
-    forward_kernel<scalar_t>(q, kt, vf, out, lse, scale, qls, kls);
+    forward_kernel<scalar_t>(q, k, v, kt, out, lse, scale, qls, kls);
   });
   return {out, lse};
 }
