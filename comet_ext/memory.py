@@ -1,0 +1,139 @@
+"""CometMemory: everything a CoMeT model carries from one piece of input to the
+next while streaming. Its size depends on the model and the batch, never on how
+much has been read.
+
+Per layer l (tensors stacked over layers on dim 0):
+  state        (L, B, G, d)        global memory state S (zeros before the first closed chunk)
+  kv_k, kv_v   (L, B, R, Hkv, D)   per sample, packed: the memory rows' keys / values
+                                   (global rows at positions 0..G-1, then the FIFO rows),
+                                   then the open chunk's rows, all RoPE'd; R = G + C + open capacity
+  fifo_k/v     (L, B, C, Hkv, D)   FIFO ring of pre-RoPE keys / values of compressed rows
+  fifo_head/len (L, B)
+  pending_k/v  (L, B, Cp, Hkv, D)  pre-RoPE keys / values of the open chunk's compression rows
+Per sample:
+  has_global (B,) bool, mem_len (B,) memory rows before the open chunk, open_rows (B,)
+  rows of the open chunk so far, open_text (B,) its text tokens, pending (B,) its
+  compression rows, tokens (B,) text tokens read in all.
+
+G = num_global, C = temp_budget, Cp = compression rows of one chunk. Keys of FIFO
+rows are projected once, when pushed; only RoPE depends on their position.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from typing import Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+FORMAT_VERSION = 1
+_FIELDS = (
+    "state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v",
+    "has_global", "mem_len", "open_rows", "open_text", "pending", "tokens",
+)
+
+
+@dataclasses.dataclass
+class CometMemory:
+    state: Tensor
+    kv_k: Tensor
+    kv_v: Tensor
+    fifo_k: Tensor
+    fifo_v: Tensor
+    fifo_head: Tensor
+    fifo_len: Tensor
+    pending_k: Tensor
+    pending_v: Tensor
+    has_global: Tensor
+    mem_len: Tensor
+    open_rows: Tensor
+    open_text: Tensor
+    pending: Tensor
+    tokens: Tensor
+    signature: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.state.shape[1]
+
+    def nbytes(self) -> int:
+        return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _FIELDS)
+
+    def select(self, index: Tensor) -> "CometMemory":
+        """The memory of the samples in `index` (e.g. beam reordering, dropping finished samples)."""
+        per_layer = {"state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v"}
+        parts = {f: getattr(self, f)[:, index] if f in per_layer else getattr(self, f)[index] for f in _FIELDS}
+        return CometMemory(**parts, signature=dict(self.signature))
+
+    def clone(self) -> "CometMemory":
+        return CometMemory(**{f: getattr(self, f).clone() for f in _FIELDS}, signature=dict(self.signature))
+
+    # ------------------------------------------------------------------ save / load
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the memory to a safetensors file, atomically (temp file + rename).
+
+        The header records the format version and the signature of the model
+        and CoMeT config it belongs to; `load` refuses a mismatch.
+        """
+        path = os.fspath(path)
+        meta = {"format": "comet_ext.CometMemory", "version": str(FORMAT_VERSION),
+                "signature": json.dumps(self.signature, sort_keys=True)}
+        tensors = {f: getattr(self, f).detach().contiguous().cpu() for f in _FIELDS}
+        folder = os.path.dirname(os.path.abspath(path))
+        fd, tmp = tempfile.mkstemp(prefix=".comet_memory.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model=None, device: Optional[torch.device | str] = None) -> "CometMemory":
+        """Reads a memory saved by `save`. With `model`, checks that it belongs to it
+        (same architecture sizes and CoMeT config) and moves it to the model's device."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"CometMemory.load: no file at {path!r}")
+        try:
+            with safe_open(path, framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # truncated or not a safetensors file
+            raise ValueError(f"CometMemory.load: {path!r} is not a readable memory file ({e})") from e
+        if meta.get("format") != "comet_ext.CometMemory":
+            raise ValueError(f"CometMemory.load: {path!r} is not a CometMemory file (header {meta})")
+        if meta.get("version") != str(FORMAT_VERSION):
+            raise ValueError(
+                f"CometMemory.load: {path!r} has format version {meta.get('version')}, this comet_ext "
+                f"reads version {FORMAT_VERSION}"
+            )
+        missing = [f for f in _FIELDS if f not in tensors]
+        if missing:
+            raise ValueError(f"CometMemory.load: {path!r} lacks tensors {missing}")
+        signature = json.loads(meta.get("signature", "{}"))
+        memory = cls(**{f: tensors[f] for f in _FIELDS}, signature=signature)
+        if model is not None:
+            expected = model.memory_signature()
+            if signature != expected:
+                diff = {k: (signature.get(k), expected.get(k)) for k in set(signature) | set(expected)
+                        if signature.get(k) != expected.get(k)}
+                raise ValueError(
+                    f"CometMemory.load: {path!r} belongs to another model or CoMeT config; "
+                    f"differences (file, model): {diff}"
+                )
+            device = device or model.device
+        if device is not None:
+            memory = memory.to(device)
+        return memory
+
+    def to(self, device) -> "CometMemory":
+        return CometMemory(**{f: getattr(self, f).to(device) for f in _FIELDS}, signature=dict(self.signature))

@@ -1,0 +1,587 @@
+"""CometForCausalLM: a pre-trained HF decoder with the CoMeT memory.
+
+One chunk through one layer (`_layer_segment`) is the unit everything is built
+from. Streaming (`read`, `generate`) runs it chunk-outer, layer-inner on a
+`CometMemory` updated in place; the training forward runs it layer-outer,
+chunk-inner on functional state so gradients flow through the memories. Both
+follow DESIGN.md §1 exactly, computed the fast way of §2: memory rows only
+contribute keys / values.
+
+Shapes: B batch, T text tokens, N rows of a segment, d hidden, G = num_global,
+C = temp_budget, Hkv kv heads, D head dim, L layers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from . import ops
+from .config import CometConfig
+from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
+from .memory import CometMemory
+from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class LowRankAdapter(nn.Module):
+    """RLA: x + up(down(x)), optionally after a fused RMSNorm (comet::rla)."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.down_proj = nn.Linear(hidden, rank, bias=False)
+        self.up_proj = nn.Linear(rank, hidden, bias=False)
+
+    def forward(self, x: Tensor, norm: Optional[nn.RMSNorm] = None) -> Tensor:
+        if norm is None:
+            return ops.rla(x, self.down_proj.weight, self.up_proj.weight)
+        return ops.rla(x, self.down_proj.weight, self.up_proj.weight, norm.weight, norm.eps)
+
+
+class GlobalMemoryNet(nn.Module):
+    """RMSNorm_g (eps = finfo(dtype).eps), the scalar gate W_g (2d -> 1) and RLA_g."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden)
+        self.g_proj = nn.Linear(2 * hidden, 1, bias=False)
+        self.o_proj = LowRankAdapter(hidden, rank)
+
+    def forward(self, readout: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        return ops.gated_update(readout, state, self.norm.weight, self.g_proj.weight,
+                                self.o_proj.down_proj.weight, self.o_proj.up_proj.weight)
+
+
+class TempMemoryNet(nn.Module):
+    """RMSNorm_t (eps 1e-12) then RLA_t: compression rows -> FIFO rows."""
+
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden, eps=1e-12)
+        self.rla = LowRankAdapter(hidden, rank)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        return self.rla(rows, self.norm)
+
+
+class CometLayerMemory(nn.Module):
+    def __init__(self, hidden: int, rank: int):
+        super().__init__()
+        self.global_memory_net = GlobalMemoryNet(hidden, rank)
+        self.temp_memory_net = TempMemoryNet(hidden, rank)
+
+
+@dataclass
+class CometOutput:
+    """logits (B, T, vocab) for the text tokens, aligned with input_ids; loss when labels are given."""
+
+    logits: Tensor
+    loss: Optional[Tensor] = None
+
+
+class CometForCausalLM(nn.Module):
+    """A decoder LM (Llama, Mistral, Qwen2, Qwen3) with the CoMeT memory.
+
+    Build one with :meth:`from_base`, save with :meth:`save_pretrained`, reload with
+    :meth:`from_pretrained`. Stream any length with :meth:`read`; train with the
+    forward (``model(input_ids, labels=..., chunk_sizes=...)``).
+    """
+
+    def __init__(self, base: nn.Module, comet_config: CometConfig):
+        super().__init__()
+        self.family: Family = family_of(base.config)
+        self.base = base
+        self.comet_config = comet_config
+        cfg = base.config
+        self.config = cfg
+        d = cfg.hidden_size
+        self.memory_layers = nn.ModuleList(
+            CometLayerMemory(d, comet_config.rla_rank) for _ in range(cfg.num_hidden_layers)
+        )
+        emb = base.get_input_embeddings().weight
+        self.compression_embedding = nn.Parameter(torch.empty(1, d, dtype=emb.dtype, device=emb.device))
+        self.readout_embedding = nn.Parameter(
+            torch.empty(comet_config.num_global, d, dtype=emb.dtype, device=emb.device))
+        self.memory_layers.to(device=emb.device, dtype=emb.dtype)
+        self.reset_memory_parameters()
+
+    # ------------------------------------------------------------------ construction
+
+    @torch.no_grad()
+    def reset_memory_parameters(self) -> None:
+        """Initialises the CoMeT modules: RLAs start as the identity (up = 0), the gate
+        at 1/2, the new token embeddings like the vocabulary's."""
+        std = float(self.base.get_input_embeddings().weight.float().std())
+        init = getattr(self.config, "initializer_range", 0.02)
+        for layer in self.memory_layers:
+            for rla in (layer.global_memory_net.o_proj, layer.temp_memory_net.rla):
+                nn.init.normal_(rla.down_proj.weight, std=init)
+                nn.init.zeros_(rla.up_proj.weight)
+            nn.init.zeros_(layer.global_memory_net.g_proj.weight)
+            nn.init.ones_(layer.global_memory_net.norm.weight)
+            nn.init.ones_(layer.temp_memory_net.norm.weight)
+        nn.init.normal_(self.compression_embedding, std=std)
+        nn.init.normal_(self.readout_embedding, std=std)
+
+    @classmethod
+    def from_base(cls, model_or_path, comet_config: Optional[CometConfig] = None, **load_kwargs) -> "CometForCausalLM":
+        """Adds the CoMeT memory to a pre-trained HF causal LM (a model or a local folder)."""
+        comet_config = comet_config or CometConfig()
+        if isinstance(model_or_path, (str, os.PathLike)):
+            from transformers import AutoModelForCausalLM
+
+            load_kwargs.setdefault("local_files_only", True)
+            model_or_path = AutoModelForCausalLM.from_pretrained(model_or_path, **load_kwargs)
+        if not isinstance(model_or_path, nn.Module) or not hasattr(model_or_path, "config"):
+            raise ValueError(f"from_base: expected an HF causal LM or a folder, got {type(model_or_path).__name__}")
+        return cls(model_or_path, comet_config)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """config.json (the base config plus a "comet" entry) and model.safetensors, each
+        written atomically."""
+        folder = os.fspath(folder)
+        os.makedirs(folder, exist_ok=True)
+        config = self.config.to_dict()
+        config["comet"] = self.comet_config.to_dict()
+        config["architectures"] = ["CometForCausalLM"]
+        _atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: _write_json(p, config))
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        for a, b in _tied_keys(self):  # safetensors refuses shared storage: keep one copy
+            state.pop(b, None)
+        _atomic_write(os.path.join(folder, WEIGHTS_NAME),
+                      lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "1"}))
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device | str] = None) -> "CometForCausalLM":
+        """Loads a model saved by :meth:`save_pretrained` (local folder, no download)."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        folder = os.fspath(folder)
+        cfg_path = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
+        with open(cfg_path) as f:
+            raw = json.load(f)
+        if "comet" not in raw:
+            raise ValueError(f"from_pretrained: {folder!r} holds no CoMeT model (its config has no 'comet' entry); "
+                             "use CometForCausalLM.from_base to add the memory to a plain model")
+        comet_config = CometConfig.from_dict(raw["comet"])
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        family_of(config)
+        base = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
+        model = cls(base, comet_config)
+        state = load_file(os.path.join(folder, WEIGHTS_NAME))
+        for a, b in _tied_keys(model):
+            if b not in state and a in state:
+                state[b] = state[a]
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"from_pretrained: weights do not match the model: missing {missing[:8]}, "
+                             f"unexpected {unexpected[:8]}")
+        if dtype is not None:
+            model.to(dtype)
+        return model.to(device) if device is not None else model
+
+    # ------------------------------------------------------------------ helpers
+
+    @property
+    def device(self) -> torch.device:
+        return self.readout_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.readout_embedding.dtype
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self.base.model
+
+    def memory_signature(self) -> dict:
+        """What a CometMemory must agree on to belong to this model."""
+        c = self.config
+        return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
+                "num_kv_heads": c.num_key_value_heads, "head_dim": self._head_dim(),
+                **{f"comet.{k}": v for k, v in self.comet_config.to_dict().items()}}
+
+    def _head_dim(self) -> int:
+        return self.decoder.layers[0].self_attn.head_dim
+
+    def _rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, N, D) for integer positions (B, N)."""
+        dummy = torch.empty(0, dtype=self.dtype, device=self.device)
+        return self.decoder.rotary_emb(dummy, positions)
+
+    def _embed(self, seg: Segment, tokens: Tensor) -> Tensor:
+        """Rows of a segment: token embeddings, the compression embedding, readout embeddings."""
+        emb = self.decoder.embed_tokens(torch.gather(tokens, 1, seg.token.clamp(max=max(tokens.shape[1] - 1, 0)))
+                                        if tokens.shape[1] else torch.zeros_like(seg.token))
+        kind = seg.kind.unsqueeze(-1)
+        x = torch.where(kind == COMPRESSION, self.compression_embedding.to(emb.dtype), emb)
+        return torch.where(kind == READOUT, self.readout_embedding[seg.slot].to(emb.dtype), x)
+
+    # ------------------------------------------------------------------ memory
+
+    def new_memory(self, batch_size: int) -> CometMemory:
+        """An empty memory for a batch: nothing read yet."""
+        c, cc = self.config, self.comet_config
+        L, G, D = c.num_hidden_layers, cc.num_global, self._head_dim()
+        C = cc.temp_budget if cc.uses_temp_memory else 0
+        Hkv, d = c.num_key_value_heads, c.hidden_size
+        # The open chunk's rows, and the closing segment's readout rows after them.
+        open_cap = cc.chunk_size + max_compression_rows(cc) + G
+        kw = dict(device=self.device)
+        def kv(n):
+            return torch.zeros(L, batch_size, n, Hkv, D, dtype=self.dtype, **kw)
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=torch.long, **kw)
+
+        return CometMemory(
+            state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
+            kv_k=kv(G + C + open_cap), kv_v=kv(G + C + open_cap),
+            fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
+            pending_k=kv(max_compression_rows(cc)), pending_v=kv(max_compression_rows(cc)),
+            has_global=torch.zeros(batch_size, dtype=torch.bool, **kw),
+            mem_len=zeros(batch_size), open_rows=zeros(batch_size), open_text=zeros(batch_size),
+            pending=zeros(batch_size), tokens=zeros(batch_size),
+            signature=self.memory_signature(),
+        )
+
+    def _memory_rows_kv(self, l: int, global_k: Tensor, global_v: Tensor, has_global: Tensor,
+                        fifo: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys / values of layer l's memory rows, packed per sample: the global rows
+        (positions 0..G-1) if the sample has them, then its FIFO rows (positions G..).
+        -> k, v (B, G + C, Hkv, D), RoPE'd; mem_len (B,)."""
+        fifo_k, fifo_v, head, length = fifo
+        G, C = global_k.shape[1], fifo_k.shape[1]
+        if C:
+            cos, sin = self._rope(torch.arange(G, G + C, device=self.device).unsqueeze(0))
+            tk = ops.fifo_view(fifo_k, head, length, cos[0], sin[0])
+            tv = ops.fifo_view(fifo_v, head, length)
+        else:
+            tk, tv = fifo_k, fifo_v
+        n_global = has_global.long() * G
+        return (pack_keys(global_k, n_global, tk, length), pack_keys(global_v, n_global, tv, length),
+                n_global + length)
+
+    def _global_kv(self, l: int, memory_rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys (RoPE'd at positions 0..G-1) and values of layer l's global memory rows (B, G, d)."""
+        k, v = kv_projection(self.decoder.layers[l], self.family, memory_rows)
+        G = memory_rows.shape[1]
+        cos, sin = self._rope(torch.arange(G, device=self.device).unsqueeze(0))
+        return apply_rope(k, cos, sin), v
+
+    # ------------------------------------------------------------------ one layer, one segment
+
+    def _layer_segment(self, l: int, x: Tensor, seg: Segment, cos: Tensor, sin: Tensor,
+                       prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor, inplace: bool):
+        """Layer l over a segment's rows x (B, N, d) -> (output, compression rows' pre-RoPE
+        k / v (B, n_comp, Hkv, D), readout rows' output (B, G, d))."""
+        layer = self.decoder.layers[l]
+        if inplace:  # append the new rows' keys / values to the per-sample packed buffers
+            y, k, v = _layer_step_cached(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens)
+        else:
+            y, k, v = layer_step(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens)
+        comp_k = comp_v = None
+        if seg.comp_rows.shape[1]:
+            m = self.memory_layers[l].temp_memory_net(gather_rows(y, seg.comp_rows))
+            comp_k, comp_v = kv_projection(layer, self.family, m)
+        readout = gather_rows(y, seg.readout_rows) if bool(seg.closing.any()) else None
+        return y, comp_k, comp_v, readout
+
+    def _update_global(self, l: int, readout: Tensor, state: Tensor, has_global: Tensor,
+                       closing: Tensor) -> tuple[Tensor, Tensor]:
+        """Gated update for the closing samples; others keep their state. -> (state, memory rows)."""
+        net = self.memory_layers[l].global_memory_net
+        with_state = without = None
+        if bool((has_global & closing).any()):
+            with_state = net(readout, state)
+        if bool((~has_global & closing).any()):
+            without = net(readout, None)
+        if with_state is None:
+            new_state, memory = without
+        elif without is None:
+            new_state, memory = with_state
+        else:
+            pick = has_global.view(-1, 1, 1)
+            new_state = torch.where(pick, with_state[0], without[0])
+            memory = torch.where(pick, with_state[1], without[1])
+        keep = closing.view(-1, 1, 1)
+        return torch.where(keep, new_state, state), memory
+
+    # ------------------------------------------------------------------ streaming
+
+    @torch.no_grad()
+    def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int]) -> tuple[Tensor, Segment]:
+        """Appends `take[b]` tokens (tokens (B, max take)) to each sample's open chunk,
+        through every layer, closing chunks that fill up. -> (final hidden (B, N, d), segment)."""
+        cc = self.comet_config
+        open_text = memory.open_text.tolist()
+        close = [t > 0 and o + t >= cc.chunk_size for o, t in zip(open_text, take)]
+        seg = plan_segment(cc, open_text, take, close, self.device)
+        x = self._embed(seg, tokens)
+        prefix_lens = memory.mem_len + memory.open_rows
+        positions = prefix_lens.unsqueeze(1) + torch.arange(seg.num_rows, device=self.device)
+        cos, sin = self._rope(positions)
+        closing = seg.closing
+        L = self.config.num_hidden_layers
+        for l in range(L):
+            x, comp_k, comp_v, readout = self._layer_segment(
+                l, x, seg, cos, sin, memory.kv_k[l], memory.kv_v[l], prefix_lens, inplace=True)
+            if comp_k is not None:  # park the compression rows until their chunk closes
+                _scatter_rows(memory.pending_k[l], memory.pending, comp_k, seg.comp_count)
+                _scatter_rows(memory.pending_v[l], memory.pending, comp_v, seg.comp_count)
+            if readout is None:
+                continue
+            state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing)
+            memory.state[l].copy_(state)
+            counts = torch.where(closing, memory.pending + seg.comp_count, 0)
+            if memory.fifo_k.shape[2]:
+                head, length = memory.fifo_head[l], memory.fifo_len[l]
+                h0, n0 = head.clone(), length.clone()
+                ops.fifo_push(memory.fifo_k[l], head, length, memory.pending_k[l], counts)
+                ops.fifo_push(memory.fifo_v[l], h0, n0, memory.pending_v[l], counts)
+            gk, gv = self._global_kv(l, rows)
+            mk, mv, _ = self._memory_rows_kv(
+                l, gk, gv, memory.has_global | closing,
+                (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]))
+            n = mk.shape[1]
+            memory.kv_k[l, closing, :n] = mk[closing]
+            memory.kv_v[l, closing, :n] = mv[closing]
+        # Bookkeeping shared by all layers.
+        take_t = torch.tensor(take, device=self.device)
+        memory.tokens += take_t
+        memory.open_text += take_t
+        memory.open_rows += seg.q_lens
+        memory.pending += seg.comp_count
+        if bool(closing.any()):
+            G = self.comet_config.num_global
+            memory.has_global |= closing
+            fifo_len = memory.fifo_len[0]
+            memory.mem_len = torch.where(closing, G + fifo_len, memory.mem_len)
+            for t in (memory.open_rows, memory.open_text, memory.pending):
+                t.masked_fill_(closing, 0)
+        return x, seg
+
+    @torch.no_grad()
+    def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,
+             attention_mask: Optional[Tensor] = None, progress: Optional[bool] = None,
+             return_last_hidden: bool = False):
+        """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
+
+        attention_mask (B, T) marks real tokens (right padding only): samples may
+        have different lengths. Full chunks are closed (readout, memory update);
+        the rest stays in the open chunk, which the next `read` or `generate`
+        continues. A tqdm progress bar appears for inputs over 8 chunks unless
+        progress=False. Returns the memory (and, with return_last_hidden, the
+        final hidden state of each sample's last token, (B, d)).
+        """
+        input_ids = self._check_ids(input_ids)
+        B, T = input_ids.shape
+        lengths = self._lengths(attention_mask, B, T)
+        memory = memory if memory is not None else self.new_memory(B)
+        if memory.batch_size != B:
+            raise ValueError(f"read: memory holds {memory.batch_size} samples but input_ids has {B}")
+        done = [0] * B
+        last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        cs = self.comet_config.chunk_size
+        total_steps = -(-T // cs) + 1
+        bar = None
+        if progress or (progress is None and T > 8 * cs):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=int(lengths.sum()), unit="tok", desc="comet read")
+        while True:
+            room = [cs - o for o in memory.open_text.tolist()]
+            take = [min(int(lengths[b]) - done[b], room[b]) for b in range(B)]
+            if max(take) <= 0:
+                break
+            width = max(take)
+            idx = torch.tensor(done, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
+            tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
+            hidden, seg = self._stream_step(memory, tokens, take)
+            if return_last_hidden:
+                has = seg.text_count > 0
+                rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
+                last = torch.where(has.unsqueeze(1), hidden[torch.arange(B), rows], last)
+            done = [d + t for d, t in zip(done, take)]
+            if bar is not None:
+                bar.update(sum(take))
+        if bar is not None:
+            bar.close()
+        del total_steps
+        return (memory, last) if return_last_hidden else memory
+
+    # ------------------------------------------------------------------ training forward
+
+    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
+                chunk_sizes: Optional[Sequence[int]] = None) -> CometOutput:
+        """Training-mode forward: layer-outer over all chunks, gradients through the memories.
+
+        input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
+        default chunk_size each). Every chunk is closed. Returns logits (B, T,
+        vocab) for the text tokens and, with labels, the next-token cross-entropy
+        (labels -100 are ignored; labels are shifted inside, as in HF).
+        """
+        input_ids = self._check_ids(input_ids)
+        B, T = input_ids.shape
+        sizes = self._chunk_sizes(chunk_sizes, T)
+        cc = self.comet_config
+        L, G = self.config.num_hidden_layers, cc.num_global
+        C = cc.temp_budget if cc.uses_temp_memory else 0
+        D, Hkv, d = self._head_dim(), self.config.num_key_value_heads, self.config.hidden_size
+        dev = self.device
+        segs, xs, ropes, starts = [], [], [], 0
+        for n in sizes:
+            seg = plan_segment(cc, [0] * B, [n] * B, [True] * B, dev)
+            segs.append(seg)
+            xs.append(self._embed(seg, input_ids[:, starts:starts + n]))
+            starts += n
+        hidden = [None] * len(sizes)
+        for l in range(L):
+            state = torch.zeros(B, G, d, dtype=self.dtype, device=dev)
+            has_global = torch.zeros(B, dtype=torch.bool, device=dev)
+            gk = torch.zeros(B, G, Hkv, D, dtype=self.dtype, device=dev)
+            gv = torch.zeros_like(gk)
+            fifo_k = torch.zeros(B, C, Hkv, D, dtype=self.dtype, device=dev)
+            fifo_v = torch.zeros_like(fifo_k)
+            head = torch.zeros(B, dtype=torch.long, device=dev)
+            length = torch.zeros_like(head)
+            for t, seg in enumerate(segs):
+                pk, pv, plen = self._memory_rows_kv(l, gk, gv, has_global, (fifo_k, fifo_v, head, length))
+                if l == 0:
+                    positions = plen.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)
+                    ropes.append(self._rope(positions))
+                x = xs[t] if l == 0 else hidden[t]
+                y, comp_k, comp_v, readout = self._layer_segment(
+                    l, x, seg, *ropes[t], pk, pv, plen, inplace=False)
+                hidden[t] = y
+                state, rows = self._update_global(l, readout, state, has_global, seg.closing)
+                gk, gv = self._global_kv(l, rows)
+                if C and comp_k is not None:
+                    fk, h1, n1 = ops.fifo_push_functional(fifo_k, head, length, comp_k, seg.comp_count)
+                    fifo_v, _, _ = ops.fifo_push_functional(fifo_v, head, length, comp_v, seg.comp_count)
+                    fifo_k, head, length = fk, h1, n1
+                has_global = has_global | seg.closing
+        text = torch.cat([gather_rows(h, s.text_rows) for h, s in zip(hidden, segs)], dim=1)
+        logits = self.base.lm_head(self.decoder.norm(text))
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100)
+        return CometOutput(logits=logits, loss=loss)
+
+    # ------------------------------------------------------------------ input checks
+
+    def _check_ids(self, input_ids) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"input_ids must be an int64 tensor of shape (batch, tokens), got "
+                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        vocab = self.base.get_input_embeddings().num_embeddings
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
+        return input_ids.to(self.device).long()
+
+    def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> Tensor:
+        if attention_mask is None:
+            return torch.full((B,), T, dtype=torch.long)
+        if attention_mask.shape != (B, T):
+            raise ValueError(f"attention_mask must have shape {(B, T)} like input_ids, got {tuple(attention_mask.shape)}")
+        mask = attention_mask.bool().cpu()
+        lengths = mask.sum(1)
+        expected = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
+        if not torch.equal(mask, expected):
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row")
+        return lengths
+
+    def _chunk_sizes(self, chunk_sizes: Optional[Sequence[int]], T: int) -> list[int]:
+        cs = self.comet_config.chunk_size
+        if chunk_sizes is None:
+            return [min(cs, T - s) for s in range(0, T, cs)]
+        sizes = [int(n) for n in chunk_sizes]
+        if any(n < 1 for n in sizes) or sum(sizes) != T:
+            raise ValueError(f"chunk_sizes must be positive and sum to the {T} tokens of input_ids, got {sizes}")
+        return sizes
+
+
+def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, prefix_lens, q_lens):
+    """layer_step for streaming: the new rows' keys / values are written into the
+    packed per-sample buffers (B, R, Hkv, D) right after each sample's prefix, and
+    attention reads the buffers in place (no per-step copy of the prefix)."""
+    attn = layer.self_attn
+    B, N, _ = x.shape
+    h = layer.input_layernorm(x)
+    shape = (B, N, -1, attn.head_dim)
+    q, k, v = attn.q_proj(h).view(shape), attn.k_proj(h).view(shape), attn.v_proj(h).view(shape)
+    if family.qk_norm:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    _scatter_rows(buf_k, prefix_lens, k, q_lens)
+    _scatter_rows(buf_v, prefix_lens, v, q_lens)
+    k_lens = prefix_lens + q_lens
+    width = int(k_lens.max())
+    out, _ = ops.prefix_attention(q, buf_k[:, :width], buf_v[:, :width], attn.scaling, q_lens, k_lens)
+    x = x + attn.o_proj(out.reshape(B, N, -1))
+    x = x + layer.mlp(layer.post_attention_layernorm(x))
+    return x, k, v
+
+
+def _scatter_rows(buf: Tensor, start: Tensor, rows: Tensor, counts: Tensor) -> None:
+    """In place: buf[b, start[b] + j] = rows[b, j] for j < counts[b]."""
+    n = rows.shape[1]
+    if n == 0:
+        return
+    j = torch.arange(n, device=buf.device).unsqueeze(0)
+    valid = j < counts.unsqueeze(1)
+    if not bool(valid.any()):
+        return
+    b_idx = torch.arange(buf.shape[0], device=buf.device).unsqueeze(1).expand(-1, n)
+    pos = start.unsqueeze(1) + j
+    if int(pos[valid].max()) >= buf.shape[1]:
+        raise RuntimeError(f"comet_ext internal error: open chunk overflows its buffer ({buf.shape[1]} rows)")
+    buf[b_idx[valid], pos[valid]] = rows[valid].to(buf.dtype)
+
+
+def _tied_keys(model: nn.Module) -> list[tuple[str, str]]:
+    """(kept, dropped) state-dict keys of parameters that share storage (tied embeddings)."""
+    seen, pairs = {}, []
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = (t.data_ptr(), t.shape)
+        if key in seen:
+            pairs.append((seen[key], name))
+        else:
+            seen[key] = name
+    return pairs
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def _atomic_write(path: str, write) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,104 @@
+"""Row layout of a piece of a chunk (DESIGN.md §1): which rows are text,
+compression or readout tokens, and where their outputs are gathered.
+
+A *segment* is what one step appends to each sample's open chunk: `take[b]`
+text tokens, a compression token after every `temp_stride` text tokens of the
+chunk, and — if the sample's chunk closes in this step — a compression token
+after a final partial group and the `num_global` readout tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .config import CometConfig
+
+TEXT, COMPRESSION, READOUT, PAD = 0, 1, 2, -1
+
+
+@dataclasses.dataclass
+class Segment:
+    """Rows of one segment, per sample left-aligned and right-padded to N rows.
+
+    kind (B, N): TEXT / COMPRESSION / READOUT / PAD. token (B, N): for text rows,
+    the index of the token among the segment's tokens. slot (B, N): for readout
+    rows, the global slot. q_lens (B,): rows per sample. text_rows / comp_rows /
+    readout_rows (B, n): row indices of each kind (padded with 0), with counts
+    text_count / comp_count. closing (B,) bool: the chunk closes in this segment.
+    """
+
+    kind: Tensor
+    token: Tensor
+    slot: Tensor
+    q_lens: Tensor
+    text_rows: Tensor
+    text_count: Tensor
+    comp_rows: Tensor
+    comp_count: Tensor
+    readout_rows: Tensor
+    closing: Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.kind.shape[1]
+
+
+def _pad(rows: list[list[int]], fill: int, min_len: int = 0) -> Tensor:
+    n = max([len(r) for r in rows] + [min_len])
+    return torch.tensor([r + [fill] * (n - len(r)) for r in rows], dtype=torch.long).view(len(rows), n)
+
+
+def plan_segment(
+    cfg: CometConfig, open_text: list[int], take: list[int], close: list[bool], device
+) -> Segment:
+    """Lays out the rows each sample appends to its open chunk.
+
+    open_text[b]: text tokens already in sample b's open chunk; take[b]: text
+    tokens appended now; close[b]: the chunk closes after them.
+    """
+    stride = cfg.temp_stride if cfg.uses_temp_memory else 0
+    kinds, tokens, slots, text_rows, comp_rows, readout_rows = [], [], [], [], [], []
+    for b, (start, n, closes) in enumerate(zip(open_text, take, close)):
+        kind, token, slot, tr, cr, rr = [], [], [], [], [], []
+        for i in range(n):
+            tr.append(len(kind))
+            kind.append(TEXT), token.append(i), slot.append(0)
+            if stride and (start + i + 1) % stride == 0:
+                cr.append(len(kind))
+                kind.append(COMPRESSION), token.append(0), slot.append(0)
+        if closes:
+            if stride and (start + n) % stride != 0 and start + n > 0:  # final partial group
+                cr.append(len(kind))
+                kind.append(COMPRESSION), token.append(0), slot.append(0)
+            for j in range(cfg.num_global):
+                rr.append(len(kind))
+                kind.append(READOUT), token.append(0), slot.append(j)
+        kinds.append(kind), tokens.append(token), slots.append(slot)
+        text_rows.append(tr), comp_rows.append(cr), readout_rows.append(rr)
+    to = dict(device=device)
+    return Segment(
+        kind=_pad(kinds, PAD).to(**to),
+        token=_pad(tokens, 0).to(**to),
+        slot=_pad(slots, 0).to(**to),
+        q_lens=torch.tensor([len(k) for k in kinds], dtype=torch.long, device=device),
+        text_rows=_pad(text_rows, 0).to(**to),
+        text_count=torch.tensor([len(r) for r in text_rows], dtype=torch.long, device=device),
+        comp_rows=_pad(comp_rows, 0).to(**to),
+        comp_count=torch.tensor([len(r) for r in comp_rows], dtype=torch.long, device=device),
+        readout_rows=_pad(readout_rows, 0, cfg.num_global).to(**to),
+        closing=torch.tensor(close, dtype=torch.bool, device=device),
+    )
+
+
+def gather_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """x (B, N, d), rows (B, n) -> (B, n, d)."""
+    return torch.gather(x, 1, rows.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def max_compression_rows(cfg: CometConfig) -> int:
+    """Compression rows of one chunk (its final partial group included)."""
+    if not cfg.uses_temp_memory:
+        return 0
+    return -(-cfg.chunk_size // cfg.temp_stride)

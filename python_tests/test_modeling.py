@@ -1,0 +1,205 @@
+"""CometForCausalLM: the fast formulation against the naive oracle and the base model,
+streaming against training, pieces against one read, save / load, bad inputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+from modeling_utils import FAMILIES, VOCAB, naive_forward, tiny_base, tiny_comet
+
+from comet_ext.config import CometConfig
+from comet_ext.memory import CometMemory
+from comet_ext.modeling import CometForCausalLM
+
+FAMILY_NAMES = list(FAMILIES)
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_one_chunk_without_interleaved_tokens_is_the_base_model(family):
+    """Empty memory, one chunk, compression only after the last text token: the text
+    rows see exactly what the base model sees."""
+    model = tiny_comet(family, temp_stride=16)
+    x = ids(2, 16)
+    torch.testing.assert_close(model(x).logits, model.base(x).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.parametrize("chunks", [[16, 16, 16, 7], [5, 16, 3, 11, 16]], ids=["even", "uneven"])
+def test_fast_formulation_equals_naive_oracle(family, chunks):
+    model = tiny_comet(family)
+    x = ids(2, sum(chunks), seed=1)
+    fast = model(x, chunk_sizes=chunks).logits
+    naive = naive_forward(model, x, chunks)
+    torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("comet", [dict(temp_stride=-1), dict(temp_budget=0), dict(temp_stride=5, chunk_size=12)],
+                         ids=["no-temp", "budget-0", "partial-groups"])
+def test_oracle_agrees_in_other_configurations(comet):
+    model = tiny_comet("qwen3", **comet)
+    x = ids(1, 40, seed=2)
+    sizes = model._chunk_sizes(None, 40)
+    torch.testing.assert_close(model(x).logits, naive_forward(model, x, sizes), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_streaming_token_by_token_equals_training_forward(family):
+    """Chunk-outer streaming (one token per step, chunks closing as they fill) gives the
+    layer-outer training forward's logits at every position."""
+    model = tiny_comet(family)
+    x = ids(2, 37, seed=3)
+    expected = model(x).logits
+    memory, got = None, []
+    for t in range(x.shape[1]):
+        memory, last = model.read(x[:, t:t + 1], memory, return_last_hidden=True)
+        got.append(model.base.lm_head(model.decoder.norm(last)))
+    torch.testing.assert_close(torch.stack(got, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_read_in_pieces_equals_one_read():
+    model = tiny_comet("mistral")
+    x = ids(2, 61, seed=4)
+    whole, last = model.read(x, return_last_hidden=True)
+    mem = None
+    for a, b in [(0, 7), (7, 33), (33, 61)]:
+        mem, piece_last = model.read(x[:, a:b], mem, return_last_hidden=True)
+    torch.testing.assert_close(piece_last, last, rtol=1e-5, atol=1e-5)
+    for f in ("fifo_len", "fifo_head", "open_text", "open_rows", "mem_len", "tokens"):
+        assert torch.equal(getattr(mem, f), getattr(whole, f)), f
+    torch.testing.assert_close(mem.state, whole.state, rtol=1e-5, atol=1e-5)
+
+
+def test_ragged_batch_equals_samples_alone():
+    model = tiny_comet("llama")
+    x = ids(2, 45, seed=5)
+    mask = torch.ones_like(x)
+    mask[1, 29:] = 0
+    batch_mem, batch_last = model.read(x, attention_mask=mask, return_last_hidden=True)
+    for b, n in [(0, 45), (1, 29)]:
+        mem, last = model.read(x[b:b + 1, :n], return_last_hidden=True)
+        torch.testing.assert_close(batch_last[b:b + 1], last, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch_mem.state[:, b:b + 1], mem.state, rtol=1e-5, atol=1e-5)
+        assert int(batch_mem.tokens[b]) == n
+
+
+def test_memory_size_does_not_grow_with_input():
+    model = tiny_comet("llama")
+    short = model.read(ids(1, 20))
+    long = model.read(ids(1, 400))
+    assert short.nbytes() == long.nbytes()
+    assert int(long.tokens[0]) == 400 and int(long.open_text[0]) == 400 % 16
+
+
+def test_gradients_reach_every_memory_module():
+    model = tiny_comet("qwen3").train()
+    x = ids(2, 40, seed=6)
+    out = model(x, labels=x)
+    out.loss.backward()
+    for name, p in model.memory_layers.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.readout_embedding.grad.abs().sum() > 0
+    assert model.compression_embedding.grad.abs().sum() > 0
+
+
+def test_loss_is_next_token_cross_entropy():
+    model = tiny_comet("llama")
+    x = ids(2, 30, seed=7)
+    labels = x.clone()
+    labels[:, :5] = -100
+    out = model(x, labels=labels)
+    expected = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1),
+                                                 ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+
+
+# --------------------------------------------------------------------------- persistence
+
+
+def test_save_and_load_pretrained_is_bit_exact(tmp_path):
+    model = tiny_comet("qwen3", seed=3)
+    model.save_pretrained(tmp_path)
+    loaded = CometForCausalLM.from_pretrained(tmp_path)
+    assert loaded.comet_config == model.comet_config
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    x = ids(1, 30)
+    assert torch.equal(model(x).logits, loaded(x).logits)
+
+
+def test_from_pretrained_refuses_a_plain_model(tmp_path):
+    tiny_base("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no CoMeT model"):
+        CometForCausalLM.from_pretrained(tmp_path)
+
+
+def test_memory_save_load_continue_equals_uninterrupted(tmp_path):
+    model = tiny_comet("llama")
+    x = ids(2, 50, seed=8)
+    _, expected = model.read(x, return_last_hidden=True)
+    mem = model.read(x[:, :27])
+    mem.save(tmp_path / "mem.safetensors")
+    loaded = CometMemory.load(tmp_path / "mem.safetensors", model)
+    _, got = model.read(x[:, 27:], loaded, return_last_hidden=True)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_memory_load_refuses_other_model_and_corrupt_files(tmp_path):
+    model = tiny_comet("llama")
+    path = tmp_path / "mem.safetensors"
+    model.read(ids(1, 20)).save(path)
+    other = tiny_comet("llama", num_global=5)
+    with pytest.raises(ValueError, match="belongs to another model"):
+        CometMemory.load(path, other)
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable memory file"):
+        CometMemory.load(tmp_path / "cut.safetensors", model)
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable memory file"):
+        CometMemory.load(tmp_path / "junk.safetensors", model)
+    with pytest.raises(FileNotFoundError):
+        CometMemory.load(tmp_path / "missing.safetensors", model)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def test_unsupported_family_is_a_clear_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match=r"does not support model_type 'gpt2'.*llama.*mistral.*qwen2.*qwen3"):
+        CometForCausalLM.from_base(gpt2, CometConfig())
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m: m(torch.zeros(1, 0, dtype=torch.long)), "input_ids is empty"),
+        (lambda m: m(torch.full((1, 5), VOCAB)), r"must lie in \[0, 97\)"),
+        (lambda m: m(torch.zeros(5, dtype=torch.long)), "shape \\(batch, tokens\\)"),
+        (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[4, 4]), "sum to the 10 tokens"),
+        (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[10, 0]), "must be positive"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long)), "labels"),
+        (lambda m: m.read(torch.zeros(2, 4, dtype=torch.long), m.new_memory(3)), "memory holds 3 samples"),
+        (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])),
+         "right-padded"),
+        (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must have shape"),
+    ],
+    ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "labels-shape", "memory-batch", "left-pad", "mask-shape"],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(tiny_comet("llama"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(chunk_size=0), "chunk_size"), (dict(temp_stride=0), "temp_stride"), (dict(temp_budget=-1), "temp_budget"),
+    (dict(rla_rank=0), "rla_rank"), (dict(num_global=0), "num_global"), (dict(chunk_size=2.5), "must be an int"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CometConfig(**kwargs)
