@@ -421,6 +421,67 @@ class CometForCausalLM(nn.Module):
         del total_steps
         return (memory, last) if return_last_hidden else memory
 
+    # ------------------------------------------------------------------ generation
+
+    def _next_logits(self, hidden: Tensor) -> Tensor:
+        return self.base.lm_head(self.decoder.norm(hidden)).float()
+
+    @torch.no_grad()
+    def generate(self, input_ids: Optional[Tensor] = None, memory: Optional[CometMemory] = None,
+                 attention_mask: Optional[Tensor] = None, generation_config=None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, return_memory: bool = False):
+        """Decodes from the open chunk, after reading the prompt into the memory.
+
+        Follows HF `generate`'s arguments (or a GenerationConfig): greedy or
+        sampling (temperature, top_k, top_p), max_new_tokens, eos / pad ids.
+        Returns (B, prompt + new) ids like HF (padded with pad_token_id after a
+        sample's EOS), and the memory with return_memory. Compression tokens are
+        fed after every `temp_stride` text tokens of the open chunk and never
+        appear in the output; a chunk that fills up is closed (readout, memory
+        update) and a new one begins, so generation length is unbounded at
+        constant memory. `memory` is updated in place and afterwards holds every
+        returned token, so a later `generate` continues the conversation.
+        """
+        if generation_config is not None:
+            g = generation_config
+            max_new_tokens = g.max_new_tokens if g.max_new_tokens is not None else max_new_tokens
+            do_sample, temperature = bool(g.do_sample), g.temperature if g.temperature is not None else 1.0
+            top_k, top_p = g.top_k or 0, g.top_p if g.top_p is not None else 1.0
+            eos_token_id = g.eos_token_id if eos_token_id is None else eos_token_id
+            pad_token_id = g.pad_token_id if pad_token_id is None else pad_token_id
+        if max_new_tokens < 0:
+            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        if input_ids is None:
+            raise ValueError("generate: input_ids (the prompt, e.g. the question after the document "
+                             "read into `memory`) is required")
+        memory, last = self.read(input_ids, memory, attention_mask, progress=False, return_last_hidden=True)
+        B = input_ids.shape[0]
+        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
+        prompt = input_ids.to(self.device).long()
+        if attention_mask is not None:  # right-padded prompts: keep HF's layout, pad stays pad
+            prompt = torch.where(attention_mask.to(self.device).bool(), prompt, torch.full_like(prompt, pad))
+        new, alive = [], torch.ones(B, dtype=torch.bool, device=self.device)
+        for _ in range(max_new_tokens):
+            logits = self._next_logits(last)
+            token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
+            token = torch.where(alive, token, torch.full_like(token, pad))
+            new.append(token)
+            if eos:
+                alive &= ~torch.isin(token, torch.tensor(sorted(eos), device=self.device))
+            if not bool(alive.any()):
+                break
+            step_mask = alive.long().unsqueeze(1)
+            memory, step_last = self.read(token.unsqueeze(1), memory, step_mask, progress=False,
+                                          return_last_hidden=True)
+            last = torch.where(alive.unsqueeze(1), step_last, last)
+        out = torch.cat([prompt, torch.stack(new, 1)], dim=1) if new else prompt
+        return (out, memory) if return_memory else out
+
     # ------------------------------------------------------------------ training forward
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
@@ -517,6 +578,25 @@ class CometForCausalLM(nn.Module):
         if any(n < 1 for n in sizes) or sum(sizes) != T:
             raise ValueError(f"chunk_sizes must be positive and sum to the {T} tokens of input_ids, got {sizes}")
         return sizes
+
+
+def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
+          generator: Optional[torch.Generator]) -> Tensor:
+    """Next token per row of logits (B, vocab): argmax, or a sample after temperature,
+    top-k and nucleus (top-p) filtering."""
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, prefix_lens, q_lens):

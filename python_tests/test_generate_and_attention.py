@@ -1,0 +1,103 @@
+"""CometForCausalLM.generate, and attn_implementation="comet" for plain HF models."""
+from __future__ import annotations
+
+import pytest
+import torch
+from modeling_utils import VOCAB, tiny_base, tiny_comet
+
+import comet_ext
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_greedy_generation_is_the_argmax_of_the_training_forward(family):
+    """Across several chunk closings (prompt 21 + 30 new tokens, chunks of 16), every
+    generated token is the argmax of the teacher-forced training forward."""
+    model = tiny_comet(family)
+    prompt = ids(2, 21)
+    out = model.generate(prompt, max_new_tokens=30)
+    assert out.shape == (2, 51) and torch.equal(out[:, :21], prompt)
+    assert int(out.min()) >= 0 and int(out.max()) < VOCAB  # no compression / readout ids exist
+    pred = model(out).logits.argmax(-1)
+    assert torch.equal(pred[:, 20:-1], out[:, 21:])
+
+
+def test_generate_from_a_memory_continues_the_stream():
+    model = tiny_comet("llama")
+    doc, question = ids(1, 40, seed=1), ids(1, 5, seed=2)
+    memory = model.read(doc)
+    after_memory = model.generate(question, memory=memory, max_new_tokens=8)
+    in_one_go = model.generate(torch.cat([doc, question], 1), max_new_tokens=8)
+    assert torch.equal(after_memory[:, 5:], in_one_go[:, 45:])
+
+
+def test_sampling_is_deterministic_given_a_generator():
+    model = tiny_comet("qwen2")
+    prompt = ids(2, 9)
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=0.7, top_k=8, top_p=0.9)
+    a = model.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
+    b = model.generate(prompt, generator=torch.Generator().manual_seed(0), **kw)
+    c = model.generate(prompt, generator=torch.Generator().manual_seed(1), **kw)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_eos_stops_a_sample_and_pads_it():
+    model = tiny_comet("llama")
+    prompt = ids(2, 9)
+    free = model.generate(prompt, max_new_tokens=6)
+    eos = int(free[0, 10])  # sample 0's second generated token
+    out = model.generate(prompt, max_new_tokens=6, eos_token_id=eos, pad_token_id=-1 % VOCAB)
+    assert torch.equal(out[0, :11], free[0, :11])
+    assert (out[0, 11:] == VOCAB - 1).all()
+
+
+def test_memory_stays_constant_through_long_generation():
+    model = tiny_comet("llama")
+    prompt = ids(1, 4)
+    out, memory = model.generate(prompt, max_new_tokens=70, return_memory=True)
+    assert out.shape[1] == 74
+    assert memory.nbytes() == model.new_memory(1).nbytes()
+    assert int(memory.tokens[0]) == 74  # the memory holds every returned token
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_drop_in_attention_matches_sdpa_for_prefill_and_decode(family):
+    comet_ext.register()
+    base = tiny_base(family)
+    x = ids(2, 13, seed=3)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding, as HF batches prompts for generation
+    runs = {}
+    for impl in ("sdpa", "comet"):
+        base.set_attn_implementation(impl)
+        runs[impl] = base.generate(x, attention_mask=mask, max_new_tokens=20, do_sample=False, pad_token_id=0,
+                                   output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(runs["sdpa"].sequences, runs["comet"].sequences)
+    for a, b in zip(runs["sdpa"].logits, runs["comet"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_in_attention_prefill_with_right_padding_matches_sdpa():
+    comet_ext.register()
+    base = tiny_base("llama")
+    x = ids(2, 11, seed=4)
+    mask = torch.ones_like(x)
+    mask[0, 7:] = 0
+    logits = {}
+    for impl in ("sdpa", "comet"):
+        base.set_attn_implementation(impl)
+        logits[impl] = base(x, attention_mask=mask).logits
+    torch.testing.assert_close(logits["comet"][0, :7], logits["sdpa"][0, :7], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits["comet"][1], logits["sdpa"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_drop_in_attention_refuses_masks_with_holes():
+    comet_ext.register()
+    base = tiny_base("llama")
+    base.set_attn_implementation("comet")
+    x = ids(1, 6)
+    with pytest.raises(ValueError, match="contiguous run"):
+        base(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]))
