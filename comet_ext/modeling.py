@@ -171,6 +171,11 @@ class CometForCausalLM(nn.Module):
             raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
         with open(cfg_path) as f:
             raw = json.load(f)
+        from .convert import is_reference_config, load_reference
+
+        if is_reference_config(raw):  # a reference-implementation checkpoint: convert on load
+            model = load_reference(folder, dtype=dtype)
+            return model.to(device) if device is not None else model
         if "comet" not in raw:
             raise ValueError(f"from_pretrained: {folder!r} holds no CoMeT model (its config has no 'comet' entry); "
                              "use CometForCausalLM.from_base to add the memory to a plain model")
