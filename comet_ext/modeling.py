@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+
 from . import ops
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
@@ -87,16 +89,25 @@ class CometOutput:
     loss: Optional[Tensor] = None
 
 
-class CometForCausalLM(nn.Module):
+class CometForCausalLM(PreTrainedModel, GenerationMixin):
     """A decoder LM (Llama, Mistral, Qwen2, Qwen3) with the CoMeT memory.
 
     Build one with :meth:`from_base`, save with :meth:`save_pretrained`, reload with
-    :meth:`from_pretrained`. Stream any length with :meth:`read`; train with the
-    forward (``model(input_ids, labels=..., chunk_sizes=...)``).
+    :meth:`from_pretrained`. Stream any length with :meth:`read`; decode with
+    :meth:`generate` (HF's arguments; the memory replaces the KV cache); train with
+    the forward (``model(input_ids, labels=..., chunk_sizes=...)``).
+
+    A PreTrainedModel whose config is the base model's own (plus a "comet"
+    entry on save); the HF decoder is kept whole in ``self.base`` and driven
+    layer by layer.
     """
 
+    config_class = PretrainedConfig
+    base_model_prefix = "comet"
+    _supports_sdpa = True
+
     def __init__(self, base: nn.Module, comet_config: CometConfig):
-        super().__init__()
+        super().__init__(base.config)
         self.family: Family = family_of(base.config)
         self.base = base
         self.comet_config = comet_config
