@@ -56,7 +56,7 @@ cxx = ["-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 if native:
     cxx += ["-march=native"]
-nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG", "--use_fast_math"]
+nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG"]
 nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))

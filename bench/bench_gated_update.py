@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, backward_of, run_case
+from conftest import DEVICE, DTYPES, backward_of, run_case
 
 from comet_ext import ops
 from comet_ext import reference as ref
@@ -30,10 +30,11 @@ def test_gated_update(benchmark, provider, mode, dtype, shape):
     dt = DTYPES[dtype]
 
     def t(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(dt).requires_grad_(rg)
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dt).requires_grad_(rg)
 
     args = (t(B, n, d), t(B, n, d), t(d, scale=0.1), t(1, 2 * d, scale=(2 * d) ** -0.5),
             t(r, d, scale=d**-0.5), t(d, r, scale=r**-0.5))
     fwd = lambda: PROVIDERS[provider](*args, 1e-6)  # noqa: E731
     run_case(benchmark, fwd if mode == "fwd" else backward_of(fwd), op="gated_update",
-             provider=provider, mode=mode, case=f"{shape} {dtype}")
+             provider=provider, mode=mode, case=f"{shape} {dtype}",
+             bytes=4 * B * n * d * args[0].element_size())  # reads readout + state, writes state + memory

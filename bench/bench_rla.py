@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, backward_of, run_case
+from conftest import DEVICE, DTYPES, backward_of, run_case
 
 from comet_ext import ops
 from comet_ext import reference as ref
@@ -27,10 +27,10 @@ def test_rla(benchmark, provider, mode, dtype, shape):
     g = torch.Generator().manual_seed(0)
     rg = mode == "fwd+bwd"
     dt = DTYPES[dtype]
-    x = torch.randn(M, d, generator=g).to(dt).requires_grad_(rg)
-    down = (torch.randn(r, d, generator=g) * d**-0.5).to(dt).requires_grad_(rg)
-    up = (torch.randn(d, r, generator=g) * r**-0.5).to(dt).requires_grad_(rg)
-    w = torch.ones(d, dtype=dt, requires_grad=rg)
+    x = torch.randn(M, d, generator=g).to(DEVICE, dt).requires_grad_(rg)
+    down = (torch.randn(r, d, generator=g) * d**-0.5).to(DEVICE, dt).requires_grad_(rg)
+    up = (torch.randn(d, r, generator=g) * r**-0.5).to(DEVICE, dt).requires_grad_(rg)
+    w = torch.ones(d, dtype=dt, device=DEVICE, requires_grad=rg)
     fwd = lambda: PROVIDERS[provider](x, down, up, w, 1e-6)  # noqa: E731
     run_case(benchmark, fwd if mode == "fwd" else backward_of(fwd), op="rla",
              provider=provider, mode=mode, case=f"{shape} {dtype}", bytes=2 * M * d * x.element_size())

@@ -41,7 +41,7 @@ def commit() -> str:
         return "unknown"
 
 
-def ratio_tables(benchmarks: list[dict]) -> list[str]:
+def ratio_tables(benchmarks: list[dict], gpu: dict | None = None) -> list[str]:
     """One table per op: a row per (case, mode), a column per baseline."""
     by_op = defaultdict(lambda: defaultdict(dict))
     for b in benchmarks:
@@ -53,7 +53,8 @@ def ratio_tables(benchmarks: list[dict]) -> list[str]:
         lines += [f"### {op}", ""]
         head = "| case | mode | comet median (ms) | " + " | ".join(f"speedup vs {p}" for p in baselines)
         extra = any("flops" in c["comet"]["extra_info"] for c in cases.values() if "comet" in c)
-        lines.append(head + (" | comet GFLOP/s |" if extra else " |"))
+        unit = "TFLOP/s" if gpu else "GFLOP/s"
+        lines.append(head + (f" | comet {unit} |" if extra else " |"))
         lines.append("|" + "---|" * (3 + len(baselines) + (1 if extra else 0)))
         for (case, mode), provs in cases.items():
             if "comet" not in provs:
@@ -66,10 +67,25 @@ def ratio_tables(benchmarks: list[dict]) -> list[str]:
             if extra:
                 fl = provs["comet"]["extra_info"].get("flops")
                 mult = 1 if mode == "fwd" else 3.5  # bwd ~ 2.5x the forward's matmuls
-                row += f" {fl * mult / ours / 1e9:.0f} |" if fl else " |"
+                rate = fl * mult / ours / (1e12 if gpu else 1e9) if fl else None
+                row += (f" {rate:.1f} |" if gpu else f" {rate:.0f} |") if rate else " |"
             lines.append(row)
         lines.append("")
+        if gpu and extra:
+            lines += [f"(the card's bf16 matmul rate in this run: {gpu['bf16_matmul_tflops']:.0f} TFLOP/s)", ""]
     return lines
+
+
+def bandwidth_lines(benchmarks: list[dict], gpu: dict) -> list[str]:
+    """Memory-bound ops: achieved bytes / time as a share of the card's copy bandwidth."""
+    lines = []
+    for b in benchmarks:
+        info = b["extra_info"]
+        if info.get("provider") == "comet" and "bytes" in info and info["mode"] in ("fwd", "cold", "plain", "rope"):
+            gbps = info["bytes"] / b["stats"]["median"] / 1e9
+            lines.append(f"- {info['op']} {info['case']} {info['mode']}: {gbps:.0f} GB/s = "
+                         f"{100 * gbps / gpu['d2d_copy_gbps']:.0f}% of the copy bandwidth")
+    return (["### Bandwidth of the memory-bound ops", ""] + lines + [""]) if lines else []
 
 
 def capacity_lines(benchmarks: list[dict]) -> list[str]:
@@ -97,6 +113,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("benchmark_json")
     ap.add_argument("--memory", help="JSON from bench/peak_memory.py")
+    ap.add_argument("--gpu-reference", help="JSON from bench/gpu_reference.py (matmul rate, copy bandwidth)")
     ap.add_argument("--command", required=True, help="the command that produced the numbers")
     ap.add_argument("--title", default="comet_ext op benchmarks")
     ap.add_argument("--out", required=True)
@@ -112,7 +129,15 @@ def main() -> None:
         "- speedup = baseline median / comet median, measured in the same run (> 1: comet faster)",
         "",
     ]
-    lines += ratio_tables(benchmarks)
+    gpu = None
+    if args.gpu_reference and os.path.exists(args.gpu_reference):
+        with open(args.gpu_reference) as f:
+            gpu = json.load(f)
+        lines += [f"- card yardsticks (same run): bf16 matmul {gpu['bf16_matmul_tflops']:.0f} TFLOP/s, "
+                  f"device-to-device copy {gpu['d2d_copy_gbps']:.0f} GB/s", ""]
+    lines += ratio_tables(benchmarks, gpu)
+    if gpu:
+        lines += bandwidth_lines(benchmarks, gpu)
     cap = capacity_lines(benchmarks)
     if cap:
         lines += ["### fifo_push against capacity", ""] + cap + [""]

@@ -5,13 +5,14 @@ import os
 
 import pytest
 import torch
-from hypothesis import settings
+from _hypothesis import AVAILABLE, settings
 
 import comet_ext  # noqa: F401  (loads the op library)
 
-settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
-settings.register_profile("dev", max_examples=60, deadline=None)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+if AVAILABLE:
+    settings.register_profile("ci", max_examples=20, deadline=None, derandomize=True)
+    settings.register_profile("dev", max_examples=60, deadline=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 LOW_PRECISION = [torch.bfloat16, torch.float16]

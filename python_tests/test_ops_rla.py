@@ -4,8 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import LOW_PRECISION, assert_close_fp32, assert_flash_rule, devices_for
-from hypothesis import given
-from hypothesis import strategies as st
+from _hypothesis import given, st
 
 from comet_ext import ops
 from comet_ext import reference as ref

@@ -1,5 +1,6 @@
-// CUDA ring-buffer FIFO: fifo_push (in place, touches only the new rows) and
-// fifo_view (gather oldest-first, optional rotate-half RoPE). Length values
+// CUDA ring-buffer FIFO: fifo_push (in place, touches only the new rows), its
+// functional twin and backward, and fifo_view (gather oldest-first, optional
+// rotate-half RoPE) with its backward (the transposed scatter). Length values
 // live on the device and are clamped in the kernels rather than synced to the
 // host for checking; the CPU kernels check them.
 #include <ATen/cuda/CUDAContext.h>
@@ -7,6 +8,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/cuda_utils.cuh"
 
 namespace comet::cuda {
 namespace {
@@ -44,25 +46,28 @@ __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* co
   length[b] = new_len;
 }
 
-// One block per (sample, slot i of the oldest-first view).
-template <typename scalar_t>
+// One block per (sample, slot i of the oldest-first view). Backward = false:
+// out[b, i] = RoPE(in[b, slot]) (zeros past length). Backward = true: the
+// transpose, out[b, slot] = RoPE^T(in[b, i]) into a zeroed out.
+template <bool Backward, typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    view_kernel(const scalar_t* __restrict__ buffer,  // (B, C, H, D) contiguous
-                scalar_t* __restrict__ out,           // (B, C, H, D) contiguous
+    view_kernel(const scalar_t* __restrict__ in,   // (B, C, H, D) contiguous
+                scalar_t* __restrict__ out,        // (B, C, H, D) contiguous
                 const int64_t* __restrict__ head, const int64_t* __restrict__ length,
                 const float* __restrict__ cos,  // (C, D) or null
                 const float* __restrict__ sin,  // (C, D) or null
                 int64_t C, int64_t row, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t b = blockIdx.y, i = blockIdx.x;
-  scalar_t* dst = out + (b * C + i) * row;
   const int64_t len = min(max(length[b], int64_t(0)), C);
+  const int64_t slot = b * C + ((head[b] % C) + C + i) % C;
   if (i >= len) {
-    for (int64_t e = threadIdx.x; e < row; e += blockDim.x) dst[e] = scalar_t(0);
+    if (!Backward)
+      for (int64_t e = threadIdx.x; e < row; e += blockDim.x) out[(b * C + i) * row + e] = scalar_t(0);
     return;
   }
-  const int64_t slot = (head[b] + i) % C;
-  const scalar_t* src = buffer + (b * C + slot) * row;
+  const scalar_t* src = in + (Backward ? b * C + i : slot) * row;
+  scalar_t* dst = out + (Backward ? slot : b * C + i) * row;
   if (cos == nullptr) {
     for (int64_t e = threadIdx.x; e < row; e += blockDim.x) dst[e] = src[e];
     return;
@@ -72,9 +77,32 @@ __global__ void __launch_bounds__(kThreads)
   const float* s = sin + i * D;
   for (int64_t e = threadIdx.x; e < row; e += blockDim.x) {
     const int64_t col = e % D;
+    const bool first = col < half;
     const acc_t x = static_cast<acc_t>(src[e]);
-    const acc_t partner = static_cast<acc_t>(col < half ? -src[e + half] : src[e - half]);
-    dst[e] = static_cast<scalar_t>(x * c[col] + partner * s[col]);
+    const acc_t partner = static_cast<acc_t>(first ? src[e + half] : src[e - half]);
+    // Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2. Transposed: y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1.
+    const acc_t sn = Backward ? (first ? s[col + half] : -s[col - half]) : (first ? -s[col] : s[col]);
+    dst[e] = static_cast<scalar_t>(x * c[col] + partner * sn);
+  }
+}
+
+// grad_rows[b, i] = grad_buffer[b, slot(i)] for the pushed rows that were kept,
+// then that slot's gradient is zeroed (its old content was overwritten).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    push_backward_kernel(scalar_t* __restrict__ grad_buffer,  // (B, C, row), in: grad of the output
+                         scalar_t* __restrict__ grad_rows,    // (B, n, row), zeroed
+                         const int64_t* __restrict__ head, const int64_t* __restrict__ length,
+                         const int64_t* __restrict__ counts, int64_t C, int64_t n_max, int64_t row) {
+  const int64_t b = blockIdx.y, i = blockIdx.x;
+  const int64_t n = min(max(counts[b], int64_t(0)), n_max);
+  if (i >= n || i < n - C) return;
+  const int64_t len = min(max(length[b], int64_t(0)), C);
+  scalar_t* g = grad_buffer + (b * C + (head[b] + len + i) % C) * row;
+  scalar_t* dst = grad_rows + (b * n_max + i) * row;
+  for (int64_t e = threadIdx.x; e < row; e += blockDim.x) {
+    dst[e] = g[e];
+    g[e] = scalar_t(0);
   }
 }
 
@@ -105,34 +133,85 @@ void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fifo_view_cuda(const at::Tensor& buffer, const at::Tensor& head,
-                          const at::Tensor& length, const c10::optional<at::Tensor>& cos,
-                          const c10::optional<at::Tensor>& sin) {
-  const char* op = "fifo_view";
-  check_fifo_state(op, buffer, head, length);
-  check_float(buffer, op, "buffer");
-  auto [cs, sn] = check_rope_tables(op, buffer, cos, sin);
-  const int64_t B = buffer.size(0), C = buffer.size(1);
-  const int64_t D = cs.defined() ? buffer.size(3) : 1;
-  const at::Tensor buf = buffer.contiguous();
-  at::Tensor out = at::empty(buffer.sizes(), buffer.options());
+template <bool Backward>
+at::Tensor view_or_scatter_cuda(const char* op, const at::Tensor& input, const at::Tensor& head,
+                                const at::Tensor& length, const c10::optional<at::Tensor>& cos,
+                                const c10::optional<at::Tensor>& sin) {
+  check_fifo_state(op, input, head, length);
+  check_float(input, op, Backward ? "grad_view" : "buffer");
+  auto [cs, sn] = check_rope_tables(op, input, cos, sin);
+  const int64_t B = input.size(0), C = input.size(1);
+  const int64_t D = cs.defined() ? input.size(3) : 1;
+  const at::Tensor in = input.contiguous();
+  at::Tensor out = Backward ? at::zeros(input.sizes(), input.options())
+                            : at::empty(input.sizes(), input.options());
   if (B == 0 || C == 0 || out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(buffer.device());
-  COMET_DISPATCH_FLOATING(buf.scalar_type(), "fifo_view_cuda", [&] {
-    view_kernel<scalar_t><<<dim3(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        buf.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
+  const c10::cuda::CUDAGuard guard(input.device());
+  COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cuda", [&] {
+    view_kernel<Backward, scalar_t><<<dim3(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
         length.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
-        sn.defined() ? sn.data_ptr<float>() : nullptr, C, row_numel(buf), D);
+        sn.defined() ? sn.data_ptr<float>() : nullptr, C, row_numel(in), D);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;
+}
+
+at::Tensor fifo_view_cuda(const at::Tensor& buffer, const at::Tensor& head, const at::Tensor& length,
+                          const c10::optional<at::Tensor>& cos, const c10::optional<at::Tensor>& sin) {
+  return view_or_scatter_cuda<false>("fifo_view", buffer, head, length, cos, sin);
+}
+
+at::Tensor fifo_view_backward_cuda(const at::Tensor& grad_view, const at::Tensor& head,
+                                   const at::Tensor& length, const c10::optional<at::Tensor>& cos,
+                                   const c10::optional<at::Tensor>& sin) {
+  return view_or_scatter_cuda<true>("fifo_view_backward", grad_view, head, length, cos, sin);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fifo_push_functional_cuda(
+    const at::Tensor& buffer, const at::Tensor& head, const at::Tensor& length,
+    const at::Tensor& rows, const at::Tensor& counts) {
+  at::Tensor buf = buffer.clone(at::MemoryFormat::Contiguous);
+  at::Tensor hd = head.clone(at::MemoryFormat::Contiguous);
+  at::Tensor len = length.clone(at::MemoryFormat::Contiguous);
+  fifo_push_cuda(buf, hd, len, rows.contiguous(), counts);
+  return {buf, hd, len};
+}
+
+std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cuda(const at::Tensor& grad_buffer_out,
+                                                           const at::Tensor& head,
+                                                           const at::Tensor& length,
+                                                           const at::Tensor& counts, int64_t num_rows) {
+  const char* op = "fifo_push_backward";
+  check_fifo_state(op, grad_buffer_out, head, length);
+  check_lengths(counts, grad_buffer_out.size(0), grad_buffer_out, op, "counts");
+  COMET_CHECK(counts.scalar_type() == at::kLong, op, "'counts' must be int64 on CUDA, got ",
+              counts.scalar_type());
+  COMET_CHECK(num_rows >= 0, op, "'num_rows' must be >= 0, got ", num_rows);
+  const int64_t B = grad_buffer_out.size(0), C = grad_buffer_out.size(1);
+  at::Tensor grad_buffer = grad_buffer_out.clone(at::MemoryFormat::Contiguous);
+  std::vector<int64_t> rows_shape = grad_buffer_out.sizes().vec();
+  rows_shape[1] = num_rows;
+  at::Tensor grad_rows = at::zeros(rows_shape, grad_buffer_out.options());
+  if (B == 0 || C == 0 || num_rows == 0 || grad_rows.numel() == 0) return {grad_buffer, grad_rows};
+  const c10::cuda::CUDAGuard guard(grad_buffer_out.device());
+  COMET_DISPATCH_FLOATING(grad_buffer.scalar_type(), "fifo_push_backward_cuda", [&] {
+    push_backward_kernel<scalar_t><<<dim3(num_rows, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+        grad_buffer.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
+        length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, num_rows, row_numel(grad_buffer));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {grad_buffer, grad_rows};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(comet, CUDA, m) {
   m.impl("fifo_push", &fifo_push_cuda);
+  m.impl("fifo_push_functional", &fifo_push_functional_cuda);
+  m.impl("fifo_push_backward", &fifo_push_backward_cuda);
   m.impl("fifo_view", &fifo_view_cuda);
+  m.impl("fifo_view_backward", &fifo_view_backward_cuda);
 }
 
 }  // namespace comet::cuda

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The GPU check (DESIGN.md §7): on a CUDA machine with no network, build the
+# extension from source, run the CUDA tests, run the op tests again under
+# compute-sanitizer (memcheck; racecheck on the attention kernels at a small
+# shape), run the op benchmarks on the GPU, and write logs, JSON and a markdown
+# table into $OUT (or $1). Each step has its own time limit and the script
+# always writes what it has; the whole check fits in 8 minutes on an H100.
+#
+#   bash bench/device_check.sh [OUT_DIR]
+#
+# On a machine without a GPU it builds, says so, and exits 2.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-bench/results/gpu/latest}}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export COMET_CPU_NATIVE=1 HYPOTHESIS_PROFILE=ci
+status=0
+summary="$OUT/summary.md"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
+step() {  # step NAME LIMIT_SECONDS CMD...: run, keep its log, record pass / fail
+  local name=$1 limit=$2; shift 2
+  log "start $name (limit ${limit}s)"
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  local took=$((SECONDS - t0))
+  if [ $rc -eq 0 ]; then log "ok    $name (${took}s)"; echo "| $name | ok | ${took}s |" >> "$summary"
+  else log "FAIL  $name rc=$rc (${took}s), tail:"; tail -n 20 "$OUT/$name.log" | tee -a "$OUT/steps.log"
+       echo "| $name | **failed (rc $rc)** | ${took}s |" >> "$summary"; status=1; fi
+  return $rc
+}
+
+{
+  echo "# comet_ext GPU check"
+  echo
+  echo "- date: $(date -u +%Y-%m-%d)"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  echo "- gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
+  echo "- torch: $(python -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
+  echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
+  echo
+  echo "| step | result | time |"
+  echo "|---|---|---|"
+} > "$summary"
+
+step build 300 python setup.py build_ext --inplace || { cat "$summary"; exit 1; }
+if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  log "no CUDA device on this machine: built the extension (CUDA kernels compiled), ran nothing on a GPU"
+  echo "| gpu | **no CUDA device: nothing ran on a GPU** | |" >> "$summary"
+  cat "$summary"
+  exit 2
+fi
+
+step cuda_tests 150 python -m pytest python_tests -m cuda -q -p no:cacheprovider -x \
+  --junitxml="$OUT/cuda_tests.xml"
+if command -v compute-sanitizer > /dev/null; then
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q \
+    -p no:cacheprovider python_tests/test_cuda.py -k "not beyond" -x
+  step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python -c '
+import torch, comet_ext
+from comet_ext import ops
+q = torch.randn(1, 40, 4, 64, device="cuda", requires_grad=True)
+k = torch.randn(1, 90, 2, 64, device="cuda", requires_grad=True)
+v = torch.randn(1, 90, 2, 64, device="cuda", requires_grad=True)
+out, lse = ops.prefix_attention(q, k, v, None, torch.tensor([40], device="cuda"), torch.tensor([77], device="cuda"))
+out.sum().backward()
+torch.cuda.synchronize()
+print("racecheck run done")'
+else
+  log "compute-sanitizer not found: skipping memcheck / racecheck"
+  echo "| memcheck | skipped (no compute-sanitizer) | |" >> "$summary"
+fi
+step gpu_reference 60 python bench/gpu_reference.py --json "$OUT/gpu_reference.json"
+COMET_BENCH_DEVICE=cuda step bench 150 python -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
+  bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/gpu_ops.json" -k "not reference or not B4"
+if [ -f "$OUT/gpu_ops.json" ]; then
+  python bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
+    > /dev/null 2>&1 || log "report failed"
+fi
+{ echo; [ -f "$OUT/gpu_ops.md" ] && tail -n +2 "$OUT/gpu_ops.md"; } >> "$summary"
+cat "$summary"
+exit $status

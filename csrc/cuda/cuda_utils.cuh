@@ -1,0 +1,77 @@
+// Shared device helpers of the CUDA kernels: block reductions, type conversion,
+// launch checks.
+#pragma once
+
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+namespace comet::cuda {
+
+constexpr int kWarp = 32;
+
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ T warp_max(T v) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sums N values per thread across the block; every thread gets the N totals.
+// scratch: shared memory of at least N * (blockDim.x / 32) elements.
+template <int N, typename T>
+__device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+#pragma unroll
+  for (int i = 0; i < N; ++i) v[i] = warp_sum(v[i]);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) scratch[i * warps + warp] = v[i];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    T t = 0;
+    for (int w = 0; w < warps; ++w) t += scratch[i * warps + w];
+    v[i] = t;
+  }
+}
+
+// Runtime-length variant: v (n values per thread, in shared memory per thread
+// is not needed): sums `vals[k]` for k < n across the block into out[k].
+template <typename T>
+__device__ __forceinline__ void block_sum_n(const T* vals, int n, T* scratch, T* out) {
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
+  __syncthreads();
+  for (int k = 0; k < n; ++k) {
+    const T s = warp_sum(vals[k]);
+    if (lane == 0) scratch[k * warps + warp] = s;
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < n; k += blockDim.x) {
+    T t = 0;
+    for (int w = 0; w < warps; ++w) t += scratch[k * warps + w];
+    out[k] = t;
+  }
+  __syncthreads();
+}
+
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t to_acc(scalar_t x) {
+  return static_cast<acc_t>(x);
+}
+
+inline int num_sms() {
+  return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+}  // namespace comet::cuda

@@ -1,0 +1,227 @@
+// CUDA gated_update, one fused pass per memory slot (row), a block per row at a
+// time: c = RMSNorm(readout) * w; g = sigmoid(gate . [c ; s]); s' = g s + (1-g) c
+// (s' = c without a state); memory = s' + up(down(s')). Weight gradients go to
+// per-block partial slices summed afterwards.
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/row_kernels.cuh"
+
+namespace comet::cuda {
+namespace {
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t sigmoid(acc_t z) {
+  return acc_t(1) / (acc_t(1) + exp(-z));
+}
+
+// Recomputes a row's candidate c and new state s' into shared memory; returns (rstd, g).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void new_state_row(const scalar_t* rr, const scalar_t* sr, const scalar_t* w,
+                                              const scalar_t* gate, int64_t d, acc_t eps, acc_t* c,
+                                              acc_t* sn, acc_t* scratch, acc_t& rstd, acc_t& g) {
+  rstd = rsqrt(row_dot<acc_t>(rr, rr, d, scratch) / d + eps);
+  acc_t z[1] = {0};
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    c[i] = static_cast<acc_t>(rr[i]) * rstd * static_cast<acc_t>(w[i]);
+    if (sr != nullptr)
+      z[0] += static_cast<acc_t>(gate[i]) * c[i] + static_cast<acc_t>(gate[d + i]) * static_cast<acc_t>(sr[i]);
+  }
+  g = 0;
+  if (sr != nullptr) {
+    block_sum<1>(z, scratch);
+    g = sigmoid(z[0]);
+  }
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    sn[i] = sr != nullptr ? g * static_cast<acc_t>(sr[i]) + (acc_t(1) - g) * c[i] : c[i];
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    gated_forward_kernel(const scalar_t* __restrict__ R,     // (M, d)
+                         const scalar_t* __restrict__ S,     // (M, d) or null
+                         const scalar_t* __restrict__ w,     // (d,)
+                         const scalar_t* __restrict__ gate,  // (2d,)
+                         const scalar_t* __restrict__ down,  // (r, d)
+                         const scalar_t* __restrict__ up,    // (d, r)
+                         scalar_t* __restrict__ new_state, scalar_t* __restrict__ memory,
+                         int64_t M, int64_t d, int64_t r, acc_t eps) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* c = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sn = c + d;
+  acc_t* h = sn + d;
+  acc_t* scratch = h + r;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    acc_t rstd, g;
+    new_state_row(R + row * d, S != nullptr ? S + row * d : nullptr, w, gate, d, eps, c, sn, scratch,
+                  rstd, g);
+    row_project(down, sn, r, d, scratch, h);
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      new_state[row * d + i] = static_cast<scalar_t>(sn[i]);
+      memory[row * d + i] = static_cast<scalar_t>(sn[i] + row_expand(up, h, r, i));
+    }
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    gated_backward_kernel(const scalar_t* __restrict__ GS, const scalar_t* __restrict__ GM,
+                          const scalar_t* __restrict__ R, const scalar_t* __restrict__ S,
+                          const scalar_t* __restrict__ w, const scalar_t* __restrict__ gate,
+                          const scalar_t* __restrict__ down, const scalar_t* __restrict__ up,
+                          scalar_t* __restrict__ dR, scalar_t* __restrict__ dS,
+                          acc_t* __restrict__ d_w,     // (grid, d) partials
+                          acc_t* __restrict__ d_gate,  // (grid, 2d) partials
+                          acc_t* __restrict__ d_down,  // (grid, r, d) partials
+                          acc_t* __restrict__ d_up_t,  // (grid, r, d) partials
+                          int64_t M, int64_t d, int64_t r, acc_t eps) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* c = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sn = c + d;
+  acc_t* dsn = sn + d;
+  acc_t* h = dsn + d;
+  acc_t* dh = h + r;
+  acc_t* scratch = dh + r;
+  acc_t* pd_w = d_w + blockIdx.x * d;
+  acc_t* pd_gate = d_gate + blockIdx.x * 2 * d;
+  acc_t* pd_down = d_down + blockIdx.x * r * d;
+  acc_t* pd_up = d_up_t + blockIdx.x * r * d;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const scalar_t* rr = R + row * d;
+    const scalar_t* sr = S != nullptr ? S + row * d : nullptr;
+    const scalar_t* gm = GM + row * d;
+    acc_t rstd, g;
+    new_state_row(rr, sr, w, gate, d, eps, c, sn, scratch, rstd, g);
+    row_project(down, sn, r, d, scratch, h);
+    row_project_t(up, gm, r, d, scratch, dh);
+    // d s' = grad_new_state + grad_memory + down^T dh; weight partials of the RLA.
+    acc_t dg[1] = {0};
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const acc_t gmi = static_cast<acc_t>(gm[i]);
+      acc_t v = static_cast<acc_t>(GS[row * d + i]) + gmi;
+      for (int64_t k = 0; k < r; ++k) {
+        v += static_cast<acc_t>(down[k * d + i]) * dh[k];
+        pd_up[k * d + i] += gmi * h[k];
+        pd_down[k * d + i] += dh[k] * sn[i];
+      }
+      dsn[i] = v;
+      if (sr != nullptr) dg[0] += v * (static_cast<acc_t>(sr[i]) - c[i]);
+    }
+    acc_t dz = 0;
+    if (sr != nullptr) {
+      block_sum<1>(dg, scratch);
+      dz = dg[0] * g * (acc_t(1) - g);
+    }
+    // dc (into dsn), d_state, gate partials; then the RMSNorm backward.
+    acc_t dot[1] = {0};
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      acc_t dc = dsn[i];
+      if (sr != nullptr) {
+        const acc_t si = static_cast<acc_t>(sr[i]);
+        dS[row * d + i] = static_cast<scalar_t>(g * dsn[i] + dz * static_cast<acc_t>(gate[d + i]));
+        dc = (acc_t(1) - g) * dsn[i] + dz * static_cast<acc_t>(gate[i]);
+        pd_gate[i] += dz * c[i];
+        pd_gate[d + i] += dz * si;
+      }
+      dsn[i] = dc;
+      dot[0] += dc * static_cast<acc_t>(w[i]) * static_cast<acc_t>(rr[i]);
+    }
+    block_sum<1>(dot, scratch);
+    const acc_t k3 = dot[0] * rstd * rstd * rstd / d;
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const acc_t xi = static_cast<acc_t>(rr[i]);
+      pd_w[i] += dsn[i] * xi * rstd;
+      dR[row * d + i] = static_cast<scalar_t>(dsn[i] * static_cast<acc_t>(w[i]) * rstd - xi * k3);
+    }
+    __syncthreads();
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
+                                                     const c10::optional<at::Tensor>& state,
+                                                     const at::Tensor& norm_weight,
+                                                     const at::Tensor& gate_weight,
+                                                     const at::Tensor& down, const at::Tensor& up,
+                                                     double eps) {
+  check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps);
+  const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
+  at::Tensor new_state = at::empty(readout.sizes(), readout.options());
+  at::Tensor memory = at::empty(readout.sizes(), readout.options());
+  if (M == 0) return {new_state, memory};
+  const c10::cuda::CUDAGuard guard(readout.device());
+  const at::Tensor R = readout.contiguous();
+  const at::Tensor S = state.has_value() ? state->contiguous() : at::Tensor();
+  const at::Tensor w = norm_weight.contiguous(), gw = gate_weight.contiguous();
+  const at::Tensor dw = down.contiguous(), uw = up.contiguous();
+  COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = row_smem<acc_t>(d, 2, r, 1);
+    auto kernel = gated_forward_kernel<scalar_t, acc_t>;
+    set_smem_limit(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<row_grid(M), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        R.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
+        w.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+        uw.data_ptr<scalar_t>(), new_state.data_ptr<scalar_t>(), memory.data_ptr<scalar_t>(), M,
+        d, r, static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {new_state, memory};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
+                           const at::Tensor& readout, const c10::optional<at::Tensor>& state,
+                           const at::Tensor& norm_weight, const at::Tensor& gate_weight,
+                           const at::Tensor& down, const at::Tensor& up, double eps) {
+  const char* op = "gated_update_backward";
+  check_gated_update_args(op, readout, state, norm_weight, gate_weight, down, up, eps);
+  for (const auto& [g, name] : {std::pair{&grad_new_state, "grad_new_state"},
+                                std::pair{&grad_memory, "grad_memory"}}) {
+    COMET_CHECK(g->sizes() == readout.sizes(), op, "'", name, "' must have the shape of readout ",
+                shape_str(readout), ", got ", shape_str(*g));
+    check_same_dtype(*g, readout, op, name, "readout");
+    check_same_device(*g, readout, op, name, "readout");
+  }
+  const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
+  const bool has_state = state.has_value();
+  const auto acc_opts = readout.options().dtype(acc_dtype(readout.scalar_type()));
+  const int grid = row_grid(M);
+  at::Tensor dR = at::empty(readout.sizes(), readout.options());
+  at::Tensor dS = has_state ? at::empty(readout.sizes(), readout.options()) : at::empty({0}, readout.options());
+  at::Tensor d_w = at::zeros({grid, d}, acc_opts), d_gate = at::zeros({grid, 2 * d}, acc_opts);
+  at::Tensor d_down = at::zeros({grid, r, d}, acc_opts), d_up_t = at::zeros({grid, r, d}, acc_opts);
+  if (M > 0) {
+    const c10::cuda::CUDAGuard guard(readout.device());
+    const at::Tensor R = readout.contiguous(), GS = grad_new_state.contiguous(), GM = grad_memory.contiguous();
+    const at::Tensor S = has_state ? state->contiguous() : at::Tensor();
+    const at::Tensor w = norm_weight.contiguous(), gw = gate_weight.contiguous();
+    const at::Tensor dw = down.contiguous(), uw = up.contiguous();
+    COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const size_t smem = row_smem<acc_t>(d, 3, r, 2);
+      auto kernel = gated_backward_kernel<scalar_t, acc_t>;
+      set_smem_limit(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+          GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
+          has_state ? S.data_ptr<scalar_t>() : nullptr, w.data_ptr<scalar_t>(),
+          gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),
+          dR.data_ptr<scalar_t>(), has_state ? dS.data_ptr<scalar_t>() : nullptr,
+          d_w.data_ptr<acc_t>(), d_gate.data_ptr<acc_t>(), d_down.data_ptr<acc_t>(),
+          d_up_t.data_ptr<acc_t>(), M, d, r, static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const auto dt = readout.scalar_type();
+  return {dR, dS, d_w.sum(0).to(dt), d_gate.sum(0).view({1, 2 * d}).to(dt), d_down.sum(0).to(dt),
+          d_up_t.sum(0).t().contiguous().to(dt)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(comet, CUDA, m) {
+  m.impl("gated_update", &gated_update_cuda);
+  m.impl("gated_update_backward", &gated_update_backward_cuda);
+}
+
+}  // namespace comet::cuda

@@ -1,0 +1,166 @@
+// CUDA rla: y = n + up(down(n)), n = RMSNorm(x) * w or x. One block per row at a
+// time (a grid-stride loop over rows); the row's n lives in shared memory, the
+// low-rank products are block reductions. Weight gradients go to per-block
+// partial slices (no atomics, deterministic) summed afterwards.
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/row_kernels.cuh"
+
+namespace comet::cuda {
+namespace {
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    rla_forward_kernel(const scalar_t* __restrict__ x,     // (M, d), row stride xs
+                       const scalar_t* __restrict__ down,  // (r, d)
+                       const scalar_t* __restrict__ up,    // (d, r)
+                       const scalar_t* __restrict__ w,     // (d,) or null
+                       scalar_t* __restrict__ y,           // (M, d)
+                       int64_t M, int64_t d, int64_t r, int64_t xs, acc_t eps) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* n = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* h = n + d;
+  acc_t* scratch = h + r;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const scalar_t* xr = x + row * xs;
+    acc_t rstd = 1;
+    if (w != nullptr) rstd = rsqrt(row_dot<acc_t>(xr, xr, d, scratch) / d + eps);
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+      n[i] = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+    row_project(down, n, r, d, scratch, h);
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+      y[row * d + i] = static_cast<scalar_t>(n[i] + row_expand(up, h, r, i));
+    __syncthreads();
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kRowThreads)
+    rla_backward_kernel(const scalar_t* __restrict__ gy,    // (M, d), row stride gs
+                        const scalar_t* __restrict__ x,     // (M, d), row stride xs
+                        const scalar_t* __restrict__ down,  // (r, d)
+                        const scalar_t* __restrict__ up,    // (d, r)
+                        const scalar_t* __restrict__ w,     // (d,) or null
+                        scalar_t* __restrict__ dx,          // (M, d)
+                        acc_t* __restrict__ d_down,         // (grid, r, d) partials
+                        acc_t* __restrict__ d_up_t,         // (grid, r, d) partials
+                        acc_t* __restrict__ d_w,            // (grid, d) partials or null
+                        int64_t M, int64_t d, int64_t r, int64_t xs, int64_t gs, acc_t eps) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* n = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* h = n + d;
+  acc_t* dh = h + r;
+  acc_t* scratch = dh + r;
+  acc_t* pd_down = d_down + blockIdx.x * r * d;
+  acc_t* pd_up = d_up_t + blockIdx.x * r * d;
+  acc_t* pd_w = d_w != nullptr ? d_w + blockIdx.x * d : nullptr;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const scalar_t* xr = x + row * xs;
+    const scalar_t* gr = gy + row * gs;
+    acc_t rstd = 1;
+    if (w != nullptr) rstd = rsqrt(row_dot<acc_t>(xr, xr, d, scratch) / d + eps);
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+      n[i] = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+    row_project(down, n, r, d, scratch, h);
+    row_project_t(up, gr, r, d, scratch, dh);
+    // dn_i = dy_i + sum_k down[k, i] dh_k; the weight partials need n, h, dh.
+    acc_t part[1] = {0};
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const acc_t g = static_cast<acc_t>(gr[i]);
+      acc_t dn = g;
+      for (int64_t k = 0; k < r; ++k) {
+        dn += static_cast<acc_t>(down[k * d + i]) * dh[k];
+        pd_up[k * d + i] += g * h[k];
+        pd_down[k * d + i] += dh[k] * n[i];
+      }
+      if (w != nullptr) part[0] += dn * static_cast<acc_t>(w[i]) * static_cast<acc_t>(xr[i]);
+      else dx[row * d + i] = static_cast<scalar_t>(dn);
+    }
+    if (w != nullptr) {
+      block_sum<1>(part, scratch);
+      const acc_t c = part[0] * rstd * rstd * rstd / d;
+      for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+        acc_t dn = static_cast<acc_t>(gr[i]);
+        for (int64_t k = 0; k < r; ++k) dn += static_cast<acc_t>(down[k * d + i]) * dh[k];
+        const acc_t xi = static_cast<acc_t>(xr[i]);
+        pd_w[i] += dn * xi * rstd;
+        dx[row * d + i] = static_cast<scalar_t>(dn * static_cast<acc_t>(w[i]) * rstd - xi * c);
+      }
+    }
+    __syncthreads();
+  }
+}
+
+at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
+                    const c10::optional<at::Tensor>& norm_weight, double eps) {
+  check_rla_args("rla", x, down, up, norm_weight, eps);
+  const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
+  at::Tensor y = at::empty({M, d}, x.options());
+  if (M == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor dw = down.contiguous(), uw = up.contiguous();
+  const at::Tensor w = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
+  COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const size_t smem = row_smem<acc_t>(d, 1, r, 1);
+    auto kernel = rla_forward_kernel<scalar_t, acc_t>;
+    set_smem_limit(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<row_grid(M), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),
+        w.defined() ? w.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, r, x.stride(0),
+        static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
+    const c10::optional<at::Tensor>& norm_weight, double eps) {
+  const char* op = "rla_backward";
+  check_rla_args(op, x, down, up, norm_weight, eps);
+  COMET_CHECK(grad_y.sizes() == x.sizes(), op, "'grad_y' must have the shape of x ", shape_str(x),
+              ", got ", shape_str(grad_y));
+  check_same_dtype(grad_y, x, op, "grad_y", "x");
+  check_same_device(grad_y, x, op, "grad_y", "x");
+  check_last_contiguous(grad_y, op, "grad_y");
+  const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
+  const bool has_norm = norm_weight.has_value();
+  const auto acc = acc_dtype(x.scalar_type());
+  const int grid = row_grid(M);
+  at::Tensor dx = at::empty({M, d}, x.options());
+  at::Tensor d_down = at::zeros({grid, r, d}, x.options().dtype(acc));
+  at::Tensor d_up_t = at::zeros({grid, r, d}, x.options().dtype(acc));
+  at::Tensor d_w = at::zeros({grid, has_norm ? d : 0}, x.options().dtype(acc));
+  if (M > 0) {
+    const c10::cuda::CUDAGuard guard(x.device());
+    const at::Tensor dw = down.contiguous(), uw = up.contiguous();
+    const at::Tensor w = has_norm ? norm_weight->contiguous() : at::Tensor();
+    COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const size_t smem = row_smem<acc_t>(d, 1, r, 2);
+      auto kernel = rla_backward_kernel<scalar_t, acc_t>;
+      set_smem_limit(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+          grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+          uw.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<scalar_t>() : nullptr,
+          dx.data_ptr<scalar_t>(), d_down.data_ptr<acc_t>(), d_up_t.data_ptr<acc_t>(),
+          has_norm ? d_w.data_ptr<acc_t>() : nullptr, M, d, r, x.stride(0), grad_y.stride(0),
+          static_cast<acc_t>(eps));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  const auto dt = x.scalar_type();
+  return {dx, d_down.sum(0).to(dt), d_up_t.sum(0).t().contiguous().to(dt),
+          has_norm ? d_w.sum(0).to(dt) : at::empty({0}, x.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(comet, CUDA, m) {
+  m.impl("rla", &rla_cuda);
+  m.impl("rla_backward", &rla_backward_cuda);
+}
+
+}  // namespace comet::cuda

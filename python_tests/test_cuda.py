@@ -1,0 +1,92 @@
+"""CUDA kernels against the CPU kernels, and a 64-bit indexing stress case.
+Skipped cleanly without a GPU (the per-op tests also run on CUDA when one exists)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+
+from comet_ext import ops
+from comet_ext import reference as ref
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
+
+
+def _pair(*shape, dtype, seed=0, scale=1.0):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+    return t.to(dtype), t.to(dtype).cuda()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+def test_prefix_attention_cuda_matches_cpu(dtype, D):
+    (q, qc), (k, kc), (v, vc) = (_pair(2, 70, 8, D, dtype=dtype, seed=1), _pair(2, 170, 2, D, dtype=dtype, seed=2),
+                                 _pair(2, 170, 2, D, dtype=dtype, seed=3))
+    ql, kl = torch.tensor([70, 31]), torch.tensor([170, 90])
+    tol = dict(rtol=2e-5, atol=2e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    grads = []
+    for dev, (a, b, c) in (("cpu", (q, k, v)), ("cuda", (qc, kc, vc))):
+        a, b, c = (t.clone().requires_grad_() for t in (a, b, c))
+        out, lse = ops.prefix_attention(a, b, c, None, ql.to(dev), kl.to(dev))
+        (out.float().square().sum() + torch.where(torch.isinf(lse), 0, lse).sum()).backward()
+        grads.append([out.detach().cpu(), lse.detach().cpu(), a.grad.cpu(), b.grad.cpu(), c.grad.cpu()])
+    for x, y in zip(*grads):
+        if x.dtype == torch.float32 and torch.isinf(x).any():
+            assert torch.equal(torch.isinf(x), torch.isinf(y))
+            x, y = torch.where(torch.isinf(x), 0, x), torch.where(torch.isinf(y), 0, y)
+        torch.testing.assert_close(y.float(), x.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rla_and_gated_update_cuda_match_cpu(dtype):
+    d, r = 1000, 8
+    (x, xc), (s, sc) = _pair(3, 40, d, dtype=dtype, seed=1), _pair(3, 40, d, dtype=dtype, seed=2)
+    (dn, dnc), (up, upc) = _pair(r, d, dtype=dtype, seed=3, scale=0.03), _pair(d, r, dtype=dtype, seed=4, scale=0.3)
+    (w, wc), (g, gc) = _pair(d, dtype=dtype, seed=5, scale=0.1), _pair(1, 2 * d, dtype=dtype, seed=6, scale=0.02)
+    w, wc = w + 1, wc + 1
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    results = []
+    for args in ((x, s, w, g, dn, up), (xc, sc, wc, gc, dnc, upc)):
+        ins = [t.clone().requires_grad_() for t in args]
+        y = ops.rla(ins[0], ins[4], ins[5], ins[2])
+        new, mem = ops.gated_update(ins[0], ins[1], ins[2], ins[3], ins[4], ins[5])
+        first, _ = ops.gated_update(ins[0], None, ins[2], ins[3], ins[4], ins[5])
+        (y.float().square().sum() + new.float().sum() + mem.float().square().sum() + first.float().sum()).backward()
+        results.append([t.detach().cpu() for t in (y, new, mem, first)] + [t.grad.cpu() for t in ins])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b.float(), a.float(), **tol)
+
+
+def test_fifo_cuda_matches_cpu_including_gradients():
+    buffer, head, length = ops.fifo_empty(2, 6, (2, 8))
+    buffer.normal_()
+    head, length = torch.tensor([4, 0]), torch.tensor([6, 3])
+    rows, counts = torch.randn(2, 5, 2, 8), torch.tensor([5, 2])
+    inv = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+    emb = torch.outer(torch.arange(6, dtype=torch.float32), inv).repeat(1, 2)
+    cos, sin = emb.cos(), emb.sin()
+    outs = []
+    for dev in ("cpu", "cuda"):
+        buf, rw = buffer.to(dev).requires_grad_(), rows.to(dev).requires_grad_()
+        nb, nh, nl = ops.fifo_push_functional(buf, head.to(dev), length.to(dev), rw, counts.to(dev))
+        view = ops.fifo_view(nb, nh, nl, cos.to(dev), sin.to(dev))
+        (view * torch.arange(view.numel(), device=dev).view(view.shape)).sum().backward()
+        outs.append([view.detach().cpu(), nh.cpu(), nl.cpu(), buf.grad.cpu(), rw.grad.cpu()])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(b, a)
+
+
+@pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,
+                    reason="needs 16 GB of GPU memory")
+def test_prefix_attention_score_space_beyond_2_to_the_31():
+    """N * K * heads > 2^31: 32-bit index arithmetic anywhere would corrupt rows far in."""
+    N, K, Hq, Hkv, D = 16384, 16384, 8, 2, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, N, Hq, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, K, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, K, Hkv, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    out, lse = ops.prefix_attention(q, k, v)
+    for i in (0, 5000, N - 1):  # check a few rows against the oracle on just those rows
+        exp_out, exp_lse = ref.prefix_attention(q[:, i:i + 1].float(), k[:, : i + 1].float(), v[:, : i + 1].float())
+        torch.testing.assert_close(out[:, i:i + 1].float(), exp_out, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(lse[:, :, i:i + 1], exp_lse, rtol=1e-3, atol=1e-3)
