@@ -12,6 +12,7 @@ C = temp_budget, Hkv kv heads, D head dim, L layers.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -501,64 +503,91 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ training forward
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
-                chunk_sizes: Optional[Sequence[int]] = None) -> CometOutput:
+                chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
+                recompute: bool = False) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
-        default chunk_size each). Every chunk is closed. Returns logits (B, T,
-        vocab) for the text tokens and, with labels, the next-token cross-entropy
-        (labels -100 are ignored; labels are shifted inside, as in HF).
+        default chunk_size each); attention_mask (B, T): right padding, a sample's
+        chunks end with its tokens (its padded rows never reach the memories).
+        Every chunk is closed. With recompute=True (and grad enabled) each
+        (layer, chunk) step is checkpointed: only its inputs are kept and it runs
+        again in backward, so activation memory per chunk is one layer input.
+        Returns logits (B, T, vocab) for the text tokens and, with labels, the
+        next-token cross-entropy (labels -100 are ignored; shifted inside, as in HF).
         """
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
         sizes = self._chunk_sizes(chunk_sizes, T)
+        lengths = self._lengths(attention_mask, B, T).tolist()
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         cc = self.comet_config
-        L, G = self.config.num_hidden_layers, cc.num_global
         C = cc.temp_budget if cc.uses_temp_memory else 0
-        D, Hkv, d = self._head_dim(), self.config.num_key_value_heads, self.config.hidden_size
         dev = self.device
-        segs, xs, ropes, starts = [], [], [], 0
+        # Plan every chunk once; memory-row counts (hence positions) follow from the plans.
+        segs, xs, ropes, start = [], [], [], 0
+        has_global, fifo_len = [False] * B, [0] * B
         for n in sizes:
-            seg = plan_segment(cc, [0] * B, [n] * B, [True] * B, dev)
+            take = [min(max(length - start, 0), n) for length in lengths]
+            seg = plan_segment(cc, [0] * B, take, [t > 0 for t in take], dev)
+            mem_len = torch.tensor([cc.num_global * g + f for g, f in zip(has_global, fifo_len)], device=dev)
+            ropes.append(self._rope(mem_len.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)))
+            xs.append(self._embed(seg, input_ids[:, start:start + n]))
             segs.append(seg)
-            xs.append(self._embed(seg, input_ids[:, starts:starts + n]))
-            starts += n
-        hidden = [None] * len(sizes)
-        for l in range(L):
-            state = torch.zeros(B, G, d, dtype=self.dtype, device=dev)
-            has_global = torch.zeros(B, dtype=torch.bool, device=dev)
-            gk = torch.zeros(B, G, Hkv, D, dtype=self.dtype, device=dev)
-            gv = torch.zeros_like(gk)
-            fifo_k = torch.zeros(B, C, Hkv, D, dtype=self.dtype, device=dev)
-            fifo_v = torch.zeros_like(fifo_k)
-            head = torch.zeros(B, dtype=torch.long, device=dev)
-            length = torch.zeros_like(head)
+            comp = seg.comp_count.tolist()
+            fifo_len = [min(f + c, C) for f, c in zip(fifo_len, comp)]
+            has_global = [g or t > 0 for g, t in zip(has_global, take)]
+            start += n
+        hidden = list(xs)
+        checkpointed = recompute and torch.is_grad_enabled()
+        for l in range(self.config.num_hidden_layers):
+            mem = self._empty_train_memory(B)
             for t, seg in enumerate(segs):
-                pk, pv, plen = self._memory_rows_kv(l, gk, gv, has_global, (fifo_k, fifo_v, head, length))
-                if l == 0:
-                    positions = plen.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)
-                    ropes.append(self._rope(positions))
-                x = xs[t] if l == 0 else hidden[t]
-                y, comp_k, comp_v, readout = self._layer_segment(
-                    l, x, seg, *ropes[t], pk, pv, plen, inplace=False)
-                hidden[t] = y
-                state, rows = self._update_global(l, readout, state, has_global, seg.closing)
-                gk, gv = self._global_kv(l, rows)
-                if C and comp_k is not None:
-                    fk, h1, n1 = ops.fifo_push_functional(fifo_k, head, length, comp_k, seg.comp_count)
-                    fifo_v, _, _ = ops.fifo_push_functional(fifo_v, head, length, comp_v, seg.comp_count)
-                    fifo_k, head, length = fk, h1, n1
-                has_global = has_global | seg.closing
-        text = torch.cat([gather_rows(h, s.text_rows) for h, s in zip(hidden, segs)], dim=1)
+                step = functools.partial(self._train_step, l, seg, *ropes[t])
+                if checkpointed:
+                    hidden[t], *mem = torch.utils.checkpoint.checkpoint(step, hidden[t], *mem, use_reentrant=False)
+                else:
+                    hidden[t], *mem = step(hidden[t], *mem)
+        text = torch.cat([nn.functional.pad(gather_rows(h, s.text_rows), (0, 0, 0, n - s.text_rows.shape[1]))
+                          for h, s, n in zip(hidden, segs, sizes)], dim=1)
         logits = self.base.lm_head(self.decoder.norm(text))
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100)
         return CometOutput(logits=logits, loss=loss)
+
+    def _empty_train_memory(self, B: int) -> list[Tensor]:
+        """One layer's memory before the first chunk, as the functional tensors
+        _train_step threads through: state, global k / v, FIFO k / v, head, length, has_global."""
+        cc, dev = self.comet_config, self.device
+        G, C = cc.num_global, cc.temp_budget if cc.uses_temp_memory else 0
+        D, Hkv, d = self._head_dim(), self.config.num_key_value_heads, self.config.hidden_size
+        zeros = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=dev)  # noqa: E731
+        idx = torch.zeros(B, dtype=torch.long, device=dev)
+        return [zeros(B, G, d), zeros(B, G, Hkv, D), zeros(B, G, Hkv, D), zeros(B, C, Hkv, D),
+                zeros(B, C, Hkv, D), idx, idx.clone(), torch.zeros(B, dtype=torch.bool, device=dev)]
+
+    def _train_step(self, l: int, seg: Segment, cos: Tensor, sin: Tensor, x: Tensor, state: Tensor,
+                    gk: Tensor, gv: Tensor, fifo_k: Tensor, fifo_v: Tensor, head: Tensor, length: Tensor,
+                    has_global: Tensor):
+        """Layer l over one closed chunk, functionally: (layer input, layer l's memory) ->
+        (layer output, layer l's memory after the chunk)."""
+        pk, pv, plen = self._memory_rows_kv(l, gk, gv, has_global, (fifo_k, fifo_v, head, length))
+        y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen, inplace=False)
+        closing = seg.closing
+        if readout is not None:
+            state, rows = self._update_global(l, readout, state, has_global, closing)
+            nk, nv = self._global_kv(l, rows)
+            keep = closing.view(-1, 1, 1, 1)
+            gk, gv = torch.where(keep, nk, gk), torch.where(keep, nv, gv)
+        if fifo_k.shape[1] and comp_k is not None:
+            new_k, new_head, new_len = ops.fifo_push_functional(fifo_k, head, length, comp_k, seg.comp_count)
+            fifo_v, _, _ = ops.fifo_push_functional(fifo_v, head, length, comp_v, seg.comp_count)
+            fifo_k, head, length = new_k, new_head, new_len
+        return y, state, gk, gv, fifo_k, fifo_v, head, length, has_global | closing
 
     # ------------------------------------------------------------------ input checks
 

@@ -203,3 +203,27 @@ def test_bad_inputs(call, match):
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CometConfig(**kwargs)
+
+
+def test_training_forward_with_padding_equals_samples_alone():
+    model = tiny_comet("qwen3")
+    x = ids(2, 40, seed=9)
+    mask = torch.ones_like(x)
+    mask[1, 23:] = 0
+    batch = model(x, attention_mask=mask).logits
+    torch.testing.assert_close(batch[0:1], model(x[0:1]).logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(batch[1:2, :23], model(x[1:2, :23]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_recomputation_gives_identical_gradients():
+    model = tiny_comet("llama").train()
+    x = ids(2, 50, seed=10)
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        loss = model(x, labels=x, recompute=recompute).loss
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
