@@ -1,0 +1,220 @@
+"""Training data: a byte-level tokenizer that needs no download, the reference
+JSONL chat format (loss on assistant tokens only), plain text and pre-tokenised
+inputs, packing, and batch collation.
+
+A Sample is (input_ids, labels) lists of equal length; labels are -100 where no
+loss is taken.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+log = logging.getLogger("comet_ext.data")
+
+IGNORE = -100
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+
+
+@dataclasses.dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + ChatML specials), built offline:
+    every text round-trips, no vocabulary file or download is needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    table = _bytes_to_unicode()  # id b is the character GPT-2's table gives byte b
+    vocab = {table[b]: b for b in range(256)}
+    if set(vocab) != set(pre_tokenizers.ByteLevel.alphabet()):
+        raise RuntimeError("byte_tokenizer: the tokenizers library's byte alphabet changed")
+    for i, tok in enumerate(SPECIAL_TOKENS):
+        vocab[tok] = 256 + i
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", pad_token="<pad>",
+                                  bos_token=None, unk_token=None)
+    tok.chat_template = CHATML
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+# --------------------------------------------------------------------------- chat JSONL
+
+
+def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
+    """ChatML tokens of a conversation, labels on the assistant turns only (their
+    content and closing tag). Built turn by turn, so it needs no special support
+    from the chat template."""
+    ids: list[int] = []
+    labels: list[int] = []
+    for i, m in enumerate(messages):
+        prompt = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=m["role"] == "assistant",
+                                               tokenize=True) if i or m["role"] == "assistant" else []
+        full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
+        prompt, full = _ids(prompt), _ids(full)
+        if full[: len(ids)] != ids:
+            raise ValueError("the chat template does not extend a conversation's tokens turn by turn")
+        start = len(prompt) if m["role"] == "assistant" else len(ids)
+        labels += [IGNORE] * (start - len(ids)) + (full[start:] if m["role"] == "assistant" else [IGNORE] * (len(full) - start))
+        ids = full
+    return Sample(ids, labels)
+
+
+def _ids(x) -> list[int]:
+    if isinstance(x, dict) or hasattr(x, "keys"):
+        x = x["input_ids"]
+    return list(x)
+
+
+def read_chat_jsonl(path: str | os.PathLike, tokenizer, max_tokens: Optional[int] = None,
+                    on_error: str = "skip") -> tuple[list[Sample], list[str]]:
+    """Reads the reference format: one JSON object per line with `uniq_id` and
+    `messages` (ChatML roles). Returns the samples and a list of problems, each
+    naming its line. on_error="skip" drops bad lines (logged), "raise" stops at the
+    first with a ValueError."""
+    if on_error not in ("skip", "raise"):
+        raise ValueError(f"read_chat_jsonl: on_error must be 'skip' or 'raise', got {on_error!r}")
+    samples, problems = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                sample = _chat_line(line, tokenizer, max_tokens)
+            except ValueError as e:
+                msg = f"{os.fspath(path)}:{lineno}: {e}"
+                if on_error == "raise":
+                    raise ValueError(msg) from None
+                log.warning("skipping %s", msg)
+                problems.append(msg)
+                continue
+            samples.append(sample)
+    return samples, problems
+
+
+def _chat_line(line: str, tokenizer, max_tokens: Optional[int]) -> Sample:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"malformed JSON ({e.msg})") from None
+    if not isinstance(obj, dict) or "messages" not in obj:
+        raise ValueError("missing field 'messages'")
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("empty conversation")
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise ValueError("every message needs a string 'role' and 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("no assistant turn: nothing to learn")
+    sample = chat_sample(messages, tokenizer)
+    if max_tokens is not None and len(sample) > max_tokens:
+        raise ValueError(f"{len(sample)} tokens, longer than the limit of {max_tokens}")
+    return sample
+
+
+# --------------------------------------------------------------------------- other inputs
+
+
+def text_sample(text: str, tokenizer) -> Sample:
+    """Plain text: loss on every token."""
+    ids = _ids(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Sample(ids, list(ids))
+
+
+def token_sample(ids: Sequence[int], labels: Optional[Sequence[int]] = None) -> Sample:
+    """Pre-tokenised input; labels default to the ids."""
+    ids = [int(i) for i in ids]
+    labels = list(ids) if labels is None else [int(x) for x in labels]
+    if len(labels) != len(ids):
+        raise ValueError(f"token_sample: {len(ids)} ids but {len(labels)} labels")
+    return Sample(ids, labels)
+
+
+def pack(samples: Iterable[Sample], seq_len: int, separator: Optional[int] = None) -> list[Sample]:
+    """Greedily packs samples into sequences of at most seq_len tokens (a separator
+    token, without loss, between two samples). A sample longer than seq_len is an error."""
+    packed, ids, labels = [], [], []
+    for s in samples:
+        if len(s) > seq_len:
+            raise ValueError(f"pack: a sample of {len(s)} tokens does not fit seq_len={seq_len}")
+        extra = 1 if (ids and separator is not None) else 0
+        if ids and len(ids) + extra + len(s) > seq_len:
+            packed.append(Sample(ids, labels))
+            ids, labels, extra = [], [], 0
+        if extra:
+            ids.append(separator)
+            labels.append(IGNORE)
+        ids += s.input_ids
+        labels += s.labels
+    if ids:
+        packed.append(Sample(ids, labels))
+    return packed
+
+
+def collate(samples: Sequence[Sample], pad_id: int, length: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """Right-pads a batch to `length` (default: its longest sample) -> input_ids,
+    labels (-100 on padding) and attention_mask, all (B, T)."""
+    T = length or max(len(s) for s in samples)
+    if any(len(s) > T for s in samples):
+        raise ValueError(f"collate: a sample is longer than length={T}")
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s)
+        ids[b, :n] = torch.tensor(s.input_ids, dtype=torch.long)
+        labels[b, :n] = torch.tensor(s.labels, dtype=torch.long)
+        mask[b, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def synthetic_recall(n: int, length: int, vocab: int, key_len: int = 4, seed: int = 0) -> list[Sample]:
+    """The built-in long-document task: a key of `key_len` tokens near the start,
+    filler that repeats short patterns (learnable, so the LM loss falls quickly),
+    and at the end a marker followed by the key again. Loss on every token; only
+    the memory can predict the final key. Token 0 is the marker, 1 the separator."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        key = rng.integers(2, vocab, key_len).tolist()
+        period = int(rng.integers(2, 6))
+        pattern = rng.integers(2, vocab, period).tolist()
+        filler_len = length - 2 * key_len - 3
+        filler = [pattern[i % period] for i in range(filler_len)]
+        ids = [1] + key + [1] + filler + [0] + key
+        out.append(Sample(ids, list(ids)))
+    return out

@@ -1,0 +1,113 @@
+"""Chunk planner: how a training sequence is cut into chunks (DESIGN.md §1,
+"chunk sizes randomised per sample"). Strategies of the reference setup:
+
+- fixed: chunk_size each, the last one partial;
+- right_aligned: the first chunk partial, the others full (the end of the
+  sequence, usually the answer, sits at the end of a full chunk);
+- uniform: the fewest chunks of at most chunk_size, all (nearly) equal;
+- random: random cut points, every chunk between min_size and chunk_size;
+- semantic: cuts right after given boundary token ids (e.g. sentence or turn
+  ends), chunks at most chunk_size (falls back to fixed cuts inside long spans).
+
+A ChunkPlanner mixes them with configurable probabilities and draws from its
+own seeded generator, so a plan is a pure function of (seed, step).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import numpy as np
+
+STRATEGIES = ("fixed", "right_aligned", "uniform", "random", "semantic")
+DEFAULT_MIX = {"fixed": 0.4, "right_aligned": 0.15, "uniform": 0.15, "random": 0.2, "semantic": 0.1}
+
+
+def fixed(T: int, chunk_size: int) -> list[int]:
+    return [min(chunk_size, T - s) for s in range(0, T, chunk_size)]
+
+
+def right_aligned(T: int, chunk_size: int) -> list[int]:
+    return list(reversed(fixed(T, chunk_size)))
+
+
+def uniform(T: int, chunk_size: int) -> list[int]:
+    k = -(-T // chunk_size)
+    base, extra = divmod(T, k)
+    return [base + (1 if i < extra else 0) for i in range(k)]
+
+
+def random_sizes(T: int, chunk_size: int, min_size: int, rng: np.random.Generator) -> list[int]:
+    """Random chunks in [min_size, chunk_size] summing to T (the last may be shorter
+    than min_size only when T itself is)."""
+    min_size = max(1, min(min_size, chunk_size))
+    sizes, left = [], T
+    while left > 0:
+        if left <= chunk_size and (left < 2 * min_size or rng.random() < 0.5):
+            sizes.append(left)
+            break
+        hi = min(chunk_size, left - min_size) if left > min_size else left
+        n = int(rng.integers(min(min_size, hi), hi + 1))
+        sizes.append(n)
+        left -= n
+    return sizes
+
+
+def semantic(tokens: Sequence[int], chunk_size: int, boundary_ids: Sequence[int]) -> list[int]:
+    """Greedy: each chunk ends after the last boundary token that still fits; a span
+    with no boundary inside chunk_size is cut at chunk_size."""
+    boundaries = set(boundary_ids)
+    T, sizes, start = len(tokens), [], 0
+    while start < T:
+        end = min(start + chunk_size, T)
+        if end < T:
+            cut = next((j + 1 for j in range(end - 1, start - 1, -1) if tokens[j] in boundaries), None)
+            end = cut if cut is not None and cut > start else end
+        sizes.append(end - start)
+        start = end
+    return sizes
+
+
+@dataclasses.dataclass
+class ChunkPlanner:
+    """Draws a chunking per sequence: a strategy by `mix`, then its sizes.
+
+    Every size is in [1, chunk_size] and the sizes sum to the sequence length.
+    `semantic` needs boundary_ids and the tokens; without them its share goes to `fixed`.
+    """
+
+    chunk_size: int
+    mix: dict = dataclasses.field(default_factory=lambda: dict(DEFAULT_MIX))
+    min_size: int = 64
+    boundary_ids: Optional[Sequence[int]] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"ChunkPlanner.chunk_size must be >= 1, got {self.chunk_size}")
+        unknown = set(self.mix) - set(STRATEGIES)
+        if unknown:
+            raise ValueError(f"ChunkPlanner.mix has unknown strategies {sorted(unknown)}; known: {STRATEGIES}")
+        if any(p < 0 for p in self.mix.values()) or sum(self.mix.values()) <= 0:
+            raise ValueError(f"ChunkPlanner.mix must have non-negative weights with a positive sum, got {self.mix}")
+
+    def plan(self, T: int, step: int, tokens: Optional[Sequence[int]] = None) -> tuple[str, list[int]]:
+        """(strategy, sizes) for a sequence of T tokens at a given training step."""
+        if T < 1:
+            raise ValueError(f"ChunkPlanner.plan: the sequence must have at least one token, got {T}")
+        rng = np.random.default_rng([self.seed, step])
+        mix = dict(self.mix)
+        if not self.boundary_ids or tokens is None:
+            mix["fixed"] = mix.get("fixed", 0) + mix.pop("semantic", 0)
+        names = [n for n in STRATEGIES if mix.get(n, 0) > 0]
+        weights = np.array([mix[n] for n in names], dtype=float)
+        name = names[int(rng.choice(len(names), p=weights / weights.sum()))]
+        cs = self.chunk_size
+        sizes = {
+            "fixed": lambda: fixed(T, cs),
+            "right_aligned": lambda: right_aligned(T, cs),
+            "uniform": lambda: uniform(T, cs),
+            "random": lambda: random_sizes(T, cs, self.min_size, rng),
+            "semantic": lambda: semantic(tokens, cs, self.boundary_ids),
+        }[name]()
+        return name, sizes

@@ -1,0 +1,222 @@
+"""The training loop: chunked BPTT through the CoMeT memories on one process.
+
+    trainer = Trainer(model, samples, TrainConfig(total_steps=1000, lr=2e-5), planner)
+    trainer.train()
+
+AdamW with the memory modules (and the compression / readout embeddings) at
+`memory_lr_mult` times the base learning rate; linear warmup then cosine decay;
+gradient accumulation; optional bf16 autocast; activation recomputation per
+(layer, chunk); gradient clipping; atomic checkpoints of everything needed to
+resume exactly (model, optimizer, scheduler, data position, step); a tqdm bar
+and a plain log line per step (loss, tokens/s, peak memory).
+
+Data order and chunk plans are pure functions of (seed, step), so a resumed
+run reproduces the uninterrupted run's losses exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import Sample, collate
+from .planner import ChunkPlanner
+
+log = logging.getLogger("comet_ext.training")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    total_steps: int = 1000
+    batch_size: int = 1
+    grad_accum: int = 1
+    lr: float = 1e-5
+    memory_lr_mult: float = 5.0
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.95)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    bf16_autocast: bool = False
+    recompute: bool = True
+    train_base: bool = True
+    checkpoint_every: int = 0
+    checkpoint_dir: Optional[str] = None
+    log_every: int = 1
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("total_steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0 or self.memory_lr_mult <= 0:
+            raise ValueError(f"TrainConfig: lr ({self.lr}) and memory_lr_mult ({self.memory_lr_mult}) must be > 0")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("TrainConfig: checkpoint_every needs a checkpoint_dir")
+
+
+def memory_parameter_names(model) -> set[str]:
+    """Parameters that are new with CoMeT: memory modules and the token embeddings."""
+    return {n for n, _ in model.named_parameters()
+            if n.startswith("memory_layers.") or n in ("compression_embedding", "readout_embedding")}
+
+
+def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:
+    mem = memory_parameter_names(model)
+    memory_params = [p for n, p in model.named_parameters() if n in mem and p.requires_grad]
+    base_params = [p for n, p in model.named_parameters() if n not in mem and p.requires_grad]
+    if not cfg.train_base:
+        for p in base_params:
+            p.requires_grad_(False)
+        base_params = []
+    groups = [{"params": memory_params, "lr": cfg.lr * cfg.memory_lr_mult, "name": "memory"}]
+    if base_params:
+        groups.append({"params": base_params, "lr": cfg.lr, "name": "base"})
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine decay to min_lr_ratio at total_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Trainer:
+    """Trains a CometForCausalLM on a list of Samples (see comet_ext.data)."""
+
+    def __init__(self, model, samples: Sequence[Sample], cfg: TrainConfig, planner: ChunkPlanner,
+                 pad_id: int = 0, on_step: Optional[Callable[[dict], None]] = None):
+        if not samples:
+            raise ValueError("Trainer: no training samples")
+        self.model, self.samples, self.cfg, self.planner = model, list(samples), cfg, planner
+        self.pad_id, self.on_step = pad_id, on_step
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
+        self.step = 0
+        self.history: list[dict] = []
+
+    # ------------------------------------------------------------------ data
+
+    def batch_indices(self, step: int, micro: int) -> list[int]:
+        """Sample indices of one micro-batch: epochs of seeded permutations, a pure
+        function of (seed, step, micro)."""
+        first = (step * self.cfg.grad_accum + micro) * self.cfg.batch_size
+        out = []
+        for pos in range(first, first + self.cfg.batch_size):
+            epoch, i = divmod(pos, len(self.samples))
+            perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.samples))
+            out.append(int(perm[i]))
+        return out
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self, steps: Optional[int] = None) -> list[dict]:
+        """Runs up to `steps` more optimizer steps (default: to total_steps)."""
+        model, cfg = self.model, self.cfg
+        end = cfg.total_steps if steps is None else min(cfg.total_steps, self.step + steps)
+        model.train()
+        bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=end, initial=self.step, unit="step", desc="comet train")
+        while self.step < end:
+            t0 = time.perf_counter()
+            tokens, loss_sum = 0, 0.0
+            self.optimizer.zero_grad(set_to_none=True)
+            for micro in range(cfg.grad_accum):
+                batch = collate([self.samples[i] for i in self.batch_indices(self.step, micro)], self.pad_id)
+                T = batch["input_ids"].shape[1]
+                strategy, sizes = self.planner.plan(T, self.step * cfg.grad_accum + micro,
+                                                    batch["input_ids"][0].tolist())
+                batch = {k: v.to(model.device) for k, v in batch.items()}
+                with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
+                    out = model(batch["input_ids"], labels=batch["labels"], chunk_sizes=sizes,
+                                attention_mask=batch["attention_mask"], recompute=cfg.recompute)
+                if not torch.isfinite(out.loss):
+                    raise FloatingPointError(f"step {self.step}: the loss is {out.loss.item()}")
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += out.loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            seconds = time.perf_counter() - t0
+            record = {"step": self.step, "loss": loss_sum / cfg.grad_accum, "grad_norm": float(grad_norm),
+                      "lr": self.optimizer.param_groups[-1]["lr"], "tokens_per_s": tokens / seconds,
+                      "peak_mem_mb": peak_memory_mb(model.device), "chunks": len(sizes), "strategy": strategy}
+            self.history.append(record)
+            if self.on_step is not None:
+                self.on_step(record)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                log.info("step %d loss %.4f tokens/s %.0f peak %.0f MB", self.step, record["loss"],
+                         record["tokens_per_s"], record["peak_mem_mb"])
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{self.step:07d}"))
+        if bar is not None:
+            bar.close()
+        return self.history
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self, folder: str) -> None:
+        """Everything to resume exactly, written to a temporary folder and renamed into place."""
+        parent = os.path.dirname(os.path.abspath(folder))
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=parent)
+        try:
+            self.model.save_pretrained(os.path.join(tmp, "model"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "step": self.step, "history": self.history}, os.path.join(tmp, "trainer.pt"))
+            with open(os.path.join(tmp, "train_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(self.cfg), f, indent=1)
+            if os.path.exists(folder):
+                shutil.rmtree(folder)
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restores the model weights, optimizer, scheduler and data position."""
+        from .modeling import CometForCausalLM
+
+        path = os.path.join(folder, "trainer.pt")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"load_checkpoint: {folder!r} holds no trainer.pt")
+        saved = CometForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=self.model.dtype)
+        self.model.load_state_dict(saved.state_dict())
+        state = torch.load(path, map_location=self.model.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.history = state["step"], state["history"]

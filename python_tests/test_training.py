@@ -1,0 +1,137 @@
+"""Chunk planner, training data, and the training loop (single process)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from modeling_utils import tiny_comet
+
+from comet_ext.data import (IGNORE, Sample, byte_tokenizer, chat_sample, collate, pack, read_chat_jsonl,
+                            synthetic_recall, text_sample, token_sample)
+from comet_ext.planner import ChunkPlanner, fixed, random_sizes, right_aligned, semantic, uniform
+from comet_ext.training import TrainConfig, Trainer, lr_factor, memory_parameter_names
+
+# --------------------------------------------------------------------------- planner
+
+
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 100])
+def test_strategies_cover_the_sequence_within_chunk_size(T):
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 10, T).tolist()
+    for sizes in (fixed(T, 16), right_aligned(T, 16), uniform(T, 16), random_sizes(T, 16, 5, rng),
+                  semantic(tokens, 16, [3])):
+        assert sum(sizes) == T and all(1 <= s <= 16 for s in sizes), sizes
+
+
+def test_strategy_shapes():
+    assert right_aligned(40, 16) == [8, 16, 16]
+    assert uniform(40, 16) == [14, 13, 13]
+    assert semantic([0, 0, 9, 0, 0, 0, 9, 0, 0, 0], 5, [9]) == [3, 4, 3]
+    sizes = random_sizes(1000, 64, 20, np.random.default_rng(1))
+    assert all(s >= 20 for s in sizes[:-1])
+
+
+def test_planner_is_a_function_of_seed_and_step():
+    p = ChunkPlanner(16, min_size=4, seed=3)
+    plans = [p.plan(200, step) for step in range(40)]
+    assert plans == [ChunkPlanner(16, min_size=4, seed=3).plan(200, step) for step in range(40)]
+    assert {name for name, _ in plans} >= {"fixed", "random"}
+    with pytest.raises(ValueError, match="unknown strategies"):
+        ChunkPlanner(16, mix={"clever": 1.0})
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_chat_labels_cover_only_assistant_turns():
+    tok = byte_tokenizer()
+    s = chat_sample([{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
+                     {"role": "user", "content": "and 3+3?"}, {"role": "assistant", "content": "6"}], tok)
+    learned = tok.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE])
+    assert learned == "4<|im_end|>\n6<|im_end|>\n"
+    assert tok.decode(s.input_ids).count("<|im_start|>") == 4
+
+
+def test_bad_jsonl_lines_are_reported_with_line_numbers(tmp_path):
+    good = {"uniq_id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    lines = [json.dumps(good), "{not json", json.dumps({"uniq_id": "b"}), json.dumps({"messages": []}),
+             json.dumps({"messages": [{"role": "user", "content": "x" * 500}, {"role": "assistant", "content": "y"}]}),
+             json.dumps({"messages": [{"role": "user", "content": "no answer"}]}), json.dumps(good)]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    tok = byte_tokenizer()
+    samples, problems = read_chat_jsonl(path, tok, max_tokens=200)
+    assert len(samples) == 2
+    assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "5", "6"]
+    assert "malformed JSON" in problems[0] and "missing field 'messages'" in problems[1]
+    assert "empty conversation" in problems[2] and "longer than the limit" in problems[3]
+    with pytest.raises(ValueError, match=r"data.jsonl:2: malformed JSON"):
+        read_chat_jsonl(path, tok, max_tokens=200, on_error="raise")
+
+
+def test_text_tokens_packing_and_collation():
+    tok = byte_tokenizer()
+    a, b = text_sample("hello", tok), token_sample([7, 8, 9])
+    assert tok.decode(a.input_ids) == "hello" and a.labels == a.input_ids
+    packed = pack([a, b, a], seq_len=10, separator=256)
+    assert [len(p) for p in packed] == [9, 5]
+    assert packed[0].labels[5] == IGNORE
+    batch = collate(packed, pad_id=259)
+    assert batch["input_ids"].shape == (2, 9) and batch["attention_mask"].sum().item() == 14
+    assert (batch["labels"][1, 5:] == IGNORE).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        pack([Sample([1] * 20, [1] * 20)], seq_len=10)
+
+
+# --------------------------------------------------------------------------- loop
+
+
+def _trainer(model, steps, **kw):
+    samples = synthetic_recall(8, 60, vocab=97, seed=0)
+    cfg = TrainConfig(total_steps=steps, batch_size=2, lr=3e-3, memory_lr_mult=5.0, warmup_steps=2,
+                      progress=False, **kw)
+    return Trainer(model, samples, cfg, ChunkPlanner(16, min_size=6, seed=0))
+
+
+def test_memory_modules_get_five_times_the_learning_rate():
+    model = tiny_comet("llama")
+    tr = _trainer(model, 10)
+    groups = {g["name"]: g for g in tr.optimizer.param_groups}
+    assert groups["memory"]["lr"] == pytest.approx(5 * groups["base"]["lr"])
+    mem = memory_parameter_names(model)
+    assert {id(p) for p in groups["memory"]["params"]} == {id(p) for n, p in model.named_parameters() if n in mem}
+    cfg = TrainConfig(total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_short_training_run_lowers_the_loss():
+    torch.manual_seed(0)
+    tr = _trainer(tiny_comet("qwen3"), 30)
+    history = tr.train()
+    first, last = np.mean([h["loss"] for h in history[:3]]), np.mean([h["loss"] for h in history[-3:]])
+    assert last < 0.6 * first, (first, last)
+    assert all(h["chunks"] >= 4 for h in history)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    full = _trainer(tiny_comet("llama"), 6, grad_accum=2)
+    expected = [h["loss"] for h in full.train()]
+    first = _trainer(tiny_comet("llama"), 6, grad_accum=2)
+    first.train(steps=3)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    resumed = _trainer(tiny_comet("llama", seed=5), 6, grad_accum=2)  # other weights: all restored
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    got = [h["loss"] for h in resumed.train()]
+    assert got == expected
+
+
+def test_periodic_checkpoints_are_complete_folders(tmp_path):
+    tr = _trainer(tiny_comet("llama"), 4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
+    tr.train()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["step-0000002", "step-0000004"]
+    for n in names:
+        assert (tmp_path / n / "trainer.pt").exists() and (tmp_path / n / "model" / "model.safetensors").exists()
