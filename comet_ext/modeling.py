@@ -516,16 +516,35 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         Returns logits (B, T, vocab) for the text tokens and, with labels, the
         next-token cross-entropy (labels -100 are ignored; shifted inside, as in HF).
         """
+        if labels is not None and labels.shape != getattr(input_ids, "shape", None):
+            raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
+                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask)
+        B = segs[0].kind.shape[0]
+        hidden = list(xs)
+        for l in range(self.config.num_hidden_layers):
+            mem = self._empty_train_memory(B)
+            for t, seg in enumerate(segs):
+                hidden[t], *mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute)
+        logits = self._text_logits(hidden, segs, sizes)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
+                ignore_index=-100)
+        return CometOutput(logits=logits, loss=loss)
+
+    def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor]):
+        """Every closed chunk of a training sequence, planned once: segments, row
+        embeddings, rotary tables (positions follow from the memory-row counts the
+        plans imply), chunk sizes."""
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
         sizes = self._chunk_sizes(chunk_sizes, T)
         lengths = self._lengths(attention_mask, B, T).tolist()
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
         cc = self.comet_config
         C = cc.temp_budget if cc.uses_temp_memory else 0
         dev = self.device
-        # Plan every chunk once; memory-row counts (hence positions) follow from the plans.
         segs, xs, ropes, start = [], [], [], 0
         has_global, fifo_len = [False] * B, [0] * B
         for n in sizes:
@@ -535,29 +554,24 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             ropes.append(self._rope(mem_len.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)))
             xs.append(self._embed(seg, input_ids[:, start:start + n]))
             segs.append(seg)
-            comp = seg.comp_count.tolist()
-            fifo_len = [min(f + c, C) for f, c in zip(fifo_len, comp)]
+            fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_count.tolist())]
             has_global = [g or t > 0 for g, t in zip(has_global, take)]
             start += n
-        hidden = list(xs)
-        checkpointed = recompute and torch.is_grad_enabled()
-        for l in range(self.config.num_hidden_layers):
-            mem = self._empty_train_memory(B)
-            for t, seg in enumerate(segs):
-                step = functools.partial(self._train_step, l, seg, *ropes[t])
-                if checkpointed:
-                    hidden[t], *mem = torch.utils.checkpoint.checkpoint(step, hidden[t], *mem, use_reentrant=False)
-                else:
-                    hidden[t], *mem = step(hidden[t], *mem)
+        return segs, xs, ropes, sizes
+
+    def _run_train_step(self, l: int, seg: Segment, rope: tuple[Tensor, Tensor], x: Tensor, mem: list[Tensor],
+                        recompute: bool):
+        """_train_step, checkpointed when recompute is on and grad is enabled."""
+        step = functools.partial(self._train_step, l, seg, *rope)
+        if recompute and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(step, x, *mem, use_reentrant=False)
+        return step(x, *mem)
+
+    def _text_logits(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int]) -> Tensor:
+        """Logits of the text rows of consecutive chunks, (B, sum(sizes), vocab)."""
         text = torch.cat([nn.functional.pad(gather_rows(h, s.text_rows), (0, 0, 0, n - s.text_rows.shape[1]))
                           for h, s, n in zip(hidden, segs, sizes)], dim=1)
-        logits = self.base.lm_head(self.decoder.norm(text))
-        loss = None
-        if labels is not None:
-            loss = nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100)
-        return CometOutput(logits=logits, loss=loss)
+        return self.base.lm_head(self.decoder.norm(text))
 
     def _empty_train_memory(self, B: int) -> list[Tensor]:
         """One layer's memory before the first chunk, as the functional tensors

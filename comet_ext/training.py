@@ -111,11 +111,22 @@ class Trainer:
     """Trains a CometForCausalLM on a list of Samples (see comet_ext.data)."""
 
     def __init__(self, model, samples: Sequence[Sample], cfg: TrainConfig, planner: ChunkPlanner,
-                 pad_id: int = 0, on_step: Optional[Callable[[dict], None]] = None):
+                 pad_id: int = 0, on_step: Optional[Callable[[dict], None]] = None,
+                 pipeline_group=None, data_group=None):
+        """pipeline_group / data_group (comet_ext.parallel.make_mesh): with a pipeline
+        group, each step runs the layer-level pipeline over its ranks; with a data
+        group, replicas see different batches and average their gradients."""
         if not samples:
             raise ValueError("Trainer: no training samples")
         self.model, self.samples, self.cfg, self.planner = model, list(samples), cfg, planner
         self.pad_id, self.on_step = pad_id, on_step
+        self.pipeline_group, self.data_group = pipeline_group, data_group
+        if data_group is not None:
+            import torch.distributed as dist
+
+            self.data_rank, self.data_size = dist.get_rank(data_group), dist.get_world_size(data_group)
+        else:
+            self.data_rank, self.data_size = 0, 1
         self.optimizer = build_optimizer(model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.step = 0
@@ -125,8 +136,8 @@ class Trainer:
 
     def batch_indices(self, step: int, micro: int) -> list[int]:
         """Sample indices of one micro-batch: epochs of seeded permutations, a pure
-        function of (seed, step, micro)."""
-        first = (step * self.cfg.grad_accum + micro) * self.cfg.batch_size
+        function of (seed, step, micro, data rank)."""
+        first = ((step * self.cfg.grad_accum + micro) * self.data_size + self.data_rank) * self.cfg.batch_size
         out = []
         for pos in range(first, first + self.cfg.batch_size):
             epoch, i = divmod(pos, len(self.samples))
@@ -157,13 +168,13 @@ class Trainer:
                                                     batch["input_ids"][0].tolist())
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-                    out = model(batch["input_ids"], labels=batch["labels"], chunk_sizes=sizes,
-                                attention_mask=batch["attention_mask"], recompute=cfg.recompute)
-                if not torch.isfinite(out.loss):
-                    raise FloatingPointError(f"step {self.step}: the loss is {out.loss.item()}")
-                (out.loss / cfg.grad_accum).backward()
-                loss_sum += out.loss.item()
+                    loss = self._loss(batch, sizes)
+                (loss / cfg.grad_accum).backward()
+                loss_sum += self._global_loss(loss)
+                if not math.isfinite(loss_sum):
+                    raise FloatingPointError(f"step {self.step}: the loss is {loss_sum}")
                 tokens += int(batch["attention_mask"].sum())
+            self._reduce_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.scheduler.step()
@@ -181,11 +192,42 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self._is_main():
                 self.save_checkpoint(os.path.join(cfg.checkpoint_dir, f"step-{self.step:07d}"))
         if bar is not None:
             bar.close()
         return self.history
+
+    def _loss(self, batch: dict, sizes: list[int]):
+        if self.pipeline_group is None:
+            return self.model(batch["input_ids"], labels=batch["labels"], chunk_sizes=sizes,
+                              attention_mask=batch["attention_mask"], recompute=self.cfg.recompute).loss
+        from .parallel import pipeline_loss
+
+        return pipeline_loss(self.model, batch["input_ids"], batch["labels"], sizes, batch["attention_mask"],
+                             recompute=self.cfg.recompute, group=self.pipeline_group)
+
+    def _global_loss(self, loss) -> float:
+        """The step's loss as one process would report it (summed over pipeline stages)."""
+        if self.pipeline_group is None:
+            return loss.item()
+        import torch.distributed as dist
+
+        total = loss.detach().clone()
+        dist.all_reduce(total, group=self.pipeline_group)
+        return total.item()
+
+    def _reduce_grads(self) -> None:
+        from .parallel import all_reduce_grads, average_over_data
+
+        if self.pipeline_group is not None:
+            all_reduce_grads(self.model, self.pipeline_group)
+        average_over_data(self.model, self.data_group)
+
+    def _is_main(self) -> bool:
+        import torch.distributed as dist
+
+        return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
     # ------------------------------------------------------------------ checkpoints
 

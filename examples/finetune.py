@@ -9,6 +9,10 @@
 file in the reference chat format (loss on assistant turns), or "synthetic"
 for the built-in long-document recall task. Runs on this CPU in a few minutes
 with the defaults, and unchanged on a GPU.
+
+Across processes (layer-level pipeline x data parallel), launched by torchrun:
+
+    torchrun --nproc-per-node 4 examples/finetune.py --pipeline 2     # 2 replicas x 2 stages
 """
 from __future__ import annotations
 
@@ -61,6 +65,7 @@ def main() -> None:
     ap.add_argument("--resume", help="a checkpoint folder written by this script")
     ap.add_argument("--out", default="runs/finetune")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pipeline", type=int, default=1, help="pipeline stages per replica (under torchrun)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -69,6 +74,19 @@ def main() -> None:
                         temp_budget=args.temp_budget, rla_rank=args.rla_rank)
     model, tok = build_model(args.model, comet, torch.float32)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    pipeline_group = data_group = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        from comet_ext.parallel import make_mesh
+
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+        pipeline_group, data_group = make_mesh(args.pipeline)
+    elif args.pipeline > 1:
+        raise SystemExit("--pipeline needs several processes: launch with torchrun --nproc-per-node N")
     model.to(device)
     if args.data == "synthetic":
         samples = synthetic_recall(256, args.max_tokens, vocab=256, seed=args.seed)
@@ -80,11 +98,14 @@ def main() -> None:
                       recompute=not args.no_recompute, checkpoint_every=args.checkpoint_every,
                       checkpoint_dir=os.path.join(args.out, "checkpoints"), seed=args.seed)
     planner = ChunkPlanner(args.chunk_size, min_size=max(1, args.chunk_size // 4), seed=args.seed)
-    trainer = Trainer(model, samples, cfg, planner, pad_id=tok.pad_token_id or 0)
+    trainer = Trainer(model, samples, cfg, planner, pad_id=tok.pad_token_id or 0,
+                      pipeline_group=pipeline_group, data_group=data_group)
     if args.resume:
         trainer.load_checkpoint(args.resume)
         logging.info("resumed at step %d", trainer.step)
     history = trainer.train()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     model.save_pretrained(os.path.join(args.out, "model"))
     tok.save_pretrained(os.path.join(args.out, "model"))
     logging.info("done: loss %.3f -> %.3f, model in %s", history[0]["loss"], history[-1]["loss"],
