@@ -504,7 +504,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
-                recompute: bool = False) -> CometOutput:
+                recompute: bool = False, return_logits: bool = True) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -515,6 +515,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         again in backward, so activation memory per chunk is one layer input.
         Returns logits (B, T, vocab) for the text tokens and, with labels, the
         next-token cross-entropy (labels -100 are ignored; shifted inside, as in HF).
+        With labels and return_logits=False the loss is computed chunk by chunk
+        (checkpointed with recompute), so the (B, T, vocab) logits never exist:
+        what training uses; .logits is then None.
         """
         if labels is not None and labels.shape != getattr(input_ids, "shape", None):
             raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
@@ -526,6 +529,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             mem = self._empty_train_memory(B)
             for t, seg in enumerate(segs):
                 hidden[t], *mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute)
+        if labels is not None and not return_logits:
+            count = (labels[:, 1:] != -100).sum().clamp(min=1).to(self.device)
+            return CometOutput(logits=None, loss=self._loss_sum(hidden, segs, sizes, labels, 0, recompute) / count)
         logits = self._text_logits(hidden, segs, sizes)
         loss = None
         if labels is not None:
@@ -533,6 +539,31 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
                 ignore_index=-100)
         return CometOutput(logits=logits, loss=loss)
+
+    def _loss_sum(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int], labels: Tensor,
+                  first: int, recompute: bool) -> Tensor:
+        """Summed next-token cross-entropy of consecutive chunks whose first text token
+        sits at position `first` of the sequence: logits at position p meet labels[p + 1].
+        Chunk by chunk, each checkpointed with recompute, so only the final hidden
+        rows are kept for backward."""
+        labels = labels.to(self.device)
+        total, start = 0.0, first
+        for h, seg, n in zip(hidden, segs, sizes):
+            targets = labels[:, start + 1:start + n + 1]
+            start += n
+            if targets.shape[1] == 0 or bool((targets == -100).all()):
+                continue
+
+            def chunk_loss(h, seg=seg, n=n, targets=targets):
+                logits = self._text_logits([h], [seg], [n])[:, : targets.shape[1]]
+                return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                                   targets.reshape(-1), ignore_index=-100, reduction="sum")
+
+            if recompute and torch.is_grad_enabled():
+                total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, use_reentrant=False)
+            else:
+                total = total + chunk_loss(h)
+        return total if isinstance(total, Tensor) else hidden[0].sum() * 0
 
     def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor]):
         """Every closed chunk of a training sequence, planned once: segments, row

@@ -124,14 +124,9 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
         if nxt is not None:
             ties.append(_Send.apply(nxt, group, *mem))
     # The loss of this rank's positions: logits at text position p predict labels[p + 1].
-    start = sum(sizes[: mine.start])
-    end = start + sum(sizes[t] for t in mine)
-    logits = model._text_logits([hidden[t] for t in mine], [segs[t] for t in mine], [sizes[t] for t in mine])
-    targets = labels.to(model.device)[:, start + 1:end + 1]
-    logits = logits[:, : targets.shape[1]]
-    count = (labels[:, 1:] != -100).sum().clamp(min=1)
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                             ignore_index=-100, reduction="sum") / count.to(model.device)
+    count = (labels[:, 1:] != -100).sum().clamp(min=1).to(model.device)
+    loss = model._loss_sum([hidden[t] for t in mine], [segs[t] for t in mine], [sizes[t] for t in mine], labels,
+                           sum(sizes[: mine.start]), recompute) / count
     return loss + sum(ties) if ties else loss
 
 

@@ -201,7 +201,8 @@ class Trainer:
     def _loss(self, batch: dict, sizes: list[int]):
         if self.pipeline_group is None:
             return self.model(batch["input_ids"], labels=batch["labels"], chunk_sizes=sizes,
-                              attention_mask=batch["attention_mask"], recompute=self.cfg.recompute).loss
+                              attention_mask=batch["attention_mask"], recompute=self.cfg.recompute,
+                              return_logits=False).loss
         from .parallel import pipeline_loss
 
         return pipeline_loss(self.model, batch["input_ids"], batch["labels"], sizes, batch["attention_mask"],

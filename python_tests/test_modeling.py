@@ -227,3 +227,24 @@ def test_recomputation_gives_identical_gradients():
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
+def test_chunkwise_loss_equals_the_full_logits_loss():
+    model = tiny_comet("qwen3").train()
+    x = ids(2, 45, seed=12)
+    labels = x.clone()
+    labels[0, :10] = -100
+    mask = torch.ones_like(x)
+    mask[1, 30:] = 0
+    labels[1, 30:] = -100
+    losses, grads = [], []
+    for kw in (dict(), dict(return_logits=False), dict(return_logits=False, recompute=True)):
+        model.zero_grad()
+        out = model(x, labels=labels, attention_mask=mask, **kw)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append(model.readout_embedding.grad.clone())
+        assert (out.logits is None) == (kw.get("return_logits") is False)
+    for loss, grad in zip(losses[1:], grads[1:]):
+        torch.testing.assert_close(loss, losses[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
