@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/finetune")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pipeline", type=int, default=1, help="pipeline stages per replica (under torchrun)")
+    ap.add_argument("--lora", type=int, default=0, help="LoRA rank on the base weights (0: full fine-tuning)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
@@ -73,6 +74,10 @@ def main() -> None:
     comet = CometConfig(chunk_size=args.chunk_size, num_global=args.num_global, temp_stride=args.temp_stride,
                         temp_budget=args.temp_budget, rla_rank=args.rla_rank)
     model, tok = build_model(args.model, comet, torch.float32)
+    if args.lora:
+        from comet_ext.lora import apply_lora
+
+        logging.info("LoRA rank %d: %d trainable parameters", args.lora, apply_lora(model, rank=args.lora))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipeline_group = data_group = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -106,6 +111,10 @@ def main() -> None:
     history = trainer.train()
     if int(os.environ.get("RANK", "0")) != 0:
         return
+    if args.lora:
+        from comet_ext.lora import merge_lora
+
+        merge_lora(model)
     model.save_pretrained(os.path.join(args.out, "model"))
     tok.save_pretrained(os.path.join(args.out, "model"))
     logging.info("done: loss %.3f -> %.3f, model in %s", history[0]["loss"], history[-1]["loss"],

@@ -135,3 +135,27 @@ def test_periodic_checkpoints_are_complete_folders(tmp_path):
     assert names == ["step-0000002", "step-0000004"]
     for n in names:
         assert (tmp_path / n / "trainer.pt").exists() and (tmp_path / n / "model" / "model.safetensors").exists()
+
+
+def test_lora_trains_adapters_and_memory_and_merges_back():
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora, lora_parameters, merge_lora
+
+    model = tiny_comet("qwen3")
+    base_before = {n: p.detach().clone() for n, p in model.base.named_parameters()}
+    trainable = apply_lora(model, rank=4)
+    assert 0 < trainable < sum(p.numel() for p in model.parameters())
+    assert all(p.requires_grad for p in model.memory_layers.parameters())
+    tr = _trainer(model, 3)
+    tr.train()
+    assert any(p.abs().sum() > 0 for p in lora_parameters(model))
+    x = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        adapted = model(x).logits
+    merge_lora(model)
+    assert not lora_parameters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, adapted, rtol=1e-4, atol=1e-4)
+    frozen = [n for n in base_before if "embed" in n]
+    for n in frozen:  # frozen base weights did not move
+        torch.testing.assert_close(dict(model.base.named_parameters())[n], base_before[n])
