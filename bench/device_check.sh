@@ -9,6 +9,7 @@
 #   bash bench/device_check.sh [OUT_DIR]
 #
 # On a machine without a GPU it builds, says so, and exits 2.
+# COMET_E2E=1 adds the end-to-end benchmark (bench/bench_e2e.py) on a Qwen3-0.6B-shaped model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-bench/results/gpu/latest}}"
@@ -81,6 +82,10 @@ if [ -f "$OUT/gpu_ops.json" ]; then
   python bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
     --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
     > /dev/null 2>&1 || log "report failed"
+fi
+if [ "${COMET_E2E:-0}" = "1" ]; then  # optional: end to end on a Qwen3-0.6B-shaped model (minutes)
+  step e2e 420 python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
+    --lengths 4096 32768 262144 1048576 --full-max 32768 --naive-max 4096 --timeout 200 --out "$OUT/e2e_gpu"
 fi
 { echo; [ -f "$OUT/gpu_ops.md" ] && tail -n +2 "$OUT/gpu_ops.md"; } >> "$summary"
 cat "$summary"

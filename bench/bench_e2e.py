@@ -1,0 +1,212 @@
+"""End to end: CoMeT streaming vs the same base model with HF full attention
+(sdpa, KV cache) vs the naive reference-structure CoMeT oracle — prefill time and
+peak memory against input length, and decode speed after it.
+
+    python bench/bench_e2e.py --device cpu --model-shape tiny --out bench/results/e2e_cpu
+    python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b --out $OUT/e2e_gpu   # on a GPU
+
+Every (method, length) point runs in a fresh process (peak memory is per
+process: CUDA peak allocated on GPU, peak RSS on CPU). Models have random
+weights built from configs (no download): "tiny" (hidden 256, 2 layers, 4/2
+heads of dim 64, fp32) and "qwen3-0.6b" (Qwen3-0.6B's published shape, bf16).
+CoMeT runs at the reference defaults (chunk 2048, 512 global slots, FIFO 2048,
+stride 8). Full attention runs up to --full-max tokens (longer points are
+marked, not extrapolated here); the naive oracle up to --naive-max.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+
+CHILD = r"""
+import json, sys, time, torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+from comet_ext import CometConfig, CometForCausalLM
+method, T, device, shape, n_new = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+torch.manual_seed(0)
+if shape == "tiny":
+    cfg = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=1 << 21)
+    dtype = torch.float32
+else:  # Qwen3-0.6B's published shape
+    cfg = Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                      num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=1 << 21,
+                      tie_word_embeddings=True, rope_theta=1000000.0)
+    dtype = torch.bfloat16
+cfg._attn_implementation = "sdpa"
+base = Qwen3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+def status_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024
+def peak_mb():
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return status_mb("VmHWM:")
+def reset_peak():
+    # Peak growth over the process's footprint once the model is built (weights, libraries).
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    open("/proc/self/clear_refs", "w").write("5")
+    return status_mb("VmRSS:")
+result = {"method": method, "tokens": T}
+with torch.no_grad():
+    if method == "comet":
+        model = CometForCausalLM.from_base(base, CometConfig()).eval()
+        model.read(ids[:, :256], progress=False)
+        base_mb = reset_peak()
+        sync(); start = time.perf_counter()
+        memory = model.read(ids, progress=False)
+        sync(); result["prefill_s"] = time.perf_counter() - start
+        prompt = ids[:, :1]
+        sync(); start = time.perf_counter()
+        model.generate(prompt, memory=memory, max_new_tokens=n_new)
+        sync(); result["decode_tok_s"] = n_new / (time.perf_counter() - start)
+    elif method == "full":
+        base(ids[:, :256])
+        base_mb = reset_peak()
+        sync(); start = time.perf_counter()
+        out = base(ids, use_cache=True, logits_to_keep=1)
+        sync(); result["prefill_s"] = time.perf_counter() - start
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(); start = time.perf_counter()
+        for _ in range(n_new):
+            out = base(token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        sync(); result["decode_tok_s"] = n_new / (time.perf_counter() - start)
+    else:  # naive reference-structure oracle, prefill only
+        from comet_ext.reference import naive_comet_forward
+        model = CometForCausalLM.from_base(base, CometConfig()).eval()
+        sizes = model._chunk_sizes(None, T)
+        base_mb = reset_peak()
+        sync(); start = time.perf_counter()
+        naive_comet_forward(model, ids, sizes)
+        sync(); result["prefill_s"] = time.perf_counter() - start
+result["peak_mb"] = peak_mb()
+result["extra_mb"] = result["peak_mb"] - base_mb
+result["us_per_token"] = result["prefill_s"] / T * 1e6
+print(json.dumps(result))
+"""
+
+
+def run_point(method: str, length: int, device: str, shape: str, n_new: int, timeout: int) -> dict:
+    try:
+        res = subprocess.run([sys.executable, "-c", CHILD, method, str(length), device, shape, str(n_new)],
+                             capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"method": method, "tokens": length, "status": f"over the {timeout} s limit"}
+    if res.returncode != 0:
+        oom = "out of memory" in res.stderr.lower() or res.returncode in (-9, 137)
+        return {"method": method, "tokens": length, "status": "OOM" if oom else f"failed: {res.stderr[-300:]}"}
+    return {**json.loads(res.stdout.strip().splitlines()[-1]), "status": "ok"}
+
+
+def plot(rows: list[dict], out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for key, label in (("prefill_s", "prefill time (s)"), ("extra_mb", "peak memory over the model's footprint (MB)")):
+        fig, ax = plt.subplots(figsize=(5.5, 4))
+        for method, style in (("comet", "o-"), ("full", "s--"), ("naive", "^:")):
+            pts = [(r["tokens"], r[key]) for r in rows if r["method"] == method and r.get("status") == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), style, label={"comet": "CoMeT (comet_ext)", "full": "full attention (HF sdpa)",
+                                                  "naive": "CoMeT, naive oracle"}[method])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("input tokens")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = f"{out}_{key.split('_')[0]}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--model-shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
+    ap.add_argument("--full-max", type=int, default=65536)
+    ap.add_argument("--naive-max", type=int, default=16384)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per point")
+    ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md, .json and _prefill/_peak .png")
+    args = ap.parse_args()
+    rows = []
+    for length in args.lengths:
+        for method, limit in (("comet", None), ("full", args.full_max), ("naive", args.naive_max)):
+            if limit is not None and length > limit:
+                rows.append({"method": method, "tokens": length, "status": f"not run (over --{method}-max)"})
+                continue
+            rows.append(run_point(method, length, args.device, args.model_shape, args.new_tokens, args.timeout))
+            print(rows[-1], flush=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(rows, f, indent=1)
+    pngs = plot(rows, args.out)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from report import commit, machine
+
+    def get(method, length):
+        return next((r for r in rows if r["method"] == method and r["tokens"] == length), {})
+
+    lines = [f"# End to end: CoMeT vs full attention ({args.device}, {args.model_shape})", "",
+             f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}", f"- commit: {commit()}",
+             f"- command: `python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
+             f"--out {args.out}`", "",
+             "Memory: the peak over the process's footprint once the model is built (CUDA peak allocated on "
+             "GPU, peak RSS on CPU).", "",
+             "| tokens | CoMeT prefill (s) | us/token | memory (MB) | decode tok/s | full attn prefill (s) "
+             "| memory (MB) | decode tok/s | naive CoMeT prefill (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for length in args.lengths:
+        c, f_, n = get("comet", length), get("full", length), get("naive", length)
+
+        def cell(r, k, fmt):
+            return fmt.format(r[k]) if r.get("status") == "ok" and k in r else r.get("status", "")
+
+        lines.append(f"| {length} | {cell(c, 'prefill_s', '{:.1f}')} | {cell(c, 'us_per_token', '{:.0f}')} | "
+                     f"{cell(c, 'extra_mb', '{:.0f}')} | {cell(c, 'decode_tok_s', '{:.1f}')} | "
+                     f"{cell(f_, 'prefill_s', '{:.1f}')} | {cell(f_, 'extra_mb', '{:.0f}')} | "
+                     f"{cell(f_, 'decode_tok_s', '{:.1f}')} | {cell(n, 'prefill_s', '{:.1f}')} |")
+    ok = [r for r in rows if r["method"] == "comet" and r.get("status") == "ok"]
+    summary = []
+    if len(ok) >= 2:
+        ref16 = next((r for r in ok if r["tokens"] == 16384), ok[0])
+        last = ok[-1]
+        summary.append(f"- CoMeT time per token {ref16['tokens']} -> {last['tokens']}: "
+                       f"{last['us_per_token'] / ref16['us_per_token']:.2f}x; peak memory (process) "
+                       f"{last['peak_mb'] / ref16['peak_mb']:.3f}x")
+    for length in args.lengths:
+        c, f_ = get("comet", length), get("full", length)
+        if c.get("status") == "ok" and f_.get("status") == "ok" and length >= 65536:
+            summary.append(f"- at {length} tokens: CoMeT prefill {f_['prefill_s'] / c['prefill_s']:.2f}x faster than "
+                           f"full attention, memory over the model {f_['extra_mb'] / max(c['extra_mb'], 1e-9):.2f}x smaller, decode "
+                           f"{c['decode_tok_s'] / f_['decode_tok_s']:.2f}x the tokens/s")
+    for length in args.lengths:
+        c, n = get("comet", length), get("naive", length)
+        if c.get("status") == "ok" and n.get("status") == "ok":
+            summary.append(f"- at {length} tokens: fast formulation {n['prefill_s'] / c['prefill_s']:.2f}x faster "
+                           "than the naive oracle (prefill)")
+    lines += [""] + summary + [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
+    with open(args.out + ".md", "w") as f:
+        f.write("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
