@@ -114,6 +114,18 @@ inline void check_rla_args(const char* op, const at::Tensor& x, const at::Tensor
   COMET_CHECK(std::isfinite(eps) && eps >= 0, op, "'eps' must be finite and >= 0, got ", eps);
 }
 
+// grad_y of rla_backward: x's shape, dtype and device, unit last stride.
+inline void check_rla_backward_args(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                                    const at::Tensor& down, const at::Tensor& up,
+                                    const c10::optional<at::Tensor>& norm_weight, double eps) {
+  check_rla_args(op, x, down, up, norm_weight, eps);
+  COMET_CHECK(grad_y.sizes() == x.sizes(), op, "'grad_y' must have the shape of x ", shape_str(x),
+              ", got ", shape_str(grad_y));
+  check_same_dtype(grad_y, x, op, "grad_y", "x");
+  check_same_device(grad_y, x, op, "grad_y", "x");
+  check_last_contiguous(grad_y, op, "grad_y");
+}
+
 inline void check_gated_update_args(const char* op, const at::Tensor& readout,
                                     const c10::optional<at::Tensor>& state,
                                     const at::Tensor& norm_weight, const at::Tensor& gate_weight,
@@ -140,6 +152,21 @@ inline void check_gated_update_args(const char* op, const at::Tensor& readout,
   check_same_dtype(gate_weight, readout, op, "gate_weight", "readout");
   check_same_device(gate_weight, readout, op, "gate_weight", "readout");
   COMET_CHECK(std::isfinite(eps) && eps >= 0, op, "'eps' must be finite and >= 0, got ", eps);
+}
+
+inline void check_gated_update_backward_args(
+    const char* op, const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
+    const at::Tensor& readout, const c10::optional<at::Tensor>& state, const at::Tensor& norm_weight,
+    const at::Tensor& gate_weight, const at::Tensor& down, const at::Tensor& up, double eps) {
+  check_gated_update_args(op, readout, state, norm_weight, gate_weight, down, up, eps);
+  for (const auto& [g, name] : {std::pair{&grad_new_state, "grad_new_state"},
+                                std::pair{&grad_memory, "grad_memory"}}) {
+    COMET_CHECK(g->sizes() == readout.sizes(), op, "'", name, "' must have the shape of readout ",
+                shape_str(readout), ", got ", shape_str(*g));
+    check_same_dtype(*g, readout, op, name, "readout");
+    check_same_device(*g, readout, op, name, "readout");
+    check_last_contiguous(*g, op, name);
+  }
 }
 
 inline void check_fifo_state(const char* op, const at::Tensor& buffer, const at::Tensor& head,
@@ -216,6 +243,17 @@ inline std::pair<at::Tensor, at::Tensor> check_rope_tables(const char* op,
   // Tables are kept in float32, as HF rotary embeddings compute them, whatever the data dtype.
   return {cos->narrow(0, 0, C).to(at::kFloat).contiguous(),
           sin->narrow(0, 0, C).to(at::kFloat).contiguous()};
+}
+
+// fifo_view / fifo_view_backward: the ring state and the optional RoPE tables.
+inline std::pair<at::Tensor, at::Tensor> check_view_args(const char* op, const at::Tensor& input,
+                                                         const char* name, const at::Tensor& head,
+                                                         const at::Tensor& length,
+                                                         const c10::optional<at::Tensor>& cos,
+                                                         const c10::optional<at::Tensor>& sin) {
+  check_fifo_state(op, input, head, length);
+  check_float(input, op, name);
+  return check_rope_tables(op, input, cos, sin);
 }
 
 }  // namespace comet

@@ -147,9 +147,7 @@ template <bool Backward>
 at::Tensor view_or_scatter(const char* op, const at::Tensor& input, const at::Tensor& head,
                            const at::Tensor& length, const c10::optional<at::Tensor>& cos,
                            const c10::optional<at::Tensor>& sin) {
-  check_fifo_state(op, input, head, length);
-  check_float(input, op, Backward ? "grad_view" : "buffer");
-  auto [cs, sn] = check_rope_tables(op, input, cos, sin);
+  auto [cs, sn] = check_view_args(op, input, Backward ? "grad_view" : "buffer", head, length, cos, sin);
   const int64_t B = input.size(0), C = input.size(1);
   const auto hd = read_lengths(head, B, 0);
   const auto len = read_lengths(length, B, 0);

@@ -178,16 +178,8 @@ gated_update_backward_cpu(const at::Tensor& grad_new_state, const at::Tensor& gr
                           const at::Tensor& readout, const c10::optional<at::Tensor>& state,
                           const at::Tensor& norm_weight, const at::Tensor& gate_weight,
                           const at::Tensor& down, const at::Tensor& up, double eps) {
-  const char* op = "gated_update_backward";
-  check_gated_update_args(op, readout, state, norm_weight, gate_weight, down, up, eps);
-  for (const auto& [g, name] : {std::pair{&grad_new_state, "grad_new_state"},
-                                std::pair{&grad_memory, "grad_memory"}}) {
-    COMET_CHECK(g->sizes() == readout.sizes(), op, "'", name, "' must have the shape of readout ",
-                shape_str(readout), ", got ", shape_str(*g));
-    check_same_dtype(*g, readout, op, name, "readout");
-    check_same_device(*g, readout, op, name, "readout");
-    check_last_contiguous(*g, op, name);
-  }
+  check_gated_update_backward_args("gated_update_backward", grad_new_state, grad_memory, readout, state,
+                                   norm_weight, gate_weight, down, up, eps);
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   const auto acc = acc_dtype(readout.scalar_type());
   const auto acc_opts = readout.options().dtype(acc);

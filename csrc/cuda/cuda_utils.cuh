@@ -46,30 +46,6 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
   }
 }
 
-// Runtime-length variant: v (n values per thread, in shared memory per thread
-// is not needed): sums `vals[k]` for k < n across the block into out[k].
-template <typename T>
-__device__ __forceinline__ void block_sum_n(const T* vals, int n, T* scratch, T* out) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  __syncthreads();
-  for (int k = 0; k < n; ++k) {
-    const T s = warp_sum(vals[k]);
-    if (lane == 0) scratch[k * warps + warp] = s;
-  }
-  __syncthreads();
-  for (int k = threadIdx.x; k < n; k += blockDim.x) {
-    T t = 0;
-    for (int w = 0; w < warps; ++w) t += scratch[k * warps + w];
-    out[k] = t;
-  }
-  __syncthreads();
-}
-
-template <typename acc_t, typename scalar_t>
-__device__ __forceinline__ acc_t to_acc(scalar_t x) {
-  return static_cast<acc_t>(x);
-}
-
 inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
 }

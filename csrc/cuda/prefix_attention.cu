@@ -47,6 +47,32 @@ __device__ __forceinline__ int64_t visible_end(int64_t i, int64_t off, int64_t k
   return min(max(off + i + 1, int64_t(0)), kl);
 }
 
+// What a block of query rows [i0, i0 + kRows) of sample b sees: the sample's
+// lengths, the causal offset, and the end of the keys its last valid row sees.
+struct BlockRows {
+  int64_t ql, kl, off, key_end;
+};
+
+__device__ __forceinline__ BlockRows block_rows(const Problem& p, int64_t b, int64_t i0) {
+  BlockRows r;
+  lengths(p, b, r.ql, r.kl);
+  r.off = r.kl - r.ql;
+  const int64_t last = min(i0 + kRows, r.ql) - 1;
+  r.key_end = last >= i0 ? visible_end(last, r.off, r.kl) : 0;
+  return r;
+}
+
+// A (kRows, D) tile of rows i0.. of one (batch, head) of a (B, S, H, D) tensor,
+// times `scale`, zeros past row N.
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_rows(const scalar_t* base, Strides st, int64_t b, int64_t h, int64_t i0,
+                                          int64_t N, int64_t D, acc_t scale, acc_t* tile) {
+  for (int64_t e = threadIdx.x; e < kRows * D; e += blockDim.x) {
+    const int64_t r = e / D, c = e % D, i = i0 + r;
+    tile[e] = i < N ? static_cast<acc_t>(base[b * st.b + i * st.s + h * st.h + c]) * scale : acc_t(0);
+  }
+}
+
 // Loads keys [j0, j0 + kKeys) of one (batch, kv head) into a (kKeys, D + 1) tile;
 // rows past `end` become zeros.
 template <typename scalar_t, typename acc_t>
@@ -74,17 +100,9 @@ __global__ void __launch_bounds__(kWarps * kWarp)
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
   const int64_t hk = h / (p.Hq / p.Hkv);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  int64_t ql, kl;
-  lengths(p, b, ql, kl);
-  const int64_t off = kl - ql;
-  const int64_t last = min(i0 + kRows, ql) - 1;
-  const int64_t key_end = last >= i0 ? visible_end(last, off, kl) : 0;
+  const auto [ql, kl, off, key_end] = block_rows(p, b, i0);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-
-  for (int64_t e = threadIdx.x; e < kRows * D; e += blockDim.x) {
-    const int64_t r = e / D, c = e % D, i = i0 + r;
-    q_s[e] = i < p.N ? static_cast<acc_t>(q[b * sq.b + i * sq.s + h * sq.h + c]) * scale : acc_t(0);
-  }
+  load_rows(q, sq, b, h, i0, p.N, D, scale, q_s);
   acc_t m[kRowsPerWarp], l[kRowsPerWarp], o[kRowsPerWarp][COLS];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -164,17 +182,9 @@ __global__ void __launch_bounds__(kWarps * kWarp)
   const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * kRows;
   const int64_t hk = h / (p.Hq / p.Hkv);
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  int64_t ql, kl;
-  lengths(p, b, ql, kl);
-  const int64_t off = kl - ql;
-  const int64_t last = min(i0 + kRows, ql) - 1;
-  const int64_t key_end = last >= i0 ? visible_end(last, off, kl) : 0;
-  for (int64_t e = threadIdx.x; e < kRows * D; e += blockDim.x) {
-    const int64_t r = e / D, c = e % D, i = i0 + r;
-    const bool ok = i < p.N;
-    q_s[e] = ok ? static_cast<acc_t>(q[b * sq.b + i * sq.s + h * sq.h + c]) * scale : acc_t(0);
-    do_s[e] = ok ? static_cast<acc_t>(dout[b * sdo.b + i * sdo.s + h * sdo.h + c]) : acc_t(0);
-  }
+  const auto [ql, kl, off, key_end] = block_rows(p, b, i0);
+  load_rows(q, sq, b, h, i0, p.N, D, scale, q_s);
+  load_rows(dout, sdo, b, h, i0, p.N, D, acc_t(1), do_s);
   acc_t g[kRowsPerWarp][COLS];
 #pragma unroll
   for (int r = 0; r < kRowsPerWarp; ++r)

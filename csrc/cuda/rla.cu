@@ -118,13 +118,7 @@ at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tenso
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
     const c10::optional<at::Tensor>& norm_weight, double eps) {
-  const char* op = "rla_backward";
-  check_rla_args(op, x, down, up, norm_weight, eps);
-  COMET_CHECK(grad_y.sizes() == x.sizes(), op, "'grad_y' must have the shape of x ", shape_str(x),
-              ", got ", shape_str(grad_y));
-  check_same_dtype(grad_y, x, op, "grad_y", "x");
-  check_same_device(grad_y, x, op, "grad_y", "x");
-  check_last_contiguous(grad_y, op, "grad_y");
+  check_rla_backward_args("rla_backward", grad_y, x, down, up, norm_weight, eps);
   const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
   const bool has_norm = norm_weight.has_value();
   const auto acc = acc_dtype(x.scalar_type());

@@ -20,17 +20,15 @@ __device__ __forceinline__ acc_t row_dot(const A* a, const B* b, int64_t d, acc_
   return v[0];
 }
 
-// h[k] = sum_i W[k, i] * n[i] for k < r; W (r, d) row-major global, n in shared
-// memory; h in shared memory, visible to all threads on return.
-template <typename acc_t, typename W>
-__device__ __forceinline__ void row_project(const W* w, const acc_t* n, int64_t r, int64_t d,
-                                            acc_t* scratch, acc_t* h) {
+// out[k] = sum_i term(k, i) for k < r, summed over the row by the whole block;
+// out (shared memory) is visible to all threads on return.
+template <typename acc_t, typename Term>
+__device__ __forceinline__ void row_sums(int64_t r, int64_t d, acc_t* scratch, acc_t* out, Term term) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
   __syncthreads();
   for (int64_t k = 0; k < r; ++k) {
     acc_t s = 0;
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-      s += static_cast<acc_t>(w[k * d + i]) * n[i];
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) s += term(k, i);
     s = warp_sum(s);
     if (lane == 0) scratch[k * warps + warp] = s;
   }
@@ -38,9 +36,16 @@ __device__ __forceinline__ void row_project(const W* w, const acc_t* n, int64_t 
   for (int64_t k = threadIdx.x; k < r; k += blockDim.x) {
     acc_t t = 0;
     for (int w2 = 0; w2 < warps; ++w2) t += scratch[k * warps + w2];
-    h[k] = t;
+    out[k] = t;
   }
   __syncthreads();
+}
+
+// h[k] = sum_i W[k, i] * n[i]: W (r, d) global, n in shared memory.
+template <typename acc_t, typename W>
+__device__ __forceinline__ void row_project(const W* w, const acc_t* n, int64_t r, int64_t d,
+                                            acc_t* scratch, acc_t* h) {
+  row_sums(r, d, scratch, h, [&](int64_t k, int64_t i) { return static_cast<acc_t>(w[k * d + i]) * n[i]; });
 }
 
 // sum_k U[i, k] * h[k]: U (d, r) row-major global.
@@ -51,26 +56,13 @@ __device__ __forceinline__ acc_t row_expand(const W* u, const acc_t* h, int64_t 
   return s;
 }
 
-// dh[k] = sum_i U[i, k] * g[i] (U (d, r) global, g a global row).
+// dh[k] = sum_i U[i, k] * g[i]: U (d, r) global, g a global row.
 template <typename acc_t, typename W, typename G>
 __device__ __forceinline__ void row_project_t(const W* u, const G* g, int64_t r, int64_t d,
                                               acc_t* scratch, acc_t* dh) {
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = blockDim.x / kWarp;
-  __syncthreads();
-  for (int64_t k = 0; k < r; ++k) {
-    acc_t s = 0;
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-      s += static_cast<acc_t>(u[i * r + k]) * static_cast<acc_t>(g[i]);
-    s = warp_sum(s);
-    if (lane == 0) scratch[k * warps + warp] = s;
-  }
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < r; k += blockDim.x) {
-    acc_t t = 0;
-    for (int w2 = 0; w2 < warps; ++w2) t += scratch[k * warps + w2];
-    dh[k] = t;
-  }
-  __syncthreads();
+  row_sums(r, d, scratch, dh, [&](int64_t k, int64_t i) {
+    return static_cast<acc_t>(u[i * r + k]) * static_cast<acc_t>(g[i]);
+  });
 }
 
 // Shared memory a row kernel needs: rows of d, vectors of r, reduction scratch.
