@@ -89,7 +89,7 @@ def main() -> None:
     lines += ["", f"Theoretical checkpoint size of one chunk: {THEORY_MB:.2f} MB.", "",
               f"- saved for backward, per chunk: **{saved[True]:.2f} MB with recomputation** "
               f"({saved[True] / THEORY_MB:.2f}x the theory; it also keeps each (layer, chunk) step's memory-state "
-              f"inputs and each chunk's final hidden rows), {saved[False]:.2f} MB without ({saved[False] / saved[True]:.1f}x more)",
+              f"inputs), {saved[False]:.2f} MB without ({saved[False] / saved[True]:.1f}x more)",
               f"- peak RSS growth per chunk: {slopes[True]:.2f} MB with recomputation "
               f"({slopes[True] / THEORY_MB:.2f}x the theory), {slopes[False]:.2f} MB without; RSS also holds "
               "backward's per-chunk gradients and what the CPU allocator does not return", ""]

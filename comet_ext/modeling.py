@@ -524,14 +524,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask)
         B = segs[0].kind.shape[0]
-        hidden = list(xs)
-        for l in range(self.config.num_hidden_layers):
+        targets = self._chunk_targets(labels, sizes, 0) if labels is not None and not return_logits else None
+        hidden, total = list(xs), 0.0
+        last = self.config.num_hidden_layers - 1
+        for l in range(last + 1):
             mem = self._empty_train_memory(B)
             for t, seg in enumerate(segs):
-                hidden[t], *mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute)
-        if labels is not None and not return_logits:
+                out, *mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute,
+                                                 targets[t] if targets is not None and l == last else None)
+                if targets is not None and l == last and targets[t] is not None:
+                    total = total + out  # the chunk's summed loss; its hidden rows are never kept
+                else:
+                    hidden[t] = out
+        if targets is not None:
             count = (labels[:, 1:] != -100).sum().clamp(min=1).to(self.device)
-            return CometOutput(logits=None, loss=self._loss_sum(hidden, segs, sizes, labels, 0, recompute) / count)
+            loss = total / count if isinstance(total, Tensor) else hidden[0].sum() * 0
+            return CometOutput(logits=None, loss=loss)
         logits = self._text_logits(hidden, segs, sizes)
         loss = None
         if labels is not None:
@@ -540,30 +548,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 ignore_index=-100)
         return CometOutput(logits=logits, loss=loss)
 
-    def _loss_sum(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int], labels: Tensor,
-                  first: int, recompute: bool) -> Tensor:
-        """Summed next-token cross-entropy of consecutive chunks whose first text token
-        sits at position `first` of the sequence: logits at position p meet labels[p + 1].
-        Chunk by chunk, each checkpointed with recompute, so only the final hidden
-        rows are kept for backward."""
+    def _chunk_targets(self, labels: Tensor, sizes: Sequence[int], first: int) -> list[Optional[Tensor]]:
+        """Per chunk (consecutive, its first text token at sequence position `first`),
+        the labels its logits meet: logits at position p predict labels[p + 1]. None
+        where a chunk has no label to learn."""
         labels = labels.to(self.device)
-        total, start = 0.0, first
-        for h, seg, n in zip(hidden, segs, sizes):
-            targets = labels[:, start + 1:start + n + 1]
+        out, start = [], first
+        for n in sizes:
+            t = labels[:, start + 1:start + n + 1]
+            out.append(None if t.shape[1] == 0 or bool((t == -100).all()) else t)
             start += n
-            if targets.shape[1] == 0 or bool((targets == -100).all()):
-                continue
-
-            def chunk_loss(h, seg=seg, n=n, targets=targets):
-                logits = self._text_logits([h], [seg], [n])[:, : targets.shape[1]]
-                return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                   targets.reshape(-1), ignore_index=-100, reduction="sum")
-
-            if recompute and torch.is_grad_enabled():
-                total = total + torch.utils.checkpoint.checkpoint(chunk_loss, h, use_reentrant=False)
-            else:
-                total = total + chunk_loss(h)
-        return total if isinstance(total, Tensor) else hidden[0].sum() * 0
+        return out
 
     def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor]):
         """Every closed chunk of a training sequence, planned once: segments, row
@@ -591,12 +586,24 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return segs, xs, ropes, sizes
 
     def _run_train_step(self, l: int, seg: Segment, rope: tuple[Tensor, Tensor], x: Tensor, mem: list[Tensor],
-                        recompute: bool):
-        """_train_step, checkpointed when recompute is on and grad is enabled."""
+                        recompute: bool, targets: Optional[Tensor] = None):
+        """_train_step, checkpointed when recompute is on and grad is enabled. With
+        targets (the last layer), the step ends in the chunk's summed next-token loss,
+        returned instead of the layer output, so the output is never kept."""
         step = functools.partial(self._train_step, l, seg, *rope)
+        if targets is not None:
+            step = functools.partial(self._train_step_loss, step, seg, targets)
         if recompute and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(step, x, *mem, use_reentrant=False)
         return step(x, *mem)
+
+    def _train_step_loss(self, step, seg: Segment, targets: Tensor, x: Tensor, *mem: Tensor):
+        y, *mem = step(x, *mem)
+        n = int(seg.text_rows.shape[1]) if seg.text_rows.numel() else 0
+        logits = self._text_logits([y], [seg], [max(n, targets.shape[1])])[:, : targets.shape[1]]
+        loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+        return (loss, *mem)
 
     def _text_logits(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int]) -> Tensor:
         """Logits of the text rows of consecutive chunks, (B, sum(sizes), vocab)."""

@@ -113,20 +113,26 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     nxt = _global_rank(group, rank + 1) if rank < size - 1 else None
     B = input_ids.shape[0]
     hidden = {t: xs[t] for t in mine}
+    # This rank's positions: logits at text position p predict labels[p + 1].
+    targets = dict(zip(mine, model._chunk_targets(labels, [sizes[t] for t in mine], sum(sizes[: mine.start]))))
     anchor = torch.zeros((), device=model.device, requires_grad=True)
-    ties = []
-    for l in range(model.config.num_hidden_layers):
+    ties, total = [], 0.0
+    last = model.config.num_hidden_layers - 1
+    for l in range(last + 1):
         mem = model._empty_train_memory(B)
         if prev is not None:
             mem = list(_Recv.apply(anchor, prev, group, *mem))
         for t in mine:
-            hidden[t], *mem = model._run_train_step(l, segs[t], ropes[t], hidden[t], mem, recompute)
+            target = targets[t] if l == last else None
+            out, *mem = model._run_train_step(l, segs[t], ropes[t], hidden[t], mem, recompute, target)
+            if target is not None:
+                total = total + out
+            else:
+                hidden[t] = out
         if nxt is not None:
             ties.append(_Send.apply(nxt, group, *mem))
-    # The loss of this rank's positions: logits at text position p predict labels[p + 1].
     count = (labels[:, 1:] != -100).sum().clamp(min=1).to(model.device)
-    loss = model._loss_sum([hidden[t] for t in mine], [segs[t] for t in mine], [sizes[t] for t in mine], labels,
-                           sum(sizes[: mine.start]), recompute) / count
+    loss = total / count if isinstance(total, Tensor) else anchor * 0
     return loss + sum(ties) if ties else loss
 
 
