@@ -1,0 +1,69 @@
+"""The passkey task: haystacks, one run, the CLI and the sweep (on a tiny random model:
+the mechanics, not the accuracy, which belongs to the trained model)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+import comet_ext
+from comet_ext import CometConfig, CometForCausalLM
+from comet_ext.data import byte_tokenizer
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, run_passkey, sweep
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    return CometForCausalLM.from_base(Qwen3ForCausalLM(cfg),
+                                      CometConfig(chunk_size=64, num_global=4, temp_stride=8, temp_budget=16)).eval()
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 1.0])
+def test_haystack_has_the_length_and_the_needle_at_its_depth(tok, depth):
+    hay, question = build_haystack(tok, 2000, depth, "31415")
+    text = tok.decode(hay)
+    assert len(hay) == 2000 and tok.decode(question) == QUESTION
+    at = text.index(NEEDLE.format(key="31415"))
+    assert abs(at / (2000 - len(NEEDLE.format(key="31415"))) - depth) < len(FILLER) / 2000 + 1e-9
+    assert text.count("31415") == 2 and (at == 0 or text[:at].endswith("again. "))
+
+
+def test_bad_haystack_arguments(tok):
+    with pytest.raises(ValueError, match="depth must lie in"):
+        build_haystack(tok, 1000, 1.5, "12345")
+    with pytest.raises(ValueError, match="shorter than the needle"):
+        build_haystack(tok, 10, 0.5, "12345")
+
+
+def test_one_run_reports_every_field(model, tok):
+    record = run_passkey(model, tok, 700, 0.3, seed=1)
+    assert {"length", "depth", "expected", "found", "correct", "seconds", "peak_rss_mb"} <= set(record)
+    assert len(record["expected"]) == 5 and record["length"] == 700
+    assert record["correct"] == (record["found"] == record["expected"])
+
+
+def test_cli_json_and_sweep(model, tok, tmp_path):
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    # Outside the source tree, so the subprocess imports the installed package.
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(comet_ext.__file__)))
+    res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--length",
+                          "500", "--depth", "0.5", "--json"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=env)
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["length"] == 500 and record["depth"] == 0.5
+    result = sweep(model, tok, [300, 600], [0.0, 1.0], samples=2, out=str(tmp_path / "sweep"))
+    assert len(result["cells"]) == 4 and (tmp_path / "sweep" / "passkey_heatmap.png").stat().st_size > 0
