@@ -1,0 +1,122 @@
+"""Train the passkey model from scratch with comet_ext (the shipped demo model's recipe).
+
+    python examples/train_passkey.py --minutes 45 --out comet_ext/models/passkey
+
+A small byte-level Qwen3-style decoder with the CoMeT memory learns to recall a
+5-digit key hidden at a random depth of a filler haystack, with a curriculum
+over the number of chunks (1 -> 2 -> 4 -> 8 -> ...; a stage advances once the
+answer digits are >= 95% right over the last steps). Loss: the answer digits
+plus 0.5 x the LM loss on everything else. Writes the model + tokenizer
+(save_pretrained), train_log.jsonl (a line per step) and train_info.json
+(command, seed, time, final stage) into --out.
+
+Starting facts (a prototype on this machine): start the curriculum at 1 chunk;
+reaching 8 chunks mattered; accuracy decays past the trained length.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+
+import torch
+from torch.nn import functional as F
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from comet_ext import CometConfig, CometForCausalLM
+from comet_ext.data import byte_tokenizer
+from comet_ext.passkey import build_haystack, make_key
+from comet_ext.training import TrainConfig, build_optimizer, lr_factor
+
+
+def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random):
+    """Haystack + question + answer per sample, all of one length; weights: 1 on the
+    answer digits, 0.5 on every other next-token target."""
+    ids, weights, answer_pos = [], [], []
+    for _ in range(batch):
+        key = make_key(rng)
+        answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
+        question = list(tok("What is the pass key? The pass key is", add_special_tokens=False)["input_ids"])
+        length = chunks * chunk_size - len(question) - len(answer)
+        hay, _ = build_haystack(tok, length, rng.random(), key)
+        seq = hay + question + answer
+        w = [0.5] * len(seq)
+        first_digit = len(hay) + len(question) + 1  # after the space
+        for p in range(first_digit, first_digit + 5):
+            w[p] = 1.0
+        ids.append(seq)
+        weights.append(w)
+        answer_pos.append(first_digit)
+    return torch.tensor(ids), torch.tensor(weights), answer_pos
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="runs/passkey")
+    ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget")
+    ap.add_argument("--steps", type=int, default=100000, help="at most this many steps")
+    ap.add_argument("--max-chunks", type=int, default=8)
+    ap.add_argument("--chunk-size", type=int, default=128)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--memory-lr-mult", type=float, default=2.0)
+    ap.add_argument("--advance-at", type=float, default=0.95)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    rng = random.Random(args.seed)
+    tok = byte_tokenizer()
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=640, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+                         tie_word_embeddings=True)
+    comet = CometConfig(chunk_size=args.chunk_size, num_global=16, temp_stride=8, temp_budget=32, rla_rank=8)
+    model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
+    cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,
+                      min_lr_ratio=1.0, max_grad_norm=1.0)
+    opt = build_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+    os.makedirs(args.out, exist_ok=True)
+    log = open(os.path.join(args.out, "train_log.jsonl"), "w")
+    start, chunks, recent = time.time(), 1, []
+    for step in range(args.steps):
+        if time.time() - start > args.minutes * 60:
+            break
+        ids, weights, answer_pos = make_batch(tok, args.batch_size, chunks, args.chunk_size, rng)
+        logits = model(ids, chunk_sizes=[args.chunk_size] * chunks, recompute=True).logits
+        ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                             reduction="none").view(ids.shape[0], -1)
+        w = weights[:, 1:]
+        loss = (ce * w).sum() / w.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            pred = logits.argmax(-1)
+            digits = [(pred[b, p - 1:p + 4] == ids[b, p:p + 5]).float().mean().item() for b, p in enumerate(answer_pos)]
+        recent = (recent + [sum(digits) / len(digits)])[-20:]
+        record = {"step": step + 1, "chunks": chunks, "loss": loss.item(), "digit_acc": recent[-1],
+                  "minutes": (time.time() - start) / 60}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % 10 == 0:
+            print(f"step {step + 1} chunks {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f}",
+                  flush=True)
+        if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
+            chunks, recent = chunks * 2, []
+    log.close()
+    model.eval()
+    model.save_pretrained(args.out)
+    tok.save_pretrained(args.out)
+    with open(os.path.join(args.out, "train_info.json"), "w") as f:
+        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": args.seed,
+                   "minutes": (time.time() - start) / 60, "final_chunks": chunks, "steps": step + 1}, f, indent=1)
+    print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
+
+
+if __name__ == "__main__":
+    main()
