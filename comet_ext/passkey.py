@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .training import peak_memory_mb
+
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
@@ -51,17 +53,6 @@ def build_haystack(tokenizer, length: int, depth: float, key: str) -> tuple[list
     return hay[:at] + needle + hay[at:], _encode(tokenizer, QUESTION)
 
 
-def peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 @torch.no_grad()
 def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, progress: bool = False) -> dict:
     """Reads one haystack and asks for its key. -> the JSON record of the run."""
@@ -78,7 +69,7 @@ def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, prog
     found = match.group(0) if match else answer.strip()
     return {"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
             "correct": found == key, "seconds": seconds, "tokens_per_s": length / read_s,
-            "peak_rss_mb": peak_rss_mb()}
+            "peak_rss_mb": peak_memory_mb(torch.device("cpu"))}
 
 
 def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int, out: str,

@@ -95,6 +95,7 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA peak allocated on a GPU, peak RSS (VmHWM) on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     try:
