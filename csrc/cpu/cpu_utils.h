@@ -100,7 +100,20 @@ inline void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
       for (int64_t i = 0; i < M; ++i) std::fill(C + i * ldc, C + i * ldc + N, 0.0f);
     return;
   }
+#ifdef CPUBLAS_BRGEMM_F32F32F32
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
+#else  // a torch without the fp32 batch-reduce GEMM: plain loops (correct, slower)
+  for (int64_t i = 0; i < M; ++i) {
+    float* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, 0.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float a = A[i * lda + k];
+      const float* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+#endif
 }
 // float64 exists for gradcheck only: a plain loop is enough.
 inline void block_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
