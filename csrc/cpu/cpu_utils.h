@@ -91,6 +91,22 @@ inline void scale_row(acc_t* x, int64_t n, acc_t alpha) {
   for (int64_t c = 0; c < n; ++c) x[c] *= alpha;
 }
 
+// C[M,N] (+)= A[M,K] . B[K,N], all row-major with leading dimensions, as plain loops.
+template <typename T>
+inline void loop_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+                      T* C, int64_t ldc, bool accumulate) {
+  for (int64_t i = 0; i < M; ++i) {
+    T* c = C + i * ldc;
+    if (!accumulate) std::fill(c, c + N, T(0));
+    for (int64_t k = 0; k < K; ++k) {
+      const T a = A[i * lda + k];
+      const T* b = B + k * ldb;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
 // C[M,N] (+)= A[M,K] . B[K,N], all row-major with leading dimensions.
 inline void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
                        const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
@@ -103,30 +119,13 @@ inline void block_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t 
 #ifdef CPUBLAS_BRGEMM_F32F32F32
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, accumulate, A, B, C, /*is_vnni=*/false);
 #else  // a torch without the fp32 batch-reduce GEMM: plain loops (correct, slower)
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    if (!accumulate) std::fill(c, c + N, 0.0f);
-    for (int64_t k = 0; k < K; ++k) {
-      const float a = A[i * lda + k];
-      const float* b = B + k * ldb;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 #endif
 }
-// float64 exists for gradcheck only: a plain loop is enough.
+// float64 exists for gradcheck only: plain loops are enough.
 inline void block_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
                        const double* B, int64_t ldb, double* C, int64_t ldc, bool accumulate) {
-  for (int64_t i = 0; i < M; ++i) {
-    double* c = C + i * ldc;
-    if (!accumulate) std::fill(c, c + N, 0.0);
-    for (int64_t k = 0; k < K; ++k) {
-      const double a = A[i * lda + k];
-      const double* b = B + k * ldb;
-      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-    }
-  }
+  loop_gemm(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // out (cols, rows) = in (rows, cols)^T, both row-major and dense.
