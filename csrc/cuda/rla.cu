@@ -10,6 +10,17 @@
 namespace comet::cuda {
 namespace {
 
+// n = x * rstd * w into shared memory (n = x without a norm weight); returns rstd (1 without).
+template <typename scalar_t, typename acc_t>
+__device__ __forceinline__ acc_t normed_row(const scalar_t* xr, const scalar_t* w, int64_t d, acc_t eps,
+                                            acc_t* scratch, acc_t* n) {
+  acc_t rstd = 1;
+  if (w != nullptr) rstd = rsqrt(row_dot<acc_t>(xr, xr, d, scratch) / d + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
+    n[i] = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+  return rstd;
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kRowThreads)
     rla_forward_kernel(const scalar_t* __restrict__ x,     // (M, d), row stride xs
@@ -24,10 +35,7 @@ __global__ void __launch_bounds__(kRowThreads)
   acc_t* scratch = h + r;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const scalar_t* xr = x + row * xs;
-    acc_t rstd = 1;
-    if (w != nullptr) rstd = rsqrt(row_dot<acc_t>(xr, xr, d, scratch) / d + eps);
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-      n[i] = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+    const acc_t rstd = normed_row(xr, w, d, eps, scratch, n);
     row_project(down, n, r, d, scratch, h);
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
       y[row * d + i] = static_cast<scalar_t>(n[i] + row_expand(up, h, r, i));
@@ -58,10 +66,7 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const scalar_t* xr = x + row * xs;
     const scalar_t* gr = gy + row * gs;
-    acc_t rstd = 1;
-    if (w != nullptr) rstd = rsqrt(row_dot<acc_t>(xr, xr, d, scratch) / d + eps);
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-      n[i] = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+    const acc_t rstd = normed_row(xr, w, d, eps, scratch, n);
     row_project(down, n, r, d, scratch, h);
     row_project_t(up, gr, r, d, scratch, dh);
     // dn_i = dy_i + sum_k down[k, i] dh_k; the weight partials need n, h, dh.
