@@ -4,6 +4,13 @@ peak memory against input length, and decode speed after it.
 
     python bench/bench_e2e.py --device cpu --model-shape tiny --out bench/results/e2e_cpu
     python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b --out $OUT/e2e_gpu   # on a GPU
+    pytest bench/bench_e2e.py --benchmark-only    # the same points under pytest-benchmark
+
+Under pytest, COMET_BENCH_DEVICE (default cpu), COMET_E2E_SHAPE (default tiny)
+and COMET_E2E_LENGTHS (default "4096 16384") choose the points; each point's
+measurements (prefill_s, decode_tok_s, extra_mb, ...) go into the benchmark's
+extra_info, and its timed round is the whole point (its process and model
+build included), so read the ratios from extra_info, not from the timing column.
 
 Every (method, length) point runs in a fresh process (peak memory is per
 process: CUDA peak allocated on GPU, peak RSS on CPU). Models have random
@@ -21,6 +28,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 CHILD = r"""
 import json, sys, time, torch
@@ -108,6 +117,26 @@ def run_point(method: str, length: int, device: str, shape: str, n_new: int, tim
     return {**json.loads(res.stdout.strip().splitlines()[-1]), "status": "ok"}
 
 
+E2E_LIMITS = {"comet": None, "full": 65536, "naive": 16384}  # longest length each method runs by default
+
+
+def _pytest_points() -> list[tuple[str, int]]:
+    lengths = [int(n) for n in os.environ.get("COMET_E2E_LENGTHS", "4096 16384").split()]
+    return [(m, n) for n in lengths for m, limit in E2E_LIMITS.items() if limit is None or n <= limit]
+
+
+@pytest.mark.parametrize("method,length", _pytest_points())
+def test_e2e(benchmark, method, length):
+    device = os.environ.get("COMET_BENCH_DEVICE", "cpu")
+    shape = os.environ.get("COMET_E2E_SHAPE", "tiny")
+    benchmark.group = f"e2e {shape} {length}"
+    point = {}
+    benchmark.pedantic(lambda: point.update(run_point(method, length, device, shape, 128, 3600)),
+                       rounds=1, iterations=1)
+    assert point["status"] == "ok", f"{method} at {length} tokens: {point['status']}"
+    benchmark.extra_info.update(point, device=device, shape=shape)
+
+
 def plot(rows: list[dict], out: str) -> list[str]:
     import matplotlib
 
@@ -141,8 +170,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--model-shape", default="tiny", choices=["tiny", "qwen3-0.6b"])
     ap.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536, 262144, 1048576])
-    ap.add_argument("--full-max", type=int, default=65536)
-    ap.add_argument("--naive-max", type=int, default=16384)
+    ap.add_argument("--full-max", type=int, default=E2E_LIMITS["full"])
+    ap.add_argument("--naive-max", type=int, default=E2E_LIMITS["naive"])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md, .json and _prefill/_peak .png")

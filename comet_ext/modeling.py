@@ -339,9 +339,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ streaming
 
     @torch.no_grad()
-    def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int]) -> tuple[Tensor, Segment]:
+    def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int],
+                     global_memory: bool = True) -> tuple[Tensor, Segment]:
         """Appends `take[b]` tokens (tokens (B, max take)) to each sample's open chunk,
-        through every layer, closing chunks that fill up. -> (final hidden (B, N, d), segment)."""
+        through every layer, closing chunks that fill up. -> (final hidden (B, N, d), segment).
+        global_memory=False: closing chunks leave the (empty) global memory empty."""
         cc = self.comet_config
         open_text = memory.open_text.tolist()
         close = [t > 0 and o + t >= cc.chunk_size for o, t in zip(open_text, take)]
@@ -351,6 +353,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         positions = prefix_lens.unsqueeze(1) + torch.arange(seg.num_rows, device=self.device)
         cos, sin = self._rope(positions)
         closing = seg.closing
+        has_global = memory.has_global | closing if global_memory else memory.has_global
         L = self.config.num_hidden_layers
         for l in range(L):
             x, comp_k, comp_v, readout = self._layer_segment(
@@ -360,8 +363,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 _scatter_rows(memory.pending_v[l], memory.pending, comp_v, seg.comp_count)
             if readout is None:
                 continue
-            state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing)
-            memory.state[l].copy_(state)
+            rows = memory.state[l]  # unread when the global memory is off (has_global stays False)
+            if global_memory:
+                state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing)
+                memory.state[l].copy_(state)
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
             if memory.fifo_k.shape[2]:
                 head, length = memory.fifo_head[l], memory.fifo_len[l]
@@ -370,7 +375,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 ops.fifo_push(memory.fifo_v[l], h0, n0, memory.pending_v[l], counts)
             gk, gv = self._global_kv(l, rows)
             mk, mv, _ = self._memory_rows_kv(
-                l, gk, gv, memory.has_global | closing,
+                l, gk, gv, has_global,
                 (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]))
             n = mk.shape[1]
             memory.kv_k[l, closing, :n] = mk[closing]
@@ -383,9 +388,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         memory.pending += seg.comp_count
         if bool(closing.any()):
             G = self.comet_config.num_global
-            memory.has_global |= closing
+            memory.has_global = has_global
             fifo_len = memory.fifo_len[0]
-            memory.mem_len = torch.where(closing, G + fifo_len, memory.mem_len)
+            memory.mem_len = torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len)
             for t in (memory.open_rows, memory.open_text, memory.pending):
                 t.masked_fill_(closing, 0)
         return x, seg
@@ -393,7 +398,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,
              attention_mask: Optional[Tensor] = None, progress: Optional[bool] = None,
-             return_last_hidden: bool = False):
+             return_last_hidden: bool = False, global_memory: bool = True):
         """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
 
         attention_mask (B, T) marks real tokens (right padding only): samples may
@@ -402,6 +407,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         continues. A tqdm progress bar appears for inputs over 8 chunks unless
         progress=False. Returns the memory (and, with return_last_hidden, the
         final hidden state of each sample's last token, (B, d)).
+
+        global_memory=False is the ablation "temporary memory only": closing
+        chunks do not write the global memory, so only the FIFO carries
+        information across chunks. It needs a memory with no global rows yet.
         """
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
@@ -409,6 +418,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         memory = memory if memory is not None else self.new_memory(B)
         if memory.batch_size != B:
             raise ValueError(f"read: memory holds {memory.batch_size} samples but input_ids has {B}")
+        if not global_memory and bool(memory.has_global.any()):
+            raise ValueError("read: global_memory=False needs a memory without global rows (a fresh one, or "
+                             "one read with global_memory=False)")
         done = [0] * B
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         cs = self.comet_config.chunk_size
@@ -426,7 +438,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             width = max(take)
             idx = torch.tensor(done, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
             tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
-            hidden, seg = self._stream_step(memory, tokens, take)
+            hidden, seg = self._stream_step(memory, tokens, take, global_memory)
             if return_last_hidden:
                 has = seg.text_count > 0
                 rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
@@ -449,7 +461,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                  attention_mask: Optional[Tensor] = None, generation_config=None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, return_memory: bool = False):
+                 generator: Optional[torch.Generator] = None, return_memory: bool = False,
+                 global_memory: bool = True):
         """Decodes from the open chunk, after reading the prompt into the memory.
 
         Follows HF `generate`'s arguments (or a GenerationConfig): greedy or
@@ -461,6 +474,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         update) and a new one begins, so generation length is unbounded at
         constant memory. `memory` is updated in place and afterwards holds every
         returned token, so a later `generate` continues the conversation.
+        global_memory=False continues the "temporary memory only" ablation (see `read`).
         """
         if generation_config is not None:
             g = generation_config
@@ -477,7 +491,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("generate: input_ids (the prompt, e.g. the question after the document "
                              "read into `memory`) is required")
-        memory, last = self.read(input_ids, memory, attention_mask, progress=False, return_last_hidden=True)
+        memory, last = self.read(input_ids, memory, attention_mask, progress=False, return_last_hidden=True,
+                                 global_memory=global_memory)
         B = input_ids.shape[0]
         pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         prompt = input_ids.to(self.device).long()
@@ -495,7 +510,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 break
             step_mask = alive.long().unsqueeze(1)
             memory, step_last = self.read(token.unsqueeze(1), memory, step_mask, progress=False,
-                                          return_last_hidden=True)
+                                          return_last_hidden=True, global_memory=global_memory)
             last = torch.where(alive.unsqueeze(1), step_last, last)
         out = torch.cat([prompt, torch.stack(new, 1)], dim=1) if new else prompt
         return (out, memory) if return_memory else out

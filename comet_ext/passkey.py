@@ -20,6 +20,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .modeling import _atomic_write, _write_json
 from .training import peak_memory_mb
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -27,6 +28,8 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key. "
 QUESTION = "What is the pass key? The pass key is"
 SWEEP_LENGTHS = (4096, 16384, 65536, 262144, 1048576)
 SWEEP_DEPTHS = tuple(i / 10 for i in range(11))
+# The shipped model (examples/train_passkey.py; its log, command and seed lie beside it).
+DEFAULT_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "passkey")
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -54,44 +57,87 @@ def build_haystack(tokenizer, length: int, depth: float, key: str) -> tuple[list
 
 
 @torch.no_grad()
-def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, progress: bool = False) -> dict:
-    """Reads one haystack and asks for its key. -> the JSON record of the run."""
-    key = make_key(random.Random(seed))
-    hay, question = build_haystack(tokenizer, length, depth, key)
-    ids = torch.tensor([hay], device=model.device)
+def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int], progress: bool = False,
+              global_memory: bool = True) -> list[dict]:
+    """Reads one haystack per seed (its key drawn from the seed) as one batch and asks
+    each for its key. -> a JSON record per seed; `seconds` and `tokens_per_s` are the
+    batch's (a haystack of a given length and depth has the same token count for every key).
+    global_memory=False runs the "temporary memory only" ablation."""
+    keys = [make_key(random.Random(seed)) for seed in seeds]
+    rows = [build_haystack(tokenizer, length, depth, key) for key in keys]
+    question = rows[0][1]
+    ids = torch.tensor([hay for hay, _ in rows], device=model.device)
     start = time.perf_counter()
-    memory = model.read(ids, progress=progress)
+    memory = model.read(ids, progress=progress, global_memory=global_memory)
     read_s = time.perf_counter() - start
-    out = model.generate(torch.tensor([question], device=model.device), memory=memory, max_new_tokens=8)
+    prompt = torch.tensor([question] * len(keys), device=model.device)
+    out = model.generate(prompt, memory=memory, max_new_tokens=8, global_memory=global_memory)
     seconds = time.perf_counter() - start
-    answer = tokenizer.decode(out[0, len(question):].tolist())
-    match = re.search(r"\d{5}", answer)
-    found = match.group(0) if match else answer.strip()
-    return {"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
-            "correct": found == key, "seconds": seconds, "tokens_per_s": length / read_s,
-            "peak_rss_mb": peak_memory_mb(torch.device("cpu"))}
+    records = []
+    for seed, key, row in zip(seeds, keys, out[:, len(question):].tolist()):
+        answer = tokenizer.decode(row)
+        match = re.search(r"\d{5}", answer)
+        found = match.group(0) if match else answer.strip()
+        records.append({"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
+                        "correct": found == key, "seconds": seconds, "tokens_per_s": len(keys) * length / read_s,
+                        "batch": len(keys), "global_memory": global_memory,
+                        "peak_rss_mb": peak_memory_mb(torch.device("cpu"))})
+    return records
+
+
+def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, progress: bool = False,
+                global_memory: bool = True) -> dict:
+    """Reads one haystack and asks for its key. -> the JSON record of the run."""
+    return run_batch(model, tokenizer, length, depth, [seed], progress, global_memory)[0]
 
 
 def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int, out: str,
-          seed: int = 0) -> dict:
-    """Accuracy over a grid of lengths x depths (`samples` keys per cell); writes
-    passkey_sweep.json and passkey_heatmap.png into `out`."""
+          seed: int = 0, global_memory: bool = True) -> dict:
+    """Accuracy over a grid of lengths x depths (`samples` keys per cell, read as one
+    batch); writes passkey_sweep.json and passkey_heatmap.png into `out`.
+
+    Resumable: the JSON is rewritten (atomically) after every cell, and a cell already
+    in `out`'s JSON with the same seeds and memory setting is kept, not rerun. So a long
+    sweep can be built up in pieces, e.g. the 1M-token column with fewer samples first.
+    """
     os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "passkey_sweep.json")
+    seeds = list(range(seed, seed + samples))
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            previous = json.load(f)
+        if previous.get("global_memory", True) != global_memory:
+            raise ValueError(f"sweep: {path} holds a sweep with global_memory={previous.get('global_memory')}; "
+                             "use another --out for the ablation")
+        done = {(c["length"], c["depth"]): c for c in previous["cells"]}
     cells = []
     for length in lengths:
         for depth in depths:
-            runs = [run_passkey(model, tokenizer, length, depth, seed=seed + s) for s in range(samples)]
-            cells.append({"length": length, "depth": depth, "accuracy": sum(r["correct"] for r in runs) / samples,
-                          "runs": runs})
-            print(f"length {length:>8} depth {depth:.1f}: {cells[-1]['accuracy']:.0%}", flush=True)
-    result = {"lengths": list(lengths), "depths": list(depths), "samples": samples, "cells": cells}
-    with open(os.path.join(out, "passkey_sweep.json"), "w") as f:
-        json.dump(result, f, indent=1)
+            cell = done.pop((length, depth), None)
+            if cell is None or [r["seed"] for r in cell["runs"]] != seeds:
+                runs = run_batch(model, tokenizer, length, depth, seeds, global_memory=global_memory)
+                cell = {"length": length, "depth": depth, "samples": samples,
+                        "accuracy": sum(r["correct"] for r in runs) / samples, "runs": runs}
+                print(f"length {length:>8} depth {depth:.1f}: {cell['accuracy']:.0%} "
+                      f"({runs[0]['seconds']:.0f} s)", flush=True)
+            cells.append(cell)
+            result = _grid(cells + list(done.values()), global_memory)
+            _atomic_write(path, lambda p: _write_json(p, result))
     heatmap(result, os.path.join(out, "passkey_heatmap.png"))
     return result
 
 
+def _grid(cells: list[dict], global_memory: bool) -> dict:
+    lengths = sorted({c["length"] for c in cells})
+    depths = sorted({c["depth"] for c in cells})
+    cells = sorted(cells, key=lambda c: (c["length"], c["depth"]))
+    return {"lengths": lengths, "depths": depths, "global_memory": global_memory, "cells": cells}
+
+
 def heatmap(result: dict, path: str) -> None:
+    """The accuracy grid as a PNG (depth x length, like the paper's Figure 1); a cell
+    with fewer samples than the most sampled one says how many it has."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,18 +145,23 @@ def heatmap(result: dict, path: str) -> None:
     import numpy as np
 
     lengths, depths = result["lengths"], result["depths"]
-    grid = np.zeros((len(depths), len(lengths)))
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    counts = {}
     for c in result["cells"]:
-        grid[depths.index(c["depth"]), lengths.index(c["length"])] = c["accuracy"]
+        i, j = depths.index(c["depth"]), lengths.index(c["length"])
+        grid[i, j], counts[i, j] = c["accuracy"], len(c["runs"])
+    most = max(counts.values(), default=0)
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.45 * len(depths) + 1.5))
-    im = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
     ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("haystack length (tokens)")
     ax.set_ylabel("needle depth")
-    for i in range(len(depths)):
-        for j in range(len(lengths)):
-            ax.text(j, i, f"{grid[i, j]:.0%}", ha="center", va="center", fontsize=7)
+    for (i, j), n in counts.items():
+        label = f"{grid[i, j]:.0%}" + (f"\nn={n}" if n < most else "")
+        ax.text(j, i, label, ha="center", va="center", fontsize=7)
+    title = "passkey exact match" + ("" if result.get("global_memory", True) else ", temporary memory only")
+    ax.set_title(title + f" ({most} keys per cell)", fontsize=9)
     fig.colorbar(im, ax=ax, label="exact match")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -128,7 +179,8 @@ def load(path: str):
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="comet-passkey", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True, help="a CometForCausalLM folder (with its tokenizer)")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="a CometForCausalLM folder with its tokenizer (default: the shipped passkey model)")
     ap.add_argument("--length", type=int, default=65536, help="haystack length in tokens")
     ap.add_argument("--depth", type=float, default=None, help="needle depth in [0, 1] (default: random)")
     ap.add_argument("--seed", type=int, default=0)
@@ -136,16 +188,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--sweep", action="store_true", help="a grid of lengths x depths, heatmap + JSON")
     ap.add_argument("--samples", type=int, default=10, help="keys per sweep cell")
     ap.add_argument("--lengths", type=int, nargs="+", default=list(SWEEP_LENGTHS))
+    ap.add_argument("--depths", type=float, nargs="+", default=list(SWEEP_DEPTHS))
+    ap.add_argument("--no-global-memory", action="store_true",
+                    help="ablation: the temporary memory (FIFO) only")
     ap.add_argument("--out", default="passkey_results")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.model):
         sys.exit(f"comet-passkey: no model folder at {args.model!r}")
     model, tokenizer = load(args.model)
     if args.sweep:
-        sweep(model, tokenizer, args.lengths, SWEEP_DEPTHS, args.samples, args.out, args.seed)
+        sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
+              global_memory=not args.no_global_memory)
         return
     depth = args.depth if args.depth is not None else random.Random(args.seed).random()
-    record = run_passkey(model, tokenizer, args.length, depth, args.seed, progress=not args.json)
+    record = run_passkey(model, tokenizer, args.length, depth, args.seed, progress=not args.json,
+                         global_memory=not args.no_global_memory)
     if args.json:
         print(json.dumps(record))
     else:

@@ -16,6 +16,7 @@ reaching 8 chunks mattered; accuracy decays past the trained length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -28,6 +29,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
+from comet_ext.modeling import _atomic_write, _write_json
 from comet_ext.passkey import build_haystack, make_key
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
@@ -64,16 +66,34 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--memory-lr-mult", type=float, default=2.0)
     ap.add_argument("--advance-at", type=float, default=0.95)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=2, help="attention heads of head dim 64")
+    ap.add_argument("--review", type=float, default=0.25,
+                    help="probability that a step replays a shorter, already passed stage")
+    ap.add_argument("--init", default=None,
+                    help="start from this checkpoint (e.g. one trained at a smaller --chunk-size) instead of scratch")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = byte_tokenizer()
-    config = Qwen3Config(vocab_size=len(tok), hidden_size=256, intermediate_size=640, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, head_dim=64, max_position_embeddings=4096,
+    config = Qwen3Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 5 // 2,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
                          tie_word_embeddings=True)
     comet = CometConfig(chunk_size=args.chunk_size, num_global=16, temp_stride=8, temp_budget=32, rla_rank=8)
-    model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
+    if args.init:  # only the chunk size may differ: it sets no parameter's shape
+        model = CometForCausalLM.from_pretrained(args.init).train()
+        model.comet_config = dataclasses.replace(model.comet_config, chunk_size=args.chunk_size)
+        if model.comet_config != comet:
+            raise ValueError(f"--init {args.init}: its CoMeT config {model.comet_config} differs from {comet} "
+                             "in more than the chunk size")
+    else:
+        model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
     cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,
                       min_lr_ratio=1.0, max_grad_norm=1.0)
     opt = build_optimizer(model, cfg)
@@ -84,8 +104,10 @@ def main() -> None:
     for step in range(args.steps):
         if time.time() - start > args.minutes * 60:
             break
-        ids, weights, answer_pos = make_batch(tok, args.batch_size, chunks, args.chunk_size, rng)
-        logits = model(ids, chunk_sizes=[args.chunk_size] * chunks, recompute=True).logits
+        # Replaying a passed stage now and then keeps the short-range skills (in-chunk copying).
+        n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
+        ids, weights, answer_pos = make_batch(tok, args.batch_size, n, args.chunk_size, rng)
+        logits = model(ids, chunk_sizes=[args.chunk_size] * n, recompute=True).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
         w = weights[:, 1:]
@@ -98,24 +120,32 @@ def main() -> None:
         with torch.no_grad():
             pred = logits.argmax(-1)
             digits = [(pred[b, p - 1:p + 4] == ids[b, p:p + 5]).float().mean().item() for b, p in enumerate(answer_pos)]
-        recent = (recent + [sum(digits) / len(digits)])[-20:]
-        record = {"step": step + 1, "chunks": chunks, "loss": loss.item(), "digit_acc": recent[-1],
+        acc = sum(digits) / len(digits)
+        if n == chunks:
+            recent = (recent + [acc])[-20:]
+        record = {"step": step + 1, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
                   "minutes": (time.time() - start) / 60}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % 10 == 0:
-            print(f"step {step + 1} chunks {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f}",
-                  flush=True)
+        if (step + 1) % 10 == 0 and recent:
+            print(f"step {step + 1} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f} "
+                  f"({record['minutes']:.1f} min)", flush=True)
         if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
+            save(model, tok, args, start, chunks, step + 1)  # the last passed stage survives a cut-off run
             chunks, recent = chunks * 2, []
     log.close()
+    save(model, tok, args, start, chunks, step + 1)
+    print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
+
+
+def save(model, tok, args, start: float, chunks: int, steps: int) -> None:
     model.eval()
     model.save_pretrained(args.out)
+    model.train()
     tok.save_pretrained(args.out)
-    with open(os.path.join(args.out, "train_info.json"), "w") as f:
-        json.dump({"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": args.seed,
-                   "minutes": (time.time() - start) / 60, "final_chunks": chunks, "steps": step + 1}, f, indent=1)
-    print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
+    info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": args.seed,
+            "minutes": (time.time() - start) / 60, "chunks": chunks, "steps": steps}
+    _atomic_write(os.path.join(args.out, "train_info.json"), lambda p: _write_json(p, info))
 
 
 if __name__ == "__main__":

@@ -85,6 +85,32 @@ def test_ragged_batch_equals_samples_alone():
         assert int(batch_mem.tokens[b]) == n
 
 
+def test_without_global_memory_nothing_else_carries_information():
+    """The ablation switch: with the FIFO off as well, inputs that differ only in an
+    earlier chunk continue identically without the global memory, differently with it.
+    (With the FIFO on, information also flows on through chains of compression rows.)"""
+    model = tiny_comet("qwen3", temp_stride=-1)
+    tail = ids(1, 50, seed=11)
+    a, b = torch.cat([ids(1, 16, seed=12), tail], 1), torch.cat([ids(1, 16, seed=13), tail], 1)
+    prompt = ids(1, 3, seed=14)
+
+    def continuation(x, global_memory):
+        mem = model.read(x, global_memory=global_memory)
+        out = model.generate(prompt, mem, max_new_tokens=4, global_memory=global_memory, return_memory=True)[1]
+        _, last = model.read(prompt, out, return_last_hidden=True, global_memory=global_memory)
+        return mem, last
+
+    mem_a, off_a = continuation(a, False)
+    _, off_b = continuation(b, False)
+    assert not bool(mem_a.has_global.any()) and not bool(mem_a.mem_len.any()) and not bool(mem_a.state.any())
+    torch.testing.assert_close(off_a, off_b, rtol=0, atol=0)
+    _, on_a = continuation(a, True)
+    _, on_b = continuation(b, True)
+    assert (on_a - on_b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="global_memory=False needs a memory without global rows"):
+        model.read(prompt, model.read(a), global_memory=False)
+
+
 def test_memory_size_does_not_grow_with_input():
     model = tiny_comet("llama")
     short = model.read(ids(1, 20))

@@ -14,7 +14,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import comet_ext
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, run_passkey, sweep
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, run_batch, run_passkey, sweep
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +55,14 @@ def test_one_run_reports_every_field(model, tok):
     assert record["correct"] == (record["found"] == record["expected"])
 
 
+def test_a_batch_finds_what_each_sample_finds_alone(model, tok):
+    batch = run_batch(model, tok, 400, 0.6, seeds=[3, 4, 5])
+    assert [r["seed"] for r in batch] == [3, 4, 5] and len({r["expected"] for r in batch}) == 3
+    for r in batch:
+        alone = run_passkey(model, tok, 400, 0.6, seed=r["seed"])
+        assert (alone["expected"], alone["found"]) == (r["expected"], r["found"])
+
+
 def test_cli_json_and_sweep(model, tok, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
@@ -67,3 +75,24 @@ def test_cli_json_and_sweep(model, tok, tmp_path):
     assert record["length"] == 500 and record["depth"] == 0.5
     result = sweep(model, tok, [300, 600], [0.0, 1.0], samples=2, out=str(tmp_path / "sweep"))
     assert len(result["cells"]) == 4 and (tmp_path / "sweep" / "passkey_heatmap.png").stat().st_size > 0
+    res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--sweep",
+                          "--lengths", "300", "--depths", "0.5", "--samples", "2", "--no-global-memory",
+                          "--out", str(tmp_path / "ablation")], capture_output=True, text=True, check=True,
+                         cwd=tmp_path, env=env)
+    ablation = json.loads((tmp_path / "ablation" / "passkey_sweep.json").read_text())
+    assert ablation["global_memory"] is False and [c["depth"] for c in ablation["cells"]] == [0.5]
+    assert all(r["global_memory"] is False for r in ablation["cells"][0]["runs"])
+
+
+def test_sweep_resumes_and_keeps_finished_cells(model, tok, tmp_path):
+    out = str(tmp_path / "sweep")
+    first = sweep(model, tok, [300], [0.0, 0.5], samples=2, out=out)
+    again = sweep(model, tok, [300, 400], [0.5], samples=2, out=out)
+    kept = {(c["length"], c["depth"]): c for c in again["cells"]}
+    assert again["lengths"] == [300, 400] and again["depths"] == [0.0, 0.5] and len(again["cells"]) == 3
+    for c in first["cells"]:  # the same records, not a rerun (a rerun's timings would differ)
+        assert kept[c["length"], c["depth"]]["runs"] == c["runs"]
+    more = sweep(model, tok, [300], [0.0], samples=3, out=out)  # other seeds: rerun
+    assert len(next(c for c in more["cells"] if (c["length"], c["depth"]) == (300, 0.0))["runs"]) == 3
+    with pytest.raises(ValueError, match="global_memory=True; use another --out"):
+        sweep(model, tok, [300], [0.0], samples=2, out=out, global_memory=False)
