@@ -1,17 +1,24 @@
 """Train the passkey model from scratch with comet_ext (the shipped demo model's recipe).
 
-    python examples/train_passkey.py --minutes 45 --out comet_ext/models/passkey
+    python examples/train_passkey.py --minutes 45 --out runs/passkey
+    python examples/train_passkey.py --init runs/passkey --start-stage 4 --out runs/passkey-more   # go on
 
-A small byte-level Qwen3-style decoder with the CoMeT memory learns to recall a
-5-digit key hidden at a random depth of a filler haystack, with a curriculum
-over the number of chunks (1 -> 2 -> 4 -> 8 -> ...; a stage advances once the
-answer digits are >= 95% right over the last steps). Loss: the answer digits
-plus 0.5 x the LM loss on everything else. Writes the model + tokenizer
-(save_pretrained), train_log.jsonl (a line per step) and train_info.json
-(command, seed, time, final stage) into --out.
+A small byte-level Qwen3-style decoder (4 layers, hidden 256, 4 heads) with the
+CoMeT memory learns to recall a 5-digit key hidden at a random depth of a filler
+haystack, with a curriculum over the number of chunks (1 -> 2 -> 4 -> 8 -> ...;
+a stage advances once the answer digits are >= 95% right over its last 20 steps,
+and a quarter of the steps replay a passed stage). Loss: the answer digits plus
+0.5 x the LM loss on everything else. The question lands anywhere in the last
+chunk — often at its very start, as in a haystack of a power-of-two length, where
+only the memory holds the key. Writes the model + tokenizer (save_pretrained),
+train_log.jsonl (a line per step) and train_info.json (command, seed, time,
+stage) into --out, also each time a stage is passed.
 
-Starting facts (a prototype on this machine): start the curriculum at 1 chunk;
-reaching 8 chunks mattered; accuracy decays past the trained length.
+What we learnt on a 2-core CPU: start the curriculum at 1 chunk (from 2 the
+answer loss sits at chance) and at a chunk size of 128 (at 256, and with hidden
+128, stage 1 was still at chance after 400-1000 steps; a 256 run warm-started
+from a 128 checkpoint learns); a question always at the end of a full chunk
+teaches a model that fails when the question starts a chunk.
 """
 from __future__ import annotations
 
@@ -30,20 +37,28 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
-from comet_ext.passkey import build_haystack, make_key
+from comet_ext.passkey import NEEDLE, QUESTION, build_haystack, make_key
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random):
-    """Haystack + question + answer per sample, all of one length; weights: 1 on the
-    answer digits, 0.5 on every other next-token target."""
+    """Haystack + question + answer per sample, all of one length, ending a last chunk
+    that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
+    every other next-token target), the answer's first positions, the chunk sizes.
+
+    The question lands anywhere in the last chunk, and a quarter of the time at its very
+    start: that is where it lands when a haystack fills whole chunks (any power-of-two
+    length), with nothing of the haystack in its own chunk."""
+    question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
+    qa = len(question) + 7  # + the answer " NNNNN."
+    lowest = qa if chunks > 1 else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
+    last = lowest if chunks > 1 and rng.random() < 0.25 else rng.randint(lowest, chunk_size)
+    sizes = [chunk_size] * (chunks - 1) + [last]
     ids, weights, answer_pos = [], [], []
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
-        question = list(tok("What is the pass key? The pass key is", add_special_tokens=False)["input_ids"])
-        length = chunks * chunk_size - len(question) - len(answer)
-        hay, _ = build_haystack(tok, length, rng.random(), key)
+        hay, _ = build_haystack(tok, sum(sizes) - qa, rng.random(), key)
         seq = hay + question + answer
         w = [0.5] * len(seq)
         first_digit = len(hay) + len(question) + 1  # after the space
@@ -52,7 +67,7 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
         ids.append(seq)
         weights.append(w)
         answer_pos.append(first_digit)
-    return torch.tensor(ids), torch.tensor(weights), answer_pos
+    return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
 
 
 def main() -> None:
@@ -66,13 +81,16 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--memory-lr-mult", type=float, default=2.0)
     ap.add_argument("--advance-at", type=float, default=0.95)
-    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=2, help="attention heads of head dim 64")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads of head dim 64")
     ap.add_argument("--review", type=float, default=0.25,
                     help="probability that a step replays a shorter, already passed stage")
     ap.add_argument("--init", default=None,
                     help="start from this checkpoint (e.g. one trained at a smaller --chunk-size) instead of scratch")
+    ap.add_argument("--start-stage", type=int, default=1,
+                    help="chunks of the first curriculum stage (with --init: skip the stages it has passed)")
+    ap.add_argument("--save-every", type=float, default=10.0, help="also save every this many minutes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -100,14 +118,15 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
-    start, chunks, recent = time.time(), 1, []
+    start, chunks, recent = time.time(), args.start_stage, []
+    last_save, passed = start, 0  # passed: the longest stage this run has passed
     for step in range(args.steps):
         if time.time() - start > args.minutes * 60:
             break
         # Replaying a passed stage now and then keeps the short-range skills (in-chunk copying).
         n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
-        ids, weights, answer_pos = make_batch(tok, args.batch_size, n, args.chunk_size, rng)
-        logits = model(ids, chunk_sizes=[args.chunk_size] * n, recompute=True).logits
+        ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng)
+        logits = model(ids, chunk_sizes=sizes, recompute=True).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
         w = weights[:, 1:]
@@ -131,20 +150,25 @@ def main() -> None:
             print(f"step {step + 1} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f} "
                   f"({record['minutes']:.1f} min)", flush=True)
         if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
-            save(model, tok, args, start, chunks, step + 1)  # the last passed stage survives a cut-off run
+            passed = chunks
+            save(model, tok, args, start, step + 1, chunks, passed)  # a cut-off run keeps what it learnt
             chunks, recent = chunks * 2, []
+            last_save = time.time()
+        elif time.time() - last_save > args.save_every * 60:
+            save(model, tok, args, start, step + 1, chunks, passed)
+            last_save = time.time()
     log.close()
-    save(model, tok, args, start, chunks, step + 1)
+    save(model, tok, args, start, step + 1, chunks, passed)
     print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
 
 
-def save(model, tok, args, start: float, chunks: int, steps: int) -> None:
+def save(model, tok, args, start: float, steps: int, stage: int, passed: int) -> None:
     model.eval()
     model.save_pretrained(args.out)
     model.train()
     tok.save_pretrained(args.out)
     info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": args.seed,
-            "minutes": (time.time() - start) / 60, "chunks": chunks, "steps": steps}
+            "minutes": (time.time() - start) / 60, "steps": steps, "stage": stage, "passed_stage": passed}
     _atomic_write(os.path.join(args.out, "train_info.json"), lambda p: _write_json(p, info))
 
 
