@@ -14,7 +14,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import comet_ext
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, run_batch, run_passkey, sweep
+from comet_ext.passkey import (DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, load, run_batch, run_passkey,
+                               sweep)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,16 @@ def test_sweep_resumes_and_keeps_finished_cells(model, tok, tmp_path):
     assert len(next(c for c in more["cells"] if (c["length"], c["depth"]) == (300, 0.0))["runs"]) == 3
     with pytest.raises(ValueError, match="global_memory=True; use another --out"):
         sweep(model, tok, [300], [0.0], samples=2, out=out, global_memory=False)
+
+
+def test_the_shipped_model_answers_from_its_memory():
+    """The packaged default model (comet_ext/models/passkey/TRAINING.md): the question starts a
+    chunk of its own, so the key can only come from the memory. Within its trained length
+    it is right: every key after a one-chunk haystack, nearly every key after three."""
+    model, tokenizer = load(DEFAULT_MODEL)
+    cs = model.comet_config.chunk_size
+    for depth in (0.0, 0.5, 1.0):
+        runs = run_batch(model, tokenizer, cs, depth, seeds=range(10))
+        assert all(r["correct"] for r in runs), [(r["expected"], r["found"]) for r in runs]
+    runs = run_batch(model, tokenizer, 3 * cs, 0.0, seeds=range(10))
+    assert sum(r["correct"] for r in runs) >= 8, [(r["expected"], r["found"]) for r in runs]
