@@ -153,7 +153,7 @@ def heatmap(result: dict, path: str) -> None:
     most = max(counts.values(), default=0)
     fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2, 0.45 * len(depths) + 1.5))
     im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-    ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" for n in lengths])
+    ax.set_xticks(range(len(lengths)), [_tokens(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
     ax.set_xlabel("haystack length (tokens)")
     ax.set_ylabel("needle depth")
@@ -166,6 +166,14 @@ def heatmap(result: dict, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _tokens(n: int) -> str:
+    """1048576 -> 1M, 4096 -> 4k, 512 -> 512."""
+    for shift, unit in ((20, "M"), (10, "k")):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
 
 
 def load(path: str):
