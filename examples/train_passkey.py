@@ -50,7 +50,7 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     start: that is where it lands when a haystack fills whole chunks (any power-of-two
     length), with nothing of the haystack in its own chunk."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
-    qa = len(question) + 7  # + the answer " NNNNN."
+    qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     lowest = qa if chunks > 1 else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
     last = lowest if chunks > 1 and rng.random() < 0.25 else rng.randint(lowest, chunk_size)
     sizes = [chunk_size] * (chunks - 1) + [last]
