@@ -41,18 +41,18 @@ from comet_ext.passkey import NEEDLE, QUESTION, build_haystack, make_key
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
-def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random):
+def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
 
-    The question lands anywhere in the last chunk, and a quarter of the time at its very
-    start: that is where it lands when a haystack fills whole chunks (any power-of-two
+    The question lands anywhere in the last chunk, and with probability `at_start` at its
+    very start: that is where it lands when a haystack fills whole chunks (any power-of-two
     length), with nothing of the haystack in its own chunk."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     lowest = qa if chunks > 1 else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
-    last = lowest if chunks > 1 and rng.random() < 0.25 else rng.randint(lowest, chunk_size)
+    last = lowest if chunks > 1 and rng.random() < at_start else rng.randint(lowest, chunk_size)
     sizes = [chunk_size] * (chunks - 1) + [last]
     ids, weights, answer_pos = [], [], []
     for _ in range(batch):
@@ -90,6 +90,10 @@ def main() -> None:
                     help="start from this checkpoint (e.g. one trained at a smaller --chunk-size) instead of scratch")
     ap.add_argument("--start-stage", type=int, default=1,
                     help="chunks of the first curriculum stage (with --init: skip the stages it has passed)")
+    ap.add_argument("--question-at-start", type=float, default=0.25,
+                    help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
+    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
+                    help="activation recomputation per (layer, chunk): less memory, about 1/3 more compute")
     ap.add_argument("--save-every", type=float, default=10.0, help="also save every this many minutes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
@@ -125,8 +129,9 @@ def main() -> None:
             break
         # Replaying a passed stage now and then keeps the short-range skills (in-chunk copying).
         n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
-        ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng)
-        logits = model(ids, chunk_sizes=sizes, recompute=True).logits
+        ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
+                                                     args.question_at_start)
+        logits = model(ids, chunk_sizes=sizes, recompute=args.recompute).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
         w = weights[:, 1:]
