@@ -4,10 +4,14 @@ without recomputation (comet_ext.training's recompute=True checkpoints each
 
     python bench/bench_training_memory.py --out bench/results/training_memory_cpu.md
 
-Each (chunks, recompute) point runs in a fresh process; peak RSS growth over
-the model's own footprint is the step's memory. The slope per chunk is compared
-with the theoretical checkpoint size of one chunk: batch x rows x hidden x
-layers x bytes (rows = text + compression + readout rows of a chunk).
+Each (chunks, recompute, measure) point runs in a fresh process. Three measures
+of a step's memory: what autograd keeps for backward; the peak of live tensor
+bytes (every CPU allocation and free, from torch.profiler's memory events —
+what torch.cuda.max_memory_allocated is on a GPU); and the peak RSS growth over
+the model's own footprint, with glibc's default malloc and with a fixed mmap
+threshold (MALLOC_MMAP_THRESHOLD_, so freed tensors go back to the system). The
+slope per chunk is compared with the theoretical checkpoint size of one chunk:
+batch x rows x hidden x layers x bytes (rows = text + compression + readout rows).
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import json, sys, torch
 from comet_ext import CometConfig, CometForCausalLM
 from transformers import Qwen3Config, Qwen3ForCausalLM
 torch.manual_seed(0)
-chunks, recompute = int(sys.argv[1]), sys.argv[2] == "1"
+chunks, recompute, measure = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3]
 cfg = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192)
 comet = CometConfig(chunk_size=256, num_global=32, temp_stride=8, temp_budget=64, rla_rank=8)
@@ -33,22 +37,36 @@ model = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), comet).train()
 x = torch.randint(0, 256, (2, chunks * 256))
 model(x[:, :256], labels=x[:, :256], recompute=recompute, return_logits=False).loss.backward()  # warm-up: allocator, grads
 model.zero_grad(set_to_none=False)
-def kb(field):
-    for line in open("/proc/self/status"):
-        if line.startswith(field):
-            return int(line.split()[1])
-seen = {}
-def pack(t):  # what autograd keeps for backward, each storage once
-    seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    return t
-open("/proc/self/clear_refs", "w").write("5")
-before = kb("VmRSS:")
-with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-    loss = model(x, labels=x, recompute=recompute, return_logits=False).loss
-loss.backward()
-print(json.dumps({"chunks": chunks, "recompute": recompute, "peak_extra_mb": (kb("VmHWM:") - before) / 1024,
-                  "saved_mb": sum(seen.values()) / 2**20}))
+step = lambda: model(x, labels=x, recompute=recompute, return_logits=False).loss.backward()
+if measure == "saved":  # what autograd keeps for backward, each storage once
+    from comet_ext.training import saved_for_backward_mb
+    mb = saved_for_backward_mb(lambda: model(x, labels=x, recompute=recompute, return_logits=False).loss)
+elif measure == "live":  # allocations inside an op count towards it (self), in time order
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    mb = peak / 2**20
+else:  # peak RSS growth
+    def kb(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kb("VmRSS:")
+    step()
+    mb = (kb("VmHWM:") - before) / 1024
+print(json.dumps({"chunks": chunks, "recompute": recompute, "measure": measure, "mb": mb}))
 """
+MEASURES = {  # name -> (child measure, extra environment, column title)
+    "saved": ("saved", {}, "saved for backward"),
+    "live": ("live", {}, "peak live tensors"),
+    "rss": ("rss", {}, "peak RSS growth"),
+    "rss_mmap": ("rss", {"MALLOC_MMAP_THRESHOLD_": "131072"}, "peak RSS growth, fixed mmap threshold"),
+}
 ROWS = 256 + 32 + 32  # text + compression (256 / 8) + readout rows of a chunk
 THEORY_MB = 2 * ROWS * 256 * 4 * 4 / 2**20  # batch x rows x hidden x layers x fp32
 
@@ -61,44 +79,51 @@ def main() -> None:
     rows = []
     for recompute in (True, False):
         for n in args.chunks:
-            res = subprocess.run([sys.executable, "-c", CHILD, str(n), "1" if recompute else "0"],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-    def slope(recompute: bool, field: str) -> float:
-        pts = [(r["chunks"], r[field]) for r in rows if r["recompute"] == recompute]
-        return float(np.polyfit([p[0] for p in pts], [p[1] for p in pts], 1)[0])
+            for name, (measure, env, _) in MEASURES.items():
+                res = subprocess.run([sys.executable, "-c", CHILD, str(n), "1" if recompute else "0", measure],
+                                     capture_output=True, text=True, check=True, env={**os.environ, **env})
+                rows.append({**json.loads(res.stdout.strip().splitlines()[-1]), "name": name})
+                print(rows[-1], flush=True)
 
-    slopes = {rc: slope(rc, "peak_extra_mb") for rc in (True, False)}
-    saved = {rc: slope(rc, "saved_mb") for rc in (True, False)}
+    def value(recompute: bool, n: int, name: str) -> float:
+        return next(r["mb"] for r in rows if r["recompute"] == recompute and r["chunks"] == n and r["name"] == name)
+
+    def slope(recompute: bool, name: str) -> float:
+        return float(np.polyfit(args.chunks, [value(recompute, n, name) for n in args.chunks], 1)[0])
+
+    slopes = {(rc, name): slope(rc, name) for rc in (True, False) for name in MEASURES}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from report import commit, machine
 
+    titles = [title for _, _, title in MEASURES.values()]
     lines = ["# Training-step activation memory against chunks (CPU)", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}", f"- commit: {commit()}",
              f"- command: `python bench/bench_training_memory.py --out {args.out}`",
              "- model: tiny Qwen3 (hidden 256, 4 layers), batch 2, chunks of 256 tokens, 32 global slots, "
-             "FIFO 64, stride 8; fp32", "",
-             "| chunks | recompute: peak RSS growth (MB) | saved for backward (MB) "
-             "| no recompute: peak RSS growth (MB) | saved for backward (MB) |", "|---|---|---|---|---|"]
+             "FIFO 64, stride 8; fp32", "- fixed mmap threshold: `MALLOC_MMAP_THRESHOLD_=131072` (glibc)", "",
+             "All in MB.", "",
+             "| chunks | " + " | ".join(f"recompute: {t}" for t in titles) + " | "
+             + " | ".join(f"no recompute: {t}" for t in titles) + " |",
+             "|---" * (1 + 2 * len(titles)) + "|"]
     for n in args.chunks:
-        a = next(r for r in rows if r["chunks"] == n and r["recompute"])
-        b = next(r for r in rows if r["chunks"] == n and not r["recompute"])
-        lines.append(f"| {n} | {a['peak_extra_mb']:.1f} | {a['saved_mb']:.1f} | {b['peak_extra_mb']:.1f} "
-                     f"| {b['saved_mb']:.1f} |")
+        cells = [f"{value(rc, n, name):.1f}" for rc in (True, False) for name in MEASURES]
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", f"Theoretical checkpoint size of one chunk: {THEORY_MB:.2f} MB.", "",
-              f"- saved for backward, per chunk: **{saved[True]:.2f} MB with recomputation** "
-              f"({saved[True] / THEORY_MB:.2f}x the theory; it also keeps each (layer, chunk) step's memory-state "
-              f"inputs), {saved[False]:.2f} MB without ({saved[False] / saved[True]:.1f}x more)",
-              f"- peak RSS growth per chunk: {slopes[True]:.2f} MB with recomputation "
-              f"({slopes[True] / THEORY_MB:.2f}x the theory), {slopes[False]:.2f} MB without; RSS also holds "
-              "backward's per-chunk gradients and what the CPU allocator does not return", ""]
+              "Growth per chunk (slope of a least-squares line), as a multiple of the theory:", "",
+              "| measure | recompute | no recompute |", "|---|---|---|"]
+    for name, (_, _, title) in MEASURES.items():
+        lines.append(f"| {title} | {slopes[(True, name)]:.2f} MB = **{slopes[(True, name)] / THEORY_MB:.2f}x** "
+                     f"| {slopes[(False, name)]:.2f} MB = {slopes[(False, name)] / THEORY_MB:.2f}x |")
+    lines += ["", "With recomputation a step keeps per chunk each layer's input rows, the global state and the "
+              "chunk's FIFO piece (comet_ext/train_memory.py); the live-tensor peak adds the gradients backward holds "
+              "at once. glibc's default malloc keeps freed blocks, so RSS grows faster than the live tensors unless "
+              "the mmap threshold is fixed.", ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"points": rows, "rss_slope_mb_per_chunk": {"recompute": slopes[True], "plain": slopes[False]},
-                   "saved_slope_mb_per_chunk": {"recompute": saved[True], "plain": saved[False]},
-                   "theory_mb_per_chunk": THEORY_MB}, f, indent=1)
+        json.dump({"points": rows, "theory_mb_per_chunk": THEORY_MB,
+                   "slope_mb_per_chunk": {f"{'recompute' if rc else 'plain'}/{name}": v
+                                          for (rc, name), v in slopes.items()}}, f, indent=1)
     print("\n".join(lines))
 
 

@@ -44,6 +44,11 @@ class CometConfig:
     def uses_temp_memory(self) -> bool:
         return self.temp_stride != -1 and self.temp_budget > 0
 
+    @property
+    def fifo_capacity(self) -> int:
+        """Rows of the FIFO: temp_budget, or 0 without temporary memory."""
+        return self.temp_budget if self.uses_temp_memory else 0
+
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
 

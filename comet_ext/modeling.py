@@ -30,6 +30,7 @@ from . import ops
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .memory import CometMemory
+from .train_memory import FifoWindow, TrainMemory
 from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
 
 CONFIG_NAME = "config.json"
@@ -252,7 +253,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """An empty memory for a batch: nothing read yet."""
         c, cc = self.config, self.comet_config
         L, G, D = c.num_hidden_layers, cc.num_global, self._head_dim()
-        C = cc.temp_budget if cc.uses_temp_memory else 0
+        C = cc.fifo_capacity
         Hkv, d = c.num_key_value_heads, c.hidden_size
         # The open chunk's rows, and the closing segment's readout rows after them.
         open_cap = cc.chunk_size + max_compression_rows(cc) + G
@@ -278,17 +279,26 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                         fifo: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Keys / values of layer l's memory rows, packed per sample: the global rows
         (positions 0..G-1) if the sample has them, then its FIFO rows (positions G..).
+        fifo: the ring (k, v (B, C, Hkv, D) pre-RoPE, head, length).
         -> k, v (B, G + C, Hkv, D), RoPE'd; mem_len (B,)."""
         fifo_k, fifo_v, head, length = fifo
-        G, C = global_k.shape[1], fifo_k.shape[1]
-        if C:
-            cos, sin = self._rope(torch.arange(G, G + C, device=self.device).unsqueeze(0))
-            tk = ops.fifo_view(fifo_k, head, length, cos[0], sin[0])
-            tv = ops.fifo_view(fifo_v, head, length)
-        else:
-            tk, tv = fifo_k, fifo_v
-        n_global = has_global.long() * G
-        return (pack_keys(global_k, n_global, tk, length), pack_keys(global_v, n_global, tv, length),
+        if fifo_k.shape[1]:
+            cos, sin = self._fifo_rope(global_k.shape[1], fifo_k.shape[1])
+            fifo_k, fifo_v = ops.fifo_view(fifo_k, head, length, cos, sin), ops.fifo_view(fifo_v, head, length)
+        return self._pack_memory_kv(global_k, global_v, has_global, fifo_k, fifo_v, length)
+
+    def _fifo_rope(self, num_global: int, rows: int) -> tuple[Tensor, Tensor]:
+        """RoPE tables (rows, D) of FIFO rows 0.., at positions num_global.. (after the global rows)."""
+        cos, sin = self._rope(torch.arange(num_global, num_global + rows, device=self.device).unsqueeze(0))
+        return cos[0], sin[0]
+
+    @staticmethod
+    def _pack_memory_kv(global_k: Tensor, global_v: Tensor, has_global: Tensor, fifo_k: Tensor, fifo_v: Tensor,
+                        length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per sample its global rows (if it has them), then its FIFO rows (B, C, Hkv, D), oldest
+        first, RoPE'd -> packed k, v (B, G + C, Hkv, D), mem_len (B,)."""
+        n_global = has_global.long() * global_k.shape[1]
+        return (pack_keys(global_k, n_global, fifo_k, length), pack_keys(global_v, n_global, fifo_v, length),
                 n_global + length)
 
     def _global_kv(self, l: int, memory_rows: Tensor) -> tuple[Tensor, Tensor]:
@@ -543,10 +553,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         hidden, total = list(xs), 0.0
         last = self.config.num_hidden_layers - 1
         for l in range(last + 1):
-            mem = self._empty_train_memory(B)
+            mem = self._train_memory(B)
             for t, seg in enumerate(segs):
-                out, *mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute,
-                                                 targets[t] if targets is not None and l == last else None)
+                out, mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute,
+                                                targets[t] if targets is not None and l == last else None)
                 if targets is not None and l == last and targets[t] is not None:
                     total = total + out  # the chunk's summed loss; its hidden rows are never kept
                 else:
@@ -584,7 +594,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         sizes = self._chunk_sizes(chunk_sizes, T)
         lengths = self._lengths(attention_mask, B, T).tolist()
         cc = self.comet_config
-        C = cc.temp_budget if cc.uses_temp_memory else 0
+        C = cc.fifo_capacity
         dev = self.device
         segs, xs, ropes, start = [], [], [], 0
         has_global, fifo_len = [False] * B, [0] * B
@@ -600,17 +610,26 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             start += n
         return segs, xs, ropes, sizes
 
-    def _run_train_step(self, l: int, seg: Segment, rope: tuple[Tensor, Tensor], x: Tensor, mem: list[Tensor],
-                        recompute: bool, targets: Optional[Tensor] = None):
-        """_train_step, checkpointed when recompute is on and grad is enabled. With
-        targets (the last layer), the step ends in the chunk's summed next-token loss,
-        returned instead of the layer output, so the output is never kept."""
+    def _run_train_step(self, l: int, seg: Segment, rope: tuple[Tensor, Tensor], x: Tensor, mem: TrainMemory,
+                        recompute: bool, targets: Optional[Tensor] = None) -> tuple[Tensor, TrainMemory]:
+        """_train_step, checkpointed when recompute is on and grad is enabled: layer l over
+        one chunk -> (its output, layer l's memory after it). With targets (the last layer),
+        the step ends in the chunk's summed next-token loss, returned instead of the layer
+        output, so the output is never kept."""
+        heads, lengths = mem.fifo.layout()
+        dev = self.device
+        head, length = torch.tensor(heads, device=dev), torch.tensor(lengths, device=dev)
+        kv = mem.fifo.tensors()
         step = functools.partial(self._train_step, l, seg, *rope)
         if targets is not None:
             step = functools.partial(self._train_step_loss, step, seg, targets)
+        args = (x, mem.state, mem.has_global, head, length, *kv)
         if recompute and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(step, x, *mem, use_reentrant=False)
-        return step(x, *mem)
+            out, state, has_global, comp_k, comp_v = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
+        else:
+            out, state, has_global, comp_k, comp_v = step(*args)
+        fifo = mem.fifo.pushed(comp_k, comp_v, seg.comp_count.tolist())
+        return out, TrainMemory(state, has_global, fifo)
 
     def _train_step_loss(self, step, seg: Segment, targets: Tensor, x: Tensor, *mem: Tensor):
         y, *mem = step(x, *mem)
@@ -626,35 +645,38 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                           for h, s, n in zip(hidden, segs, sizes)], dim=1)
         return self.base.lm_head(self.decoder.norm(text))
 
-    def _empty_train_memory(self, B: int) -> list[Tensor]:
-        """One layer's memory before the first chunk, as the functional tensors
-        _train_step threads through: state, global k / v, FIFO k / v, head, length, has_global."""
+    def _train_memory(self, B: int) -> TrainMemory:
+        """One layer's memory before the first chunk of a training forward."""
         cc, dev = self.comet_config, self.device
-        G, C = cc.num_global, cc.temp_budget if cc.uses_temp_memory else 0
-        D, Hkv, d = self._head_dim(), self.config.num_key_value_heads, self.config.hidden_size
-        zeros = lambda *shape: torch.zeros(*shape, dtype=self.dtype, device=dev)  # noqa: E731
-        idx = torch.zeros(B, dtype=torch.long, device=dev)
-        return [zeros(B, G, d), zeros(B, G, Hkv, D), zeros(B, G, Hkv, D), zeros(B, C, Hkv, D),
-                zeros(B, C, Hkv, D), idx, idx.clone(), torch.zeros(B, dtype=torch.bool, device=dev)]
+        return TrainMemory(state=torch.zeros(B, cc.num_global, self.config.hidden_size, dtype=self.dtype, device=dev),
+                           has_global=torch.zeros(B, dtype=torch.bool, device=dev),
+                           fifo=FifoWindow(cc.fifo_capacity, B))
 
     def _train_step(self, l: int, seg: Segment, cos: Tensor, sin: Tensor, x: Tensor, state: Tensor,
-                    gk: Tensor, gv: Tensor, fifo_k: Tensor, fifo_v: Tensor, head: Tensor, length: Tensor,
-                    has_global: Tensor):
-        """Layer l over one closed chunk, functionally: (layer input, layer l's memory) ->
-        (layer output, layer l's memory after the chunk)."""
-        pk, pv, plen = self._memory_rows_kv(l, gk, gv, has_global, (fifo_k, fifo_v, head, length))
+                    has_global: Tensor, fifo_head: Tensor, fifo_len: Tensor, *fifo_kv: Tensor):
+        """Layer l over one closed chunk, functionally: (layer input x, layer l's memory:
+        global state, has_global, the FIFO as FifoWindow.tensors() with its layout) ->
+        (layer output, new state, new has_global, the chunk's FIFO piece k / v or None).
+
+        The global rows' keys / values are derived here from the state (not carried):
+        what a checkpoint keeps of the memory is then only new information."""
+        G, C = self.comet_config.num_global, self.comet_config.fifo_capacity
+        B, Hkv, D = x.shape[0], self.config.num_key_value_heads, self._head_dim()
+        if bool(has_global.any()):
+            gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.o_proj(state))
+        else:  # no sample has a global memory yet: its rows are all masked
+            gk = gv = x.new_zeros(B, G, Hkv, D)
+        rows = sum(t.shape[1] for t in fifo_kv[: len(fifo_kv) // 2])
+        fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, *self._fifo_rope(G, rows)) if rows else None
+        tk, tv = fifo if fifo is not None else (x.new_zeros(B, 0, Hkv, D),) * 2
+        pk, pv, plen = self._pack_memory_kv(gk, gv, has_global, tk, tv, fifo_len)
         y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen, inplace=False)
         closing = seg.closing
         if readout is not None:
-            state, rows = self._update_global(l, readout, state, has_global, closing)
-            nk, nv = self._global_kv(l, rows)
-            keep = closing.view(-1, 1, 1, 1)
-            gk, gv = torch.where(keep, nk, gk), torch.where(keep, nv, gv)
-        if fifo_k.shape[1] and comp_k is not None:
-            new_k, new_head, new_len = ops.fifo_push_functional(fifo_k, head, length, comp_k, seg.comp_count)
-            fifo_v, _, _ = ops.fifo_push_functional(fifo_v, head, length, comp_v, seg.comp_count)
-            fifo_k, head, length = new_k, new_head, new_len
-        return y, state, gk, gv, fifo_k, fifo_v, head, length, has_global | closing
+            state, _ = self._update_global(l, readout, state, has_global, closing)
+        if not C:
+            comp_k = comp_v = None
+        return y, state, has_global | closing, comp_k, comp_v
 
     # ------------------------------------------------------------------ input checks
 

@@ -24,9 +24,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Positions of the memory-state tensors that carry gradients (see _empty_train_memory):
-# state, global k, global v, FIFO k, FIFO v; then head, length, has_global.
-_FLOAT = 5
+from .train_memory import TrainMemory
+
+# A pipeline edge carries a layer's memory as TrainMemory.to_wire's tensors; the first
+# of them carry gradients.
+_FLOAT = TrainMemory.WIRE_GRADS
 
 
 def block_of(rank: int, size: int, n_chunks: int) -> range:
@@ -118,19 +120,20 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     anchor = torch.zeros((), device=model.device, requires_grad=True)
     ties, total = [], 0.0
     last = model.config.num_hidden_layers - 1
+    wire = (model.config.num_key_value_heads, model._head_dim())
     for l in range(last + 1):
-        mem = model._empty_train_memory(B)
+        mem = model._train_memory(B)
         if prev is not None:
-            mem = list(_Recv.apply(anchor, prev, group, *mem))
+            mem = TrainMemory.from_wire(_Recv.apply(anchor, prev, group, *mem.to_wire(*wire)))
         for t in mine:
             target = targets[t] if l == last else None
-            out, *mem = model._run_train_step(l, segs[t], ropes[t], hidden[t], mem, recompute, target)
+            out, mem = model._run_train_step(l, segs[t], ropes[t], hidden[t], mem, recompute, target)
             if target is not None:
                 total = total + out
             else:
                 hidden[t] = out
         if nxt is not None:
-            ties.append(_Send.apply(nxt, group, *mem))
+            ties.append(_Send.apply(nxt, group, *mem.to_wire(*wire)))
     count = (labels[:, 1:] != -100).sum().clamp(min=1).to(model.device)
     loss = total / count if isinstance(total, Tensor) else anchor * 0
     return loss + sum(ties) if ties else loss

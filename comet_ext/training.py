@@ -108,6 +108,21 @@ def peak_memory_mb(device: torch.device) -> float:
     return float("nan")
 
 
+def saved_for_backward_mb(forward: Callable[[], torch.Tensor]) -> float:
+    """Runs forward() (returning a loss) and its backward; -> the MB autograd kept for
+    backward in between, each storage counted once."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = forward()
+    loss.backward()
+    return sum(seen.values()) / 2**20
+
+
 class Trainer:
     """Trains a CometForCausalLM on a list of Samples (see comet_ext.data)."""
 
