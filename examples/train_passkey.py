@@ -18,7 +18,10 @@ What we learnt on a 2-core CPU: start the curriculum at 1 chunk (from 2 the
 answer loss sits at chance) and at a chunk size of 128 (at 256, and with hidden
 128, stage 1 was still at chance after 400-1000 steps; a 256 run warm-started
 from a 128 checkpoint learns); a question always at the end of a full chunk
-teaches a model that fails when the question starts a chunk.
+teaches a model that fails when the question starts a chunk; with the question at a
+chunk's start half the time (--question-at-start 0.5), a warm start that had sat at 92%
+at stage 8 passed it within 20 steps, and stage 16 then climbed from 54% to ~80% of the
+digits in 670 steps (~6.5 s a step on 2 threads).
 """
 from __future__ import annotations
 
