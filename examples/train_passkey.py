@@ -96,8 +96,7 @@ def main() -> None:
     ap.add_argument("--question-at-start", type=float, default=0.25,
                     help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
     ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                    help="activation recomputation per (layer, chunk): less memory (at 8 chunks on the 2-core "
-                         "CPU, no measurable cost in step time: 4.2 s either way)")
+                    help="activation recomputation per (layer, chunk): less memory, some more compute")
     ap.add_argument("--save-every", type=float, default=10.0, help="also save every this many minutes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
