@@ -38,7 +38,8 @@ step() {  # step NAME LIMIT_SECONDS CMD...: run, keep its log, record pass / fai
   echo "# comet_ext GPU check"
   echo
   echo "- date: $(date -u +%Y-%m-%d)"
-  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')"
+  # the device tool copies the working tree without .git: the caller may name the commit
+  echo "- commit: ${COMET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}"
   echo "- gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "- torch: $(python -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
   echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
@@ -55,8 +56,18 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
   exit 2
 fi
 
-step cuda_tests 150 python -m pytest python_tests -m cuda -q -p no:cacheprovider -x \
+# --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
+step cuda_tests 150 python -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
   --junitxml="$OUT/cuda_tests.xml"
+step gpu_reference 60 python bench/gpu_reference.py --json "$OUT/gpu_reference.json"
+COMET_BENCH_DEVICE=cuda step bench 150 python -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
+  bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/gpu_ops.json" -k "not reference or not B4"
+if [ -f "$OUT/gpu_ops.json" ]; then
+  python bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
+    > /dev/null 2>&1 || log "report failed"
+fi
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q \
     -p no:cacheprovider python_tests/test_cuda.py -k "not beyond" -x
@@ -73,15 +84,6 @@ print("racecheck run done")'
 else
   log "compute-sanitizer not found: skipping memcheck / racecheck"
   echo "| memcheck | skipped (no compute-sanitizer) | |" >> "$summary"
-fi
-step gpu_reference 60 python bench/gpu_reference.py --json "$OUT/gpu_reference.json"
-COMET_BENCH_DEVICE=cuda step bench 150 python -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
-  bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/gpu_ops.json" -k "not reference or not B4"
-if [ -f "$OUT/gpu_ops.json" ]; then
-  python bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
-    > /dev/null 2>&1 || log "report failed"
 fi
 if [ "${COMET_E2E:-0}" = "1" ]; then  # optional: end to end on a Qwen3-0.6B-shaped model (minutes)
   step e2e 420 python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
