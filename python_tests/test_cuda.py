@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, assert_flash_rule
 
 from comet_ext import ops
 from comet_ext import reference as ref
@@ -37,24 +37,34 @@ def test_prefix_attention_cuda_matches_cpu(dtype, D):
         torch.testing.assert_close(y.float(), x.float(), **tol)
 
 
+def _rla_and_gated_update(args, device):
+    """Outputs and input gradients of rla + gated_update (with and without a previous state)."""
+    ins = [t.detach().to(device).requires_grad_() for t in args]
+    x, s, w, g, dn, up = ins
+    y = ops.rla(x, dn, up, w)
+    new, mem = ops.gated_update(x, s, w, g, dn, up)
+    first, _ = ops.gated_update(x, None, w, g, dn, up)
+    (y.float().square().sum() + new.float().sum() + mem.float().square().sum() + first.float().sum()).backward()
+    return [t.detach().cpu() for t in (y, new, mem, first)] + [t.grad.cpu() for t in ins]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rla_and_gated_update_cuda_match_cpu(dtype):
+    """The CUDA kernels' error against the fp64 result is at most twice the CPU kernels'
+    (FlashAttention's rule, with the CPU kernel as the same-dtype yardstick): the two sum
+    d = 1000 products in different orders, so bitwise agreement is not expected."""
     d, r = 1000, 8
-    (x, xc), (s, sc) = _pair(3, 40, d, dtype=dtype, seed=1), _pair(3, 40, d, dtype=dtype, seed=2)
-    (dn, dnc), (up, upc) = _pair(r, d, dtype=dtype, seed=3, scale=0.03), _pair(d, r, dtype=dtype, seed=4, scale=0.3)
-    (w, wc), (g, gc) = _pair(d, dtype=dtype, seed=5, scale=0.1), _pair(1, 2 * d, dtype=dtype, seed=6, scale=0.02)
-    w, wc = w + 1, wc + 1
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    results = []
-    for args in ((x, s, w, g, dn, up), (xc, sc, wc, gc, dnc, upc)):
-        ins = [t.clone().requires_grad_() for t in args]
-        y = ops.rla(ins[0], ins[4], ins[5], ins[2])
-        new, mem = ops.gated_update(ins[0], ins[1], ins[2], ins[3], ins[4], ins[5])
-        first, _ = ops.gated_update(ins[0], None, ins[2], ins[3], ins[4], ins[5])
-        (y.float().square().sum() + new.float().sum() + mem.float().square().sum() + first.float().sum()).backward()
-        results.append([t.detach().cpu() for t in (y, new, mem, first)] + [t.grad.cpu() for t in ins])
-    for a, b in zip(*results):
-        torch.testing.assert_close(b.float(), a.float(), **tol)
+    gen = torch.Generator().manual_seed(1)
+    x, s = torch.randn(3, 40, d, generator=gen), torch.randn(3, 40, d, generator=gen)
+    dn, up = torch.randn(r, d, generator=gen) * 0.03, torch.randn(d, r, generator=gen) * 0.3
+    w, g = torch.randn(d, generator=gen) * 0.1 + 1, torch.randn(1, 2 * d, generator=gen) * 0.02
+    args = [t.to(dtype) for t in (x, s, w, g, dn, up)]
+    exact = _rla_and_gated_update([t.double() for t in args], "cpu")
+    cpu, cuda = _rla_and_gated_update(args, "cpu"), _rla_and_gated_update(args, "cuda")
+    names = ["rla", "gated_update.new", "gated_update.mem", "gated_update(first)"] + [
+        f"grad {n}" for n in ("x", "state", "weight", "gate", "down", "up")]
+    for name, ours, yardstick, ref64 in zip(names, cuda, cpu, exact):
+        assert_flash_rule(name, ours, yardstick, ref64)
 
 
 def test_fifo_cuda_matches_cpu_including_gradients():
@@ -67,7 +77,7 @@ def test_fifo_cuda_matches_cpu_including_gradients():
     cos, sin = emb.cos(), emb.sin()
     outs = []
     for dev in ("cpu", "cuda"):
-        buf, rw = buffer.to(dev).requires_grad_(), rows.to(dev).requires_grad_()
+        buf, rw = buffer.detach().to(dev).requires_grad_(), rows.detach().to(dev).requires_grad_()
         nb, nh, nl = ops.fifo_push_functional(buf, head.to(dev), length.to(dev), rw, counts.to(dev))
         view = ops.fifo_view(nb, nh, nl, cos.to(dev), sin.to(dev))
         (view * torch.arange(view.numel(), device=dev).view(view.shape)).sum().backward()

@@ -81,6 +81,34 @@ def test_low_precision_flash_rule(device, dtype, B, N, P, Hq, Hkv, D):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("layout", ["contiguous", "hf", "padded"])
+@pytest.mark.parametrize("D", [64, 128])
+def test_low_precision_ragged_multi_tile(device, dtype, layout, D):
+    """The bf16 / fp16 kernels (tensor cores on CUDA) over several 64-row tiles, GQA 3,
+    strided and misaligned layouts, per-sample lengths: a full sample, one whose queries
+    start deep into the keys, one with no queries, one with fewer keys than queries
+    (its first rows see nothing)."""
+    B, N, P, Hq, Hkv = 4, 150, 170, 6, 2
+    q, k, v = make_inputs(B, N, P, Hq, Hkv, D, dtype, device, layout=layout, seed=3)
+    q_lens = torch.tensor([150, 61, 0, 80], device=device)
+    k_lens = torch.tensor([320, 100, 5, 30], device=device)
+    ours = run_both(q, k, v, q_lens, k_lens)[0]
+    low = run_both(q, k, v, q_lens, k_lens, upcast=False)[1]
+    fp32 = run_both(q.float(), k.float(), v.float(), q_lens, k_lens)[1]
+    assert torch.isneginf(ours[1][3, :, :50]).all() and (ours[0][3, :50] == 0).all()
+    for name, a, lo, hi in zip(("out", "lse", "dq", "dk", "dv"), ours, low, fp32):
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(hi))
+            a, hi = torch.where(torch.isinf(a), 0, a), torch.where(torch.isinf(hi), 0, hi)
+            assert_close_fp32(name, a, hi, rtol=1e-2, atol=1e-2)
+        else:
+            assert_flash_rule(name, a, lo, hi)
+    dq, dk = ours[2], ours[3]
+    assert (dq[1, 61:] == 0).all() and (dq[2] == 0).all() and (dk[1, 100:] == 0).all() and (dk[2] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ragged_lengths_and_padding(device):
     """Per-sample lengths; padded query rows give zeros (never NaN) and lse = -inf."""
     B, N, P, Hq, Hkv, D = 4, 40, 25, 4, 2, 64

@@ -1,4 +1,6 @@
-// CUDA prefix_attention: a FlashAttention-style tiled kernel on CUDA cores
+// CUDA prefix_attention: bf16 / fp16 at head dims 64, 80, 96, 128 on sm_80+ go
+// to the tensor-core kernels (prefix_attention_mma.cu); everything else runs
+// here: a FlashAttention-style tiled kernel on CUDA cores
 // (all dtypes; fp32 / fp64 accumulation) — forward with online softmax writing
 // out + log-sum-exp, backward recomputing the probabilities from the lse
 // (one kernel for dQ, one for dK / dV, so no atomics).
@@ -16,6 +18,7 @@
 
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
+#include "cuda/prefix_attention_mma.h"
 
 namespace comet::cuda {
 namespace {
@@ -352,6 +355,10 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q, co
   const c10::cuda::CUDAGuard guard(q.device());
   const at::Tensor ql = lengths_or_undefined(q_lens), kl = lengths_or_undefined(k_lens);
   const Problem p = problem_of(q, k, ql, kl);
+  if (mma_attention_supports(q)) {
+    mma_attention_forward(q, k, v, scale, {p.q_lens, p.k_lens}, out, lse);
+    return {out, lse};
+  }
   COMET_DISPATCH_FLOATING(q.scalar_type(), "prefix_attention_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     head_dim_switch(D, [&](auto cols) {
@@ -379,13 +386,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cuda(
   check_cuda_head_dim(op, q);
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3), K = k.size(1), Hkv = k.size(2);
   const auto acc = acc_dtype(q.scalar_type());
-  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
-  at::Tensor dk_acc = at::zeros({B, K, Hkv, D}, q.options().dtype(acc));
-  at::Tensor dv_acc = at::zeros({B, K, Hkv, D}, q.options().dtype(acc));
-  if (q.numel() == 0 || K == 0) {
-    dq.zero_();
-    return {dq, dk_acc.to(q.scalar_type()), dv_acc.to(q.scalar_type())};
-  }
+  if (q.numel() == 0 || K == 0)
+    return {at::zeros_like(q, at::MemoryFormat::Contiguous), at::zeros({B, K, Hkv, D}, q.options()),
+            at::zeros({B, K, Hkv, D}, q.options())};
   const c10::cuda::CUDAGuard guard(q.device());
   // delta_i = <dO_i, O_i> - dlse_i (the lse gradient folded into the softmax backward).
   const at::Tensor delta =
@@ -393,6 +396,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cuda(
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor ql = lengths_or_undefined(q_lens), kl = lengths_or_undefined(k_lens);
   const Problem p = problem_of(q, k, ql, kl);
+  if (mma_attention_supports(q))
+    return mma_attention_backward(grad_out, q, k, v, lse_c, delta, scale, {p.q_lens, p.k_lens});
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk_acc = at::zeros({B, K, Hkv, D}, q.options().dtype(acc));
+  at::Tensor dv_acc = at::zeros({B, K, Hkv, D}, q.options().dtype(acc));
   auto stream = at::cuda::getCurrentCUDAStream();
   COMET_DISPATCH_FLOATING(q.scalar_type(), "prefix_attention_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,505 @@
+// prefix_attention on tensor cores: FlashAttention-2-style kernels built on
+// mma.sync.m16n8k16 (bf16 / fp16 inputs, fp32 accumulation), sm_80+.
+//
+// Forward: a block of 4 warps owns 64 query rows of one (batch, head), each
+// warp 16 rows whose Q fragments stay in registers; it walks 64-key tiles of K
+// and V through shared memory up to the last key its last valid row sees
+// (fully masked tiles are never loaded), with the online softmax in registers:
+// the score accumulator of S = Q K^T is re-packed in place as the A operand of
+// O += P V. Writes out and the log-sum-exp.
+//
+// Backward: a block owns 64 keys of one (batch, kv head), each warp 16 of them,
+// and walks every query tile of every q head of its GQA group that sees them:
+// S^T = K Q^T and dP^T = V dO^T, P^T = exp(S^T - lse), dS^T = P^T (dP^T - delta);
+// dV += P^T dO and dK += dS^T Q accumulate in registers (so the GQA reduction
+// needs no atomics); dQ += dS K goes through shared memory and fp32 atomics.
+//
+// Mask, per sample b (ql = q_lens[b], kl = k_lens[b], both clamped to the
+// tensor sizes): query i < ql sees key j < kl iff j <= kl - ql + i.
+//
+// Fragment layouts of m16n8k16 (g = lane / 4, t = lane % 4): A (16 x 16, row
+// major) a0 = (g, 2t..2t+1), a1 = (g + 8, 2t..), a2 = (g, 2t + 8..), a3 = (g + 8,
+// 2t + 8..); B (16 x 8) b0 = (k 2t..2t+1, n g), b1 = (k 2t + 8.., n g); C (16 x 8,
+// fp32) c0, c1 = (g, 2t..2t+1), c2, c3 = (g + 8, 2t..). Two adjacent C tiles of a
+// 16-row strip are exactly one A fragment over their 16 columns.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <limits>
+
+#include "checks.h"
+#include "cuda/cuda_utils.cuh"
+#include "cuda/prefix_attention_mma.h"
+
+namespace comet::cuda {
+namespace {
+
+constexpr int kTile = 64;                 // query rows (forward) / keys (backward) per block; the other side's tile
+constexpr int kMmaWarps = kTile / 16;     // a warp owns 16 rows of the block's tile
+constexpr int kThreads = kMmaWarps * kWarp;
+constexpr int kPad = 8;                   // elements of padding per shared row: rows two apart hit other banks
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct RowStrides {
+  int64_t b, s, h;  // batch, row, head strides in elements (the last dim is contiguous)
+};
+
+RowStrides row_strides(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+struct Shape {
+  int64_t B, N, K, Hq, Hkv;
+  AttentionLengths lens;
+};
+
+__device__ __forceinline__ void sample_lengths(const Shape& p, int64_t b, int64_t& ql, int64_t& kl) {
+  ql = p.lens.q_lens != nullptr ? min(max(p.lens.q_lens[b], int64_t(0)), p.N) : p.N;
+  kl = p.lens.k_lens != nullptr ? min(max(p.lens.k_lens[b], int64_t(0)), p.K) : p.K;
+}
+
+// Keys visible to query i (i < ql): [0, visible_end).
+__device__ __forceinline__ int64_t visible_end(int64_t i, int64_t off, int64_t kl) {
+  return min(max(off + i + 1, int64_t(0)), kl);
+}
+
+// The two 16-bit element types, as raw bits in shared memory and registers.
+template <typename T>
+struct Bits;
+
+template <>
+struct Bits<at::BFloat16> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // the host never launches these kernels below sm_80
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+template <>
+struct Bits<at::Half> {
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&v);
+  }
+  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+  }
+};
+
+// Two consecutive elements of a shared row (4-byte aligned) as one register.
+__device__ __forceinline__ uint32_t pair(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+// Elements (r, c) and (r + 1, c) of a shared tile with row length ld: a B
+// fragment register of a row-major operand read along its rows.
+__device__ __forceinline__ uint32_t column_pair(const uint16_t* tile, int ld, int r, int c) {
+  return uint32_t(tile[r * ld + c]) | (uint32_t(tile[(r + 1) * ld + c]) << 16);
+}
+
+// Rows [0, kTile) of a (rows, D) slab starting at `base` (row stride `stride`
+// elements, rows 16-byte aligned) into a (kTile, D + kPad) shared tile; rows at
+// or past `valid` become zeros.
+template <int D>
+__device__ __forceinline__ void load_tile(const uint16_t* base, int64_t stride, int64_t valid, uint16_t* tile) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  for (int e = threadIdx.x; e < kTile * kChunks; e += blockDim.x) {
+    const int r = e / kChunks, c = (e % kChunks) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < valid) v = *reinterpret_cast<const uint4*>(base + r * stride + c);
+    *reinterpret_cast<uint4*>(tile + r * (D + kPad) + c) = v;
+  }
+}
+
+// The A fragment of rows [row, row + 16) x columns [col, col + 16) of a shared tile.
+__device__ __forceinline__ void load_a(const uint16_t* tile, int ld, int row, int col, uint32_t (&a)[4]) {
+  const int g = threadIdx.x % kWarp / 4, t = threadIdx.x % 4;
+  a[0] = pair(tile + (row + g) * ld + col + 2 * t);
+  a[1] = pair(tile + (row + g + 8) * ld + col + 2 * t);
+  a[2] = pair(tile + (row + g) * ld + col + 2 * t + 8);
+  a[3] = pair(tile + (row + g + 8) * ld + col + 2 * t + 8);
+}
+
+// The A fragment of 16 columns of two adjacent fp32 C tiles, rounded to T.
+template <typename T>
+__device__ __forceinline__ void c_to_a(const float (&lo)[4], const float (&hi)[4], uint32_t (&a)[4]) {
+  a[0] = Bits<T>::pack(lo[0], lo[1]);
+  a[1] = Bits<T>::pack(lo[2], lo[3]);
+  a[2] = Bits<T>::pack(hi[0], hi[1]);
+  a[3] = Bits<T>::pack(hi[2], hi[3]);
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    mma_forward_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                       const uint16_t* __restrict__ v, uint16_t* __restrict__ out,  // (B, N, Hq, D)
+                       float* __restrict__ lse,                                     // (B, Hq, N)
+                       RowStrides sq, RowStrides sk, RowStrides sv, Shape p, float scale) {
+  constexpr int LD = D + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem_raw);  // (kTile, LD)
+  uint16_t* k_s = q_s + kTile * LD;
+  uint16_t* v_s = k_s + kTile * LD;
+  const int64_t b = blockIdx.z, h = blockIdx.y, i0 = int64_t(blockIdx.x) * kTile;
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int warp = threadIdx.x / kWarp, g = threadIdx.x % kWarp / 4, t = threadIdx.x % 4;
+  int64_t ql, kl;
+  sample_lengths(p, b, ql, kl);
+  const int64_t off = kl - ql;
+  const int64_t last = min(i0 + kTile, ql) - 1;
+  const int64_t key_end = last >= i0 ? visible_end(last, off, kl) : 0;
+
+  load_tile<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, p.N - i0, q_s);
+  __syncthreads();
+  uint32_t qa[D / 16][4];
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt) load_a(q_s, LD, warp * 16, kt * 16, qa[kt]);
+
+  // This thread's two rows: c0, c1 belong to row i[0], c2, c3 to row i[1].
+  const int64_t rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  int64_t ends[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) ends[r] = rows[r] < ql ? visible_end(rows[r], off, kl) : 0;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float scale2 = scale * kLog2e;  // scores in log2 units: exp2 is one instruction
+  float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+
+  const uint16_t* kb = k + b * sk.b + hk * sk.h;
+  const uint16_t* vb = v + b * sv.b + hk * sv.h;
+  for (int64_t j0 = 0; j0 < key_end; j0 += kTile) {
+    __syncthreads();  // every warp is done with the previous tile
+    load_tile<D>(kb + j0 * sk.s, sk.s, key_end - j0, k_s);
+    load_tile<D>(vb + j0 * sv.s, sv.s, key_end - j0, v_s);
+    __syncthreads();
+
+    float s[kTile / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt) {
+      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < D / 16; ++kt) {
+        const uint16_t* kr = k_s + (nt * 8 + g) * LD + kt * 16 + 2 * t;
+        Bits<T>::mma(s[nt], qa[kt], pair(kr), pair(kr + 8));
+      }
+    }
+    float mx[2] = {neg_inf, neg_inf};
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int64_t j = j0 + nt * 8 + 2 * t + (e & 1);
+        s[nt][e] = j < ends[e / 2] ? s[nt][e] * scale2 : neg_inf;
+        mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {  // a row's 64 scores live in the 4 lanes of one quad
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+      const float m_new = fmaxf(m[r], mx[r]);
+      alpha[r] = m_new == neg_inf ? 1.f : exp2f(m[r] - m_new);  // exp2(-inf) = 0 for a first visible tile
+      m[r] = m_new;
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = s[nt][e] == neg_inf ? 0.f : exp2f(s[nt][e] - m[e / 2]);
+        l[e / 2] += s[nt][e];  // this lane's part of the row sum; the quad is summed at the end
+      }
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      o[dn][0] *= alpha[0];
+      o[dn][1] *= alpha[0];
+      o[dn][2] *= alpha[1];
+      o[dn][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kt = 0; kt < kTile / 16; ++kt) {
+      uint32_t pa[4];
+      c_to_a<T>(s[2 * kt], s[2 * kt + 1], pa);
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        const int kr = kt * 16 + 2 * t, c = dn * 8 + g;
+        Bits<T>::mma(o[dn], pa, column_pair(v_s, LD, kr, c), column_pair(v_s, LD, kr + 8, c));
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int64_t i = rows[r];
+    if (i >= p.N) continue;
+    const bool seen = i < ql && l[r] > 0.f;
+    const float inv = seen ? 1.f / l[r] : 0.f;
+    uint16_t* orow = out + ((b * p.N + i) * p.Hq + h) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<uint32_t*>(orow + dn * 8 + 2 * t) =
+          Bits<T>::pack(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
+    if (t == 0) lse[(b * p.Hq + h) * p.N + i] = seen ? m[r] * kLn2 + logf(l[r]) : neg_inf;
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    mma_backward_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                        const uint16_t* __restrict__ v, const uint16_t* __restrict__ dout,
+                        const float* __restrict__ lse, const float* __restrict__ delta,  // (B, Hq, N)
+                        float* __restrict__ dq_acc,                                       // (B, N, Hq, D)
+                        uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,             // (B, K, Hkv, D)
+                        RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo, Shape p, float scale) {
+  constexpr int LD = D + kPad, LDS = kTile + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // (kTile keys, LD)
+  uint16_t* v_s = k_s + kTile * LD;
+  uint16_t* q_s = v_s + kTile * LD;                       // (kTile queries, LD)
+  uint16_t* do_s = q_s + kTile * LD;
+  uint16_t* ds_s = do_s + kTile * LD;                     // dS^T: (kTile keys, LDS)
+  float* lse_s = reinterpret_cast<float*>(ds_s + kTile * LDS);  // (kTile,) in log2 units
+  float* delta_s = lse_s + kTile;
+  const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * kTile;
+  const int64_t group = p.Hq / p.Hkv;
+  const int warp = threadIdx.x / kWarp, g = threadIdx.x % kWarp / 4, t = threadIdx.x % 4;
+  int64_t ql, kl;
+  sample_lengths(p, b, ql, kl);
+  const int64_t off = kl - ql;
+  // Keys past the last one any query sees keep zero gradients.
+  const int64_t key_end = ql > 0 ? visible_end(ql - 1, off, kl) : 0;
+  const float scale2 = scale * kLog2e;
+  // This thread's two keys: c0, c1 of an S^T tile belong to key j[0], c2, c3 to j[1].
+  const int64_t keys[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  float dk_r[D / 8][4], dv_r[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_r[dn][e] = dv_r[dn][e] = 0.f;
+
+  if (j0 < key_end) {
+    load_tile<D>(k + b * sk.b + j0 * sk.s + hk * sk.h, sk.s, key_end - j0, k_s);
+    load_tile<D>(v + b * sv.b + j0 * sv.s + hk * sv.h, sv.s, key_end - j0, v_s);
+    const int64_t i_start = max(int64_t(0), j0 - off);  // the first query that sees key j0
+    for (int64_t hg = 0; hg < group; ++hg) {
+      const int64_t h = hk * group + hg;
+      const int64_t lrow = (b * p.Hq + h) * p.N;
+      for (int64_t i0 = i_start; i0 < ql; i0 += kTile) {
+        __syncthreads();  // the previous tile's Q, dO, lse and dS^T are no longer read
+        load_tile<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, ql - i0, q_s);
+        load_tile<D>(dout + b * sdo.b + i0 * sdo.s + h * sdo.h, sdo.s, ql - i0, do_s);
+        for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
+          const bool valid = i0 + e < ql;
+          lse_s[e] = valid ? lse[lrow + i0 + e] * kLog2e : 0.f;
+          delta_s[e] = valid ? delta[lrow + i0 + e] : 0.f;
+        }
+        __syncthreads();
+
+        float st[kTile / 8][4], dpt[kTile / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+        for (int kt = 0; kt < D / 16; ++kt) {
+          uint32_t ka[4], va[4];
+          load_a(k_s, LD, warp * 16, kt * 16, ka);
+          load_a(v_s, LD, warp * 16, kt * 16, va);
+#pragma unroll
+          for (int nt = 0; nt < kTile / 8; ++nt) {
+            const uint16_t* qr = q_s + (nt * 8 + g) * LD + kt * 16 + 2 * t;
+            const uint16_t* dr = do_s + (nt * 8 + g) * LD + kt * 16 + 2 * t;
+            Bits<T>::mma(st[nt], ka, pair(qr), pair(qr + 8));
+            Bits<T>::mma(dpt[nt], va, pair(dr), pair(dr + 8));
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = nt * 8 + 2 * t + (e & 1);
+            const int64_t i = i0 + col;
+            const bool visible = i < ql && keys[e / 2] < visible_end(i, off, kl);
+            const float pr = visible ? exp2f(st[nt][e] * scale2 - lse_s[col]) : 0.f;
+            st[nt][e] = pr;
+            dpt[nt][e] = pr * (dpt[nt][e] - delta_s[col]);
+          }
+        // dS^T to shared memory for dQ, and dV += P^T dO, dK += dS^T Q (k = the 64 queries).
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt) {
+          uint16_t* row = ds_s + (warp * 16 + g) * LDS + nt * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(row) = Bits<T>::pack(dpt[nt][0], dpt[nt][1]);
+          *reinterpret_cast<uint32_t*>(row + 8 * LDS) = Bits<T>::pack(dpt[nt][2], dpt[nt][3]);
+        }
+#pragma unroll
+        for (int kt = 0; kt < kTile / 16; ++kt) {
+          uint32_t pa[4], da[4];
+          c_to_a<T>(st[2 * kt], st[2 * kt + 1], pa);
+          c_to_a<T>(dpt[2 * kt], dpt[2 * kt + 1], da);
+#pragma unroll
+          for (int dn = 0; dn < D / 8; ++dn) {
+            const int qr = kt * 16 + 2 * t, c = dn * 8 + g;
+            Bits<T>::mma(dv_r[dn], pa, column_pair(do_s, LD, qr, c), column_pair(do_s, LD, qr + 8, c));
+            Bits<T>::mma(dk_r[dn], da, column_pair(q_s, LD, qr, c), column_pair(q_s, LD, qr + 8, c));
+          }
+        }
+        __syncthreads();  // dS^T complete
+
+        // dQ rows [i0 + 16 warp, +16) += dS K over this block's keys: A = (dS^T)^T.
+        uint32_t dsa[kTile / 16][4];
+#pragma unroll
+        for (int kt = 0; kt < kTile / 16; ++kt) {
+          const int qc = warp * 16 + g, kr = kt * 16 + 2 * t;
+          dsa[kt][0] = column_pair(ds_s, LDS, kr, qc);
+          dsa[kt][1] = column_pair(ds_s, LDS, kr, qc + 8);
+          dsa[kt][2] = column_pair(ds_s, LDS, kr + 8, qc);
+          dsa[kt][3] = column_pair(ds_s, LDS, kr + 8, qc + 8);
+        }
+        const int64_t qrows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+#pragma unroll
+        for (int dn = 0; dn < D / 8; ++dn) {
+          float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+          for (int kt = 0; kt < kTile / 16; ++kt) {
+            const int kr = kt * 16 + 2 * t, col = dn * 8 + g;
+            Bits<T>::mma(c, dsa[kt], column_pair(k_s, LD, kr, col), column_pair(k_s, LD, kr + 8, col));
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (qrows[r] >= ql) continue;
+            float* dst = dq_acc + ((b * p.N + qrows[r]) * p.Hq + h) * D + dn * 8 + 2 * t;
+            atomicAdd(dst, c[2 * r]);
+            atomicAdd(dst + 1, c[2 * r + 1]);
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = keys[r];
+    if (j >= p.K) continue;
+    const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
+          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ host side
+
+// The kernels read rows with 16-byte loads: a view whose rows are not 16-byte
+// aligned is copied once (rare: our own callers pass contiguous tensors).
+at::Tensor vector_aligned(const at::Tensor& t) {
+  const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
+                  t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+const uint16_t* bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+uint16_t* bits_mut(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr()); }
+
+template <typename F>
+void mma_dispatch(const at::Tensor& q, const F& f) {
+  const int64_t D = q.size(3);
+  auto by_dim = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    switch (D) {
+      case 64: f(T{}, std::integral_constant<int, 64>{}); break;
+      case 80: f(T{}, std::integral_constant<int, 80>{}); break;
+      case 96: f(T{}, std::integral_constant<int, 96>{}); break;
+      case 128: f(T{}, std::integral_constant<int, 128>{}); break;
+      default: TORCH_CHECK(false, "prefix_attention: no tensor-core kernel for head_dim ", D);
+    }
+  };
+  if (q.scalar_type() == at::kBFloat16) by_dim(at::BFloat16{});
+  else by_dim(at::Half{});
+}
+
+void allow_smem(const void* kernel, size_t bytes) {
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+}  // namespace
+
+bool mma_attention_supports(const at::Tensor& q) {
+  const auto dtype = q.scalar_type();
+  const int64_t D = q.size(3);
+  return (dtype == at::kBFloat16 || dtype == at::kHalf) && (D == 64 || D == 80 || D == 96 || D == 128) &&
+         at::cuda::getDeviceProperties(q.device().index())->major >= 8;
+}
+
+void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
+                           AttentionLengths lens, at::Tensor& out, at::Tensor& lse) {
+  const at::Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2);
+  const Shape p{B, N, k.size(1), Hq, k.size(2), lens};
+  mma_dispatch(q, [&](auto type_tag, auto dim) {
+    using T = decltype(type_tag);
+    constexpr int D = decltype(dim)::value;
+    auto kernel = mma_forward_kernel<T, D>;
+    const size_t smem = sizeof(uint16_t) * 3 * kTile * (D + kPad);
+    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<dim3((N + kTile - 1) / kTile, Hq, B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(), row_strides(q), row_strides(k),
+        row_strides(v), p, static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& lse, const at::Tensor& delta, double scale, AttentionLengths lens) {
+  const at::Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
+  const at::Tensor dout = vector_aligned(grad_out);
+  const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3), K = k.size(1), Hkv = k.size(2);
+  at::Tensor dq_acc = at::zeros({B, N, Hq, D}, q.options().dtype(at::kFloat));
+  at::Tensor dk = at::empty({B, K, Hkv, D}, q.options());
+  at::Tensor dv = at::empty({B, K, Hkv, D}, q.options());
+  const Shape p{B, N, K, Hq, Hkv, lens};
+  mma_dispatch(q, [&](auto type_tag, auto dim) {
+    using T = decltype(type_tag);
+    constexpr int Dc = decltype(dim)::value;
+    auto kernel = mma_backward_kernel<T, Dc>;
+    const size_t smem = sizeof(uint16_t) * (4 * kTile * (Dc + kPad) + kTile * (kTile + kPad)) +
+                        sizeof(float) * 2 * kTile;
+    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<dim3((K + kTile - 1) / kTile, Hkv, B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+        bits(q), bits(k), bits(v), bits(dout), lse.data_ptr<float>(), delta.data_ptr<float>(),
+        dq_acc.data_ptr<float>(), bits_mut(dk), bits_mut(dv), row_strides(q), row_strides(k), row_strides(v),
+        row_strides(dout), p, static_cast<float>(scale));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dq_acc.mul_(scale).to(q.scalar_type()), dk, dv};
+}
+
+}  // namespace comet::cuda
