@@ -47,7 +47,9 @@ else:  # Qwen3-0.6B's published shape
                       tie_word_embeddings=True, rope_theta=1000000.0)
     dtype = torch.bfloat16
 cfg._attn_implementation = "sdpa"
-base = Qwen3ForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+with torch.device(device):  # random init on the device itself: seconds, not a CPU init of 0.6B weights
+    base = Qwen3ForCausalLM(cfg)
+base = base.to(dtype).eval()
 ids = torch.randint(0, cfg.vocab_size, (1, T), device=device)
 sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 def status_mb(field):
@@ -138,12 +140,15 @@ def test_e2e(benchmark, method, length):
 
 
 def fit_power_law(points: list[dict]) -> dict | None:
-    """Least-squares fit of log(value) against log(tokens) over the measured points (the two
-    longest set the exponent best, so the fit uses the points from 4096 tokens on): for
-    each of prefill_s and extra_mb a function tokens -> extrapolated value."""
+    """Least-squares fit of log(value) against log(tokens) over the measured points from 32k
+    tokens on: for each of prefill_s and extra_mb a function tokens -> extrapolated value;
+    None with fewer than two such points."""
     import math
 
-    pts = sorted((p for p in points if p["tokens"] >= 4096), key=lambda p: p["tokens"])
+    # Short inputs cost mostly fixed overhead and the linear layers: a fit over them would
+    # extrapolate a far too small exponent. Even from 32k on the quadratic term is not yet
+    # dominant, so the extrapolated time (and CoMeT's ratio against it) stays an underestimate.
+    pts = sorted((p for p in points if p["tokens"] >= 32768), key=lambda p: p["tokens"])
     if len(pts) < 2:
         return None
     fit, notes = {}, []
@@ -198,15 +203,35 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md, .json and _prefill/_peak .png")
+    ap.add_argument("--from-log", help="render the tables and plots from the point lines a cut-short run "
+                    "printed (with --machine and --commit naming where and what it measured)")
+    ap.add_argument("--machine", help="with --from-log: the machine the points were measured on")
+    ap.add_argument("--commit", help="with --from-log: the commit measured")
     args = ap.parse_args()
-    rows = []
+    if args.from_log:
+        if not (args.machine and args.commit):
+            ap.error("--from-log needs --machine and --commit (this machine did not measure the points)")
+        import ast
+
+        with open(args.from_log) as f:
+            rows = [ast.literal_eval(line) for line in f if line.startswith("{'method'")]
+        logged = {(r["method"], r["tokens"]): r for r in rows}
+        rows = []
+    else:
+        logged = None
+        rows = []
+    limits = (("comet", None), ("full", args.full_max), ("naive", args.naive_max))
     for length in args.lengths:
-        for method, limit in (("comet", None), ("full", args.full_max), ("naive", args.naive_max)):
+        for method, limit in limits:
             if limit is not None and length > limit:
                 rows.append({"method": method, "tokens": length, "status": f"not run (over --{method}-max)"})
-                continue
-            rows.append(run_point(method, length, args.device, args.model_shape, args.new_tokens, args.timeout))
-            print(rows[-1], flush=True)
+            elif logged is not None:
+                rows.append(logged.get((method, length), {"method": method, "tokens": length,
+                                                          "status": "not reached (the run was cut short)"}))
+            else:
+                rows.append(run_point(method, length, args.device, args.model_shape, args.new_tokens,
+                                      args.timeout))
+                print(rows[-1], flush=True)
     # Points run in the order given (put the one that matters most first when time is short);
     # tables and plots read them by length.
     lengths = sorted(args.lengths)
@@ -221,10 +246,12 @@ def main() -> None:
     def get(method, length):
         return next((r for r in rows if r["method"] == method and r["tokens"] == length), {})
 
+    source = (f"- rendered from the log of a run cut short: `{args.from_log}`" if args.from_log else
+              f"- command: `python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
+              f"--out {args.out}`")
     lines = [f"# End to end: CoMeT vs full attention ({args.device}, {args.model_shape})", "",
-             f"- date: {datetime.date.today().isoformat()}", f"- machine: {machine()}", f"- commit: {commit()}",
-             f"- command: `python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
-             f"--out {args.out}`", "",
+             f"- date: {datetime.date.today().isoformat()}", f"- machine: {args.machine or machine()}",
+             f"- commit: {args.commit or commit()}", source, "",
              "Memory: the peak over the process's footprint once the model is built (CUDA peak allocated on "
              "GPU, peak RSS on CPU).", "",
              "| tokens | CoMeT prefill (s) | us/token | memory (MB) | decode tok/s | full attn prefill (s) "
@@ -233,7 +260,13 @@ def main() -> None:
         c, f_, n = get("comet", length), get("full", length), get("naive", length)
 
         def cell(r, k, fmt):
-            return fmt.format(r[k]) if r.get("status") == "ok" and k in r else r.get("status", "")
+            if r.get("status") == "ok" and k in r:
+                return fmt.format(r[k])
+            status = r.get("status", "")
+            if status.startswith("failed"):  # a traceback: its last line is the error
+                last = [line.strip() for line in status.splitlines() if line.strip()][-1]
+                status = "failed: " + last[:90].replace("|", "/")
+            return status
 
         lines.append(f"| {length} | {cell(c, 'prefill_s', '{:.1f}')} | {cell(c, 'us_per_token', '{:.0f}')} | "
                      f"{cell(c, 'extra_mb', '{:.0f}')} | {cell(c, 'decode_tok_s', '{:.1f}')} | "
@@ -260,7 +293,11 @@ def main() -> None:
             est = {k: full_fit[k](length) for k in ("prefill_s", "extra_mb")}
             summary.append(f"- at {length} tokens: CoMeT prefill {est['prefill_s'] / c['prefill_s']:.2f}x faster than "
                            f"full attention, memory over the model {est['extra_mb'] / max(c['extra_mb'], 1e-9):.2f}x "
-                           f"smaller — full attention **extrapolated**, not measured: {full_fit['note']}")
+                           f"smaller — full attention **extrapolated**, not measured: {full_fit['note']} "
+                           "(an underestimate of full attention's quadratic cost)")
+        else:
+            summary.append(f"- at {length} tokens: no full-attention number — measured at fewer than two "
+                           "lengths from 32k on, too few to extrapolate")
     for length in lengths:
         c, n = get("comet", length), get("naive", length)
         if c.get("status") == "ok" and n.get("status") == "ok":

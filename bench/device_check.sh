@@ -92,7 +92,8 @@ fi
 # short lease still gets it. COMET_E2E=0 skips it.
 if [ "${COMET_E2E:-1}" = "1" ]; then
   step e2e 330 python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
-    --lengths 1048576 4096 32768 262144 --full-max 32768 --naive-max 4096 --timeout 150 --out "$OUT/e2e_gpu"
+    --lengths 1048576 262144 32768 --full-max 262144 --naive-max 32768 --new-tokens 32 --timeout 150 \
+    --out "$OUT/e2e_gpu"
 fi
 { echo; [ -f "$OUT/gpu_ops.md" ] && tail -n +2 "$OUT/gpu_ops.md"
   echo; [ -f "$OUT/e2e_gpu.md" ] && tail -n +2 "$OUT/e2e_gpu.md"; } >> "$summary"

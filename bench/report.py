@@ -32,6 +32,10 @@ def machine() -> str:
 
 
 def commit() -> str:
+    """The commit measured: $COMET_COMMIT when the caller names it (the device tool's copy of the
+    tree carries a stale .git), else git's HEAD, marked when the tracked code differs from it."""
+    if os.environ.get("COMET_COMMIT"):
+        return os.environ["COMET_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],

@@ -189,7 +189,8 @@ def naive_comet_forward(model, ids: Tensor, chunk_sizes: list[int]) -> Tensor:
     layers, dec = model.decoder.layers, model.decoder
     B, L, G = ids.shape[0], len(layers), cc.num_global
     state, glob = [None] * L, [None] * L
-    fifo = [ids.new_zeros(0).float().new_zeros(B, 0, model.config.hidden_size) for _ in range(L)]
+    dtype, device = next(model.parameters()).dtype, ids.device
+    fifo = [torch.zeros(B, 0, model.config.hidden_size, dtype=dtype, device=device) for _ in range(L)]
     out, start = [], 0
     for n in chunk_sizes:
         seg = plan_segment(cc, [0] * B, [n] * B, [True] * B, ids.device)
@@ -197,9 +198,9 @@ def naive_comet_forward(model, ids: Tensor, chunk_sizes: list[int]) -> Tensor:
         start += n
         n_mem = (G if glob[0] is not None else 0) + fifo[0].shape[1]
         S = n_mem + chunk.shape[1]
-        pos = torch.arange(S).unsqueeze(0)
+        pos = torch.arange(S, device=device).unsqueeze(0)
         cos, sin = dec.rotary_emb(chunk, pos)
-        mask = torch.full((S, S), float("-inf")).triu(1).view(1, 1, S, S).expand(B, 1, S, S)
+        mask = torch.full((S, S), float("-inf"), dtype=dtype, device=device).triu(1).view(1, 1, S, S).expand(B, 1, S, S)
         x = torch.cat([chunk.new_zeros(B, n_mem, chunk.shape[-1]), chunk], dim=1)
         for l, layer in enumerate(layers):
             mem = [glob[l]] if glob[l] is not None else []

@@ -36,6 +36,20 @@ def test_fast_formulation_equals_naive_oracle(family, chunks):
     torch.testing.assert_close(fast, naive, rtol=1e-5, atol=1e-5)
 
 
+def test_oracle_runs_in_the_models_dtype():
+    """The oracle builds its masks, positions and empty FIFOs in the model's dtype and on its
+    device (a float32 mask or FIFO would upcast a bf16 model's rows and fail in its layers)."""
+    model = tiny_comet("qwen3").to(torch.bfloat16)
+    x = ids(1, 40, seed=4)
+    sizes = model._chunk_sizes(None, 40)
+    naive = naive_forward(model, x, sizes)
+    assert naive.dtype == torch.bfloat16
+    fast = model(x).logits
+    # both sides round every layer's rows to bf16: hold them to a few bf16 roundings of the logits
+    scale = fast.float().abs().max().item()
+    assert (naive.float() - fast.float()).abs().max().item() <= 0.05 * scale
+
+
 @pytest.mark.parametrize("comet", [dict(temp_stride=-1), dict(temp_budget=0), dict(temp_stride=5, chunk_size=12)],
                          ids=["no-temp", "budget-0", "partial-groups"])
 def test_oracle_agrees_in_other_configurations(comet):
