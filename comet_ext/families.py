@@ -11,6 +11,7 @@ chunk) rows, d hidden, Hq / Hkv heads, D head dim.
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -68,15 +69,18 @@ def kv_projection(layer: nn.Module, family: Family, rows: Tensor) -> tuple[Tenso
     return k, attn.v_proj(h).view(shape)
 
 
-def pack_keys(prefix: Tensor, prefix_lens: Tensor, new: Tensor, new_lens: Tensor) -> Tensor:
+def pack_keys(prefix: Tensor, prefix_lens: Tensor, new: Tensor, new_lens: Tensor,
+              prefix_full: Optional[bool] = None) -> Tensor:
     """Per sample, the valid prefix rows followed by the valid new rows, right-padded.
 
     prefix (B, P, ...), new (B, N, ...) -> (B, P + N, ...); row j of sample b is
     prefix[b, j] for j < prefix_lens[b], then new[b, j - prefix_lens[b]].
+    prefix_full: whether every prefix_lens[b] == P, when the caller knows it on the host
+    (else it is read from the device).
     """
     P, N = prefix.shape[1], new.shape[1]
     both = torch.cat([prefix, new], dim=1)
-    if bool((prefix_lens == P).all()):
+    if prefix_full if prefix_full is not None else bool((prefix_lens == P).all()):
         return both
     j = torch.arange(P + N, device=prefix.device).unsqueeze(0)
     pl = prefix_lens.view(-1, 1)

@@ -276,16 +276,18 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def _memory_rows_kv(self, l: int, global_k: Tensor, global_v: Tensor, has_global: Tensor,
-                        fifo: tuple[Tensor, Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                        fifo: tuple[Tensor, Tensor, Tensor, Tensor],
+                        all_global: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Keys / values of layer l's memory rows, packed per sample: the global rows
         (positions 0..G-1) if the sample has them, then its FIFO rows (positions G..).
-        fifo: the ring (k, v (B, C, Hkv, D) pre-RoPE, head, length).
+        fifo: the ring (k, v (B, C, Hkv, D) pre-RoPE, head, length). all_global: whether
+        every sample has global rows, when known on the host.
         -> k, v (B, G + C, Hkv, D), RoPE'd; mem_len (B,)."""
         fifo_k, fifo_v, head, length = fifo
         if fifo_k.shape[1]:
             cos, sin = self._fifo_rope(global_k.shape[1], fifo_k.shape[1])
             fifo_k, fifo_v = ops.fifo_view(fifo_k, head, length, cos, sin), ops.fifo_view(fifo_v, head, length)
-        return self._pack_memory_kv(global_k, global_v, has_global, fifo_k, fifo_v, length)
+        return self._pack_memory_kv(global_k, global_v, has_global, fifo_k, fifo_v, length, all_global)
 
     def _fifo_rope(self, num_global: int, rows: int) -> tuple[Tensor, Tensor]:
         """RoPE tables (rows, D) of FIFO rows 0.., at positions num_global.. (after the global rows)."""
@@ -294,12 +296,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     @staticmethod
     def _pack_memory_kv(global_k: Tensor, global_v: Tensor, has_global: Tensor, fifo_k: Tensor, fifo_v: Tensor,
-                        length: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                        length: Tensor, all_global: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Per sample its global rows (if it has them), then its FIFO rows (B, C, Hkv, D), oldest
         first, RoPE'd -> packed k, v (B, G + C, Hkv, D), mem_len (B,)."""
         n_global = has_global.long() * global_k.shape[1]
-        return (pack_keys(global_k, n_global, fifo_k, length), pack_keys(global_v, n_global, fifo_v, length),
-                n_global + length)
+        return (pack_keys(global_k, n_global, fifo_k, length, all_global),
+                pack_keys(global_v, n_global, fifo_v, length, all_global), n_global + length)
 
     def _global_kv(self, l: int, memory_rows: Tensor) -> tuple[Tensor, Tensor]:
         """Keys (RoPE'd at positions 0..G-1) and values of layer l's global memory rows (B, G, d)."""
@@ -311,29 +313,35 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ one layer, one segment
 
     def _layer_segment(self, l: int, x: Tensor, seg: Segment, cos: Tensor, sin: Tensor,
-                       prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor, inplace: bool):
+                       prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
+                       plan: Optional["_StepPlan"] = None):
         """Layer l over a segment's rows x (B, N, d) -> (output, compression rows' pre-RoPE
-        k / v (B, n_comp, Hkv, D), readout rows' output (B, G, d))."""
+        k / v (B, n_comp, Hkv, D), readout rows' output (B, G, d)). With a streaming step's
+        plan the new rows' keys / values are appended to the packed buffers prefix_k / v in
+        place; without one (training) the layer reads prefix_k / v and writes nothing."""
         layer = self.decoder.layers[l]
-        if inplace:  # append the new rows' keys / values to the per-sample packed buffers
-            y, k, v = _layer_step_cached(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens)
+        if plan is not None:
+            y, k, v = _layer_step_cached(layer, self.family, x, cos, sin, prefix_k, prefix_v, plan, prefix_lens,
+                                         seg.q_lens)
         else:
             y, k, v = layer_step(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens)
         comp_k = comp_v = None
         if seg.comp_rows.shape[1]:
             m = self.memory_layers[l].temp_memory_net(gather_rows(y, seg.comp_rows))
             comp_k, comp_v = kv_projection(layer, self.family, m)
-        readout = gather_rows(y, seg.readout_rows) if bool(seg.closing.any()) else None
+        any_closing = plan.any_closing if plan is not None else bool(seg.closing.any())
+        readout = gather_rows(y, seg.readout_rows) if any_closing else None
         return y, comp_k, comp_v, readout
 
-    def _update_global(self, l: int, readout: Tensor, state: Tensor, has_global: Tensor,
-                       closing: Tensor) -> tuple[Tensor, Tensor]:
-        """Gated update for the closing samples; others keep their state. -> (state, memory rows)."""
+    def _update_global(self, l: int, readout: Tensor, state: Tensor, has_global: Tensor, closing: Tensor,
+                       plan: Optional["_StepPlan"] = None) -> tuple[Tensor, Tensor]:
+        """Gated update for the closing samples; others keep their state. -> (state, memory rows).
+        plan: a streaming step's host-side flags (else read from the device)."""
         net = self.memory_layers[l].global_memory_net
         with_state = without = None
-        if bool((has_global & closing).any()):
+        if plan.closing_with_global if plan is not None else bool((has_global & closing).any()):
             with_state = net(readout, state)
-        if bool((~has_global & closing).any()):
+        if plan.closing_without_global if plan is not None else bool((~has_global & closing).any()):
             without = net(readout, None)
         if with_state is None:
             new_state, memory = without
@@ -364,18 +372,19 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = self._rope(positions)
         closing = seg.closing
         has_global = memory.has_global | closing if global_memory else memory.has_global
+        plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory)
         L = self.config.num_hidden_layers
         for l in range(L):
             x, comp_k, comp_v, readout = self._layer_segment(
-                l, x, seg, cos, sin, memory.kv_k[l], memory.kv_v[l], prefix_lens, inplace=True)
-            if comp_k is not None:  # park the compression rows until their chunk closes
-                _scatter_rows(memory.pending_k[l], memory.pending, comp_k, seg.comp_count)
-                _scatter_rows(memory.pending_v[l], memory.pending, comp_v, seg.comp_count)
+                l, x, seg, cos, sin, memory.kv_k[l], memory.kv_v[l], prefix_lens, plan)
+            if comp_k is not None and plan.comp_rows is not None:  # park them until their chunk closes
+                plan.comp_rows.apply(memory.pending_k[l], comp_k)
+                plan.comp_rows.apply(memory.pending_v[l], comp_v)
             if readout is None:
                 continue
             rows = memory.state[l]  # unread when the global memory is off (has_global stays False)
             if global_memory:
-                state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing)
+                state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing, plan)
                 memory.state[l].copy_(state)
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
             if memory.fifo_k.shape[2]:
@@ -386,17 +395,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             gk, gv = self._global_kv(l, rows)
             mk, mv, _ = self._memory_rows_kv(
                 l, gk, gv, has_global,
-                (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]))
-            n = mk.shape[1]
-            memory.kv_k[l, closing, :n] = mk[closing]
-            memory.kv_v[l, closing, :n] = mv[closing]
+                (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]), plan.all_global)
+            n, idx = mk.shape[1], plan.closing_idx
+            memory.kv_k[l, idx, :n] = mk[idx]
+            memory.kv_v[l, idx, :n] = mv[idx]
         # Bookkeeping shared by all layers.
         take_t = torch.tensor(take, device=self.device)
         memory.tokens += take_t
         memory.open_text += take_t
         memory.open_rows += seg.q_lens
         memory.pending += seg.comp_count
-        if bool(closing.any()):
+        if plan.any_closing:
             G = self.comet_config.num_global
             memory.has_global = has_global
             fifo_len = memory.fifo_len[0]
@@ -670,7 +679,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, *self._fifo_rope(G, rows)) if rows else None
         tk, tv = fifo if fifo is not None else (x.new_zeros(B, 0, Hkv, D),) * 2
         pk, pv, plen = self._pack_memory_kv(gk, gv, has_global, tk, tv, fifo_len)
-        y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen, inplace=False)
+        y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen)
         closing = seg.closing
         if readout is not None:
             state, _ = self._update_global(l, readout, state, has_global, closing)
@@ -733,10 +742,9 @@ def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
-def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, prefix_lens, q_lens):
-    """layer_step for streaming: the new rows' keys / values are written into the
-    packed per-sample buffers (B, R, Hkv, D) right after each sample's prefix, and
-    attention reads the buffers in place (no per-step copy of the prefix)."""
+def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, plan: "_StepPlan", prefix_lens, q_lens):
+    """layer_step for streaming: the new rows' keys / values go into the packed per-sample
+    buffers buf_k / buf_v (B, capacity, Hkv, D) at prefix_lens, and attention reads the buffers."""
     attn = layer.self_attn
     B, N, _ = x.shape
     h = layer.input_layernorm(x)
@@ -745,30 +753,75 @@ def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, prefix_lens, q_
     if family.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    _scatter_rows(buf_k, prefix_lens, k, q_lens)
-    _scatter_rows(buf_v, prefix_lens, v, q_lens)
+    if plan.new_rows is not None:
+        plan.new_rows.apply(buf_k, k)
+        plan.new_rows.apply(buf_v, v)
     k_lens = prefix_lens + q_lens
-    width = int(k_lens.max())
-    out, _ = ops.prefix_attention(q, buf_k[:, :width], buf_v[:, :width], attn.scaling, q_lens, k_lens)
+    out, _ = ops.prefix_attention(q, buf_k[:, :plan.width], buf_v[:, :plan.width], attn.scaling, q_lens, k_lens)
     x = x + attn.o_proj(out.reshape(B, N, -1))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, k, v
 
 
-def _scatter_rows(buf: Tensor, start: Tensor, rows: Tensor, counts: Tensor) -> None:
-    """In place: buf[b, start[b] + j] = rows[b, j] for j < counts[b]."""
-    n = rows.shape[1]
-    if n == 0:
-        return
-    j = torch.arange(n, device=buf.device).unsqueeze(0)
-    valid = j < counts.unsqueeze(1)
-    if not bool(valid.any()):
-        return
-    b_idx = torch.arange(buf.shape[0], device=buf.device).unsqueeze(1).expand(-1, n)
-    pos = start.unsqueeze(1) + j
-    if int(pos[valid].max()) >= buf.shape[1]:
-        raise RuntimeError(f"comet_ext internal error: open chunk overflows its buffer ({buf.shape[1]} rows)")
-    buf[b_idx[valid], pos[valid]] = rows[valid].to(buf.dtype)
+@dataclass
+class _RowScatter:
+    """buf[b[i], pos[i]] = rows[b[i], j[i]]: rows j < counts[b] of a (B, n, ...) block written
+    at start[b] + j of a (B, capacity, ...) buffer. Integer index tensors, so applying it
+    never waits on the device."""
+
+    b: Tensor
+    j: Tensor
+    pos: Tensor
+
+    @staticmethod
+    def build(start: Tensor, counts: Tensor, n: int, capacity: int, what: str) -> Optional["_RowScatter"]:
+        j = torch.arange(n, device=start.device).unsqueeze(0)
+        b, jj = (j < counts.unsqueeze(1)).nonzero(as_tuple=True)  # the one host sync
+        if b.numel() == 0:
+            return None
+        pos = start[b] + jj
+        if int(pos.max()) >= capacity:
+            raise RuntimeError(f"comet_ext internal error: {what} overflow their buffer ({capacity} rows)")
+        return _RowScatter(b, jj, pos)
+
+    def apply(self, buf: Tensor, rows: Tensor) -> None:
+        buf[self.b, self.pos] = rows[self.b, self.j].to(buf.dtype)
+
+
+@dataclass
+class _StepPlan:
+    """What every layer of one streaming step needs to know about the step, worked out once
+    before the first layer: which samples close their chunk, where the new rows and the
+    compression rows go, how many keys attention reads. Layers then queue their work
+    without a single host-device synchronisation (on a GPU each one would stall the queue)."""
+
+    any_closing: bool
+    closing_with_global: bool  # a closing sample already has global memory (a gated update)
+    closing_without_global: bool  # a closing sample writes its global memory for the first time
+    closing_idx: Tensor  # (n_closing,) the closing samples
+    all_global: bool  # every sample has global rows once the step's closing chunks are written
+    new_rows: Optional[_RowScatter]  # the segment's rows into the packed key / value buffers
+    comp_rows: Optional[_RowScatter]  # compression rows into the pending buffers
+    width: int  # keys attention reads: max over samples of prefix + new rows
+
+    @staticmethod
+    def build(memory: CometMemory, seg: Segment, close: list[bool], prefix_lens: Tensor,
+              global_memory: bool) -> "_StepPlan":
+        has_global = memory.has_global.tolist()
+        k_lens = (prefix_lens + seg.q_lens).tolist()
+        return _StepPlan(
+            any_closing=any(close),
+            closing_with_global=any(c and g for c, g in zip(close, has_global)),
+            closing_without_global=any(c and not g for c, g in zip(close, has_global)),
+            closing_idx=torch.tensor([b for b, c in enumerate(close) if c], dtype=torch.long,
+                                     device=prefix_lens.device),
+            all_global=all(g or (c and global_memory) for g, c in zip(has_global, close)),
+            new_rows=_RowScatter.build(prefix_lens, seg.q_lens, seg.num_rows, memory.kv_k.shape[2],
+                                       "the open chunk's rows"),
+            comp_rows=_RowScatter.build(memory.pending, seg.comp_count, seg.comp_rows.shape[1],
+                                        memory.pending_k.shape[2], "pending compression rows"),
+            width=max(k_lens) if k_lens else 0,
+        )
 
 
 def _tied_keys(model: nn.Module) -> list[tuple[str, str]]:

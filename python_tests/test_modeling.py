@@ -59,6 +59,32 @@ def test_oracle_agrees_in_other_configurations(comet):
     torch.testing.assert_close(model(x).logits, naive_forward(model, x, sizes), rtol=1e-5, atol=1e-5)
 
 
+def _host_syncs(fn) -> int:
+    """Ops that make the host wait for the device (a value read back, a nonzero's size)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {e.key: e.count for e in prof.key_averages()}
+    return counts.get("aten::_local_scalar_dense", 0) + counts.get("aten::nonzero", 0)
+
+
+def test_streaming_host_syncs_do_not_grow_with_depth():
+    """read() works out once per step what its layers need (closing samples, row positions,
+    key widths), so a step waits on the device a fixed number of times however deep the
+    model: on a GPU a wait per layer would stall the launch queue at every layer."""
+    syncs = []
+    for layers in (2, 5):
+        cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
+        model = CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg).eval()
+        x = ids(2, 80, seed=5)
+        mask = torch.ones_like(x)
+        mask[1, 57:] = 0  # ragged: the second sample ends mid-chunk
+        memory = model.read(x[:, :16], progress=False)
+        syncs.append(_host_syncs(lambda: model.read(x[:, 16:], memory, attention_mask=mask[:, 16:],
+                                                     progress=False)))
+    assert syncs[0] > 0, "the profiler saw no synchronising op at all: the count would prove nothing"
+    assert syncs[1] == syncs[0], f"host syncs per read: {syncs[0]} with 2 layers, {syncs[1]} with 5"
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_streaming_token_by_token_equals_training_forward(family):
     """Chunk-outer streaming (one token per step, chunks closing as they fill) gives the
