@@ -99,6 +99,7 @@ def layer_step(
     prefix_v: Tensor,
     prefix_lens: Tensor,
     q_lens: Tensor,
+    prefix_full: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One decoder layer over the new rows x (B, N, d) of a chunk.
 
@@ -107,6 +108,7 @@ def layer_step(
     to themselves (q_lens[b] valid rows). cos / sin (B, N, D) are the new rows'
     rotary tables. Returns the layer output (B, N, d) and the new rows' keys
     (RoPE'd) and values, which later rows of the same chunk attend to.
+    prefix_full: whether every prefix_lens[b] == P, when known on the host.
     """
     attn = layer.self_attn
     B, N, _ = x.shape
@@ -118,8 +120,8 @@ def layer_step(
     if family.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys = pack_keys(prefix_k, prefix_lens, k, q_lens)
-    values = pack_keys(prefix_v, prefix_lens, v, q_lens)
+    keys = pack_keys(prefix_k, prefix_lens, k, q_lens, prefix_full)
+    values = pack_keys(prefix_v, prefix_lens, v, q_lens, prefix_full)
     out, _ = ops.prefix_attention(q, keys, values, attn.scaling, q_lens, prefix_lens + q_lens)
     x = x + attn.o_proj(out.reshape(B, N, -1))
     x = x + layer.mlp(layer.post_attention_layernorm(x))

@@ -314,35 +314,35 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _layer_segment(self, l: int, x: Tensor, seg: Segment, cos: Tensor, sin: Tensor,
                        prefix_k: Tensor, prefix_v: Tensor, prefix_lens: Tensor,
-                       plan: Optional["_StepPlan"] = None):
+                       plan: Optional["_StepPlan"] = None, prefix_full: Optional[bool] = None):
         """Layer l over a segment's rows x (B, N, d) -> (output, compression rows' pre-RoPE
         k / v (B, n_comp, Hkv, D), readout rows' output (B, G, d)). With a streaming step's
         plan the new rows' keys / values are appended to the packed buffers prefix_k / v in
-        place; without one (training) the layer reads prefix_k / v and writes nothing."""
+        place; without one (training) the layer reads prefix_k / v and writes nothing
+        (prefix_full: whether every sample's prefix_lens fills prefix_k, known on the host)."""
         layer = self.decoder.layers[l]
         if plan is not None:
             y, k, v = _layer_step_cached(layer, self.family, x, cos, sin, prefix_k, prefix_v, plan, prefix_lens,
                                          seg.q_lens)
         else:
-            y, k, v = layer_step(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens)
+            y, k, v = layer_step(layer, self.family, x, cos, sin, prefix_k, prefix_v, prefix_lens, seg.q_lens,
+                                 prefix_full)
         comp_k = comp_v = None
         if seg.comp_rows.shape[1]:
             m = self.memory_layers[l].temp_memory_net(gather_rows(y, seg.comp_rows))
             comp_k, comp_v = kv_projection(layer, self.family, m)
-        any_closing = plan.any_closing if plan is not None else bool(seg.closing.any())
-        readout = gather_rows(y, seg.readout_rows) if any_closing else None
+        readout = gather_rows(y, seg.readout_rows) if any(seg.closing_list) else None
         return y, comp_k, comp_v, readout
 
-    def _update_global(self, l: int, readout: Tensor, state: Tensor, has_global: Tensor, closing: Tensor,
-                       plan: Optional["_StepPlan"] = None) -> tuple[Tensor, Tensor]:
+    def _update_global(self, l: int, readout: Tensor, state: Tensor, has_global: Tensor, seg: Segment,
+                       has_global_list: Sequence[bool]) -> tuple[Tensor, Tensor]:
         """Gated update for the closing samples; others keep their state. -> (state, memory rows).
-        plan: a streaming step's host-side flags (else read from the device)."""
+        has_global_list: has_global on the host (what to compute is decided without the device)."""
         net = self.memory_layers[l].global_memory_net
-        with_state = without = None
-        if plan.closing_with_global if plan is not None else bool((has_global & closing).any()):
-            with_state = net(readout, state)
-        if plan.closing_without_global if plan is not None else bool((~has_global & closing).any()):
-            without = net(readout, None)
+        closing = seg.closing
+        pairs = list(zip(seg.closing_list, has_global_list))
+        with_state = net(readout, state) if any(c and g for c, g in pairs) else None
+        without = net(readout, None) if any(c and not g for c, g in pairs) else None
         if with_state is None:
             new_state, memory = without
         elif without is None:
@@ -384,7 +384,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 continue
             rows = memory.state[l]  # unread when the global memory is off (has_global stays False)
             if global_memory:
-                state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, closing, plan)
+                state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, seg,
+                                                  plan.has_global)
                 memory.state[l].copy_(state)
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
             if memory.fifo_k.shape[2]:
@@ -629,7 +630,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         dev = self.device
         head, length = torch.tensor(heads, device=dev), torch.tensor(lengths, device=dev)
         kv = mem.fifo.tensors()
-        step = functools.partial(self._train_step, l, seg, *rope)
+        step = functools.partial(self._train_step, l, seg, *rope, mem.has_global_list, tuple(lengths))
         if targets is not None:
             step = functools.partial(self._train_step_loss, step, seg, targets)
         args = (x, mem.state, mem.has_global, head, length, *kv)
@@ -637,8 +638,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             out, state, has_global, comp_k, comp_v = torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
         else:
             out, state, has_global, comp_k, comp_v = step(*args)
-        fifo = mem.fifo.pushed(comp_k, comp_v, seg.comp_count.tolist())
-        return out, TrainMemory(state, has_global, fifo)
+        fifo = mem.fifo.pushed(comp_k, comp_v, list(seg.comp_counts))
+        has_global_list = tuple(g or c for g, c in zip(mem.has_global_list, seg.closing_list))
+        return out, TrainMemory(state, has_global, fifo, has_global_list)
 
     def _train_step_loss(self, step, seg: Segment, targets: Tensor, x: Tensor, *mem: Tensor):
         y, *mem = step(x, *mem)
@@ -661,28 +663,33 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                            has_global=torch.zeros(B, dtype=torch.bool, device=dev),
                            fifo=FifoWindow(cc.fifo_capacity, B))
 
-    def _train_step(self, l: int, seg: Segment, cos: Tensor, sin: Tensor, x: Tensor, state: Tensor,
-                    has_global: Tensor, fifo_head: Tensor, fifo_len: Tensor, *fifo_kv: Tensor):
+    def _train_step(self, l: int, seg: Segment, cos: Tensor, sin: Tensor, has_global_list: tuple[bool, ...],
+                    fifo_lens: tuple[int, ...], x: Tensor, state: Tensor, has_global: Tensor, fifo_head: Tensor,
+                    fifo_len: Tensor, *fifo_kv: Tensor):
         """Layer l over one closed chunk, functionally: (layer input x, layer l's memory:
         global state, has_global, the FIFO as FifoWindow.tensors() with its layout) ->
         (layer output, new state, new has_global, the chunk's FIFO piece k / v or None).
+        has_global_list / fifo_lens: has_global and fifo_len on the host (the step's
+        branches never wait on the device).
 
         The global rows' keys / values are derived here from the state (not carried):
         what a checkpoint keeps of the memory is then only new information."""
         G, C = self.comet_config.num_global, self.comet_config.fifo_capacity
         B, Hkv, D = x.shape[0], self.config.num_key_value_heads, self._head_dim()
-        if bool(has_global.any()):
+        if any(has_global_list):
             gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.o_proj(state))
         else:  # no sample has a global memory yet: its rows are all masked
             gk = gv = x.new_zeros(B, G, Hkv, D)
         rows = sum(t.shape[1] for t in fifo_kv[: len(fifo_kv) // 2])
         fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, *self._fifo_rope(G, rows)) if rows else None
         tk, tv = fifo if fifo is not None else (x.new_zeros(B, 0, Hkv, D),) * 2
-        pk, pv, plen = self._pack_memory_kv(gk, gv, has_global, tk, tv, fifo_len)
-        y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen)
+        all_global = all(has_global_list)
+        pk, pv, plen = self._pack_memory_kv(gk, gv, has_global, tk, tv, fifo_len, all_global)
+        full = all_global and all(n == tk.shape[1] for n in fifo_lens)  # every sample fills pk
+        y, comp_k, comp_v, readout = self._layer_segment(l, x, seg, cos, sin, pk, pv, plen, prefix_full=full)
         closing = seg.closing
         if readout is not None:
-            state, _ = self._update_global(l, readout, state, has_global, closing)
+            state, _ = self._update_global(l, readout, state, has_global, seg, has_global_list)
         if not C:
             comp_k = comp_v = None
         return y, state, has_global | closing, comp_k, comp_v
@@ -796,8 +803,7 @@ class _StepPlan:
     without a single host-device synchronisation (on a GPU each one would stall the queue)."""
 
     any_closing: bool
-    closing_with_global: bool  # a closing sample already has global memory (a gated update)
-    closing_without_global: bool  # a closing sample writes its global memory for the first time
+    has_global: tuple[bool, ...]  # memory.has_global on the host, before the step
     closing_idx: Tensor  # (n_closing,) the closing samples
     all_global: bool  # every sample has global rows once the step's closing chunks are written
     new_rows: Optional[_RowScatter]  # the segment's rows into the packed key / value buffers
@@ -807,12 +813,11 @@ class _StepPlan:
     @staticmethod
     def build(memory: CometMemory, seg: Segment, close: list[bool], prefix_lens: Tensor,
               global_memory: bool) -> "_StepPlan":
-        has_global = memory.has_global.tolist()
+        has_global = tuple(bool(g) for g in memory.has_global.tolist())
         k_lens = (prefix_lens + seg.q_lens).tolist()
         return _StepPlan(
             any_closing=any(close),
-            closing_with_global=any(c and g for c, g in zip(close, has_global)),
-            closing_without_global=any(c and not g for c, g in zip(close, has_global)),
+            has_global=has_global,
             closing_idx=torch.tensor([b for b, c in enumerate(close) if c], dtype=torch.long,
                                      device=prefix_lens.device),
             all_global=all(g or (c and global_memory) for g, c in zip(has_global, close)),

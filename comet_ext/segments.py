@@ -27,6 +27,7 @@ class Segment:
     rows, the global slot. q_lens (B,): rows per sample. text_rows / comp_rows /
     readout_rows (B, n): row indices of each kind (padded with 0), with counts
     text_count / comp_count. closing (B,) bool: the chunk closes in this segment.
+    closing_list / comp_counts: the same on the host.
     """
 
     kind: Tensor
@@ -39,6 +40,10 @@ class Segment:
     comp_count: Tensor
     readout_rows: Tensor
     closing: Tensor
+    # Host copies of closing and comp_count, for the decisions a step makes before it
+    # queues device work (reading the tensors back would make the host wait on the device).
+    closing_list: tuple[bool, ...] = ()
+    comp_counts: tuple[int, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -89,6 +94,8 @@ def plan_segment(
         comp_count=torch.tensor([len(r) for r in comp_rows], dtype=torch.long, device=device),
         readout_rows=_pad(readout_rows, 0, cfg.num_global).to(**to),
         closing=torch.tensor(close, dtype=torch.bool, device=device),
+        closing_list=tuple(bool(c) for c in close),
+        comp_counts=tuple(len(r) for r in comp_rows),
     )
 
 

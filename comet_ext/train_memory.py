@@ -146,11 +146,17 @@ class FifoWindow:
 @dataclasses.dataclass(frozen=True)
 class TrainMemory:
     """Layer l's memory between two chunks of a training forward: the global state
-    (B, G, d), which samples have one (B,), and the FIFO window."""
+    (B, G, d), which samples have one (B,) — also on the host, has_global_list, so a
+    step can branch on it without waiting on the device — and the FIFO window."""
 
     state: Tensor
     has_global: Tensor
     fifo: FifoWindow
+    has_global_list: tuple[bool, ...] = ()
+
+    def __post_init__(self):
+        if len(self.has_global_list) != self.has_global.shape[0]:  # not given: read it once
+            object.__setattr__(self, "has_global_list", tuple(bool(g) for g in self.has_global.tolist()))
 
     # A pipeline edge carries the memory as fixed-shape tensors: state, FIFO keys,
     # FIFO values (these three carry gradients), has_global, FIFO length.

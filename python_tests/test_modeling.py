@@ -85,6 +85,27 @@ def test_streaming_host_syncs_do_not_grow_with_depth():
     assert syncs[1] == syncs[0], f"host syncs per read: {syncs[0]} with 2 layers, {syncs[1]} with 5"
 
 
+@pytest.mark.parametrize("recompute", [True, False])
+def test_training_host_syncs_do_not_grow_with_depth(recompute):
+    """The training forward and backward branch on host copies of what the plan knows
+    (which samples have global rows, FIFO lengths, compression counts): the host waits on
+    the device a fixed number of times per batch however deep the model."""
+    syncs = []
+    for layers in (2, 5):
+        cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
+        model = CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg).train()
+        x = ids(2, 80, seed=6)
+        mask = torch.ones_like(x)
+        mask[1, 41:] = 0
+
+        def step():
+            model(x, labels=x.masked_fill(mask == 0, -100), attention_mask=mask, recompute=recompute).loss.backward()
+
+        syncs.append(_host_syncs(step))
+    assert syncs[0] > 0, "the profiler saw no synchronising op at all: the count would prove nothing"
+    assert syncs[1] == syncs[0], f"host syncs per training step: {syncs[0]} with 2 layers, {syncs[1]} with 5"
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_streaming_token_by_token_equals_training_forward(family):
     """Chunk-outer streaming (one token per step, chunks closing as they fill) gives the
