@@ -59,6 +59,11 @@ def test_oracle_agrees_in_other_configurations(comet):
     torch.testing.assert_close(model(x).logits, naive_forward(model, x, sizes), rtol=1e-5, atol=1e-5)
 
 
+def _deep_tiny(layers: int) -> CometForCausalLM:
+    cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
+    return CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg)
+
+
 def _host_syncs(fn) -> int:
     """Ops that make the host wait for the device (a value read back, a nonzero's size)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -73,8 +78,7 @@ def test_streaming_host_syncs_do_not_grow_with_depth():
     model: on a GPU a wait per layer would stall the launch queue at every layer."""
     syncs = []
     for layers in (2, 5):
-        cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
-        model = CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg).eval()
+        model = _deep_tiny(layers).eval()
         x = ids(2, 80, seed=5)
         mask = torch.ones_like(x)
         mask[1, 57:] = 0  # ragged: the second sample ends mid-chunk
@@ -92,8 +96,7 @@ def test_training_host_syncs_do_not_grow_with_depth(recompute):
     the device a fixed number of times per batch however deep the model."""
     syncs = []
     for layers in (2, 5):
-        cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
-        model = CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg).train()
+        model = _deep_tiny(layers).train()
         x = ids(2, 80, seed=6)
         mask = torch.ones_like(x)
         mask[1, 41:] = 0

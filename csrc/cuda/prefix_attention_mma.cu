@@ -26,7 +26,9 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
@@ -65,42 +67,36 @@ __device__ __forceinline__ int64_t visible_end(int64_t i, int64_t off, int64_t k
 
 // The two 16-bit element types, as raw bits in shared memory and registers.
 template <typename T>
-struct Bits;
+struct Bits {
+  static_assert(std::is_same_v<T, at::BFloat16> || std::is_same_v<T, at::Half>, "bf16 or fp16 only");
+  static constexpr bool kHalf = std::is_same_v<T, at::Half>;
 
-template <>
-struct Bits<at::BFloat16> {
+  // Two floats rounded to T, the first in the low half (the lower column of a fragment pair).
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
+    uint32_t bits;
+    if constexpr (kHalf) {
+      const __half2 v = __floats2half2_rn(lo, hi);
+      memcpy(&bits, &v, sizeof(bits));
+    } else {
+      const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+      memcpy(&bits, &v, sizeof(bits));
+    }
+    return bits;
   }
+
+  // c += a * b on one m16n8k16 tile, fp32 accumulators.
   static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
     __trap();  // the host never launches these kernels below sm_80
 #else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#endif
-  }
-};
-
-template <>
-struct Bits<at::Half> {
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<uint32_t*>(&v);
-  }
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    __trap();
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#define COMET_MMA_M16N8K16(type)                                                                      \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." type "." type                                 \
+               ".f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                          \
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                       \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+    if constexpr (kHalf) COMET_MMA_M16N8K16("f16");
+    else COMET_MMA_M16N8K16("bf16");
+#undef COMET_MMA_M16N8K16
 #endif
   }
 };
