@@ -69,19 +69,34 @@ if [ -f "$OUT/gpu_ops.json" ]; then
     --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
     > /dev/null 2>&1 || log "report failed"
 fi
+# The pipelined tensor-core forward is opt-in (COMET_MMA_FORWARD=pipelined) until it has passed
+# here: cuda_tests ran it (test_cuda.py runs both forward kernels); this times it.
+COMET_MMA_FORWARD=pipelined COMET_BENCH_DEVICE=cuda step bench_pipelined 90 python -m pytest \
+  bench/bench_prefix_attention.py -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/gpu_ops_pipelined.json" -k "bf16 and fwd and not bwd and not reference"
+if [ -f "$OUT/gpu_ops_pipelined.json" ]; then
+  python bench/report.py "$OUT/gpu_ops_pipelined.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "COMET_MMA_FORWARD=pipelined bash bench/device_check.sh" \
+    --title "prefix_attention forward with the pipelined tensor-core kernel" --out "$OUT/gpu_ops_pipelined.md" \
+    > /dev/null 2>&1 || log "report (pipelined) failed"
+fi
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q \
     -p no:cacheprovider python_tests/test_cuda.py -k "not beyond" -x
-  # racecheck both attention paths: CUDA cores (fp32) and tensor cores (bf16), with masks and lengths
+  # racecheck every attention path: CUDA cores (fp32), both tensor-core forwards (bf16), a decode
+  # shape whose keys the pipelined forward splits across blocks; with masks and lengths
   step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python -c '
-import torch, comet_ext
+import os, torch, comet_ext
 from comet_ext import ops
-for dtype, D in ((torch.float32, 64), (torch.bfloat16, 128)):
-    q = torch.randn(1, 70, 4, D, device="cuda", dtype=dtype, requires_grad=True)
-    k = torch.randn(1, 150, 2, D, device="cuda", dtype=dtype, requires_grad=True)
-    v = torch.randn(1, 150, 2, D, device="cuda", dtype=dtype, requires_grad=True)
-    out, lse = ops.prefix_attention(q, k, v, None, torch.tensor([66], device="cuda"), torch.tensor([137], device="cuda"))
-    out.float().sum().backward()
+for forward in ("basic", "pipelined"):
+    os.environ["COMET_MMA_FORWARD"] = forward
+    for dtype, D, N, K in ((torch.float32, 64, 70, 150), (torch.bfloat16, 128, 70, 150), (torch.bfloat16, 128, 1, 700)):
+        q = torch.randn(1, N, 4, D, device="cuda", dtype=dtype, requires_grad=True)
+        k = torch.randn(1, K, 2, D, device="cuda", dtype=dtype, requires_grad=True)
+        v = torch.randn(1, K, 2, D, device="cuda", dtype=dtype, requires_grad=True)
+        lens = torch.tensor([N - N // 10], device="cuda"), torch.tensor([K - 13], device="cuda")
+        out, lse = ops.prefix_attention(q, k, v, None, *lens)
+        out.float().sum().backward()
 torch.cuda.synchronize()
 print("racecheck run done")'
 else

@@ -25,7 +25,9 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -262,6 +264,288 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ------------------------------------------------------------------ pipelined forward
+//
+// The same algorithm as mma_forward_kernel, fed faster: K / V tiles stream in
+// through cp.async into two stages of shared memory (tile j + 1 loads while
+// tile j is computed; the Q tile borrows stage 1 until its fragments are in
+// registers), every fragment comes out of shared memory through ldmatrix (V
+// transposed on the way), tiles wholly below every row's diagonal skip the
+// mask, warps with no valid row skip the math, and the longest query tiles run
+// first. When the grid would not fill the GPU (decode: one query row over a
+// long key range) each query tile's keys are split across `splits` blocks whose
+// partial outputs and log-sum-exps merge_splits_kernel combines.
+
+__device__ __forceinline__ uint32_t shared_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 matrices of 16-bit elements; lane l points at row l % 8 of matrix l / 8,
+// and register m of every lane holds its (row g, columns 2t..2t+1) of matrix m —
+// with kTrans, of the transposed matrix.
+template <bool kTrans>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  r[0] = r[1] = r[2] = r[3] = 0;
+  __trap();
+#else
+  if constexpr (kTrans)
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_addr(row)));
+  else
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(shared_addr(row)));
+#endif
+}
+
+// 16 bytes global -> shared, bypassing registers; 16 zeros when !valid (src is then not read).
+__device__ __forceinline__ void cp_async16(uint16_t* dst, const uint16_t* src, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Waits until at most `kPending` of this thread's committed groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+#endif
+}
+
+// load_tile through cp.async: rows [0, kTile) of a (rows, D) slab into a (kTile, D + kPad)
+// shared tile, rows at or past `valid` zero-filled. Completes at the next cp_async_wait.
+template <int D>
+__device__ __forceinline__ void load_tile_async(const uint16_t* base, int64_t stride, int64_t valid,
+                                                uint16_t* tile) {
+  constexpr int kChunks = D / 8;
+  for (int e = threadIdx.x; e < kTile * kChunks; e += blockDim.x) {
+    const int r = e / kChunks, c = (e % kChunks) * 8;
+    const bool ok = r < valid;
+    cp_async16(tile + r * (D + kPad) + c, base + (ok ? r * stride : 0) + c, ok);
+  }
+}
+
+// splits == 1: writes out (B, N, Hq, D) and lse (B, Hq, N) like mma_forward_kernel.
+// splits > 1: block x covers query tile x / splits and the x % splits-th share of its key tiles,
+// and writes its normalised partial output and log-sum-exp to part_out (splits, B * Hq * N, D)
+// and part_lse (splits, B * Hq * N) for merge_splits_kernel.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    mma_forward_pipelined_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                                 const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
+                                 float* __restrict__ lse, float* __restrict__ part_out,
+                                 float* __restrict__ part_lse, int splits, RowStrides sq, RowStrides sk,
+                                 RowStrides sv, Shape p, float scale) {
+  constexpr int LD = D + kPad, kTileElems = kTile * LD;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* const smem = reinterpret_cast<uint16_t*>(smem_raw);  // stage s: K at 2s, V at 2s + 1 tiles
+  const int tiles_q = gridDim.x / splits, split = blockIdx.x % splits;
+  const int64_t i0 = int64_t(tiles_q - 1 - int(blockIdx.x) / splits) * kTile;  // the longest rows first
+  const int64_t b = blockIdx.z, h = blockIdx.y;
+  const int64_t hk = h / (p.Hq / p.Hkv);
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, g = lane / 4, t = lane % 4;
+  int64_t ql, kl;
+  sample_lengths(p, b, ql, kl);
+  const int64_t off = kl - ql;
+  const int64_t last = min(i0 + kTile, ql) - 1;
+  const int64_t key_end = last >= i0 ? visible_end(last, off, kl) : 0;
+  const int64_t share = ((key_end + kTile - 1) / kTile + splits - 1) / splits * kTile;  // keys per split
+  const int64_t j_begin = split * share, j_end = min(key_end, j_begin + share);
+  const uint16_t* kb = k + b * sk.b + hk * sk.h;
+  const uint16_t* vb = v + b * sv.b + hk * sv.h;
+
+  uint16_t* q_s = smem + 2 * kTileElems;  // stage 1's K tile, free until the loop's first prefetch
+  load_tile_async<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, p.N - i0, q_s);
+  cp_async_commit();
+  if (j_begin < j_end) {
+    load_tile_async<D>(kb + j_begin * sk.s, sk.s, key_end - j_begin, smem);
+    load_tile_async<D>(vb + j_begin * sv.s, sv.s, key_end - j_begin, smem + kTileElems);
+  }
+  cp_async_commit();
+  cp_async_wait<1>();  // the Q tile has landed (the first K / V tile may still be in flight)
+  __syncthreads();
+  // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
+  const int lrow = lane % 8, lmat = lane / 8;
+  uint32_t qa[D / 16][4];  // A: matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15), row half first
+#pragma unroll
+  for (int kt = 0; kt < D / 16; ++kt)
+    ldmatrix_x4<false>(qa[kt], q_s + (warp * 16 + (lmat & 1) * 8 + lrow) * LD + kt * 16 + (lmat >> 1) * 8);
+  __syncthreads();  // every warp holds its Q fragments: stage 1 may be overwritten
+
+  const int64_t rows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+  int64_t ends[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) ends[r] = rows[r] < ql ? visible_end(rows[r], off, kl) : 0;
+  // Every valid row of the block sees keys [0, mask_from): a tile inside needs no mask. Rows past
+  // ql compute unmasked scores that are never written.
+  const int64_t mask_from = i0 < ql ? visible_end(i0, off, kl) : 0;
+  const bool warp_live = i0 + warp * 16 < ql;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float scale2 = scale * kLog2e;
+  float m[2] = {neg_inf, neg_inf}, l[2] = {0.f, 0.f};
+  float o[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) o[dn][0] = o[dn][1] = o[dn][2] = o[dn][3] = 0.f;
+
+  int stage = 0;
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kTile, stage ^= 1) {
+    if (j0 + kTile < j_end) {  // prefetch the next tile into the other stage
+      uint16_t* next = smem + 2 * (stage ^ 1) * kTileElems;
+      load_tile_async<D>(kb + (j0 + kTile) * sk.s, sk.s, key_end - j0 - kTile, next);
+      load_tile_async<D>(vb + (j0 + kTile) * sv.s, sv.s, key_end - j0 - kTile, next + kTileElems);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();  // this tile has landed
+    __syncthreads();
+    if (warp_live) {
+      const uint16_t* k_s = smem + 2 * stage * kTileElems;
+      const uint16_t* v_s = k_s + kTileElems;
+      float s[kTile / 8][4];
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+      for (int kt = 0; kt < D / 16; ++kt)
+#pragma unroll
+        for (int np = 0; np < kTile / 16; ++np) {  // B: (keys 0-7 | 8-15) x (d 0-7 | 8-15), d half first
+          uint32_t kf[4];
+          ldmatrix_x4<false>(kf, k_s + (np * 16 + (lmat >> 1) * 8 + lrow) * LD + kt * 16 + (lmat & 1) * 8);
+          Bits<T>::mma(s[2 * np], qa[kt], kf[0], kf[1]);
+          Bits<T>::mma(s[2 * np + 1], qa[kt], kf[2], kf[3]);
+        }
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nt][e] *= scale2;
+      if (j0 + kTile > mask_from) {
+        int lim[2];  // columns of this tile row r sees: [0, lim[r])
+#pragma unroll
+        for (int r = 0; r < 2; ++r) lim[r] = int(min(max(ends[r] - j0, int64_t(0)), int64_t(kTile)));
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e)
+            if (nt * 8 + 2 * t + (e & 1) >= lim[e / 2]) s[nt][e] = neg_inf;
+      }
+      float mx[2] = {neg_inf, neg_inf};
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
+      float alpha[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float m_new = fmaxf(m[r], mx[r]);
+        alpha[r] = m_new == neg_inf ? 1.f : exp2f(m[r] - m_new);
+        m[r] = m_new;
+        l[r] *= alpha[r];
+      }
+#pragma unroll
+      for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[nt][e] = s[nt][e] == neg_inf ? 0.f : exp2f(s[nt][e] - m[e / 2]);
+          l[e / 2] += s[nt][e];
+        }
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        o[dn][0] *= alpha[0];
+        o[dn][1] *= alpha[0];
+        o[dn][2] *= alpha[1];
+        o[dn][3] *= alpha[1];
+      }
+#pragma unroll
+      for (int kt = 0; kt < kTile / 16; ++kt) {
+        uint32_t pa[4];
+        c_to_a<T>(s[2 * kt], s[2 * kt + 1], pa);
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {  // B = V^T: (keys 0-7 | 8-15) x (d 0-7 | 8-15), key half first
+          uint32_t vf[4];
+          ldmatrix_x4<true>(vf, v_s + (kt * 16 + (lmat & 1) * 8 + lrow) * LD + dp * 16 + (lmat >> 1) * 8);
+          Bits<T>::mma(o[2 * dp], pa, vf[0], vf[1]);
+          Bits<T>::mma(o[2 * dp + 1], pa, vf[2], vf[3]);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this stage before it is refilled
+  }
+
+  const int64_t rows_total = p.B * p.Hq * p.N;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+    const int64_t i = rows[r];
+    if (i >= p.N) continue;
+    const bool seen = i < ql && l[r] > 0.f;  // unseen rows write zeros, whatever their registers hold
+    const float inv = seen ? 1.f / l[r] : 0.f;
+    const float row_lse = seen ? m[r] * kLn2 + logf(l[r]) : neg_inf;
+    const int64_t row = (b * p.Hq + h) * p.N + i;
+    if (splits == 1) {
+      uint16_t* orow = out + ((b * p.N + i) * p.Hq + h) * D;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn)
+        *reinterpret_cast<uint32_t*>(orow + dn * 8 + 2 * t) =
+            Bits<T>::pack(seen ? o[dn][2 * r] * inv : 0.f, seen ? o[dn][2 * r + 1] * inv : 0.f);
+      if (t == 0) lse[row] = row_lse;
+    } else {
+      float* orow = part_out + (split * rows_total + row) * D;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn)
+        *reinterpret_cast<float2*>(orow + dn * 8 + 2 * t) =
+            make_float2(seen ? o[dn][2 * r] * inv : 0.f, seen ? o[dn][2 * r + 1] * inv : 0.f);
+      if (t == 0) part_lse[split * rows_total + row] = row_lse;
+    }
+  }
+}
+
+// out = sum_s exp(lse_s - lse) out_s with lse = logsumexp_s lse_s: one warp per (b, h, i).
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    merge_splits_kernel(const float* __restrict__ part_out, const float* __restrict__ part_lse, int splits,
+                        T* __restrict__ out, float* __restrict__ lse, Shape p) {
+  const int64_t rows_total = p.B * p.Hq * p.N;
+  const int64_t row = int64_t(blockIdx.x) * kMmaWarps + threadIdx.x / kWarp;  // (b * Hq + h) * N + i
+  if (row >= rows_total) return;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t i = row % p.N, h = row / p.N % p.Hq, b = row / (p.N * p.Hq);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float top = neg_inf;
+  for (int s = 0; s < splits; ++s) top = fmaxf(top, part_lse[s * rows_total + row]);
+  constexpr int kPerLane = (D + kWarp - 1) / kWarp;
+  float acc[kPerLane] = {};
+  float total = 0.f;
+  if (top != neg_inf) {
+    for (int s = 0; s < splits; ++s) {
+      const float w = exp2f((part_lse[s * rows_total + row] - top) * kLog2e);  // 0 for a split that saw nothing
+      total += w;
+      const float* src = part_out + (s * rows_total + row) * D;
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e)
+        if (lane + e * kWarp < D) acc[e] += w * src[lane + e * kWarp];
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  T* dst = out + ((b * p.N + i) * p.Hq + h) * D;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e)
+    if (lane + e * kWarp < D) dst[lane + e * kWarp] = static_cast<T>(acc[e] * inv);
+  if (lane == 0) lse[row] = total > 0.f ? top + logf(total) : neg_inf;
+}
+
 // ------------------------------------------------------------------ backward
 
 template <typename T, int D>
@@ -445,6 +729,26 @@ void allow_smem(const void* kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
+// Which forward kernel runs: COMET_MMA_FORWARD=pipelined picks mma_forward_pipelined_kernel,
+// unset or "basic" the first kernel — the default until the pipelined one has passed the GPU check
+// (bench/device_check.sh runs the CUDA tests and the benchmark with both).
+bool pipelined_forward() {
+  const char* choice = std::getenv("COMET_MMA_FORWARD");
+  if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "basic") == 0) return false;
+  TORCH_CHECK(std::strcmp(choice, "pipelined") == 0,
+              "COMET_MMA_FORWARD must be 'basic' or 'pipelined', got '", choice, "'");
+  return true;
+}
+
+// Key splits per query tile: 1 while the grid has at least a block per SM; else enough to give
+// every SM two blocks, keeping at least 4 key tiles per split.
+int key_splits(int64_t blocks, int64_t key_tiles) {
+  const int64_t sms = num_sms();
+  if (blocks >= sms) return 1;
+  const int64_t want = (2 * sms + blocks - 1) / blocks;
+  return int(std::max<int64_t>(1, std::min<int64_t>({want, key_tiles / 4, 64})));
+}
+
 }  // namespace
 
 bool mma_attention_supports(const at::Tensor& q) {
@@ -457,18 +761,45 @@ bool mma_attention_supports(const at::Tensor& q) {
 void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
                            AttentionLengths lens, at::Tensor& out, at::Tensor& lse) {
   const at::Tensor q = vector_aligned(q_in), k = vector_aligned(k_in), v = vector_aligned(v_in);
-  const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2);
-  const Shape p{B, N, k.size(1), Hq, k.size(2), lens};
+  const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), K = k.size(1);
+  const Shape p{B, N, K, Hq, k.size(2), lens};
+  const int64_t tiles_q = (N + kTile - 1) / kTile;
+  const bool pipelined = pipelined_forward();
   mma_dispatch(q, [&](auto type_tag, auto dim) {
     using T = decltype(type_tag);
     constexpr int D = decltype(dim)::value;
-    auto kernel = mma_forward_kernel<T, D>;
-    const size_t smem = sizeof(uint16_t) * 3 * kTile * (D + kPad);
+    const auto stream = at::cuda::getCurrentCUDAStream();
+    if (!pipelined) {
+      auto kernel = mma_forward_kernel<T, D>;
+      const size_t smem = sizeof(uint16_t) * 3 * kTile * (D + kPad);
+      allow_smem(reinterpret_cast<const void*>(kernel), smem);
+      kernel<<<dim3(tiles_q, Hq, B), kThreads, smem, stream>>>(
+          bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(), row_strides(q), row_strides(k),
+          row_strides(v), p, static_cast<float>(scale));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const int splits = key_splits(tiles_q * Hq * B, (K + kTile - 1) / kTile);
+    at::Tensor part_out, part_lse;
+    if (splits > 1) {
+      part_out = at::empty({splits, B * Hq * N, D}, q.options().dtype(at::kFloat));
+      part_lse = at::empty({splits, B * Hq * N}, q.options().dtype(at::kFloat));
+    }
+    auto kernel = mma_forward_pipelined_kernel<T, D>;
+    const size_t smem = sizeof(uint16_t) * 4 * kTile * (D + kPad);  // two stages of K and V tiles
     allow_smem(reinterpret_cast<const void*>(kernel), smem);
-    kernel<<<dim3((N + kTile - 1) / kTile, Hq, B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-        bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(), row_strides(q), row_strides(k),
-        row_strides(v), p, static_cast<float>(scale));
+    kernel<<<dim3(tiles_q * splits, Hq, B), kThreads, smem, stream>>>(
+        bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(),
+        splits > 1 ? part_out.data_ptr<float>() : nullptr, splits > 1 ? part_lse.data_ptr<float>() : nullptr,
+        splits, row_strides(q), row_strides(k), row_strides(v), p, static_cast<float>(scale));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (splits > 1) {
+      const int64_t rows = B * Hq * N;
+      merge_splits_kernel<T, D><<<(rows + kMmaWarps - 1) / kMmaWarps, kThreads, 0, stream>>>(
+          part_out.data_ptr<float>(), part_lse.data_ptr<float>(), splits, reinterpret_cast<T*>(out.data_ptr()),
+          lse.data_ptr<float>(), p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
 }
 
