@@ -276,22 +276,26 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         )
 
     def _memory_rows_kv(self, l: int, global_k: Tensor, global_v: Tensor, has_global: Tensor,
-                        fifo: tuple[Tensor, Tensor, Tensor, Tensor],
+                        fifo: tuple[Tensor, Tensor, Tensor, Tensor], rope: tuple[Tensor, Tensor],
                         all_global: Optional[bool] = None) -> tuple[Tensor, Tensor, Tensor]:
         """Keys / values of layer l's memory rows, packed per sample: the global rows
         (positions 0..G-1) if the sample has them, then its FIFO rows (positions G..).
-        fifo: the ring (k, v (B, C, Hkv, D) pre-RoPE, head, length). all_global: whether
-        every sample has global rows, when known on the host.
+        fifo: the ring (k, v (B, C, Hkv, D) pre-RoPE, head, length). rope: _memory_rope(C).
+        all_global: whether every sample has global rows, when known on the host.
         -> k, v (B, G + C, Hkv, D), RoPE'd; mem_len (B,)."""
         fifo_k, fifo_v, head, length = fifo
         if fifo_k.shape[1]:
-            cos, sin = self._fifo_rope(global_k.shape[1], fifo_k.shape[1])
-            fifo_k, fifo_v = ops.fifo_view(fifo_k, head, length, cos, sin), ops.fifo_view(fifo_v, head, length)
+            G = global_k.shape[1]
+            fifo_k = ops.fifo_view(fifo_k, head, length, rope[0][G:], rope[1][G:])
+            fifo_v = ops.fifo_view(fifo_v, head, length)
         return self._pack_memory_kv(global_k, global_v, has_global, fifo_k, fifo_v, length, all_global)
 
-    def _fifo_rope(self, num_global: int, rows: int) -> tuple[Tensor, Tensor]:
-        """RoPE tables (rows, D) of FIFO rows 0.., at positions num_global.. (after the global rows)."""
-        cos, sin = self._rope(torch.arange(num_global, num_global + rows, device=self.device).unsqueeze(0))
+    def _memory_rope(self, fifo_rows: int) -> tuple[Tensor, Tensor]:
+        """RoPE tables (G + fifo_rows, D) of the memory rows: the global rows at positions
+        0..G-1, then FIFO rows from G on, oldest first. The same for every layer and chunk,
+        so a step works them out once."""
+        n = self.comet_config.num_global + fifo_rows
+        cos, sin = self._rope(torch.arange(n, device=self.device).unsqueeze(0))
         return cos[0], sin[0]
 
     @staticmethod
@@ -303,12 +307,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return (pack_keys(global_k, n_global, fifo_k, length, all_global),
                 pack_keys(global_v, n_global, fifo_v, length, all_global), n_global + length)
 
-    def _global_kv(self, l: int, memory_rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys (RoPE'd at positions 0..G-1) and values of layer l's global memory rows (B, G, d)."""
+    def _global_kv(self, l: int, memory_rows: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys (RoPE'd at positions 0..G-1) and values of layer l's global memory rows (B, G, d).
+        rope: _memory_rope(...)."""
         k, v = kv_projection(self.decoder.layers[l], self.family, memory_rows)
         G = memory_rows.shape[1]
-        cos, sin = self._rope(torch.arange(G, device=self.device).unsqueeze(0))
-        return apply_rope(k, cos, sin), v
+        return apply_rope(k, rope[0][:G], rope[1][:G]), v
 
     # ------------------------------------------------------------------ one layer, one segment
 
@@ -373,6 +377,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         closing = seg.closing
         has_global = memory.has_global | closing if global_memory else memory.has_global
         plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory)
+        if plan.any_closing:  # shared by every layer
+            memory_rope = self._memory_rope(memory.fifo_k.shape[2])
+            counts = torch.where(closing, memory.pending + seg.comp_count, 0)
         L = self.config.num_hidden_layers
         for l in range(L):
             x, comp_k, comp_v, readout = self._layer_segment(
@@ -387,19 +394,23 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 state, rows = self._update_global(l, readout, memory.state[l], memory.has_global, seg,
                                                   plan.has_global)
                 memory.state[l].copy_(state)
-            counts = torch.where(closing, memory.pending + seg.comp_count, 0)
             if memory.fifo_k.shape[2]:
                 head, length = memory.fifo_head[l], memory.fifo_len[l]
                 h0, n0 = head.clone(), length.clone()
                 ops.fifo_push(memory.fifo_k[l], head, length, memory.pending_k[l], counts)
                 ops.fifo_push(memory.fifo_v[l], h0, n0, memory.pending_v[l], counts)
-            gk, gv = self._global_kv(l, rows)
+            gk, gv = self._global_kv(l, rows, memory_rope)
             mk, mv, _ = self._memory_rows_kv(
                 l, gk, gv, has_global,
-                (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]), plan.all_global)
+                (memory.fifo_k[l], memory.fifo_v[l], memory.fifo_head[l], memory.fifo_len[l]), memory_rope,
+                plan.all_global)
             n, idx = mk.shape[1], plan.closing_idx
-            memory.kv_k[l, idx, :n] = mk[idx]
-            memory.kv_v[l, idx, :n] = mv[idx]
+            if plan.all_closing:
+                memory.kv_k[l, :, :n] = mk
+                memory.kv_v[l, :, :n] = mv
+            else:
+                memory.kv_k[l, idx, :n] = mk[idx]
+                memory.kv_v[l, idx, :n] = mv[idx]
         # Bookkeeping shared by all layers.
         take_t = torch.tensor(take, device=self.device)
         memory.tokens += take_t
@@ -676,12 +687,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         what a checkpoint keeps of the memory is then only new information."""
         G, C = self.comet_config.num_global, self.comet_config.fifo_capacity
         B, Hkv, D = x.shape[0], self.config.num_key_value_heads, self._head_dim()
+        rows = sum(t.shape[1] for t in fifo_kv[: len(fifo_kv) // 2])
+        rope = self._memory_rope(rows) if rows or any(has_global_list) else None
         if any(has_global_list):
-            gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.o_proj(state))
+            gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.o_proj(state), rope)
         else:  # no sample has a global memory yet: its rows are all masked
             gk = gv = x.new_zeros(B, G, Hkv, D)
-        rows = sum(t.shape[1] for t in fifo_kv[: len(fifo_kv) // 2])
-        fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, *self._fifo_rope(G, rows)) if rows else None
+        fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, rope[0][G:], rope[1][G:]) if rows else None
         tk, tv = fifo if fifo is not None else (x.new_zeros(B, 0, Hkv, D),) * 2
         all_global = all(has_global_list)
         pk, pv, plen = self._pack_memory_kv(gk, gv, has_global, tk, tv, fifo_len, all_global)
@@ -803,6 +815,7 @@ class _StepPlan:
     without a single host-device synchronisation (on a GPU each one would stall the queue)."""
 
     any_closing: bool
+    all_closing: bool
     has_global: tuple[bool, ...]  # memory.has_global on the host, before the step
     closing_idx: Tensor  # (n_closing,) the closing samples
     all_global: bool  # every sample has global rows once the step's closing chunks are written
@@ -817,6 +830,7 @@ class _StepPlan:
         k_lens = (prefix_lens + seg.q_lens).tolist()
         return _StepPlan(
             any_closing=any(close),
+            all_closing=all(close),
             has_global=has_global,
             closing_idx=torch.tensor([b for b, c in enumerate(close) if c], dtype=torch.long,
                                      device=prefix_lens.device),
