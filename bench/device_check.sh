@@ -69,27 +69,27 @@ if [ -f "$OUT/gpu_ops.json" ]; then
     --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
     > /dev/null 2>&1 || log "report failed"
 fi
-# The pipelined tensor-core forward is opt-in (COMET_MMA_FORWARD=pipelined) until it has passed
-# here: cuda_tests ran it (test_cuda.py runs both forward kernels); this times it.
-COMET_MMA_FORWARD=pipelined COMET_BENCH_DEVICE=cuda step bench_pipelined 90 python -m pytest \
+# The v2 tensor-core kernels are opt-in (COMET_MMA_KERNELS=v2) until they have passed here:
+# cuda_tests ran them (test_cuda.py runs both generations); this times them.
+COMET_MMA_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_mma_v2 90 python -m pytest \
   bench/bench_prefix_attention.py -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/gpu_ops_pipelined.json" -k "bf16 and fwd and not bwd and not reference"
-if [ -f "$OUT/gpu_ops_pipelined.json" ]; then
-  python bench/report.py "$OUT/gpu_ops_pipelined.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "COMET_MMA_FORWARD=pipelined bash bench/device_check.sh" \
-    --title "prefix_attention forward with the pipelined tensor-core kernel" --out "$OUT/gpu_ops_pipelined.md" \
-    > /dev/null 2>&1 || log "report (pipelined) failed"
+  --benchmark-json="$OUT/gpu_ops_mma_v2.json" -k "bf16 and not reference"
+if [ -f "$OUT/gpu_ops_mma_v2.json" ]; then
+  python bench/report.py "$OUT/gpu_ops_mma_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "COMET_MMA_KERNELS=v2 bash bench/device_check.sh" \
+    --title "prefix_attention with the v2 tensor-core kernels" --out "$OUT/gpu_ops_mma_v2.md" \
+    > /dev/null 2>&1 || log "report (mma v2) failed"
 fi
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q \
     -p no:cacheprovider python_tests/test_cuda.py -k "not beyond" -x
-  # racecheck every attention path: CUDA cores (fp32), both tensor-core forwards (bf16), a decode
-  # shape whose keys the pipelined forward splits across blocks; with masks and lengths
+  # racecheck every attention path: CUDA cores (fp32), both generations of tensor-core kernels
+  # (bf16), a decode shape whose keys the v2 forward splits across blocks; with masks and lengths
   step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python -c '
 import os, torch, comet_ext
 from comet_ext import ops
-for forward in ("basic", "pipelined"):
-    os.environ["COMET_MMA_FORWARD"] = forward
+for kernels in ("v1", "v2"):
+    os.environ["COMET_MMA_KERNELS"] = kernels
     for dtype, D, N, K in ((torch.float32, 64, 70, 150), (torch.bfloat16, 128, 70, 150), (torch.bfloat16, 128, 1, 700)):
         q = torch.randn(1, N, 4, D, device="cuda", dtype=dtype, requires_grad=True)
         k = torch.randn(1, K, 2, D, device="cuda", dtype=dtype, requires_grad=True)
@@ -106,7 +106,9 @@ fi
 # End to end on a Qwen3-0.6B-shaped model (issue 6); the 1M-token CoMeT point runs first, so a
 # short lease still gets it. COMET_E2E=0 skips it.
 if [ "${COMET_E2E:-1}" = "1" ]; then
-  step e2e 330 python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
+  # it gets what is left of the check's 8 minutes (COMET_CHECK_SECONDS), at least 2
+  e2e_limit=$(( ${COMET_CHECK_SECONDS:-480} - SECONDS )); [ "$e2e_limit" -lt 120 ] && e2e_limit=120
+  step e2e "$e2e_limit" python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
     --lengths 1048576 262144 32768 --full-max 262144 --naive-max 32768 --new-tokens 32 --timeout 150 \
     --out "$OUT/e2e_gpu"
 fi

@@ -12,10 +12,10 @@ from comet_ext import reference as ref
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")]
 
 
-@pytest.fixture(params=["basic", "pipelined"])
-def mma_forward(request, monkeypatch):
-    """Runs the test with each tensor-core forward kernel (COMET_MMA_FORWARD picks one)."""
-    monkeypatch.setenv("COMET_MMA_FORWARD", request.param)
+@pytest.fixture(params=["v1", "v2"])
+def mma_kernels(request, monkeypatch):
+    """Runs the test with each generation of tensor-core kernels (COMET_MMA_KERNELS picks one)."""
+    monkeypatch.setenv("COMET_MMA_KERNELS", request.param)
     return request.param
 
 
@@ -26,7 +26,7 @@ def _pair(*shape, dtype, seed=0, scale=1.0):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("D", [64, 80, 96, 128])
-def test_prefix_attention_cuda_matches_cpu(mma_forward, dtype, D):
+def test_prefix_attention_cuda_matches_cpu(mma_kernels, dtype, D):
     (q, qc), (k, kc), (v, vc) = (_pair(2, 70, 8, D, dtype=dtype, seed=1), _pair(2, 170, 2, D, dtype=dtype, seed=2),
                                  _pair(2, 170, 2, D, dtype=dtype, seed=3))
     ql, kl = torch.tensor([70, 31]), torch.tensor([170, 90])
@@ -46,29 +46,40 @@ def test_prefix_attention_cuda_matches_cpu(mma_forward, dtype, D):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("N, K", [(1, 3000), (3, 1100), (70, 4000)])
-def test_prefix_attention_long_key_ranges_cuda(mma_forward, dtype, N, K):
-    """Few query rows over many keys (decode), where the pipelined forward splits each row's keys
-    across blocks and merges the parts through their log-sum-exp: ragged lengths, a sample with no
-    key at all. The flash rule against the fp32 oracle, the CPU kernel in the same dtype as yardstick."""
+def test_prefix_attention_long_key_ranges_cuda(mma_kernels, dtype, N, K):
+    """Few query rows over many keys (decode), where the v2 forward splits each row's keys across
+    blocks and merges the parts through their log-sum-exp: ragged lengths, a sample with no key at
+    all; outputs and gradients. The flash rule against the fp32 oracle, the CPU kernel in the same
+    dtype as yardstick."""
     B, Hq, Hkv, D = 3, 8, 2, 128
     gen = torch.Generator().manual_seed(N * K)
     q, k, v = (torch.randn(B, n, h, D, generator=gen).to(dtype) for n, h in ((N, Hq), (K, Hkv), (K, Hkv)))
     ql, kl = torch.tensor([N, N, max(N - 1, 1)]), torch.tensor([K, K // 3 + 5, 0])
-    out, lse = ops.prefix_attention(q.cuda(), k.cuda(), v.cuda(), None, ql.cuda(), kl.cuda())
-    low_out, _ = ops.prefix_attention(q, k, v, None, ql, kl)
-    exact_out, exact_lse = ref.prefix_attention(q.float(), k.float(), v.float(), None, ql, kl)
-    assert_flash_rule("out", out.cpu(), low_out, exact_out)
-    lse = lse.cpu()
-    assert torch.equal(torch.isinf(lse), torch.isinf(exact_lse))  # the keyless sample, its rows past ql
-    seen = ~torch.isinf(exact_lse)
-    torch.testing.assert_close(lse[seen], exact_lse[seen], rtol=1e-3, atol=1e-3)
-    assert out[2].abs().max().item() == 0.0  # no key: zeros, not NaN
+    w = torch.randn(B, N, Hq, D, generator=gen)  # the loss weights: gradients differ per element
+
+    def run(attention, device, to):
+        ins = [to(t).to(device).detach().requires_grad_() for t in (q, k, v)]
+        out, lse = attention(*ins, None, ql.to(device), kl.to(device))
+        (out.float() * w.to(device)).sum().backward()
+        return [out.detach().cpu(), lse.detach().cpu()] + [t.grad.cpu() for t in ins]
+
+    ours = run(ops.prefix_attention, "cuda", lambda t: t)
+    low = run(ops.prefix_attention, "cpu", lambda t: t)
+    exact = run(ref.prefix_attention, "cpu", lambda t: t.float())
+    for name, a, b, c in zip(["out", "lse", "dq", "dk", "dv"], ours, low, exact):
+        if name == "lse":
+            assert torch.equal(torch.isinf(a), torch.isinf(c))  # the keyless sample, its rows past ql
+            seen = ~torch.isinf(c)
+            torch.testing.assert_close(a[seen], c[seen], rtol=1e-3, atol=1e-3)
+        else:
+            assert_flash_rule(name, a, b, c)
+    assert ours[0][2].abs().max().item() == 0.0  # no key: zeros, not NaN
 
 
-def test_mma_forward_choice_is_checked(monkeypatch):
-    monkeypatch.setenv("COMET_MMA_FORWARD", "fastest")
+def test_mma_kernels_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("COMET_MMA_KERNELS", "fastest")
     q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="COMET_MMA_FORWARD must be 'basic' or 'pipelined'"):
+    with pytest.raises(RuntimeError, match="COMET_MMA_KERNELS must be 'v1' or 'v2'"):
         ops.prefix_attention(q, q, q)
 
 
@@ -123,7 +134,7 @@ def test_fifo_cuda_matches_cpu_including_gradients():
 
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,
                     reason="needs 16 GB of GPU memory")
-def test_prefix_attention_score_space_beyond_2_to_the_31(mma_forward):
+def test_prefix_attention_score_space_beyond_2_to_the_31(mma_kernels):
     """N * K * heads > 2^31: 32-bit index arithmetic anywhere would corrupt rows far in."""
     N, K, Hq, Hkv, D = 16384, 16384, 8, 2, 64
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -264,9 +264,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ------------------------------------------------------------------ pipelined forward
+// ------------------------------------------------------------------ v2 forward
 //
-// The same algorithm as mma_forward_kernel, fed faster: K / V tiles stream in
+// The same algorithm as mma_forward_kernel, fed faster (COMET_MMA_KERNELS=v2): K / V tiles stream in
 // through cp.async into two stages of shared memory (tile j + 1 loads while
 // tile j is computed; the Q tile borrows stage 1 until its fragments are in
 // registers), every fragment comes out of shared memory through ldmatrix (V
@@ -343,7 +343,7 @@ __device__ __forceinline__ void load_tile_async(const uint16_t* base, int64_t st
 // and part_lse (splits, B * Hq * N) for merge_splits_kernel.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
-    mma_forward_pipelined_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+    mma_forward_v2_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
                                  const uint16_t* __restrict__ v, uint16_t* __restrict__ out,
                                  float* __restrict__ lse, float* __restrict__ part_out,
                                  float* __restrict__ part_lse, int splits, RowStrides sq, RowStrides sk,
@@ -695,6 +695,173 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The backward with its fragments fed by ldmatrix (Q, dO and K transposed on the way where they
+// are B operands along their rows; dS^T transposed for dQ) instead of 16-bit shared loads, tiles
+// whose (query, key) pairs are all visible skip the mask, and the mask of the others is worked out
+// in 32-bit tile coordinates. Same block layout, outputs and atomics as mma_backward_kernel.
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads)
+    mma_backward_v2_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
+                           const uint16_t* __restrict__ v, const uint16_t* __restrict__ dout,
+                           const float* __restrict__ lse, const float* __restrict__ delta,  // (B, Hq, N)
+                           float* __restrict__ dq_acc,                                       // (B, N, Hq, D)
+                           uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,             // (B, K, Hkv, D)
+                           RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo, Shape p, float scale) {
+  constexpr int LD = D + kPad, LDS = kTile + kPad;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // (kTile keys, LD)
+  uint16_t* v_s = k_s + kTile * LD;
+  uint16_t* q_s = v_s + kTile * LD;                       // (kTile queries, LD)
+  uint16_t* do_s = q_s + kTile * LD;
+  uint16_t* ds_s = do_s + kTile * LD;                     // dS^T: (kTile keys, LDS)
+  float* lse_s = reinterpret_cast<float*>(ds_s + kTile * LDS);  // (kTile,) in log2 units
+  float* delta_s = lse_s + kTile;
+  const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * kTile;
+  const int64_t group = p.Hq / p.Hkv;
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, g = lane / 4, t = lane % 4;
+  const int lrow = lane % 8, lmat = lane / 8;  // ldmatrix: lane l serves row l % 8 of matrix l / 8
+  int64_t ql, kl;
+  sample_lengths(p, b, ql, kl);
+  const int64_t off = kl - ql;
+  const int64_t key_end = ql > 0 ? visible_end(ql - 1, off, kl) : 0;
+  const float scale2 = scale * kLog2e;
+  const int64_t keys[2] = {j0 + warp * 16 + g, j0 + warp * 16 + g + 8};
+  float dk_r[D / 8][4], dv_r[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk_r[dn][e] = dv_r[dn][e] = 0.f;
+
+  if (j0 < key_end) {
+    load_tile_async<D>(k + b * sk.b + j0 * sk.s + hk * sk.h, sk.s, key_end - j0, k_s);
+    load_tile_async<D>(v + b * sv.b + j0 * sv.s + hk * sv.h, sv.s, key_end - j0, v_s);
+    cp_async_commit();
+    const int64_t i_start = max(int64_t(0), j0 - off);  // the first query that sees key j0
+    // In tile coordinates, query c sees key kk (both in [0, kTile)) iff c < qlim, kk < klim and
+    // kk <= diag + c; diag clamped to +-2 kTile decides the same.
+    const int klim = int(min(max(kl - j0, int64_t(0)), int64_t(kTile)));
+    for (int64_t hg = 0; hg < group; ++hg) {
+      const int64_t h = hk * group + hg;
+      const int64_t lrow0 = (b * p.Hq + h) * p.N;
+      for (int64_t i0 = i_start; i0 < ql; i0 += kTile) {
+        __syncthreads();  // the previous tile's Q, dO, lse and dS^T are no longer read
+        load_tile_async<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, ql - i0, q_s);
+        load_tile_async<D>(dout + b * sdo.b + i0 * sdo.s + h * sdo.h, sdo.s, ql - i0, do_s);
+        cp_async_commit();
+        for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
+          const bool valid = i0 + e < ql;
+          lse_s[e] = valid ? lse[lrow0 + i0 + e] * kLog2e : 0.f;
+          delta_s[e] = valid ? delta[lrow0 + i0 + e] : 0.f;
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        const bool full = i0 + kTile <= ql && visible_end(i0, off, kl) >= j0 + kTile;
+        const int qlim = int(min(max(ql - i0, int64_t(0)), int64_t(kTile)));
+        const int diag = int(min(max(off + i0 - j0, int64_t(-2 * kTile)), int64_t(2 * kTile)));
+
+        float st[kTile / 8][4], dpt[kTile / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+#pragma unroll
+        for (int kt = 0; kt < D / 16; ++kt) {
+          uint32_t ka[4], va[4];  // A: this warp's 16 keys x 16 d
+          ldmatrix_x4<false>(ka, k_s + (warp * 16 + (lmat & 1) * 8 + lrow) * LD + kt * 16 + (lmat >> 1) * 8);
+          ldmatrix_x4<false>(va, v_s + (warp * 16 + (lmat & 1) * 8 + lrow) * LD + kt * 16 + (lmat >> 1) * 8);
+#pragma unroll
+          for (int np = 0; np < kTile / 16; ++np) {  // B: Q^T / dO^T for queries 16 np.., d half first
+            uint32_t qf[4], df[4];
+            const int at = (np * 16 + (lmat >> 1) * 8 + lrow) * LD + kt * 16 + (lmat & 1) * 8;
+            ldmatrix_x4<false>(qf, q_s + at);
+            ldmatrix_x4<false>(df, do_s + at);
+            Bits<T>::mma(st[2 * np], ka, qf[0], qf[1]);
+            Bits<T>::mma(st[2 * np + 1], ka, qf[2], qf[3]);
+            Bits<T>::mma(dpt[2 * np], va, df[0], df[1]);
+            Bits<T>::mma(dpt[2 * np + 1], va, df[2], df[3]);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int c = nt * 8 + 2 * t + (e & 1), kk = warp * 16 + g + (e / 2) * 8;
+            const bool visible = full || (c < qlim && kk < klim && kk <= diag + c);
+            const float pr = visible ? exp2f(st[nt][e] * scale2 - lse_s[c]) : 0.f;
+            st[nt][e] = pr;
+            dpt[nt][e] = pr * (dpt[nt][e] - delta_s[c]);
+          }
+        // dS^T to shared memory for dQ, and dV += P^T dO, dK += dS^T Q (k = the 64 queries).
+#pragma unroll
+        for (int nt = 0; nt < kTile / 8; ++nt) {
+          uint16_t* row = ds_s + (warp * 16 + g) * LDS + nt * 8 + 2 * t;
+          *reinterpret_cast<uint32_t*>(row) = Bits<T>::pack(dpt[nt][0], dpt[nt][1]);
+          *reinterpret_cast<uint32_t*>(row + 8 * LDS) = Bits<T>::pack(dpt[nt][2], dpt[nt][3]);
+        }
+#pragma unroll
+        for (int kt = 0; kt < kTile / 16; ++kt) {
+          uint32_t pa[4], da[4];
+          c_to_a<T>(st[2 * kt], st[2 * kt + 1], pa);
+          c_to_a<T>(dpt[2 * kt], dpt[2 * kt + 1], da);
+#pragma unroll
+          for (int dp = 0; dp < D / 16; ++dp) {  // B: dO / Q transposed, queries 16 kt.., key half first
+            uint32_t df[4], qf[4];
+            const int at = (kt * 16 + (lmat & 1) * 8 + lrow) * LD + dp * 16 + (lmat >> 1) * 8;
+            ldmatrix_x4<true>(df, do_s + at);
+            ldmatrix_x4<true>(qf, q_s + at);
+            Bits<T>::mma(dv_r[2 * dp], pa, df[0], df[1]);
+            Bits<T>::mma(dv_r[2 * dp + 1], pa, df[2], df[3]);
+            Bits<T>::mma(dk_r[2 * dp], da, qf[0], qf[1]);
+            Bits<T>::mma(dk_r[2 * dp + 1], da, qf[2], qf[3]);
+          }
+        }
+        __syncthreads();  // dS^T complete
+
+        // dQ rows [i0 + 16 warp, +16) += dS K over this block's keys: A = (dS^T)^T via ldmatrix.trans.
+        uint32_t dsa[kTile / 16][4];
+#pragma unroll
+        for (int kt = 0; kt < kTile / 16; ++kt)
+          ldmatrix_x4<true>(dsa[kt], ds_s + (kt * 16 + (lmat >> 1) * 8 + lrow) * LDS + warp * 16 + (lmat & 1) * 8);
+        const int64_t qrows[2] = {i0 + warp * 16 + g, i0 + warp * 16 + g + 8};
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+          for (int kt = 0; kt < kTile / 16; ++kt) {  // B: K transposed, keys 16 kt.., key half first
+            uint32_t kf[4];
+            ldmatrix_x4<true>(kf, k_s + (kt * 16 + (lmat & 1) * 8 + lrow) * LD + dp * 16 + (lmat >> 1) * 8);
+            Bits<T>::mma(c[0], dsa[kt], kf[0], kf[1]);
+            Bits<T>::mma(c[1], dsa[kt], kf[2], kf[3]);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            if (qrows[r] >= ql) continue;
+            float* dst = dq_acc + ((b * p.N + qrows[r]) * p.Hq + h) * D + dp * 16 + 2 * t;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              atomicAdd(dst + half * 8, c[half][2 * r]);
+              atomicAdd(dst + half * 8 + 1, c[half][2 * r + 1]);
+            }
+          }
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = keys[r];
+    if (j >= p.K) continue;
+    const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
+          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
+    }
+  }
+}
+
 // ------------------------------------------------------------------ host side
 
 // The kernels read rows with 16-byte loads: a view whose rows are not 16-byte
@@ -729,14 +896,13 @@ void allow_smem(const void* kernel, size_t bytes) {
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
-// Which forward kernel runs: COMET_MMA_FORWARD=pipelined picks mma_forward_pipelined_kernel,
-// unset or "basic" the first kernel — the default until the pipelined one has passed the GPU check
-// (bench/device_check.sh runs the CUDA tests and the benchmark with both).
-bool pipelined_forward() {
-  const char* choice = std::getenv("COMET_MMA_FORWARD");
-  if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "basic") == 0) return false;
-  TORCH_CHECK(std::strcmp(choice, "pipelined") == 0,
-              "COMET_MMA_FORWARD must be 'basic' or 'pipelined', got '", choice, "'");
+// Which generation of tensor-core kernels runs: COMET_MMA_KERNELS=v2 picks mma_forward_v2_kernel and
+// mma_backward_v2_kernel; unset or "v1" the first ones — the default until v2 has passed a GPU
+// check (bench/device_check.sh runs the CUDA tests and the benchmarks with both).
+bool mma_v2() {
+  const char* choice = std::getenv("COMET_MMA_KERNELS");
+  if (choice == nullptr || *choice == '\0' || std::strcmp(choice, "v1") == 0) return false;
+  TORCH_CHECK(std::strcmp(choice, "v2") == 0, "COMET_MMA_KERNELS must be 'v1' or 'v2', got '", choice, "'");
   return true;
 }
 
@@ -764,12 +930,12 @@ void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), K = k.size(1);
   const Shape p{B, N, K, Hq, k.size(2), lens};
   const int64_t tiles_q = (N + kTile - 1) / kTile;
-  const bool pipelined = pipelined_forward();
+  const bool v2 = mma_v2();
   mma_dispatch(q, [&](auto type_tag, auto dim) {
     using T = decltype(type_tag);
     constexpr int D = decltype(dim)::value;
     const auto stream = at::cuda::getCurrentCUDAStream();
-    if (!pipelined) {
+    if (!v2) {
       auto kernel = mma_forward_kernel<T, D>;
       const size_t smem = sizeof(uint16_t) * 3 * kTile * (D + kPad);
       allow_smem(reinterpret_cast<const void*>(kernel), smem);
@@ -785,7 +951,7 @@ void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const
       part_out = at::empty({splits, B * Hq * N, D}, q.options().dtype(at::kFloat));
       part_lse = at::empty({splits, B * Hq * N}, q.options().dtype(at::kFloat));
     }
-    auto kernel = mma_forward_pipelined_kernel<T, D>;
+    auto kernel = mma_forward_v2_kernel<T, D>;
     const size_t smem = sizeof(uint16_t) * 4 * kTile * (D + kPad);  // two stages of K and V tiles
     allow_smem(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<dim3(tiles_q * splits, Hq, B), kThreads, smem, stream>>>(
@@ -813,10 +979,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_attention_backward(
   at::Tensor dk = at::empty({B, K, Hkv, D}, q.options());
   at::Tensor dv = at::empty({B, K, Hkv, D}, q.options());
   const Shape p{B, N, K, Hq, Hkv, lens};
+  const bool v2 = mma_v2();
   mma_dispatch(q, [&](auto type_tag, auto dim) {
     using T = decltype(type_tag);
     constexpr int Dc = decltype(dim)::value;
-    auto kernel = mma_backward_kernel<T, Dc>;
+    auto kernel = v2 ? mma_backward_v2_kernel<T, Dc> : mma_backward_kernel<T, Dc>;
     const size_t smem = sizeof(uint16_t) * (4 * kTile * (Dc + kPad) + kTile * (kTile + kPad)) +
                         sizeof(float) * 2 * kTile;
     allow_smem(reinterpret_cast<const void*>(kernel), smem);
