@@ -18,7 +18,9 @@ weights built from configs (no download): "tiny" (hidden 256, 2 layers, 4/2
 heads of dim 64, fp32) and "qwen3-0.6b" (Qwen3-0.6B's published shape, bf16).
 CoMeT runs at the reference defaults (chunk 2048, 512 global slots, FIFO 2048,
 stride 8). Full attention runs up to --full-max tokens (longer points are
-marked, not extrapolated here); the naive oracle up to --naive-max.
+marked, not extrapolated here); the naive oracle up to --naive-max. With
+--cuda-graphs (GPU) CoMeT also runs with its steps recorded as CUDA graphs
+(CometForCausalLM.use_cuda_graphs), as a method of its own, "comet-graphs".
 """
 from __future__ import annotations
 
@@ -69,8 +71,9 @@ def reset_peak():
     return status_mb("VmRSS:")
 result = {"method": method, "tokens": T}
 with torch.no_grad():
-    if method == "comet":
+    if method in ("comet", "comet-graphs"):
         model = CometForCausalLM.from_base(base, CometConfig()).eval()
+        model.use_cuda_graphs(method == "comet-graphs")
         model.read(ids[:, :256], progress=False)
         base_mb = reset_peak()
         sync(); start = time.perf_counter()
@@ -174,11 +177,12 @@ def plot(rows: list[dict], out: str) -> list[str]:
     files = []
     for key, label in (("prefill_s", "prefill time (s)"), ("extra_mb", "peak memory over the model's footprint (MB)")):
         fig, ax = plt.subplots(figsize=(5.5, 4))
-        for method, style in (("comet", "o-"), ("full", "s--"), ("naive", "^:")):
+        labels = {"comet": "CoMeT (comet_ext)", "comet-graphs": "CoMeT, CUDA graphs",
+                  "full": "full attention (HF sdpa)", "naive": "CoMeT, naive oracle"}
+        for method, style in (("comet", "o-"), ("comet-graphs", "D-"), ("full", "s--"), ("naive", "^:")):
             pts = [(r["tokens"], r[key]) for r in rows if r["method"] == method and r.get("status") == "ok"]
             if pts:
-                ax.plot(*zip(*pts), style, label={"comet": "CoMeT (comet_ext)", "full": "full attention (HF sdpa)",
-                                                  "naive": "CoMeT, naive oracle"}[method])
+                ax.plot(*zip(*pts), style, label=labels[method])
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("input tokens")
@@ -202,6 +206,8 @@ def main() -> None:
     ap.add_argument("--naive-max", type=int, default=E2E_LIMITS["naive"])
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also run CoMeT with its steps recorded as CUDA graphs (method comet-graphs)")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md, .json and _prefill/_peak .png")
     ap.add_argument("--from-log", help="render the tables and plots from the point lines a cut-short run "
                     "printed (with --machine and --commit naming where and what it measured)")
@@ -220,7 +226,9 @@ def main() -> None:
     else:
         logged = None
         rows = []
-    limits = (("comet", None), ("full", args.full_max), ("naive", args.naive_max))
+    # per length, CUDA graphs first: when time is short, the number that matters most
+    limits = ((("comet-graphs", None),) if args.cuda_graphs else ()) + (
+        ("comet", None), ("full", args.full_max), ("naive", args.naive_max))
     for length in args.lengths:
         for method, limit in limits:
             if limit is not None and length > limit:
@@ -248,7 +256,7 @@ def main() -> None:
 
     source = (f"- rendered from the log of a run cut short: `{args.from_log}`" if args.from_log else
               f"- command: `python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
-              f"--out {args.out}`")
+              f"{'--cuda-graphs ' if args.cuda_graphs else ''}--out {args.out}`")
     lines = [f"# End to end: CoMeT vs full attention ({args.device}, {args.model_shape})", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {args.machine or machine()}",
              f"- commit: {args.commit or commit()}", source, "",
@@ -303,6 +311,16 @@ def main() -> None:
         if c.get("status") == "ok" and n.get("status") == "ok":
             summary.append(f"- at {length} tokens: fast formulation {n['prefill_s'] / c['prefill_s']:.2f}x faster "
                            "than the naive oracle (prefill)")
+    for length in lengths:
+        c, cg, f_ = get("comet", length), get("comet-graphs", length), get("full", length)
+        if cg.get("status") == "ok" and c.get("status") == "ok":
+            vs_full = (f"; {f_['prefill_s'] / cg['prefill_s']:.2f}x faster than full attention (measured)"
+                       if f_.get("status") == "ok" else "")
+            summary.append(f"- at {length} tokens with CUDA graphs: CoMeT prefill {cg['prefill_s']:.1f} s, "
+                           f"{c['prefill_s'] / cg['prefill_s']:.2f}x faster than without{vs_full}; decode "
+                           f"{cg['decode_tok_s']:.1f} tok/s")
+        elif cg:
+            summary.append(f"- at {length} tokens with CUDA graphs: {cg.get('status', '')[-200:]}")
     lines += [""] + summary + [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines))

@@ -109,7 +109,7 @@ if [ "${COMET_E2E:-1}" = "1" ]; then
   # it gets what is left of the check's 8 minutes (COMET_CHECK_SECONDS), at least 2
   e2e_limit=$(( ${COMET_CHECK_SECONDS:-480} - SECONDS )); [ "$e2e_limit" -lt 120 ] && e2e_limit=120
   step e2e "$e2e_limit" python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
-    --lengths 1048576 262144 32768 --full-max 262144 --naive-max 32768 --new-tokens 32 --timeout 150 \
+    --lengths 1048576 262144 32768 --full-max 262144 --naive-max 32768 --new-tokens 32 --timeout 150 --cuda-graphs \
     --out "$OUT/e2e_gpu"
 fi
 { echo; [ -f "$OUT/gpu_ops.md" ] && tail -n +2 "$OUT/gpu_ops.md"

@@ -57,6 +57,10 @@ class CometMemory:
     tokens: Tensor
     signature: dict = dataclasses.field(default_factory=dict)
 
+    def buffers(self) -> tuple[Tensor, ...]:
+        """Every tensor of the memory (what a step updates in place, and its bookkeeping)."""
+        return tuple(getattr(self, f) for f in _FIELDS)
+
     @property
     def batch_size(self) -> int:
         return self.state.shape[1]

@@ -29,6 +29,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from . import ops
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
+from .graphs import StepGraphs
 from .memory import CometMemory
 from .train_memory import FifoWindow, TrainMemory
 from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
@@ -126,6 +127,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             torch.empty(comet_config.num_global, d, dtype=emb.dtype, device=emb.device))
         self.memory_layers.to(device=emb.device, dtype=emb.dtype)
         self.reset_memory_parameters()
+        self._step_graphs: Optional[StepGraphs] = None  # use_cuda_graphs()
 
     # ------------------------------------------------------------------ construction
 
@@ -377,9 +379,40 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         closing = seg.closing
         has_global = memory.has_global | closing if global_memory else memory.has_global
         plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory)
+        counts = memory_rope = None
         if plan.any_closing:  # shared by every layer
             memory_rope = self._memory_rope(memory.fifo_k.shape[2])
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
+        args = (x, seg, plan, cos, sin, prefix_lens, has_global, counts, memory_rope)
+        layers = functools.partial(self._step_layers, memory, global_memory)
+        if self._step_graphs is not None and x.is_cuda:
+            x = self._step_graphs.run(layers, args, (global_memory, self._graph_context(memory)))
+        else:
+            x = layers(*args)
+        # Bookkeeping shared by all layers.
+        take_t = torch.tensor(take, device=self.device)
+        memory.tokens += take_t
+        memory.open_text += take_t
+        memory.open_rows += seg.q_lens
+        memory.pending += seg.comp_count
+        if plan.any_closing:
+            G = self.comet_config.num_global
+            # in place: a recorded step reads these very tensors
+            memory.has_global.copy_(has_global)
+            fifo_len = memory.fifo_len[0]
+            memory.mem_len.copy_(torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len))
+            for t in (memory.open_rows, memory.open_text, memory.pending):
+                t.masked_fill_(closing, 0)
+        return x, seg
+
+    def _step_layers(self, memory: CometMemory, global_memory: bool, x: Tensor, seg: Segment, plan: "_StepPlan",
+                     cos: Tensor, sin: Tensor, prefix_lens: Tensor, has_global: Tensor, counts: Optional[Tensor],
+                     memory_rope: Optional[tuple[Tensor, Tensor]]) -> Tensor:
+        """The layer loop of a streaming step: every layer over the segment's rows x (B, N, d) ->
+        the final hidden rows, writing the memory in place (the new rows' keys / values; for
+        closing chunks the global state, the FIFO and the memory rows' keys / values). It reads
+        nothing but its arguments, the memory's buffers and the model's parameters, and decides
+        nothing from tensor values: StepGraphs records it as is."""
         L = self.config.num_hidden_layers
         for l in range(L):
             x, comp_k, comp_v, readout = self._layer_segment(
@@ -411,20 +444,21 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             else:
                 memory.kv_k[l, idx, :n] = mk[idx]
                 memory.kv_v[l, idx, :n] = mv[idx]
-        # Bookkeeping shared by all layers.
-        take_t = torch.tensor(take, device=self.device)
-        memory.tokens += take_t
-        memory.open_text += take_t
-        memory.open_rows += seg.q_lens
-        memory.pending += seg.comp_count
-        if plan.any_closing:
-            G = self.comet_config.num_global
-            memory.has_global = has_global
-            fifo_len = memory.fifo_len[0]
-            memory.mem_len = torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len)
-            for t in (memory.open_rows, memory.open_text, memory.pending):
-                t.masked_fill_(closing, 0)
-        return x, seg
+        return x
+
+    def _graph_context(self, memory: CometMemory) -> tuple:
+        """What a recorded step reads or writes by address without being given it: the memory's
+        buffers and the model's parameters (a moved or re-cast model has new ones)."""
+        return (tuple(t.data_ptr() for t in memory.buffers()),
+                tuple(p.data_ptr() for p in self.parameters()))
+
+    def use_cuda_graphs(self, enabled: bool = True, capacity: int = 8) -> "CometForCausalLM":
+        """On a CUDA device, record the layer loop of a streaming step as a CUDA graph the second
+        time its shape comes up and replay it from then on (comet_ext/graphs.py): every full chunk
+        of a long read then costs one graph launch instead of a few hundred kernel launches per
+        layer. Keeps up to `capacity` recordings. Off by default. Returns the model."""
+        self._step_graphs = StepGraphs(capacity) if enabled else None
+        return self
 
     @torch.no_grad()
     def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,

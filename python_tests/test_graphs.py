@@ -1,0 +1,107 @@
+"""CUDA graphs of streaming steps (comet_ext/graphs.py): how a step is keyed and its tensors
+swapped (on any machine), and recorded steps against eager ones (on a GPU)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import HAS_CUDA
+from modeling_utils import tiny_comet
+
+from comet_ext.graphs import StepGraphs, host_key, tensor_leaves, with_leaves
+from comet_ext.segments import plan_segment
+
+
+@dataclasses.dataclass
+class _Inner:
+    a: torch.Tensor
+    note: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class _Outer:
+    inner: _Inner
+    maybe: torch.Tensor | None
+    flag: bool
+
+
+def test_leaves_are_swapped_in_order_and_host_values_kept():
+    obj = (_Outer(_Inner(torch.zeros(2), (1, 2)), torch.ones(3), True), torch.arange(4), None)
+    leaves = tensor_leaves(obj)
+    assert [tuple(t.shape) for t in leaves] == [(2,), (3,), (4,)]
+    fresh = [t.clone() + 10 for t in leaves]
+    rebuilt = with_leaves(obj, iter(fresh))
+    assert rebuilt[0].inner.a is fresh[0] and rebuilt[0].maybe is fresh[1] and rebuilt[1] is fresh[2]
+    assert rebuilt[0].inner.note == (1, 2) and rebuilt[0].flag is True and rebuilt[2] is None
+    assert obj[0].inner.a is leaves[0]  # the original is untouched
+
+
+def test_segment_round_trips_and_its_key_follows_the_host_plan():
+    model = tiny_comet("qwen3")
+    cc = model.comet_config
+    seg = plan_segment(cc, [0, 3], [cc.chunk_size, 5], [True, False], torch.device("cpu"))
+    rebuilt = with_leaves(seg, iter([t.clone() for t in tensor_leaves(seg)]))
+    assert rebuilt.closing_list == seg.closing_list and rebuilt.comp_counts == seg.comp_counts
+    for a, b in zip(tensor_leaves(seg), tensor_leaves(rebuilt)):
+        assert torch.equal(a, b) and a is not b
+    assert host_key(seg) == host_key(rebuilt)
+    other = plan_segment(cc, [0, 3], [cc.chunk_size, 5], [True, True], torch.device("cpu"))
+    assert host_key(other) != host_key(seg)  # a different closing plan is a different recording
+
+
+def test_key_rejects_what_it_cannot_compare():
+    with pytest.raises(TypeError, match="cannot key a step on a dict"):
+        host_key(({"a": 1},))
+    with pytest.raises(ValueError, match="capacity must be >= 1"):
+        StepGraphs(0)
+
+
+def test_cuda_graphs_switch_is_harmless_off_the_gpu():
+    model = tiny_comet("llama")
+    ids = torch.randint(0, 97, (2, 5 * model.comet_config.chunk_size + 3))
+    plain = model.read(ids, progress=False)
+    model.use_cuda_graphs()
+    graphed = model.read(ids, progress=False)
+    assert model._step_graphs.replays == 0  # nothing is recorded on the CPU
+    for a, b in zip(plain.buffers(), graphed.buffers()):
+        assert torch.equal(a, b)
+    assert model.use_cuda_graphs(False)._step_graphs is None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_recorded_steps_match_eager_steps(family):
+    """A long read with recorded steps leaves exactly the memory an eager read leaves, and the
+    same last hidden state; recordings replay (FIFO full, same shape each chunk), also on a fresh
+    memory's buffers, and are not replayed once the parameters are new tensors."""
+    model = tiny_comet(family).cuda()
+    cs = model.comet_config.chunk_size
+    ids = torch.randint(0, 97, (2, 20 * cs + 5), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, -2 * cs:] = 0  # ragged: the second sample ends two chunks early
+
+    def read():
+        return model.read(ids, attention_mask=mask, progress=False, return_last_hidden=True)
+
+    def assert_same(got, expected, what):
+        torch.testing.assert_close(got[1], expected[1], rtol=0, atol=0, msg=f"last hidden, {what}")
+        for a, b in zip(got[0].buffers(), expected[0].buffers()):
+            assert torch.equal(a, b), f"memory differs, {what}"
+
+    eager = read()
+    model.use_cuda_graphs()
+    graphs = model._step_graphs
+    assert_same(read(), eager, "first graphed read")
+    replays = graphs.replays
+    assert replays > 0
+    assert_same(read(), eager, "second graphed read (new memory buffers)")
+    assert graphs.replays > replays
+    with torch.no_grad():  # new parameter tensors, new values: the recordings read the old ones
+        for p in model.parameters():
+            p.data = p.data * 1.01
+    model._step_graphs = None
+    eager = read()
+    model._step_graphs = graphs
+    assert_same(read(), eager, "graphed read after the parameters changed")
