@@ -95,11 +95,15 @@ def _rla_and_gated_update(args, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rla_and_gated_update_cuda_match_cpu(dtype):
+@pytest.mark.parametrize("d, r", [(1000, 8), (4096, 8), (24, 3), (1001, 8), (64, 20)],
+                         ids=["warp-rows", "warp-rows-16-vectors", "warp-rows-short", "block-rows-odd-d",
+                              "block-rows-rank-20"])
+def test_rla_and_gated_update_cuda_match_cpu(dtype, d, r):
     """The CUDA kernels' error against the fp64 result is at most twice the CPU kernels'
     (FlashAttention's rule, with the CPU kernel as the same-dtype yardstick): the two sum
-    d = 1000 products in different orders, so bitwise agreement is not expected."""
-    d, r = 1000, 8
+    d products in different orders, so bitwise agreement is not expected. The shapes take
+    both forwards: a warp per row (d a multiple of a 16-byte vector, rank <= 16) and a block
+    per row (the rest)."""
     gen = torch.Generator().manual_seed(1)
     x, s = torch.randn(3, 40, d, generator=gen), torch.randn(3, 40, d, generator=gen)
     dn, up = torch.randn(r, d, generator=gen) * 0.03, torch.randn(d, r, generator=gen) * 0.3

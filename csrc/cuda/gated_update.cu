@@ -1,11 +1,13 @@
-// CUDA gated_update, one fused pass per memory slot (row), a block per row at a
-// time: c = RMSNorm(readout) * w; g = sigmoid(gate . [c ; s]); s' = g s + (1-g) c
-// (s' = c without a state); memory = s' + up(down(s')). Weight gradients go to
-// per-block partial slices summed afterwards.
+// CUDA gated_update, one fused pass per memory slot (row): c = RMSNorm(readout) * w;
+// g = sigmoid(gate . [c ; s]); s' = g s + (1-g) c (s' = c without a state); memory =
+// s' + up(down(s')). The forward runs a warp per row with the row in registers
+// (row_warp.cuh) where it can, else — and the backward always — a block per row at a
+// time. Weight gradients go to per-block partial slices summed afterwards.
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/row_kernels.cuh"
+#include "cuda/row_warp.cuh"
 
 namespace comet::cuda {
 namespace {
@@ -62,6 +64,32 @@ __global__ void __launch_bounds__(kRowThreads)
     }
     __syncthreads();
   }
+}
+
+template <typename scalar_t, int kVecs>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    gated_forward_warp_kernel(const scalar_t* __restrict__ R,     // (M, d)
+                              const scalar_t* __restrict__ S,     // (M, d) or null
+                              const scalar_t* __restrict__ w,     // (d,)
+                              const scalar_t* __restrict__ gate,  // (2d,)
+                              const scalar_t* __restrict__ down,  // (r, d)
+                              const scalar_t* __restrict__ up,    // (d, r)
+                              scalar_t* __restrict__ new_state, scalar_t* __restrict__ memory,
+                              int64_t M, int64_t d, int r, float eps) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= M) return;
+  WarpRow<scalar_t, kVecs> c;  // the candidate, then the new state
+  c.load(R + row * d, d, lane);
+  c.scale(rsqrtf(c.dot(nullptr, d, lane) / d + eps), w, d, lane);
+  if (S != nullptr) {  // the state row is read twice (the gate, the blend) rather than kept: registers
+    const scalar_t* sr = S + row * d;
+    const float g = sigmoid(c.dot(gate, d, lane) + WarpRow<scalar_t, kVecs>::dot_rows(sr, gate + d, d, lane));
+    c.blend(g, sr, d, lane);
+  }
+  c.store(new_state + row * d, d, lane);
+  c.add_low_rank(down, up, r, d, lane);
+  c.store(memory + row * d, d, lane);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -156,6 +184,22 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
   const at::Tensor dw = down.contiguous(), uw = up.contiguous();
   COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (kWarpRowType<scalar_t>) {
+      const int vecs = warp_row_vecs<scalar_t>(d, r);
+      if (vecs > 0 && aligned16(R.data_ptr()) && (!S.defined() || aligned16(S.data_ptr())) &&
+          aligned16(w.data_ptr()) && aligned16(gw.data_ptr()) && aligned16(dw.data_ptr())) {
+        dispatch_warp_row_vecs(vecs, [&](auto v) {
+          gated_forward_warp_kernel<scalar_t, decltype(v)::value>
+              <<<warp_row_grid(M), kRowWarps * kWarp, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  R.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
+                  w.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                  uw.data_ptr<scalar_t>(), new_state.data_ptr<scalar_t>(), memory.data_ptr<scalar_t>(), M, d,
+                  int(r), static_cast<float>(eps));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
+      }
+    }
     const size_t smem = row_smem<acc_t>(d, 2, r, 1);
     auto kernel = gated_forward_kernel<scalar_t, acc_t>;
     set_smem_limit(reinterpret_cast<const void*>(kernel), smem);

@@ -1,11 +1,13 @@
-// CUDA rla: y = n + up(down(n)), n = RMSNorm(x) * w or x. One block per row at a
-// time (a grid-stride loop over rows); the row's n lives in shared memory, the
-// low-rank products are block reductions. Weight gradients go to per-block
-// partial slices (no atomics, deterministic) summed afterwards.
+// CUDA rla: y = n + up(down(n)), n = RMSNorm(x) * w or x. The forward runs a warp
+// per row with the row in registers (row_warp.cuh) where it can, else — and the
+// backward always — one block per row at a time (a grid-stride loop over rows) with
+// the row's n in shared memory and the low-rank products as block reductions. Weight
+// gradients go to per-block partial slices (no atomics, deterministic) summed afterwards.
 #include <torch/library.h>
 
 #include "checks.h"
 #include "cuda/row_kernels.cuh"
+#include "cuda/row_warp.cuh"
 
 namespace comet::cuda {
 namespace {
@@ -41,6 +43,24 @@ __global__ void __launch_bounds__(kRowThreads)
       y[row * d + i] = static_cast<scalar_t>(n[i] + row_expand(up, h, r, i));
     __syncthreads();
   }
+}
+
+template <typename scalar_t, int kVecs>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    rla_forward_warp_kernel(const scalar_t* __restrict__ x,     // (M, d), row stride xs
+                            const scalar_t* __restrict__ down,  // (r, d)
+                            const scalar_t* __restrict__ up,    // (d, r)
+                            const scalar_t* __restrict__ w,     // (d,) or null
+                            scalar_t* __restrict__ y,           // (M, d)
+                            int64_t M, int64_t d, int r, int64_t xs, float eps) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= M) return;
+  WarpRow<scalar_t, kVecs> n;
+  n.load(x + row * xs, d, lane);
+  if (w != nullptr) n.scale(rsqrtf(n.dot(nullptr, d, lane) / d + eps), w, d, lane);
+  n.add_low_rank(down, up, r, d, lane);
+  n.store(y + row * d, d, lane);
 }
 
 template <typename scalar_t, typename acc_t>
@@ -108,6 +128,21 @@ at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tenso
   const at::Tensor w = norm_weight.has_value() ? norm_weight->contiguous() : at::Tensor();
   COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if constexpr (kWarpRowType<scalar_t>) {
+      const int vecs = warp_row_vecs<scalar_t>(d, r);
+      if (vecs > 0 && x.stride(0) % (16 / sizeof(scalar_t)) == 0 && aligned16(x.data_ptr()) &&
+          aligned16(dw.data_ptr()) && (!w.defined() || aligned16(w.data_ptr()))) {
+        dispatch_warp_row_vecs(vecs, [&](auto v) {
+          rla_forward_warp_kernel<scalar_t, decltype(v)::value>
+              <<<warp_row_grid(M), kRowWarps * kWarp, 0, at::cuda::getCurrentCUDAStream()>>>(
+                  x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),
+                  w.defined() ? w.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, int(r),
+                  x.stride(0), static_cast<float>(eps));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
+      }
+    }
     const size_t smem = row_smem<acc_t>(d, 1, r, 1);
     auto kernel = rla_forward_kernel<scalar_t, acc_t>;
     set_smem_limit(reinterpret_cast<const void*>(kernel), smem);
