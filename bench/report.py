@@ -17,6 +17,10 @@ from collections import defaultdict
 
 import torch
 
+# Modes of the memory-bound ops whose bandwidth is reported (forward passes only); on a GPU,
+# bench/conftest.py also measures their device time.
+BANDWIDTH_MODES = ("fwd", "cold", "plain", "rope")
+
 
 def machine() -> str:
     cpu = platform.processor() or "unknown CPU"
@@ -85,10 +89,14 @@ def bandwidth_lines(benchmarks: list[dict], gpu: dict) -> list[str]:
     lines = []
     for b in benchmarks:
         info = b["extra_info"]
-        if info.get("provider") == "comet" and "bytes" in info and info["mode"] in ("fwd", "cold", "plain", "rope"):
-            gbps = info["bytes"] / b["stats"]["median"] / 1e9
+        if info.get("provider") == "comet" and "bytes" in info and info["mode"] in BANDWIDTH_MODES:
+            seconds = b["stats"]["median"]
+            timing = "wall time per call, launch included"
+            if "device_ms" in info:  # the kernel alone (bench/conftest.py device_ms)
+                seconds, timing = info["device_ms"] / 1e3, "device time: " + info["device_timing"]
+            gbps = info["bytes"] / seconds / 1e9
             lines.append(f"- {info['op']} {info['case']} {info['mode']}: {gbps:.0f} GB/s = "
-                         f"{100 * gbps / gpu['d2d_copy_gbps']:.0f}% of the copy bandwidth")
+                         f"{100 * gbps / gpu['d2d_copy_gbps']:.0f}% of the copy bandwidth ({timing})")
     return (["### Bandwidth of the memory-bound ops", ""] + lines + [""]) if lines else []
 
 
