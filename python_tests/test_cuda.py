@@ -45,16 +45,17 @@ def test_prefix_attention_cuda_matches_cpu(mma_kernels, dtype, D):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("N, K", [(1, 3000), (3, 1100), (70, 4000)])
-def test_prefix_attention_long_key_ranges_cuda(mma_kernels, dtype, N, K):
+@pytest.mark.parametrize("N, K, D", [(1, 3000, 64), (1, 3000, 80), (1, 3000, 96), (1, 3000, 128), (3, 1100, 128),
+                                     (70, 4000, 128)])
+def test_prefix_attention_long_key_ranges_cuda(mma_kernels, dtype, N, K, D):
     """Few query rows over many keys (decode), where the v2 forward splits each row's keys across
     blocks and merges the parts through their log-sum-exp: ragged lengths, a sample with no key at
-    all; outputs and gradients. The flash rule against the fp32 oracle, the CPU kernel in the same
-    dtype as yardstick."""
-    B, Hq, Hkv, D = 3, 8, 2, 128
-    gen = torch.Generator().manual_seed(N * K)
+    all, one with fewer keys than queries (its first queries see nothing); outputs and gradients.
+    The flash rule against the fp32 oracle, the CPU kernel in the same dtype as yardstick."""
+    B, Hq, Hkv = 4, 8, 2
+    gen = torch.Generator().manual_seed(N * K + D)
     q, k, v = (torch.randn(B, n, h, D, generator=gen).to(dtype) for n, h in ((N, Hq), (K, Hkv), (K, Hkv)))
-    ql, kl = torch.tensor([N, N, max(N - 1, 1)]), torch.tensor([K, K // 3 + 5, 0])
+    ql, kl = torch.tensor([N, N, max(N - 1, 1), N]), torch.tensor([K, K // 3 + 5, 0, max(N // 2, 1)])
     w = torch.randn(B, N, Hq, D, generator=gen)  # the loss weights: gradients differ per element
 
     def run(attention, device, to):
@@ -68,12 +69,27 @@ def test_prefix_attention_long_key_ranges_cuda(mma_kernels, dtype, N, K):
     exact = run(ref.prefix_attention, "cpu", lambda t: t.float())
     for name, a, b, c in zip(["out", "lse", "dq", "dk", "dv"], ours, low, exact):
         if name == "lse":
-            assert torch.equal(torch.isinf(a), torch.isinf(c))  # the keyless sample, its rows past ql
+            assert torch.equal(torch.isinf(a), torch.isinf(c))  # keyless rows, rows past ql
             seen = ~torch.isinf(c)
             torch.testing.assert_close(a[seen], c[seen], rtol=1e-3, atol=1e-3)
         else:
             assert_flash_rule(name, a, b, c)
     assert ours[0][2].abs().max().item() == 0.0  # no key: zeros, not NaN
+
+
+def test_prefix_attention_ignores_nan_in_padding_rows_cuda(mma_kernels):
+    """Query rows past q_lens may hold anything (here NaN) — also where a tile needs no mask, and
+    keys past k_lens too: the valid rows do not change by a bit and the padding rows are zeros."""
+    B, N, K, Hq, Hkv, D = 2, 130, 300, 4, 2, 64
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, n, h, D, generator=gen).to(torch.bfloat16).cuda()
+               for n, h in ((N, Hq), (K, Hkv), (K, Hkv)))
+    ql, kl = torch.tensor([N, 70]).cuda(), torch.tensor([K, 250]).cuda()
+    clean, clean_lse = ops.prefix_attention(q, k, v, None, ql, kl)
+    q[1, 70:], k[1, 250:], v[1, 250:] = float("nan"), float("nan"), float("nan")
+    out, lse = ops.prefix_attention(q, k, v, None, ql, kl)
+    assert torch.equal(out, clean) and torch.equal(lse, clean_lse)
+    assert out[1, 70:].abs().max().item() == 0.0
 
 
 def test_mma_kernels_choice_is_checked(monkeypatch):

@@ -325,7 +325,8 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 // load_tile through cp.async: rows [0, kTile) of a (rows, D) slab into a (kTile, D + kPad)
-// shared tile, rows at or past `valid` zero-filled. Completes at the next cp_async_wait.
+// shared tile, rows at or past `valid` zero-filled. The copies join the thread's current
+// cp.async group: they have landed after a cp_async_wait<N> that leaves at most N later groups.
 template <int D>
 __device__ __forceinline__ void load_tile_async(const uint16_t* base, int64_t stride, int64_t valid,
                                                 uint16_t* tile) {
@@ -907,10 +908,12 @@ bool mma_v2() {
 }
 
 // Key splits per query tile: 1 while the grid has at least a block per SM; else enough to give
-// every SM two blocks, keeping at least 4 key tiles per split.
+// every SM two blocks, and at most a split per 4 key tiles of K (a block whose rows see fewer keys
+// than K — early query tiles, short k_lens — may get splits with few tiles or none: those write
+// zeros and a -inf log-sum-exp, which the merge ignores).
 int key_splits(int64_t blocks, int64_t key_tiles) {
   const int64_t sms = num_sms();
-  if (blocks >= sms) return 1;
+  if (blocks <= 0 || blocks >= sms) return 1;
   const int64_t want = (2 * sms + blocks - 1) / blocks;
   return int(std::max<int64_t>(1, std::min<int64_t>({want, key_tiles / 4, 64})));
 }
