@@ -21,7 +21,9 @@ from a 128 checkpoint learns); a question always at the end of a full chunk
 teaches a model that fails when the question starts a chunk; with the question at a
 chunk's start half the time (--question-at-start 0.5), a warm start that had sat at 92%
 at stage 8 passed it within 20 steps, and stage 16 then climbed from 54% to ~80% of the
-digits in 670 steps (~6.5 s a step on 2 threads).
+digits in 670 steps (~6.5 s a step on 2 threads). The step is compute-bound (matmuls run at
+~120 GFLOP/s a core, 72% of the time); recomputing activations cost 1.44x (3.4 vs 2.4 s a
+step at 4 chunks on one thread), so it is off unless asked for (--recompute).
 """
 from __future__ import annotations
 
@@ -95,8 +97,9 @@ def main() -> None:
                     help="chunks of the first curriculum stage (with --init: skip the stages it has passed)")
     ap.add_argument("--question-at-start", type=float, default=0.25,
                     help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
-    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=True,
-                    help="activation recomputation per (layer, chunk): less memory, some more compute")
+    ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
+                    help="activation recomputation per (layer, chunk): less memory, 1.44x the time a step takes "
+                         "(off: at 64 chunks of batch 16 the activations take about 13 GB)")
     ap.add_argument("--save-every", type=float, default=10.0, help="also save every this many minutes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--seed", type=int, default=0)
