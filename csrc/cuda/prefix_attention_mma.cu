@@ -144,6 +144,39 @@ __device__ __forceinline__ void c_to_a(const float (&lo)[4], const float (&hi)[4
   a[3] = Bits<T>::pack(hi[2], hi[3]);
 }
 
+// One key tile of the online softmax, after the scores s (log2 units, -inf where masked) and
+// this lane's part of each row's maximum mx: finishes the maxima over the quad, rescales the
+// running sums l and outputs o by exp2(m_old - m_new), and turns s into the probabilities.
+template <int D>
+__device__ __forceinline__ void online_softmax_tile(float (&s)[kTile / 8][4], float (&mx)[2], float (&m)[2],
+                                                    float (&l)[2], float (&o)[D / 8][4]) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float alpha[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {  // a row's 64 scores live in the 4 lanes of one quad
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float m_new = fmaxf(m[r], mx[r]);
+    alpha[r] = m_new == neg_inf ? 1.f : exp2f(m[r] - m_new);  // exp2(-inf) = 0 for a first visible tile
+    m[r] = m_new;
+    l[r] *= alpha[r];
+  }
+#pragma unroll
+  for (int nt = 0; nt < kTile / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] = s[nt][e] == neg_inf ? 0.f : exp2f(s[nt][e] - m[e / 2]);
+      l[e / 2] += s[nt][e];  // this lane's part of the row sum; the quad is summed at the end
+    }
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    o[dn][0] *= alpha[0];
+    o[dn][1] *= alpha[0];
+    o[dn][2] *= alpha[1];
+    o[dn][3] *= alpha[1];
+  }
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename T, int D>
@@ -211,30 +244,7 @@ __global__ void __launch_bounds__(kThreads)
         s[nt][e] = j < ends[e / 2] ? s[nt][e] * scale2 : neg_inf;
         mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
       }
-    float alpha[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {  // a row's 64 scores live in the 4 lanes of one quad
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float m_new = fmaxf(m[r], mx[r]);
-      alpha[r] = m_new == neg_inf ? 1.f : exp2f(m[r] - m_new);  // exp2(-inf) = 0 for a first visible tile
-      m[r] = m_new;
-      l[r] *= alpha[r];
-    }
-#pragma unroll
-    for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = s[nt][e] == neg_inf ? 0.f : exp2f(s[nt][e] - m[e / 2]);
-        l[e / 2] += s[nt][e];  // this lane's part of the row sum; the quad is summed at the end
-      }
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      o[dn][0] *= alpha[0];
-      o[dn][1] *= alpha[0];
-      o[dn][2] *= alpha[1];
-      o[dn][3] *= alpha[1];
-    }
+    online_softmax_tile<D>(s, mx, m, l, o);
 #pragma unroll
     for (int kt = 0; kt < kTile / 16; ++kt) {
       uint32_t pa[4];
@@ -444,30 +454,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int nt = 0; nt < kTile / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) mx[e / 2] = fmaxf(mx[e / 2], s[nt][e]);
-      float alpha[2];
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float m_new = fmaxf(m[r], mx[r]);
-        alpha[r] = m_new == neg_inf ? 1.f : exp2f(m[r] - m_new);
-        m[r] = m_new;
-        l[r] *= alpha[r];
-      }
-#pragma unroll
-      for (int nt = 0; nt < kTile / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[nt][e] = s[nt][e] == neg_inf ? 0.f : exp2f(s[nt][e] - m[e / 2]);
-          l[e / 2] += s[nt][e];
-        }
-#pragma unroll
-      for (int dn = 0; dn < D / 8; ++dn) {
-        o[dn][0] *= alpha[0];
-        o[dn][1] *= alpha[0];
-        o[dn][2] *= alpha[1];
-        o[dn][3] *= alpha[1];
-      }
+      online_softmax_tile<D>(s, mx, m, l, o);
 #pragma unroll
       for (int kt = 0; kt < kTile / 16; ++kt) {
         uint32_t pa[4];
@@ -549,6 +536,63 @@ __global__ void __launch_bounds__(kThreads)
 
 // ------------------------------------------------------------------ backward
 
+// The backward's shared memory: K, V (the block's keys), Q, dO (a query tile) as (kTile, LD)
+// tiles, dS^T (kTile keys, LDS), and the query tile's lse (log2 units) and delta.
+template <int D>
+struct BackwardSmem {
+  static constexpr int LD = D + kPad, LDS = kTile + kPad;
+  static constexpr size_t kBytes = sizeof(uint16_t) * (4 * kTile * LD + kTile * LDS) + sizeof(float) * 2 * kTile;
+  uint16_t *k, *v, *q, *dout, *ds;
+  float *lse, *delta;
+
+  __device__ __forceinline__ explicit BackwardSmem(unsigned char* raw)
+      : k(reinterpret_cast<uint16_t*>(raw)), v(k + kTile * LD), q(v + kTile * LD), dout(q + kTile * LD),
+        ds(dout + kTile * LD), lse(reinterpret_cast<float*>(ds + kTile * LDS)), delta(lse + kTile) {}
+};
+
+// The lse (to log2 units) and delta of query rows [i0, i0 + kTile) of one (b, h) into shared
+// memory, zeros past ql. lse_row / delta_row point at the (b, h) row of (B, Hq, N).
+__device__ __forceinline__ void stage_lse_delta(const float* lse_row, const float* delta_row, int64_t i0,
+                                                int64_t ql, float* lse_s, float* delta_s) {
+  for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
+    const bool valid = i0 + e < ql;
+    lse_s[e] = valid ? lse_row[i0 + e] * kLog2e : 0.f;
+    delta_s[e] = valid ? delta_row[i0 + e] : 0.f;
+  }
+}
+
+// This thread's dS^T accumulators, rounded to T, into shared memory at row (its key g of the
+// warp's 16), column 2t; the key g + 8 lands 8 rows further.
+template <typename T>
+__device__ __forceinline__ void store_ds_t(const float (&dpt)[kTile / 8][4], uint16_t* row) {
+  constexpr int LDS = kTile + kPad;
+#pragma unroll
+  for (int nt = 0; nt < kTile / 8; ++nt) {
+    *reinterpret_cast<uint32_t*>(row + nt * 8) = Bits<T>::pack(dpt[nt][0], dpt[nt][1]);
+    *reinterpret_cast<uint32_t*>(row + nt * 8 + 8 * LDS) = Bits<T>::pack(dpt[nt][2], dpt[nt][3]);
+  }
+}
+
+// This thread's dK (times scale) and dV accumulators of its two keys to (B, K, Hkv, D).
+template <typename T, int D>
+__device__ __forceinline__ void write_dk_dv(const float (&dk_r)[D / 8][4], const float (&dv_r)[D / 8][4],
+                                            const int64_t (&keys)[2], int64_t b, int64_t hk, const Shape& p,
+                                            float scale, uint16_t* dk, uint16_t* dv) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t j = keys[r];
+    if (j >= p.K) continue;
+    const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
+          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
+      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
+    }
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads)
     mma_backward_kernel(const uint16_t* __restrict__ q, const uint16_t* __restrict__ k,
@@ -557,15 +601,11 @@ __global__ void __launch_bounds__(kThreads)
                         float* __restrict__ dq_acc,                                       // (B, N, Hq, D)
                         uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,             // (B, K, Hkv, D)
                         RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo, Shape p, float scale) {
-  constexpr int LD = D + kPad, LDS = kTile + kPad;
+  constexpr int LD = BackwardSmem<D>::LD, LDS = BackwardSmem<D>::LDS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // (kTile keys, LD)
-  uint16_t* v_s = k_s + kTile * LD;
-  uint16_t* q_s = v_s + kTile * LD;                       // (kTile queries, LD)
-  uint16_t* do_s = q_s + kTile * LD;
-  uint16_t* ds_s = do_s + kTile * LD;                     // dS^T: (kTile keys, LDS)
-  float* lse_s = reinterpret_cast<float*>(ds_s + kTile * LDS);  // (kTile,) in log2 units
-  float* delta_s = lse_s + kTile;
+  const BackwardSmem<D> sm(smem_raw);
+  uint16_t *k_s = sm.k, *v_s = sm.v, *q_s = sm.q, *do_s = sm.dout, *ds_s = sm.ds;
+  float *lse_s = sm.lse, *delta_s = sm.delta;
   const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * kTile;
   const int64_t group = p.Hq / p.Hkv;
   const int warp = threadIdx.x / kWarp, g = threadIdx.x % kWarp / 4, t = threadIdx.x % 4;
@@ -594,11 +634,7 @@ __global__ void __launch_bounds__(kThreads)
         __syncthreads();  // the previous tile's Q, dO, lse and dS^T are no longer read
         load_tile<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, ql - i0, q_s);
         load_tile<D>(dout + b * sdo.b + i0 * sdo.s + h * sdo.h, sdo.s, ql - i0, do_s);
-        for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
-          const bool valid = i0 + e < ql;
-          lse_s[e] = valid ? lse[lrow + i0 + e] * kLog2e : 0.f;
-          delta_s[e] = valid ? delta[lrow + i0 + e] : 0.f;
-        }
+        stage_lse_delta(lse + lrow, delta + lrow, i0, ql, lse_s, delta_s);
         __syncthreads();
 
         float st[kTile / 8][4], dpt[kTile / 8][4];
@@ -631,12 +667,7 @@ __global__ void __launch_bounds__(kThreads)
             dpt[nt][e] = pr * (dpt[nt][e] - delta_s[col]);
           }
         // dS^T to shared memory for dQ, and dV += P^T dO, dK += dS^T Q (k = the 64 queries).
-#pragma unroll
-        for (int nt = 0; nt < kTile / 8; ++nt) {
-          uint16_t* row = ds_s + (warp * 16 + g) * LDS + nt * 8 + 2 * t;
-          *reinterpret_cast<uint32_t*>(row) = Bits<T>::pack(dpt[nt][0], dpt[nt][1]);
-          *reinterpret_cast<uint32_t*>(row + 8 * LDS) = Bits<T>::pack(dpt[nt][2], dpt[nt][3]);
-        }
+        store_ds_t<T>(dpt, ds_s + (warp * 16 + g) * LDS + 2 * t);
 #pragma unroll
         for (int kt = 0; kt < kTile / 16; ++kt) {
           uint32_t pa[4], da[4];
@@ -682,18 +713,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = keys[r];
-    if (j >= p.K) continue;
-    const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
-          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
-    }
-  }
+  write_dk_dv<T, D>(dk_r, dv_r, keys, b, hk, p, scale, dk, dv);
 }
 
 // The backward with its fragments fed by ldmatrix (Q, dO and K transposed on the way where they
@@ -708,15 +728,11 @@ __global__ void __launch_bounds__(kThreads)
                            float* __restrict__ dq_acc,                                       // (B, N, Hq, D)
                            uint16_t* __restrict__ dk, uint16_t* __restrict__ dv,             // (B, K, Hkv, D)
                            RowStrides sq, RowStrides sk, RowStrides sv, RowStrides sdo, Shape p, float scale) {
-  constexpr int LD = D + kPad, LDS = kTile + kPad;
+  constexpr int LD = BackwardSmem<D>::LD, LDS = BackwardSmem<D>::LDS;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem_raw);  // (kTile keys, LD)
-  uint16_t* v_s = k_s + kTile * LD;
-  uint16_t* q_s = v_s + kTile * LD;                       // (kTile queries, LD)
-  uint16_t* do_s = q_s + kTile * LD;
-  uint16_t* ds_s = do_s + kTile * LD;                     // dS^T: (kTile keys, LDS)
-  float* lse_s = reinterpret_cast<float*>(ds_s + kTile * LDS);  // (kTile,) in log2 units
-  float* delta_s = lse_s + kTile;
+  const BackwardSmem<D> sm(smem_raw);
+  uint16_t *k_s = sm.k, *v_s = sm.v, *q_s = sm.q, *do_s = sm.dout, *ds_s = sm.ds;
+  float *lse_s = sm.lse, *delta_s = sm.delta;
   const int64_t b = blockIdx.z, hk = blockIdx.y, j0 = int64_t(blockIdx.x) * kTile;
   const int64_t group = p.Hq / p.Hkv;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, g = lane / 4, t = lane % 4;
@@ -749,11 +765,7 @@ __global__ void __launch_bounds__(kThreads)
         load_tile_async<D>(q + b * sq.b + i0 * sq.s + h * sq.h, sq.s, ql - i0, q_s);
         load_tile_async<D>(dout + b * sdo.b + i0 * sdo.s + h * sdo.h, sdo.s, ql - i0, do_s);
         cp_async_commit();
-        for (int e = threadIdx.x; e < kTile; e += blockDim.x) {
-          const bool valid = i0 + e < ql;
-          lse_s[e] = valid ? lse[lrow0 + i0 + e] * kLog2e : 0.f;
-          delta_s[e] = valid ? delta[lrow0 + i0 + e] : 0.f;
-        }
+        stage_lse_delta(lse + lrow0, delta + lrow0, i0, ql, lse_s, delta_s);
         cp_async_wait<0>();
         __syncthreads();
         const bool full = i0 + kTile <= ql && visible_end(i0, off, kl) >= j0 + kTile;
@@ -793,12 +805,7 @@ __global__ void __launch_bounds__(kThreads)
             dpt[nt][e] = pr * (dpt[nt][e] - delta_s[c]);
           }
         // dS^T to shared memory for dQ, and dV += P^T dO, dK += dS^T Q (k = the 64 queries).
-#pragma unroll
-        for (int nt = 0; nt < kTile / 8; ++nt) {
-          uint16_t* row = ds_s + (warp * 16 + g) * LDS + nt * 8 + 2 * t;
-          *reinterpret_cast<uint32_t*>(row) = Bits<T>::pack(dpt[nt][0], dpt[nt][1]);
-          *reinterpret_cast<uint32_t*>(row + 8 * LDS) = Bits<T>::pack(dpt[nt][2], dpt[nt][3]);
-        }
+        store_ds_t<T>(dpt, ds_s + (warp * 16 + g) * LDS + 2 * t);
 #pragma unroll
         for (int kt = 0; kt < kTile / 16; ++kt) {
           uint32_t pa[4], da[4];
@@ -849,18 +856,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t j = keys[r];
-    if (j >= p.K) continue;
-    const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
-          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
-    }
-  }
+  write_dk_dv<T, D>(dk_r, dv_r, keys, b, hk, p, scale, dk, dv);
 }
 
 // ------------------------------------------------------------------ host side
@@ -987,8 +983,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_attention_backward(
     using T = decltype(type_tag);
     constexpr int Dc = decltype(dim)::value;
     auto kernel = v2 ? mma_backward_v2_kernel<T, Dc> : mma_backward_kernel<T, Dc>;
-    const size_t smem = sizeof(uint16_t) * (4 * kTile * (Dc + kPad) + kTile * (kTile + kPad)) +
-                        sizeof(float) * 2 * kTile;
+    const size_t smem = BackwardSmem<Dc>::kBytes;
     allow_smem(reinterpret_cast<const void*>(kernel), smem);
     kernel<<<dim3((K + kTile - 1) / kTile, Hkv, B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         bits(q), bits(k), bits(v), bits(dout), lse.data_ptr<float>(), delta.data_ptr<float>(),
