@@ -378,14 +378,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = self._rope(positions)
         closing = seg.closing
         has_global = memory.has_global | closing if global_memory else memory.has_global
-        plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory)
+        graphed = self._step_graphs is not None and x.is_cuda
+        # Recorded steps read the whole key buffer (attention stops at each sample's k_lens anyway):
+        # decode steps, whose key count grows by one a token, then share one recording.
+        plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory, full_width=graphed)
         counts = memory_rope = None
         if plan.any_closing:  # shared by every layer
             memory_rope = self._memory_rope(memory.fifo_k.shape[2])
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
         args = (x, seg, plan, cos, sin, prefix_lens, has_global, counts, memory_rope)
         layers = functools.partial(self._step_layers, memory, global_memory)
-        if self._step_graphs is not None and x.is_cuda:
+        if graphed:
             x = self._step_graphs.run(layers, args, (global_memory, self._graph_context(memory)))
         else:
             x = layers(*args)
@@ -855,11 +858,11 @@ class _StepPlan:
     all_global: bool  # every sample has global rows once the step's closing chunks are written
     new_rows: Optional[_RowScatter]  # the segment's rows into the packed key / value buffers
     comp_rows: Optional[_RowScatter]  # compression rows into the pending buffers
-    width: int  # keys attention reads: max over samples of prefix + new rows
+    width: int  # keys attention reads: max over samples of prefix + new rows (or the whole buffer)
 
     @staticmethod
     def build(memory: CometMemory, seg: Segment, close: list[bool], prefix_lens: Tensor,
-              global_memory: bool) -> "_StepPlan":
+              global_memory: bool, full_width: bool = False) -> "_StepPlan":
         has_global = tuple(bool(g) for g in memory.has_global.tolist())
         k_lens = (prefix_lens + seg.q_lens).tolist()
         return _StepPlan(
@@ -873,7 +876,7 @@ class _StepPlan:
                                        "the open chunk's rows"),
             comp_rows=_RowScatter.build(memory.pending, seg.comp_count, seg.comp_rows.shape[1],
                                         memory.pending_k.shape[2], "pending compression rows"),
-            width=max(k_lens) if k_lens else 0,
+            width=memory.kv_k.shape[2] if full_width else max(k_lens) if k_lens else 0,
         )
 
 

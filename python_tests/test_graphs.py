@@ -10,6 +10,7 @@ from conftest import HAS_CUDA
 from modeling_utils import tiny_comet
 
 from comet_ext.graphs import StepGraphs, host_key, tensor_leaves, with_leaves
+from comet_ext.modeling import _StepPlan
 from comet_ext.segments import plan_segment
 
 
@@ -69,6 +70,27 @@ def test_cuda_graphs_switch_is_harmless_off_the_gpu():
     assert model.use_cuda_graphs(False)._step_graphs is None
 
 
+def test_steps_reading_the_whole_key_buffer_equal_tight_ones(monkeypatch):
+    """Recorded steps read the whole key buffer (attention stops at each sample's k_lens), so that
+    decode steps share a recording: reading and generating that way gives the same memory and tokens."""
+    model = tiny_comet("qwen3")
+    cs = model.comet_config.chunk_size
+    ids = torch.randint(0, 97, (2, 6 * cs + 3), generator=torch.Generator().manual_seed(1))
+
+    def run():
+        memory = model.read(ids[:, :-1], progress=False)
+        out = model.generate(ids[:, -1:], memory=memory, max_new_tokens=cs + 5)
+        return memory, out
+
+    tight_mem, tight_out = run()
+    build = _StepPlan.build
+    monkeypatch.setattr(_StepPlan, "build", staticmethod(lambda *a, **k: build(*a, **{**k, "full_width": True})))
+    wide_mem, wide_out = run()
+    assert torch.equal(wide_out, tight_out)
+    for a, b in zip(wide_mem.buffers(), tight_mem.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 @pytest.mark.parametrize("family", ["qwen3", "llama"])
@@ -105,3 +127,13 @@ def test_recorded_steps_match_eager_steps(family):
     eager = read()
     model._step_graphs = graphs
     assert_same(read(), eager, "graphed read after the parameters changed")
+    # decoding: every token a step of the same shape (the whole key buffer read), chunks closing
+    model._step_graphs = None
+    eager_tokens = model.generate(ids[:, :5], max_new_tokens=3 * cs, return_memory=True)
+    model._step_graphs = graphs
+    replays = graphs.replays
+    graphed_tokens = model.generate(ids[:, :5], max_new_tokens=3 * cs, return_memory=True)
+    assert graphs.replays > replays + cs
+    assert torch.equal(graphed_tokens[0], eager_tokens[0])
+    for a, b in zip(graphed_tokens[1].buffers(), eager_tokens[1].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
