@@ -133,12 +133,16 @@ def test_rla_and_gated_update_cuda_match_cpu(dtype, d, r):
         assert_flash_rule(name, ours, yardstick, ref64)
 
 
-def test_fifo_cuda_matches_cpu_including_gradients():
-    buffer, head, length = ops.fifo_empty(2, 6, (2, 8))
+@pytest.mark.parametrize("H, D, dtype", [(2, 8, torch.float32), (1, 6, torch.float32), (2, 16, torch.bfloat16)],
+                         ids=["16-byte-packs", "element-wise", "bf16-packs"])
+def test_fifo_cuda_matches_cpu_including_gradients(H, D, dtype):
+    """Push, view (with RoPE) and their gradients on CUDA equal the CPU kernels; rows whose length
+    and RoPE halves are multiples of 16 bytes move in 16-byte packs, the others element-wise."""
+    buffer, head, length = ops.fifo_empty(2, 6, (H, D), dtype=dtype)
     buffer.normal_()
     head, length = torch.tensor([4, 0]), torch.tensor([6, 3])
-    rows, counts = torch.randn(2, 5, 2, 8), torch.tensor([5, 2])
-    inv = 1.0 / 10000 ** (torch.arange(0, 8, 2) / 8)
+    rows, counts = torch.randn(2, 5, H, D).to(dtype), torch.tensor([5, 2])
+    inv = 1.0 / 10000 ** (torch.arange(0, D, 2) / D)
     emb = torch.outer(torch.arange(6, dtype=torch.float32), inv).repeat(1, 2)
     cos, sin = emb.cos(), emb.sin()
     outs = []
@@ -146,7 +150,7 @@ def test_fifo_cuda_matches_cpu_including_gradients():
         buf, rw = buffer.detach().to(dev).requires_grad_(), rows.detach().to(dev).requires_grad_()
         nb, nh, nl = ops.fifo_push_functional(buf, head.to(dev), length.to(dev), rw, counts.to(dev))
         view = ops.fifo_view(nb, nh, nl, cos.to(dev), sin.to(dev))
-        (view * torch.arange(view.numel(), device=dev).view(view.shape)).sum().backward()
+        (view.float() * torch.arange(view.numel(), device=dev).view(view.shape)).sum().backward()
         outs.append([view.detach().cpu(), nh.cpu(), nl.cpu(), buf.grad.cpu(), rw.grad.cpu()])
     for a, b in zip(*outs):
         torch.testing.assert_close(b, a)

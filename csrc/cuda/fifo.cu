@@ -2,10 +2,15 @@
 // functional twin and backward, and fifo_view (gather oldest-first, optional
 // rotate-half RoPE) with its backward (the transposed scatter). Length values
 // live on the device and are clamped in the kernels rather than synced to the
-// host for checking; the CPU kernels check them.
+// host for checking; the CPU kernels check them. Rows move N elements per access —
+// 16 bytes where the row length, strides, RoPE halves and pointers allow, else one.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <cstdint>
+#include <initializer_list>
+#include <type_traits>
 
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
@@ -15,8 +20,49 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One block per (sample, pushed row); threads stride over the row's elements.
+// N consecutive elements moved as one access.
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Pack {
+  scalar_t v[N];
+};
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void copy_row(scalar_t* dst, const scalar_t* src, int64_t row) {
+  using P = Pack<scalar_t, N>;
+  for (int64_t e = int64_t(threadIdx.x) * N; e < row; e += int64_t(blockDim.x) * N)
+    *reinterpret_cast<P*>(dst + e) = *reinterpret_cast<const P*>(src + e);
+}
+
+template <typename scalar_t, int N>
+__device__ __forceinline__ void zero_row(scalar_t* dst, int64_t row) {
+  Pack<scalar_t, N> zero;
+#pragma unroll
+  for (int j = 0; j < N; ++j) zero.v[j] = scalar_t(0);
+  for (int64_t e = int64_t(threadIdx.x) * N; e < row; e += int64_t(blockDim.x) * N)
+    *reinterpret_cast<Pack<scalar_t, N>*>(dst + e) = zero;
+}
+
+// 16 bytes' worth of elements when every pointer is 16-byte aligned and every count (row
+// lengths, strides, RoPE half widths, in elements) a multiple of that; else 1.
 template <typename scalar_t>
+int pack_width(std::initializer_list<const void*> pointers, std::initializer_list<int64_t> counts) {
+  constexpr int kWide = 16 / sizeof(scalar_t);
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
+  for (int64_t c : counts)
+    if (c % kWide != 0) return 1;
+  return kWide;
+}
+
+// f(std::integral_constant<int, N>) with N = width (16 bytes of scalar_t) or 1.
+template <typename scalar_t, typename F>
+void with_pack_width(int width, const F& f) {
+  if (width == 16 / int(sizeof(scalar_t))) f(std::integral_constant<int, 16 / sizeof(scalar_t)>{});
+  else f(std::integral_constant<int, 1>{});
+}
+
+// One block per (sample, pushed row); threads stride over the row's elements.
+template <typename scalar_t, int N>
 __global__ void __launch_bounds__(kThreads)
     push_kernel(scalar_t* __restrict__ buffer,      // (B, C, row)
                 const scalar_t* __restrict__ rows,  // (B, n, row)
@@ -32,7 +78,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t slot = (head[b] + len + i) % C;
   scalar_t* dst = buffer + b * buf_bstride + slot * buf_rstride;
   const scalar_t* src = rows + b * rows_bstride + i * rows_rstride;
-  for (int64_t e = threadIdx.x; e < row; e += blockDim.x) dst[e] = src[e];
+  copy_row<scalar_t, N>(dst, src, row);
 }
 
 __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* counts, int64_t B,
@@ -49,7 +95,7 @@ __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* co
 // One block per (sample, slot i of the oldest-first view). Backward = false:
 // out[b, i] = RoPE(in[b, slot]) (zeros past length). Backward = true: the
 // transpose, out[b, slot] = RoPE^T(in[b, i]) into a zeroed out.
-template <bool Backward, typename scalar_t>
+template <bool Backward, typename scalar_t, int N>
 __global__ void __launch_bounds__(kThreads)
     view_kernel(const scalar_t* __restrict__ in,   // (B, C, H, D) contiguous
                 scalar_t* __restrict__ out,        // (B, C, H, D) contiguous
@@ -62,33 +108,39 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t len = min(max(length[b], int64_t(0)), C);
   const int64_t slot = b * C + ((head[b] % C) + C + i) % C;
   if (i >= len) {
-    if (!Backward)
-      for (int64_t e = threadIdx.x; e < row; e += blockDim.x) out[(b * C + i) * row + e] = scalar_t(0);
+    if (!Backward) zero_row<scalar_t, N>(out + (b * C + i) * row, row);
     return;
   }
   const scalar_t* src = in + (Backward ? b * C + i : slot) * row;
   scalar_t* dst = out + (Backward ? slot : b * C + i) * row;
   if (cos == nullptr) {
-    for (int64_t e = threadIdx.x; e < row; e += blockDim.x) dst[e] = src[e];
+    copy_row<scalar_t, N>(dst, src, row);
     return;
   }
+  using P = Pack<scalar_t, N>;
   const int64_t half = D / 2;
   const float* c = cos + i * D;
   const float* s = sin + i * D;
-  for (int64_t e = threadIdx.x; e < row; e += blockDim.x) {
-    const int64_t col = e % D;
+  for (int64_t e = int64_t(threadIdx.x) * N; e < row; e += int64_t(blockDim.x) * N) {
+    const int64_t col = e % D;  // the N columns from col lie in one half (half % N == 0)
     const bool first = col < half;
-    const acc_t x = static_cast<acc_t>(src[e]);
-    const acc_t partner = static_cast<acc_t>(first ? src[e + half] : src[e - half]);
-    // Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2. Transposed: y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1.
-    const acc_t sn = Backward ? (first ? s[col + half] : -s[col - half]) : (first ? -s[col] : s[col]);
-    dst[e] = static_cast<scalar_t>(x * c[col] + partner * sn);
+    const P x = *reinterpret_cast<const P*>(src + e);
+    const P partner = *reinterpret_cast<const P*>(src + (first ? e + half : e - half));
+    P y;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      const int64_t cj = col + j;
+      // Forward: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2. Transposed: y1 = x1 c1 + x2 s2, y2 = x2 c2 - x1 s1.
+      const acc_t sn = Backward ? (first ? s[cj + half] : -s[cj - half]) : (first ? -s[cj] : s[cj]);
+      y.v[j] = static_cast<scalar_t>(static_cast<acc_t>(x.v[j]) * c[cj] + static_cast<acc_t>(partner.v[j]) * sn);
+    }
+    *reinterpret_cast<P*>(dst + e) = y;
   }
 }
 
 // grad_rows[b, i] = grad_buffer[b, slot(i)] for the pushed rows that were kept,
 // then that slot's gradient is zeroed (its old content was overwritten).
-template <typename scalar_t>
+template <typename scalar_t, int N>
 __global__ void __launch_bounds__(kThreads)
     push_backward_kernel(scalar_t* __restrict__ grad_buffer,  // (B, C, row), in: grad of the output
                          scalar_t* __restrict__ grad_rows,    // (B, n, row), zeroed
@@ -100,10 +152,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t len = min(max(length[b], int64_t(0)), C);
   scalar_t* g = grad_buffer + (b * C + (head[b] + len + i) % C) * row;
   scalar_t* dst = grad_rows + (b * n_max + i) * row;
-  for (int64_t e = threadIdx.x; e < row; e += blockDim.x) {
-    dst[e] = g[e];
-    g[e] = scalar_t(0);
-  }
+  copy_row<scalar_t, N>(dst, g, row);
+  zero_row<scalar_t, N>(g, row);  // each thread zeroes the very elements it has just copied
 }
 
 void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
@@ -120,11 +170,16 @@ void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
   auto stream = at::cuda::getCurrentCUDAStream();
   if (n > 0) {
     COMET_DISPATCH_FLOATING(buffer.scalar_type(), "fifo_push_cuda", [&] {
-      push_kernel<scalar_t><<<dim3(n, B), kThreads, 0, stream>>>(
-          buffer.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-          length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, n, row_numel(buffer),
-          buffer.stride(0), buffer.stride(1), rows.stride(0), rows.stride(1));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const int width = pack_width<scalar_t>(
+          {buffer.data_ptr(), rows.data_ptr()},
+          {row_numel(buffer), buffer.stride(0), buffer.stride(1), rows.stride(0), rows.stride(1)});
+      with_pack_width<scalar_t>(width, [&](auto w) {
+        push_kernel<scalar_t, decltype(w)::value><<<dim3(n, B), kThreads, 0, stream>>>(
+            buffer.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
+            length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, n, row_numel(buffer),
+            buffer.stride(0), buffer.stride(1), rows.stride(0), rows.stride(1));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   advance_kernel<<<(B + 127) / 128, 128, 0, stream>>>(head.data_ptr<int64_t>(),
@@ -146,11 +201,17 @@ at::Tensor view_or_scatter_cuda(const char* op, const at::Tensor& input, const a
   if (B == 0 || C == 0 || out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(input.device());
   COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cuda", [&] {
-    view_kernel<Backward, scalar_t><<<dim3(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-        length.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
-        sn.defined() ? sn.data_ptr<float>() : nullptr, C, row_numel(in), D);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // with RoPE a pack must not straddle the two halves of a head's D columns
+    const int width = pack_width<scalar_t>({in.data_ptr(), out.data_ptr()},
+                                           {row_numel(in), cs.defined() ? D / 2 : 0});
+    with_pack_width<scalar_t>(width, [&](auto w) {
+      view_kernel<Backward, scalar_t, decltype(w)::value>
+          <<<dim3(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
+              length.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
+              sn.defined() ? sn.data_ptr<float>() : nullptr, C, row_numel(in), D);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -194,10 +255,14 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cuda(const at::Tensor& gra
   if (B == 0 || C == 0 || num_rows == 0 || grad_rows.numel() == 0) return {grad_buffer, grad_rows};
   const c10::cuda::CUDAGuard guard(grad_buffer_out.device());
   COMET_DISPATCH_FLOATING(grad_buffer.scalar_type(), "fifo_push_backward_cuda", [&] {
-    push_backward_kernel<scalar_t><<<dim3(num_rows, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad_buffer.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-        length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, num_rows, row_numel(grad_buffer));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const int width = pack_width<scalar_t>({grad_buffer.data_ptr(), grad_rows.data_ptr()}, {row_numel(grad_buffer)});
+    with_pack_width<scalar_t>(width, [&](auto w) {
+      push_backward_kernel<scalar_t, decltype(w)::value>
+          <<<dim3(num_rows, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_buffer.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
+              length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, num_rows, row_numel(grad_buffer));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {grad_buffer, grad_rows};
 }
