@@ -46,7 +46,8 @@ def test_prefix_attention_cuda_matches_cpu(mma_kernels, dtype, D):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("N, K, D", [(1, 3000, 64), (1, 3000, 80), (1, 3000, 96), (1, 3000, 128), (3, 1100, 128),
-                                     (70, 4000, 128)])
+                                     (70, 4000, 128)],
+                         ids=["decode-D64", "decode-D80", "decode-D96", "decode-D128", "few-rows", "tile-of-rows"])
 def test_prefix_attention_long_key_ranges_cuda(mma_kernels, dtype, N, K, D):
     """Few query rows over many keys (decode), where the v2 forward splits each row's keys across
     blocks and merges the parts through their log-sum-exp: ragged lengths, a sample with no key at
