@@ -46,14 +46,17 @@ from comet_ext.passkey import NEEDLE, QUESTION, build_haystack, make_key
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
-def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25):
+def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
+               late: float = 0.0):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
 
     The question lands anywhere in the last chunk, and with probability `at_start` at its
     very start: that is where it lands when a haystack fills whole chunks (any power-of-two
-    length), with nothing of the haystack in its own chunk."""
+    length), with nothing of the haystack in its own chunk. The needle's depth is uniform,
+    except that with probability `late` it lies within the haystack's last chunk_size tokens
+    (uniform depth puts it there rarely: ~2% of samples at 16 chunks)."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     lowest = qa if chunks > 1 else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
@@ -63,7 +66,12 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
-        hay, _ = build_haystack(tok, sum(sizes) - qa, rng.random(), key)
+        hay_len = sum(sizes) - qa
+        if late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
+            depth = 1 - rng.random() * min(1.0, chunk_size / hay_len)
+        else:
+            depth = rng.random()
+        hay, _ = build_haystack(tok, hay_len, depth, key)
         seq = hay + question + answer
         w = [0.5] * len(seq)
         first_digit = len(hay) + len(question) + 1  # after the space
@@ -97,6 +105,8 @@ def main() -> None:
                     help="chunks of the first curriculum stage (with --init: skip the stages it has passed)")
     ap.add_argument("--question-at-start", type=float, default=0.25,
                     help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
+    ap.add_argument("--late-needle", type=float, default=0.0,
+                    help="probability that the needle lies in the haystack's last chunk")
     ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
                     help="activation recomputation per (layer, chunk): less memory, 1.44x the time a step takes "
                          "(off: at 64 chunks of batch 16 the activations take about 13 GB)")
@@ -136,7 +146,7 @@ def main() -> None:
         # Replaying a passed stage now and then keeps the short-range skills (in-chunk copying).
         n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
         ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
-                                                     args.question_at_start)
+                                                     args.question_at_start, args.late_needle)
         logits = model(ids, chunk_sizes=sizes, recompute=args.recompute).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
