@@ -34,7 +34,7 @@ import sys
 import pytest
 
 CHILD = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 method, T, device, shape, n_new = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
@@ -69,7 +69,7 @@ def reset_peak():
         return torch.cuda.memory_allocated() / 2**20
     open("/proc/self/clear_refs", "w").write("5")
     return status_mb("VmRSS:")
-result = {"method": method, "tokens": T}
+result = {"method": method, "tokens": T, "mma_kernels": os.environ.get("COMET_MMA_KERNELS") or "v1"}
 with torch.no_grad():
     if method in ("comet", "comet-graphs"):
         model = CometForCausalLM.from_base(base, CometConfig()).eval()
@@ -260,7 +260,9 @@ def main() -> None:
               f"{'--cuda-graphs ' if args.cuda_graphs else ''}--out {args.out}`")
     lines = [f"# End to end: CoMeT vs full attention ({args.device}, {args.model_shape})", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {args.machine or machine()}",
-             f"- commit: {args.commit or commit()}", source, "",
+             f"- commit: {args.commit or commit()}", source,
+             "- tensor-core attention kernels (COMET_MMA_KERNELS): "
+             + (", ".join(sorted({r["mma_kernels"] for r in rows if "mma_kernels" in r})) or "not recorded"), "",
              "Memory: the peak over the process's footprint once the model is built (CUDA peak allocated on "
              "GPU, peak RSS on CPU).", "",
              "| tokens | CoMeT prefill (s) | us/token | memory (MB) | decode tok/s | full attn prefill (s) "

@@ -60,6 +60,7 @@ fi
 # --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
 step cuda_tests 150 python -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
   --junitxml="$OUT/cuda_tests.xml"
+cuda_tests_rc=$?
 step gpu_reference 60 python bench/gpu_reference.py --json "$OUT/gpu_reference.json"
 COMET_BENCH_DEVICE=cuda step bench 150 python -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
   bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
@@ -107,6 +108,9 @@ fi
 # End to end on a Qwen3-0.6B-shaped model (issue 6); the 1M-token CoMeT point runs first, so a
 # short lease still gets it. COMET_E2E=0 skips it.
 if [ "${COMET_E2E:-1}" = "1" ]; then
+  # with every CUDA test passed (both kernel generations among them) the end to end runs the v2
+  # attention kernels; bench_e2e.py names the generation in its table
+  if [ "$cuda_tests_rc" = "0" ] && [ -z "${COMET_MMA_KERNELS:-}" ]; then export COMET_MMA_KERNELS=v2; fi
   # it gets what is left of the check's 8 minutes (COMET_CHECK_SECONDS), at least 2
   e2e_limit=$(( ${COMET_CHECK_SECONDS:-480} - SECONDS )); [ "$e2e_limit" -lt 120 ] && e2e_limit=120
   step e2e "$e2e_limit" python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
