@@ -10,6 +10,7 @@ length), then answers "What is the pass key?" from the memory alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -99,14 +100,21 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
     Resumable: the JSON is rewritten (atomically) after every cell, and a cell already
     in `out`'s JSON with the same seeds and memory setting is kept, not rerun. So a long
     sweep can be built up in pieces, e.g. the 1M-token column with fewer samples first.
+    The JSON records the model's fingerprint (`model_fingerprint`); a sweep of another
+    model (or one without a fingerprint) in `out` is an error, never mixed in.
     """
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "passkey_sweep.json")
     seeds = list(range(seed, seed + samples))
+    fingerprint = model_fingerprint(model)
     done = {}
     if os.path.exists(path):
         with open(path) as f:
             previous = json.load(f)
+        if previous.get("model_sha256") != fingerprint:
+            raise ValueError(f"sweep: {path} holds a sweep of another model (fingerprint "
+                             f"{previous.get('model_sha256', 'not recorded')}, this one {fingerprint}); "
+                             "use another --out, or delete it to start over")
         if previous.get("global_memory", True) != global_memory:
             raise ValueError(f"sweep: {path} holds a sweep with global_memory={previous.get('global_memory')}; "
                              "use another --out for the ablation")
@@ -122,17 +130,28 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
                 print(f"length {length:>8} depth {depth:.1f}: {cell['accuracy']:.0%} "
                       f"({runs[0]['seconds']:.0f} s)", flush=True)
             cells.append(cell)
-            result = _grid(cells + list(done.values()), global_memory)
+            result = _grid(cells + list(done.values()), global_memory, fingerprint)
             _atomic_write(path, lambda p: _write_json(p, result))
     heatmap(result, os.path.join(out, "passkey_heatmap.png"))
     return result
 
 
-def _grid(cells: list[dict], global_memory: bool) -> dict:
+def _grid(cells: list[dict], global_memory: bool, fingerprint: str) -> dict:
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     cells = sorted(cells, key=lambda c: (c["length"], c["depth"]))
-    return {"lengths": lengths, "depths": depths, "global_memory": global_memory, "cells": cells}
+    return {"lengths": lengths, "depths": depths, "global_memory": global_memory, "model_sha256": fingerprint,
+            "cells": cells}
+
+
+def model_fingerprint(model) -> str:
+    """sha256 over the model's CoMeT settings and every named parameter and buffer (name,
+    dtype, shape, bytes): two models share it only if their settings and weights are identical."""
+    digest = hashlib.sha256(json.dumps(model.comet_config.to_dict(), sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def heatmap(result: dict, path: str) -> None:

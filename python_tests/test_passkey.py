@@ -14,8 +14,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import comet_ext
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.passkey import (DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, load, run_batch, run_passkey,
-                               sweep)
+from comet_ext.passkey import (DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, load, model_fingerprint,
+                               run_batch, run_passkey, sweep)
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +97,21 @@ def test_sweep_resumes_and_keeps_finished_cells(model, tok, tmp_path):
     assert len(next(c for c in more["cells"] if (c["length"], c["depth"]) == (300, 0.0))["runs"]) == 3
     with pytest.raises(ValueError, match="global_memory=True; use another --out"):
         sweep(model, tok, [300], [0.0], samples=2, out=out, global_memory=False)
+
+
+def test_sweep_refuses_to_resume_another_models_sweep(model, tok, tmp_path):
+    out = str(tmp_path / "sweep")
+    first = sweep(model, tok, [300], [0.0], samples=2, out=out)
+    assert first["model_sha256"] == model_fingerprint(model)
+    other = CometForCausalLM.from_base(Qwen3ForCausalLM(model.base.config), model.comet_config).eval()
+    assert model_fingerprint(other) != model_fingerprint(model)
+    with pytest.raises(ValueError, match="holds a sweep of another model"):
+        sweep(other, tok, [300], [0.0], samples=2, out=out)
+    legacy = json.loads((tmp_path / "sweep" / "passkey_sweep.json").read_text())
+    del legacy["model_sha256"]  # a sweep written before fingerprints: cannot be told apart, so refused
+    (tmp_path / "sweep" / "passkey_sweep.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match="fingerprint not recorded"):
+        sweep(model, tok, [300], [0.0], samples=2, out=out)
 
 
 def test_the_shipped_model_answers_from_its_memory():
