@@ -492,7 +492,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         done = [0] * B
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         cs = self.comet_config.chunk_size
-        total_steps = -(-T // cs) + 1
         bar = None
         if progress or (progress is None and T > 8 * cs):
             from tqdm.auto import tqdm
@@ -516,7 +515,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 bar.update(sum(take))
         if bar is not None:
             bar.close()
-        del total_steps
         return (memory, last) if return_last_hidden else memory
 
     # ------------------------------------------------------------------ generation
