@@ -195,13 +195,17 @@ def gated_update(
         state: (B, n, d) previous state S, or None.
         norm_weight: (d,). gate_weight: (1, 2d), weight of ``nn.Linear(2d, 1, bias=False)``.
         down: (r, d), up: (d, r): the RLA producing the next chunk's memory rows.
-        eps: RMSNorm epsilon, default ``torch.finfo(readout.dtype).eps`` (as ``nn.RMSNorm``).
+        eps: RMSNorm epsilon, default ``torch.finfo(dtype).eps`` of the dtype it runs in (as
+            ``nn.RMSNorm``): the readout's, fp32 under autocast.
 
     Returns:
         new_state (B, n, d) and memory ``G = new + up(down(new))`` (B, n, d).
     """
     if eps is None:  # non-float readouts fall through to the op's dtype check
-        eps = torch.finfo(readout.dtype).eps if readout.is_floating_point() else 0.0
+        dtype = readout.dtype
+        if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(readout.device.type):
+            dtype = torch.float32  # the op runs in fp32 under autocast (below), as nn.RMSNorm does
+        eps = torch.finfo(dtype).eps if readout.is_floating_point() else 0.0
     return _ops.gated_update.default(readout, state, norm_weight, gate_weight, down, up, float(eps))
 
 
@@ -372,3 +376,32 @@ def _view_backward(ctx, grad_view):
 
 
 torch.library.register_autograd("comet::fifo_view", _view_backward, setup_context=_view_setup)
+
+# --------------------------------------------------------------------------- autocast
+#
+# Under torch.autocast the inputs of one op arrive in mixed dtypes (an HF RMSNorm with an fp32
+# weight promotes q to fp32 while v stays bf16), which the kernels reject. As torch does for its
+# own ops: attention runs in autocast's lower precision (like scaled_dot_product_attention), the
+# memory modules in fp32 (like layer_norm / rms_norm: the global state goes through thousands of
+# gated updates). The FIFO ops are left alone: fifo_push writes into a buffer in place, and its
+# rows must simply match that buffer (the model makes them so).
+
+_autocast_lib = torch.library.Library("comet", "IMPL")
+
+
+def _register_autocast(name: str, lower_precision: bool) -> None:
+    op = getattr(_ops, name).default
+    for device_type, key in (("cpu", "AutocastCPU"), ("cuda", "AutocastCUDA")):
+        def kernel(*args, _device_type=device_type):
+            dtype = torch.get_autocast_dtype(_device_type) if lower_precision else torch.float32
+            args = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                    and a.device.type == _device_type else a for a in args]
+            with torch.autocast(_device_type, enabled=False):
+                return op(*args)
+
+        _autocast_lib.impl(name, kernel, key)
+
+
+_register_autocast("prefix_attention", lower_precision=True)
+_register_autocast("rla", lower_precision=False)
+_register_autocast("gated_update", lower_precision=False)
