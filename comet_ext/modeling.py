@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
 
 from . import ops
 from .config import CometConfig
@@ -86,11 +87,13 @@ class CometLayerMemory(nn.Module):
 
 
 @dataclass
-class CometOutput:
-    """logits (B, T, vocab) for the text tokens, aligned with input_ids; loss when labels are given."""
+class CometOutput(ModelOutput):
+    """loss when labels are given; logits (B, T, vocab) for the text tokens, aligned with
+    input_ids. An HF ModelOutput (``out.loss``, ``out["loss"]``, ``out[0]``), so
+    transformers.Trainer and other HF tools take it as they take a CausalLMOutput."""
 
-    logits: Tensor
     loss: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
 
 
 class CometForCausalLM(PreTrainedModel, GenerationMixin):
@@ -109,6 +112,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = PretrainedConfig
     base_model_prefix = "comet"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True  # as the forward's recompute (activation_checkpointing_enable)
 
     def __init__(self, base: nn.Module, comet_config: CometConfig):
         super().__init__(base.config)
@@ -128,6 +132,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         self.memory_layers.to(device=emb.device, dtype=emb.dtype)
         self.reset_memory_parameters()
         self._step_graphs: Optional[StepGraphs] = None  # use_cuda_graphs()
+        self._recompute = False  # the forward's default; activation_checkpointing_enable()
 
     # ------------------------------------------------------------------ construction
 
@@ -160,16 +165,30 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"from_base: expected an HF causal LM or a folder, got {type(model_or_path).__name__}")
         return cls(model_or_path, comet_config)
 
-    def save_pretrained(self, folder: str | os.PathLike) -> None:
+    def save_pretrained(self, folder: str | os.PathLike, is_main_process: bool = True,
+                        state_dict: Optional[dict[str, Tensor]] = None, safe_serialization: bool = True,
+                        push_to_hub: bool = False, **unsupported) -> None:
         """config.json (the base config plus a "comet" entry) and model.safetensors, each
-        written atomically."""
+        written atomically. HF's arguments as transformers.Trainer passes them:
+        is_main_process=False writes nothing (other ranks), state_dict saves that state
+        (e.g. gathered from shards) instead of the model's. Only safetensors, one file, no hub."""
+        if unsupported:
+            raise TypeError(f"save_pretrained: unsupported arguments {sorted(unsupported)} (one safetensors file "
+                            "is written, unsharded)")
+        if not safe_serialization:
+            raise ValueError("save_pretrained: safe_serialization=False is not supported (safetensors only)")
+        if push_to_hub:
+            raise ValueError("save_pretrained: push_to_hub=True is not supported (comet_ext never uses the network)")
+        if not is_main_process:
+            return
         folder = os.fspath(folder)
         os.makedirs(folder, exist_ok=True)
         config = self.config.to_dict()
         config["comet"] = self.comet_config.to_dict()
         config["architectures"] = ["CometForCausalLM"]
         _atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: _write_json(p, config))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         for a, b in _tied_keys(self):  # safetensors refuses shared storage: keep one copy
             state.pop(b, None)
         _atomic_write(os.path.join(folder, WEIGHTS_NAME),
@@ -581,11 +600,45 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         out = torch.cat([prompt, torch.stack(new, 1)], dim=1) if new else prompt
         return (out, memory) if return_memory else out
 
+    # ------------------------------------------------------------------ HF activation checkpointing
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: Optional[dict] = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """HF's switch (``TrainingArguments(gradient_checkpointing=True)``, PEFT, accelerate)
+        for the forward's default ``recompute=True``: every (layer, chunk) step is
+        checkpointed (non-reentrant). Only whole-model, on-device checkpointing exists."""
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("activation_checkpointing_enable: use_reentrant=True is not supported (CoMeT "
+                             "checkpoints each (layer, chunk) step with use_reentrant=False)")
+        if kwargs:
+            raise ValueError(f"activation_checkpointing_enable: unsupported activation_checkpointing_kwargs "
+                             f"{sorted(kwargs)} (only use_reentrant=False)")
+        if every_n_layers != 1 or offload:
+            raise ValueError(f"activation_checkpointing_enable: every_n_layers={every_n_layers}, offload={offload} "
+                             "are not supported (every layer is checkpointed, activations stay on the device)")
+        self._recompute = True
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        self._recompute = False
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return self._recompute
+
+    is_gradient_checkpointing = is_activation_checkpointing
+
     # ------------------------------------------------------------------ training forward
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
-                recompute: bool = False, return_logits: bool = True) -> CometOutput:
+                recompute: Optional[bool] = None, return_logits: bool = True) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -593,7 +646,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         chunks end with its tokens (its padded rows never reach the memories).
         Every chunk is closed. With recompute=True (and grad enabled) each
         (layer, chunk) step is checkpointed: only its inputs are kept and it runs
-        again in backward, so activation memory per chunk is one layer input.
+        again in backward, so activation memory per chunk is one layer input
+        (default: off, or on after activation_checkpointing_enable()).
         Returns logits (B, T, vocab) for the text tokens and, with labels, the
         next-token cross-entropy (labels -100 are ignored; shifted inside, as in HF).
         With labels and return_logits=False the loss is computed chunk by chunk
@@ -603,6 +657,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if labels is not None and labels.shape != getattr(input_ids, "shape", None):
             raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
+        recompute = self._recompute if recompute is None else recompute
         segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask)
         B = segs[0].kind.shape[0]
         targets = self._chunk_targets(labels, sizes, 0) if labels is not None and not return_logits else None
