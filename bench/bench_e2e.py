@@ -264,9 +264,11 @@ def main() -> None:
     def get(method, length):
         return next((r for r in rows if r["method"] == method and r["tokens"] == length), {})
 
-    source = (f"- rendered from the log of a run cut short: `{args.from_log}`" if args.from_log else
-              f"- command: `python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
-              f"{'--cuda-graphs ' if args.cuda_graphs else ''}--out {args.out}`")
+    command = (f"`python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
+               f"{'--cuda-graphs ' if args.cuda_graphs else ''}--out {args.out}`")
+    source = (f"- points measured by {command} and rendered from the lines it printed "
+              f"(`--from-log {os.path.basename(args.from_log)}`: a run cut short, or tables re-rendered)"
+              if args.from_log else f"- command: {command}")
     lines = [f"# End to end: CoMeT vs full attention ({args.device}, {args.model_shape})", "",
              f"- date: {datetime.date.today().isoformat()}", f"- machine: {args.machine or machine()}",
              f"- commit: {args.commit or commit()}", source,
@@ -306,6 +308,17 @@ def main() -> None:
         summary.append(f"- CoMeT time per token {ref16['tokens']} -> {last['tokens']}: average "
                        f"{last['us_per_token'] / ref16['us_per_token']:.2f}x{tail}; peak memory (process) "
                        f"{last['peak_mb'] / ref16['peak_mb']:.3f}x")
+        # The FIFO fills during the first temp_budget x temp_stride tokens: until then a chunk
+        # reads a shorter prefix, so the steady state starts where the timed chunks all follow it.
+        from comet_ext import CometConfig
+
+        defaults = CometConfig()
+        fill = defaults.temp_budget * defaults.temp_stride
+        full = next((r for r in ok if "tail_tokens" in r and r["tokens"] - r["tail_tokens"] >= fill), None)
+        if full is not None and full is not last:
+            summary.append(f"- CoMeT time per token once the FIFO is full (it fills in the first {fill} tokens), "
+                           f"last chunks {full['tokens']} -> {last['tokens']}: "
+                           f"{last['tail_us_per_token'] / full['tail_us_per_token']:.2f}x")
     full_fit = fit_power_law([r for r in rows if r["method"] == "full" and r.get("status") == "ok"])
     for length in lengths:
         c, f_ = get("comet", length), get("full", length)
