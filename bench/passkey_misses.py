@@ -1,8 +1,9 @@
 """How a passkey sweep's wrong answers miss: per haystack length, how many answers are
 right, one digit off, the right digits in another order, sharing at least three of the
-key's digits, or none of that — from the sweep's JSON, no model run.
+key's digits, or none of that; and how often the key is found by where the needle lies
+against the model's chunks — from the sweep's JSON and the model's config, no model run.
 
-    python bench/passkey_misses.py bench/results/passkey/passkey_sweep.json
+    python bench/passkey_misses.py bench/results/passkey/passkey_sweep.json [--model PATH]
 
 A memory that held nothing would answer at random: about 20% of random 5-digit answers
 share three or more digits with the key and about 80% fall under "other". Answers that
@@ -13,6 +14,9 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+
+from comet_ext.passkey import DEFAULT_MODEL, NEEDLE, needle_start
 
 KINDS = ("right", "one digit off", "same digits, other order", "shares 3+ digits", "other")
 
@@ -43,12 +47,51 @@ def table(sweep: dict) -> list[str]:
     return lines
 
 
+PLACES = ("within one chunk", "split across two chunks", "in the chunk before the question")
+
+
+def place(tokenizer, chunk_size: int, run: dict) -> str:
+    """Where the run's needle lies against the chunks the model read its haystack in."""
+    start = needle_start(tokenizer, run["length"], run["depth"], run["expected"])
+    end = start + len(tokenizer(NEEDLE.format(key=run["expected"]), add_special_tokens=False)["input_ids"]) - 1
+    if end // chunk_size == (run["length"] - 1) // chunk_size:
+        return PLACES[2]
+    return PLACES[0] if start // chunk_size == end // chunk_size else PLACES[1]
+
+
+def place_table(sweep: dict, tokenizer, chunk_size: int) -> list[str]:
+    """Exact match per length by where the needle lies (right / all runs in each place)."""
+    counts: dict[int, dict[str, list[int]]] = collections.defaultdict(lambda: {p: [0, 0] for p in PLACES})
+    for cell in sweep["cells"]:
+        for run in cell["runs"]:
+            tally = counts[cell["length"]][place(tokenizer, chunk_size, run)]
+            tally[0] += run["correct"]
+            tally[1] += 1
+    lines = ["| haystack tokens | " + " | ".join(PLACES) + " |", "|---|" + "---|" * len(PLACES)]
+    for length in sorted(counts):
+        lines.append(f"| {length} | " + " | ".join(
+            f"{100 * r / n:.0f}% of {n}" if n else "—" for r, n in counts[length].values()) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", help="passkey_sweep.json of comet-passkey --sweep")
+    ap.add_argument("--model", default=DEFAULT_MODEL,
+                    help="the swept model's folder: its tokenizer and chunk size place the needles")
     args = ap.parse_args()
+    from transformers import AutoTokenizer
+
     with open(args.sweep) as f:
-        print("\n".join(table(json.load(f))))
+        sweep = json.load(f)
+    with open(os.path.join(args.model, "config.json")) as f:
+        chunk_size = json.load(f)["comet"]["chunk_size"]
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    print("\n".join(table(sweep)))
+    print()
+    print(f"Exact match by where the needle lies against the {chunk_size}-token chunks:")
+    print()
+    print("\n".join(place_table(sweep, tokenizer, chunk_size)))
 
 
 if __name__ == "__main__":

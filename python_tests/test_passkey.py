@@ -15,7 +15,7 @@ import comet_ext
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.passkey import (DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, load, model_fingerprint,
-                               run_batch, run_passkey, sweep)
+                               needle_start, run_batch, run_passkey, sweep)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +40,7 @@ def test_haystack_has_the_length_and_the_needle_at_its_depth(tok, depth):
     at = text.index(NEEDLE.format(key="31415"))
     assert abs(at / (2000 - len(NEEDLE.format(key="31415"))) - depth) < len(FILLER) / 2000 + 1e-9
     assert text.count("31415") == 2 and (at == 0 or text[:at].endswith("again. "))
+    assert needle_start(tok, 2000, depth, "31415") == at  # one byte, one token
 
 
 def test_bad_haystack_arguments(tok):
