@@ -277,7 +277,8 @@ def main() -> None:
              "Memory: the peak over the process's footprint once the model is built (CUDA peak allocated on "
              "GPU, peak RSS on CPU).", "",
              "us/token: the prefill's average; last chunks: the input's last (up to 4) chunks timed on "
-             "their own, the cost of a token at that length once the FIFO is full.", "",
+             "their own, the cost of a token at that length (the FIFO full once the input is longer than the "
+             "FIFO's reach, budget x stride tokens).", "",
              "| tokens | CoMeT prefill (s) | us/token | us/token, last chunks | memory (MB) | decode tok/s "
              "| full attn prefill (s) | memory (MB) | decode tok/s | naive CoMeT prefill (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
