@@ -145,7 +145,7 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
     start, chunks, recent = time.time(), args.start_stage, []
-    last_save, passed = start, 0  # passed: the longest stage this run has passed
+    last_save, passed, done = start, 0, 0  # passed: the longest stage this run has passed; done: steps run
     for step in range(args.steps):
         if time.time() - start > args.minutes * 60:
             break
@@ -170,23 +170,24 @@ def main() -> None:
         acc = sum(digits) / len(digits)
         if n == chunks:
             recent = (recent + [acc])[-20:]
-        record = {"step": step + 1, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
+        done = step + 1
+        record = {"step": done, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
                   "minutes": (time.time() - start) / 60}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        if (step + 1) % 10 == 0 and recent:
-            print(f"step {step + 1} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f} "
+        if done % 10 == 0 and recent:
+            print(f"step {done} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f} "
                   f"({record['minutes']:.1f} min)", flush=True)
         if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
             passed = chunks
-            save(model, tok, args, start, step + 1, chunks, passed)  # a cut-off run keeps what it learnt
+            save(model, tok, args, start, done, chunks, passed)  # a cut-off run keeps what it learnt
             chunks, recent = chunks * 2, []
             last_save = time.time()
         elif time.time() - last_save > args.save_every * 60:
-            save(model, tok, args, start, step + 1, chunks, passed)
+            save(model, tok, args, start, done, chunks, passed)
             last_save = time.time()
     log.close()
-    save(model, tok, args, start, step + 1, chunks, passed)
+    save(model, tok, args, start, done, chunks, passed)
     print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
 
 
