@@ -67,7 +67,7 @@ def main() -> None:
 
     lines = ["# Global-memory gates of the passkey model", "", f"- date: {datetime.date.today().isoformat()}",
              f"- machine: {machine()}", f"- commit: {commit()}", f"- model: {os.path.relpath(args.model)}",
-             f"- command: `python bench/passkey_gates.py --out {args.out}`",
+             f"- command: `python bench/passkey_gates.py {' '.join(sys.argv[1:])}`",
              f"- haystack: {args.chunks} chunks ({n} tokens); g per slot, one scalar per slot and update", "",
              "## Needle in the first chunk", "",
              "| layer | mean g | slots with g > 0.999 at every update | their product of g over all updates |",
