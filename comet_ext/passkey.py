@@ -44,8 +44,7 @@ def make_key(rng: random.Random) -> str:
 def build_haystack(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int]]:
     """(haystack ids of exactly `length` tokens with the needle at `depth` in [0, 1],
     question ids). The needle starts on a filler-passage boundary, at `needle_start`."""
-    at = needle_start(tokenizer, length, depth, key)
-    filler, needle = _encode(tokenizer, FILLER), _encode(tokenizer, NEEDLE.format(key=key))
+    filler, needle, at = _layout(tokenizer, length, depth, key)
     n_filler = length - len(needle)
     hay = (filler * -(-n_filler // len(filler)))[:n_filler]
     return hay[:at] + needle + hay[at:], _encode(tokenizer, QUESTION)
@@ -54,14 +53,18 @@ def build_haystack(tokenizer, length: int, depth: float, key: str) -> tuple[list
 def needle_start(tokenizer, length: int, depth: float, key: str) -> int:
     """Index of the needle's first token in `build_haystack(tokenizer, length, depth, key)`:
     the filler-passage boundary nearest `depth`."""
+    return _layout(tokenizer, length, depth, key)[2]
+
+
+def _layout(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], list[int], int]:
+    """(filler ids, needle ids, the needle's first index) of a haystack."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"build_haystack: depth must lie in [0, 1], got {depth}")
     filler, needle = _encode(tokenizer, FILLER), _encode(tokenizer, NEEDLE.format(key=key))
     if length < len(needle):
         raise ValueError(f"build_haystack: length {length} is shorter than the needle ({len(needle)} tokens)")
-    n_filler = length - len(needle)
-    units = n_filler // len(filler)  # whole filler passages: the needle goes between two
-    return min(round(depth * n_filler / len(filler)), units) * len(filler)
+    units = (length - len(needle)) // len(filler)  # whole filler passages: the needle goes between two
+    return filler, needle, min(round(depth * (length - len(needle)) / len(filler)), units) * len(filler)
 
 
 @torch.no_grad()
