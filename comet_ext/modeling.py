@@ -638,7 +638,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
-                recompute: Optional[bool] = None, return_logits: bool = True) -> CometOutput:
+                recompute: Optional[bool] = None, return_logits: bool = True,
+                memory: Optional[CometMemory] = None) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -653,18 +654,25 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         With labels and return_logits=False the loss is computed chunk by chunk
         (checkpointed with recompute), so the (B, T, vocab) logits never exist:
         what training uses; .logits is then None.
+
+        memory: start from what `read` left (truncated BPTT: read a long prefix
+        under torch.no_grad(), then train on the chunks after it). It must have no
+        open chunk (read whole chunks) and every sample the same number of FIFO
+        rows; it is not changed, and no gradient flows into it.
         """
         if labels is not None and labels.shape != getattr(input_ids, "shape", None):
             raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         recompute = self._recompute if recompute is None else recompute
-        segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask)
+        if memory is not None:
+            self._check_train_start(memory, input_ids)
+        segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
         B = segs[0].kind.shape[0]
         targets = self._chunk_targets(labels, sizes, 0) if labels is not None and not return_logits else None
         hidden, total = list(xs), 0.0
         last = self.config.num_hidden_layers - 1
         for l in range(last + 1):
-            mem = self._train_memory(B)
+            mem = self._train_memory(B) if memory is None else self._train_memory_from(memory, l)
             for t, seg in enumerate(segs):
                 out, mem = self._run_train_step(l, seg, ropes[t], hidden[t], mem, recompute,
                                                 targets[t] if targets is not None and l == last else None)
@@ -696,10 +704,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             start += n
         return out
 
-    def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor]):
+    def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor],
+                     memory: Optional[CometMemory] = None):
         """Every closed chunk of a training sequence, planned once: segments, row
         embeddings, rotary tables (positions follow from the memory-row counts the
-        plans imply), chunk sizes."""
+        plans imply, starting from `memory`'s when given), chunk sizes."""
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
         sizes = self._chunk_sizes(chunk_sizes, T)
@@ -709,6 +718,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         dev = self.device
         segs, xs, ropes, start = [], [], [], 0
         has_global, fifo_len = [False] * B, [0] * B
+        if memory is not None:
+            has_global, fifo_len = memory.has_global.tolist(), memory.fifo_len[0].tolist()
         for n in sizes:
             take = [min(max(length - start, 0), n) for length in lengths]
             seg = plan_segment(cc, [0] * B, take, [t > 0 for t in take], dev)
@@ -763,6 +774,43 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return TrainMemory(state=torch.zeros(B, cc.num_global, self.config.hidden_size, dtype=self.dtype, device=dev),
                            has_global=torch.zeros(B, dtype=torch.bool, device=dev),
                            fifo=FifoWindow(cc.fifo_capacity, B))
+
+    def _train_memory_from(self, memory: CometMemory, l: int) -> TrainMemory:
+        """Layer l's memory as `read` left it, as a training forward carries it: the FIFO
+        ring becomes one piece of its rows oldest first (pre-RoPE, detached)."""
+        n = int(memory.fifo_len[l, 0])
+        fifo = FifoWindow(self.comet_config.fifo_capacity, memory.batch_size)
+        if n:
+            head, length = memory.fifo_head[l], memory.fifo_len[l]
+            k, v = (ops.fifo_view(buf[l].detach(), head, length)[:, :n] for buf in (memory.fifo_k, memory.fifo_v))
+            fifo = fifo.pushed(k, v, [n] * memory.batch_size)
+        return TrainMemory(state=memory.state[l].detach().to(self.dtype), has_global=memory.has_global.clone(),
+                           fifo=fifo)
+
+    def _check_train_start(self, memory: CometMemory, input_ids) -> None:
+        """A training forward continues a streamed memory only at a chunk boundary, with
+        FIFOs a single piece can hold (every sample the same number of rows)."""
+        if not isinstance(memory, CometMemory):
+            raise ValueError(f"forward: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
+        B = getattr(input_ids, "shape", (None,))[0]
+        if memory.batch_size != B:
+            raise ValueError(f"forward: memory holds {memory.batch_size} samples but input_ids has {B}")
+        c, cc = self.config, self.comet_config
+        state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
+        fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
+        if tuple(memory.state.shape) != state or tuple(memory.fifo_k.shape) != fifo:
+            raise ValueError(f"forward: memory has state {tuple(memory.state.shape)} and FIFO "
+                             f"{tuple(memory.fifo_k.shape)}; this model expects (L, B, G, d) = {state} and "
+                             f"(L, B, C, Hkv, D) = {fifo}")
+        if bool((memory.open_rows != 0).any()):
+            raise ValueError(f"forward: memory has an open chunk ({memory.open_text.tolist()} text tokens); a "
+                             f"training forward starts at a chunk boundary: read whole chunks of "
+                             f"{self.comet_config.chunk_size} tokens before it")
+        lens = memory.fifo_len.unique()
+        if lens.numel() > 1:
+            raise ValueError(f"forward: memory's samples hold different numbers of FIFO rows "
+                             f"({memory.fifo_len[0].tolist()}); a training forward continues only samples that "
+                             f"have read the same number of chunks, or FIFOs that are full")
 
     def _train_step(self, l: int, seg: Segment, cos: Tensor, sin: Tensor, has_global_list: tuple[bool, ...],
                     fifo_lens: tuple[int, ...], x: Tensor, state: Tensor, has_global: Tensor, fifo_head: Tensor,

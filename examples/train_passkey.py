@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import random
 import sys
@@ -45,12 +46,12 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
-from comet_ext.passkey import NEEDLE, QUESTION, build_haystack, make_key
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
-               late: float = 0.0):
+               late: float = 0.0, far: int = 0):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
@@ -59,18 +60,25 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     very start: that is where it lands when a haystack fills whole chunks (any power-of-two
     length), with nothing of the haystack in its own chunk. The needle's depth is uniform,
     except that with probability `late` it lies within the haystack's last chunk_size tokens
-    (uniform depth puts it there rarely: ~2% of samples at 16 chunks)."""
+    (uniform depth puts it there rarely: ~2% of samples at 16 chunks).
+
+    far > 0: `far` more chunks come first (read without gradient, as a prefix), and the
+    needle lies at a uniform place within them; the sizes then list all far + chunks."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
-    lowest = qa if chunks > 1 else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
-    last = lowest if chunks > 1 and rng.random() < at_start else rng.randint(lowest, chunk_size)
-    sizes = [chunk_size] * (chunks - 1) + [last]
+    lowest = qa if chunks > 1 or far else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
+    last = lowest if (chunks > 1 or far) and rng.random() < at_start else rng.randint(lowest, chunk_size)
+    sizes = [chunk_size] * (far + chunks - 1) + [last]
+    filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
+                      for text in (FILLER, NEEDLE.format(key="00000")))
     ids, weights, answer_pos = [], [], []
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
         hay_len = sum(sizes) - qa
-        if late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
+        if far:  # the needle ends in the prefix, whatever the rounding to a passage boundary
+            depth = rng.random() * (far * chunk_size - needle - filler) / (hay_len - needle)
+        elif late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
             depth = 1 - rng.random() * min(1.0, chunk_size / hay_len)
         else:
             depth = rng.random()
@@ -110,6 +118,14 @@ def main() -> None:
                     help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
     ap.add_argument("--late-needle", type=float, default=0.0,
                     help="probability that the needle lies in the haystack's last chunk")
+    ap.add_argument("--far-needle", type=float, default=0.0,
+                    help="probability that a step's needle lies far back: --far-chunks chunks read without "
+                         "gradient (truncated BPTT), then --far-tail chunks trained, the question in the last")
+    ap.add_argument("--far-chunks", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"),
+                    help="chunks read without gradient in a far-needle step (log-uniform between MIN and MAX)")
+    ap.add_argument("--far-tail", type=int, default=4, help="chunks trained after the far prefix")
+    ap.add_argument("--far-batch-size", type=int, default=8,
+                    help="samples of a far-needle step (reading the prefix dominates its time)")
     ap.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=False,
                     help="activation recomputation per (layer, chunk): less memory, 1.44x the time a step takes "
                          "(off: at 64 chunks of batch 16 the activations take about 13 GB)")
@@ -144,17 +160,30 @@ def main() -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     os.makedirs(args.out, exist_ok=True)
     log = open(os.path.join(args.out, "train_log.jsonl"), "w")
-    start, chunks, recent = time.time(), args.start_stage, []
+    start, chunks, recent, recent_far = time.time(), args.start_stage, [], []
     last_save, passed, done = start, 0, 0  # passed: the longest stage this run has passed; done: steps run
     for step in range(args.steps):
         if time.time() - start > args.minutes * 60:
             break
-        # Replaying a passed stage now and then keeps the short-range skills (in-chunk copying).
-        n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
-        ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
-                                                     args.question_at_start, args.late_needle)
+        far = 0
+        if args.far_needle > 0 and rng.random() < args.far_needle:
+            lo, hi = args.far_chunks
+            far, n = round(math.exp(rng.uniform(math.log(lo), math.log(hi)))), args.far_tail
+            ids, weights, answer_pos, sizes = make_batch(tok, args.far_batch_size, n, args.chunk_size, rng,
+                                                         args.question_at_start, far=far)
+        else:  # replaying a passed stage now and then keeps the short-range skills (in-chunk copying)
+            n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
+            ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
+                                                         args.question_at_start, args.late_needle)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(ids, chunk_sizes=sizes, recompute=args.recompute).logits
+            memory = None
+            if far:  # truncated BPTT: the prefix holding the needle is read without gradient
+                cut = far * args.chunk_size
+                with torch.no_grad():
+                    memory = model.read(ids[:, :cut], progress=False)
+                ids, weights, sizes = ids[:, cut:], weights[:, cut:], sizes[far:]
+                answer_pos = [p - cut for p in answer_pos]
+            logits = model(ids, chunk_sizes=sizes, recompute=args.recompute, memory=memory).logits
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
         w = weights[:, 1:]
@@ -168,16 +197,21 @@ def main() -> None:
             pred = logits.argmax(-1)
             digits = [(pred[b, p - 1:p + 4] == ids[b, p:p + 5]).float().mean().item() for b, p in enumerate(answer_pos)]
         acc = sum(digits) / len(digits)
-        if n == chunks:
+        if far:
+            recent_far = (recent_far + [acc])[-20:]
+        elif n == chunks:
             recent = (recent + [acc])[-20:]
         done = step + 1
         record = {"step": done, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
                   "minutes": (time.time() - start) / 60}
+        if far:
+            record["far_chunks"] = far
         log.write(json.dumps(record) + "\n")
         log.flush()
         if done % 10 == 0 and recent:
-            print(f"step {done} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f} "
-                  f"({record['minutes']:.1f} min)", flush=True)
+            far_digits = f" far-needle digits {sum(recent_far) / len(recent_far):.2f}" if recent_far else ""
+            print(f"step {done} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f}"
+                  f"{far_digits} ({record['minutes']:.1f} min)", flush=True)
         if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
             passed = chunks
             save(model, tok, args, start, done, chunks, passed)  # a cut-off run keeps what it learnt

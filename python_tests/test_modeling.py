@@ -338,3 +338,47 @@ def test_chunkwise_loss_equals_the_full_logits_loss():
     for loss, grad in zip(losses[1:], grads[1:]):
         torch.testing.assert_close(loss, losses[0], rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(grad, grads[0], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("prefix", [16, 32, 48], ids=["fifo-part-full", "fifo-full", "fifo-wrapped"])
+def test_training_forward_continues_a_read_memory(prefix):
+    """Truncated BPTT: a training forward from the memory `read` left after whole chunks
+    gives the uninterrupted forward's logits and loss, and leaves the memory unchanged."""
+    model = tiny_comet("qwen3")
+    x = ids(2, 80, seed=13)
+    expected = model(x).logits[:, prefix:]
+    with torch.no_grad():
+        memory = model.read(x[:, :prefix])
+    before = memory.clone()
+    got = model(x[:, prefix:], memory=memory).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert (got - model(x[:, prefix:]).logits).abs().max() > 1e-2, "the memory made no difference: proves nothing"
+    for name, a, b in zip(("state", "fifo_k", "fifo_head", "fifo_len"),
+                          (memory.state, memory.fifo_k, memory.fifo_head, memory.fifo_len),
+                          (before.state, before.fifo_k, before.fifo_head, before.fifo_len)):
+        assert torch.equal(a, b), f"forward changed memory.{name}"
+    loss = model(x[:, prefix:], labels=x[:, prefix:], memory=memory, return_logits=False, recompute=True).loss
+    ce = torch.nn.functional.cross_entropy(expected[:, :-1].reshape(-1, VOCAB), x[:, prefix + 1:].reshape(-1))
+    torch.testing.assert_close(loss, ce, rtol=1e-5, atol=1e-6)
+    model.zero_grad()
+    loss.backward()
+    gate = model.memory_layers[0].global_memory_net.g_proj.weight.grad
+    assert gate is not None and gate.abs().sum() > 0, "no gradient reached the gate through the continued memory"
+
+
+def _ragged_memory(model):
+    with torch.no_grad():
+        return model.read(ids(2, 32, seed=14), attention_mask=torch.tensor([[1] * 16 + [0] * 16, [1] * 32]))
+
+
+@pytest.mark.parametrize("memory, match", [
+    (lambda m: m.read(ids(2, 20, seed=15)), "open chunk"),
+    (_ragged_memory, "different numbers of FIFO rows"),
+    (lambda m: m.read(ids(3, 16, seed=15)), "memory holds 3 samples"),
+    (lambda m: tiny_comet("qwen3", temp_budget=8).new_memory(2), r"this model expects \(L, B, G, d\)"),
+    (lambda m: "memory.safetensors", "must be a CometMemory"),
+], ids=["open-chunk", "ragged-fifo", "batch", "other-model", "not-a-memory"])
+def test_training_forward_refuses_a_memory_it_cannot_continue(memory, match):
+    model = tiny_comet("qwen3")
+    with pytest.raises(ValueError, match=match):
+        model(ids(2, 16, seed=16), memory=memory(model))

@@ -126,3 +126,42 @@ def test_the_shipped_model_answers_from_its_memory():
         assert all(r["correct"] for r in runs), [(r["expected"], r["found"]) for r in runs]
     runs = run_batch(model, tokenizer, 3 * cs, 0.0, seeds=range(10))
     assert sum(r["correct"] for r in runs) >= 8, [(r["expected"], r["found"]) for r in runs]
+
+
+def _train_passkey():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
+    spec = importlib.util.spec_from_file_location("train_passkey", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("far", [0, 5])
+def test_training_batches_hold_the_needle_where_asked(tok, far):
+    """examples/train_passkey.make_batch: every sample is haystack + question + answer,
+    the answer is the needle's key, the weights mark its 5 digits; with far > 0 the
+    needle ends within the first `far` chunks (the prefix read without gradient)."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    rng, cs, chunks = random.Random(3), 128, 3
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    ends = []
+    for _ in range(10):
+        ids, weights, answer_pos, sizes = make_batch(tok, 4, chunks, cs, rng, at_start=0.5, far=far)
+        assert len(sizes) == far + chunks and ids.shape == (4, sum(sizes)) and sizes[:-1] == [cs] * (far + chunks - 1)
+        for b, p in enumerate(answer_pos):
+            text = tok.decode(ids[b].tolist())
+            key = tok.decode(ids[b, p:p + 5].tolist())
+            needle = NEEDLE.format(key=key)
+            assert key.isdigit() and needle in text, text
+            assert ids[b, p - 1 - len(question):p - 1].tolist() == question
+            assert weights[b].eq(1.0).nonzero().flatten().tolist() == list(range(p, p + 5))
+            ends.append(len(tok(text[:text.index(needle) + len(needle)], add_special_tokens=False)["input_ids"]))
+    if far:
+        assert max(ends) <= far * cs, "a far needle reached the trained chunks"
+        assert min(ends) < far * cs // 2 < max(ends), "far needles did not spread over the prefix"
+    else:
+        assert max(ends) > (far + chunks - 1) * cs // 2 and min(ends) < cs, "needles did not spread over the haystack"
