@@ -26,7 +26,10 @@ digits in 670 steps (~6.5 s a step on 2 threads). The step is compute-bound (mat
 step at 4 chunks on one thread), so it is off unless asked for (--recompute). With --bf16
 (autocast: matmuls and attention in bf16, the memory modules and the weights in fp32) a
 step at 4 chunks took 1.7-2.0 s against 5.8-6.8 s in fp32 on one thread of this CPU
-(AVX512-BF16), the other core busy: 3.3x.
+(AVX512-BF16), the other core busy: 3.3x. Needles 32-512 chunks back in a prefix read without
+gradient (--far-needle 0.5, 80 minutes from the shipped model) did not lengthen its reach: the key
+is written, and the gates leak, inside the no-gradient prefix, so only the reading learns
+(bench/results/passkey_runs/, runs 14 and 15).
 """
 from __future__ import annotations
 
