@@ -665,7 +665,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         recompute = self._recompute if recompute is None else recompute
         if memory is not None:
-            self._check_train_start(memory, input_ids)
+            self._check_train_start(memory, self._check_ids(input_ids))
         segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
         B = segs[0].kind.shape[0]
         targets = self._chunk_targets(labels, sizes, 0) if labels is not None and not return_logits else None
@@ -787,12 +787,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return TrainMemory(state=memory.state[l].detach().to(self.dtype), has_global=memory.has_global.clone(),
                            fifo=fifo)
 
-    def _check_train_start(self, memory: CometMemory, input_ids) -> None:
+    def _check_train_start(self, memory: CometMemory, input_ids: Tensor) -> None:
         """A training forward continues a streamed memory only at a chunk boundary, with
         FIFOs a single piece can hold (every sample the same number of rows)."""
         if not isinstance(memory, CometMemory):
             raise ValueError(f"forward: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
-        B = getattr(input_ids, "shape", (None,))[0]
+        B = input_ids.shape[0]
         if memory.batch_size != B:
             raise ValueError(f"forward: memory holds {memory.batch_size} samples but input_ids has {B}")
         c, cc = self.config, self.comet_config
