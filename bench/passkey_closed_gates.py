@@ -2,8 +2,8 @@
 
     python bench/passkey_closed_gates.py --close-above 0.999 --length 262144 --keys 10
 
-Reads first-chunk-needle haystacks (depth 0, keys of seeds 0..keys-1, as in
-`comet-passkey --sweep`) with the model's global-memory gates g set to exactly 1
+Reads haystacks with the needle at --depth (default 0: the first chunk; keys of
+seeds 0..keys-1, as in `comet-passkey --sweep`) with the model's global-memory gates g set to exactly 1
 wherever g > --close-above: slots that are nearly closed then leak nothing. If the
 misses of the plain model (`--close-above 2`: no gate changed) turn into hits, the
 small leaks of closed slots are what loses the key; if not, they are not. The gated
@@ -43,13 +43,14 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--close-above", type=float, default=0.999, help="gates above this become exactly 1")
     ap.add_argument("--length", type=int, default=262144)
+    ap.add_argument("--depth", type=float, default=0.0)
     ap.add_argument("--keys", type=int, default=10)
     args = ap.parse_args()
     modeling.GlobalMemoryNet.forward = closed_gates_forward(args.close_above)
     model, tok = load(args.model)
     start = time.time()
-    runs = run_batch(model, tok, args.length, 0.0, list(range(args.keys)))
-    print(json.dumps({"close_above": args.close_above, "length": args.length, "depth": 0.0,
+    runs = run_batch(model, tok, args.length, args.depth, list(range(args.keys)))
+    print(json.dumps({"close_above": args.close_above, "length": args.length, "depth": args.depth,
                       "correct": sum(r["correct"] for r in runs), "keys": args.keys,
                       "expected": [r["expected"] for r in runs], "found": [r["found"] for r in runs],
                       "minutes": (time.time() - start) / 60}))
