@@ -69,11 +69,11 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     needle lies at a uniform place within them; the sizes then list all far + chunks."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
-    lowest = qa if chunks > 1 or far else qa + len(tok(NEEDLE.format(key="00000"), add_special_tokens=False)["input_ids"])
-    last = lowest if (chunks > 1 or far) and rng.random() < at_start else rng.randint(lowest, chunk_size)
-    sizes = [chunk_size] * (far + chunks - 1) + [last]
     filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
                       for text in (FILLER, NEEDLE.format(key="00000")))
+    lowest = qa if chunks > 1 or far else qa + needle
+    last = lowest if (chunks > 1 or far) and rng.random() < at_start else rng.randint(lowest, chunk_size)
+    sizes = [chunk_size] * (far + chunks - 1) + [last]
     ids, weights, answer_pos = [], [], []
     for _ in range(batch):
         key = make_key(rng)
