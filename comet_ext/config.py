@@ -16,6 +16,11 @@ class CometConfig:
             tokens; -1 disables the temporary memory (FIFO).
         temp_budget: FIFO capacity in rows (0 also disables it).
         rla_rank: rank of every residual low-rank adapter.
+        gate_snap: in (0, 1]; a global-memory gate above it is used as exactly 1, so a
+            closed slot keeps its state bit for bit over any number of chunks instead of
+            leaking a little at every update (training passes the gradient straight
+            through). 1.0 (the reference's behaviour) never snaps. Not part of the state's
+            shape: it may be changed on a trained model.
     """
 
     chunk_size: int = 2048
@@ -23,6 +28,7 @@ class CometConfig:
     temp_stride: int = 8
     temp_budget: int = 2048
     rla_rank: int = 8
+    gate_snap: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("chunk_size", "num_global", "temp_stride", "temp_budget", "rla_rank"):
@@ -39,6 +45,10 @@ class CometConfig:
             raise ValueError(f"CometConfig.temp_budget must be >= 0, got {self.temp_budget}")
         if self.rla_rank < 1:
             raise ValueError(f"CometConfig.rla_rank must be >= 1, got {self.rla_rank}")
+        snap = self.gate_snap
+        if isinstance(snap, bool) or not isinstance(snap, (int, float)) or not 0 < snap <= 1:
+            raise ValueError(f"CometConfig.gate_snap must be a number in (0, 1] (1 = never snap), got {snap!r}")
+        object.__setattr__(self, "gate_snap", float(snap))
 
     @property
     def uses_temp_memory(self) -> bool:
@@ -49,7 +59,7 @@ class CometConfig:
         """Rows of the FIFO: temp_budget, or 0 without temporary memory."""
         return self.temp_budget if self.uses_temp_memory else 0
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         return dataclasses.asdict(self)
 
     @classmethod

@@ -62,9 +62,10 @@ class GlobalMemoryNet(nn.Module):
         self.g_proj = nn.Linear(2 * hidden, 1, bias=False)
         self.o_proj = LowRankAdapter(hidden, rank)
 
-    def forward(self, readout: Tensor, state: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def forward(self, readout: Tensor, state: Optional[Tensor], gate_snap: float = 1.0) -> tuple[Tensor, Tensor]:
         return ops.gated_update(readout, state, self.norm.weight, self.g_proj.weight,
-                                self.o_proj.down_proj.weight, self.o_proj.up_proj.weight)
+                                self.o_proj.down_proj.weight, self.o_proj.up_proj.weight,
+                                gate_snap=gate_snap)
 
 
 class TempMemoryNet(nn.Module):
@@ -250,7 +251,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         c = self.config
         return {"model_type": c.model_type, "hidden_size": c.hidden_size, "num_layers": c.num_hidden_layers,
                 "num_kv_heads": c.num_key_value_heads, "head_dim": self._head_dim(),
-                **{f"comet.{k}": v for k, v in self.comet_config.to_dict().items()}}
+                **{f"comet.{k}": v for k, v in self.comet_config.to_dict().items()
+                   if k != "gate_snap"}}  # a memory read with another snap still fits
 
     def _head_dim(self) -> int:
         return self.decoder.layers[0].self_attn.head_dim
@@ -366,7 +368,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         net = self.memory_layers[l].global_memory_net
         closing = seg.closing
         pairs = list(zip(seg.closing_list, has_global_list))
-        with_state = net(readout, state) if any(c and g for c, g in pairs) else None
+        snap = self.comet_config.gate_snap
+        with_state = net(readout, state, snap) if any(c and g for c, g in pairs) else None
         without = net(readout, None) if any(c and not g for c, g in pairs) else None
         if with_state is None:
             new_state, memory = without
@@ -470,9 +473,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _graph_context(self, memory: CometMemory) -> tuple:
         """What a recorded step reads or writes by address without being given it: the memory's
-        buffers and the model's parameters (a moved or re-cast model has new ones)."""
+        buffers and the model's parameters (a moved or re-cast model has new ones); and the gate
+        snap, a number the recording bakes in (a changed comet_config records anew)."""
         return (tuple(t.data_ptr() for t in memory.buffers()),
-                tuple(p.data_ptr() for p in self.parameters()))
+                tuple(p.data_ptr() for p in self.parameters()), self.comet_config.gate_snap)
 
     def use_cuda_graphs(self, enabled: bool = True, capacity: int = 8) -> "CometForCausalLM":
         """On a CUDA device, record the layer loop of a streaming step as a CUDA graph the second

@@ -183,6 +183,7 @@ def gated_update(
     down: Tensor,
     up: Tensor,
     eps: Optional[float] = None,
+    gate_snap: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
     """One layer's global-memory update (DESIGN.md §1), fused.
 
@@ -197,6 +198,10 @@ def gated_update(
         down: (r, d), up: (d, r): the RLA producing the next chunk's memory rows.
         eps: RMSNorm epsilon, default ``torch.finfo(dtype).eps`` of the dtype it runs in (as
             ``nn.RMSNorm``): the readout's, fp32 under autocast.
+        gate_snap: in (0, 1]; a gate ``g > gate_snap`` blends as exactly 1 (the slot keeps its
+            state unchanged), so a closed slot leaks nothing over thousands of updates. The
+            gradient passes straight through the snap (``d snapped(g) / dz`` is taken as
+            ``sigmoid'(z)``), so training still moves such gates. 1 (default) never snaps.
 
     Returns:
         new_state (B, n, d) and memory ``G = new + up(down(new))`` (B, n, d).
@@ -206,17 +211,18 @@ def gated_update(
         if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(readout.device.type):
             dtype = torch.float32  # the op runs in fp32 under autocast (below), as nn.RMSNorm does
         eps = torch.finfo(dtype).eps if readout.is_floating_point() else 0.0
-    return _ops.gated_update.default(readout, state, norm_weight, gate_weight, down, up, float(eps))
+    return _ops.gated_update.default(readout, state, norm_weight, gate_weight, down, up, float(eps),
+                                     float(gate_snap))
 
 
 @torch.library.register_fake("comet::gated_update")
-def _(readout, state, norm_weight, gate_weight, down, up, eps):
+def _(readout, state, norm_weight, gate_weight, down, up, eps, gate_snap=1.0):
     torch._check(readout.dim() == 3, lambda: "readout must be (batch, slots, hidden)")
     return readout.new_empty(readout.shape), readout.new_empty(readout.shape)
 
 
 @torch.library.register_fake("comet::gated_update_backward")
-def _(grad_new_state, grad_memory, readout, state, norm_weight, gate_weight, down, up, eps):
+def _(grad_new_state, grad_memory, readout, state, norm_weight, gate_weight, down, up, eps, gate_snap=1.0):
     ds = readout.new_empty(readout.shape if state is not None else (0,))
     return (
         readout.new_empty(readout.shape),
@@ -229,9 +235,9 @@ def _(grad_new_state, grad_memory, readout, state, norm_weight, gate_weight, dow
 
 
 def _gated_setup(ctx, inputs, output):
-    readout, state, norm_weight, gate_weight, down, up, eps = inputs
+    readout, state, norm_weight, gate_weight, down, up, eps, gate_snap = inputs
     ctx.save_for_backward(readout, state, norm_weight, gate_weight, down, up)
-    ctx.eps = eps
+    ctx.eps, ctx.gate_snap = eps, gate_snap
 
 
 def _gated_backward(ctx, grad_new_state, grad_memory):
@@ -239,9 +245,9 @@ def _gated_backward(ctx, grad_new_state, grad_memory):
     dr, ds, dw, dg, ddown, dup = _ops.gated_update_backward.default(
         _grad(grad_new_state, readout),
         _grad(grad_memory, readout),
-        readout, state, norm_weight, gate_weight, down, up, ctx.eps,
+        readout, state, norm_weight, gate_weight, down, up, ctx.eps, ctx.gate_snap,
     )
-    return dr, _none_if_empty(ds, state is not None), dw, dg, ddown, dup, None
+    return dr, _none_if_empty(ds, state is not None), dw, dg, ddown, dup, None, None
 
 
 torch.library.register_autograd(

@@ -10,6 +10,7 @@ length), then answers "What is the pass key?" from the memory alone.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import os
@@ -92,6 +93,7 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
         records.append({"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
                         "correct": found == key, "seconds": seconds, "tokens_per_s": len(keys) * length / read_s,
                         "batch": len(keys), "global_memory": global_memory,
+                        "gate_snap": model.comet_config.gate_snap,
                         "peak_rss_mb": peak_memory_mb(torch.device("cpu"))})
     return records
 
@@ -157,7 +159,9 @@ def _grid(cells: list[dict], global_memory: bool, fingerprint: str) -> dict:
 def model_fingerprint(model) -> str:
     """sha256 over the model's CoMeT settings and every named parameter and buffer (name,
     dtype, shape, bytes): two models share it only if their settings and weights are identical."""
-    digest = hashlib.sha256(json.dumps(model.comet_config.to_dict(), sort_keys=True).encode())
+    # An unsnapped model keeps the fingerprint it had before gate_snap existed.
+    settings = {k: v for k, v in model.comet_config.to_dict().items() if not (k == "gate_snap" and v == 1.0)}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -190,6 +194,8 @@ def heatmap(result: dict, path: str) -> None:
         label = f"{grid[i, j]:.0%}" + (f"\nn={n}" if n < most else "")
         ax.text(j, i, label, ha="center", va="center", fontsize=7)
     title = "passkey exact match" + ("" if result.get("global_memory", True) else ", temporary memory only")
+    snaps = {r.get("gate_snap", 1.0) for c in result["cells"] for r in c["runs"]}
+    title += "".join(f", gate snap {s:g}" for s in sorted(snaps) if s < 1)
     ax.set_title(title + f" ({most} keys per cell)", fontsize=9)
     fig.colorbar(im, ax=ax, label="exact match")
     fig.tight_layout()
@@ -228,11 +234,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--depths", type=float, nargs="+", default=list(SWEEP_DEPTHS))
     ap.add_argument("--no-global-memory", action="store_true",
                     help="ablation: the temporary memory (FIFO) only")
+    ap.add_argument("--gate-snap", type=float, default=None, metavar="TAU",
+                    help="override the model's gate_snap: gates above TAU keep their slot exactly "
+                         "(1 = never snap; default: the model's own setting)")
     ap.add_argument("--out", default="passkey_results")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.model):
         sys.exit(f"comet-passkey: no model folder at {args.model!r}")
     model, tokenizer = load(args.model)
+    if args.gate_snap is not None:
+        try:
+            model.comet_config = dataclasses.replace(model.comet_config, gate_snap=args.gate_snap)
+        except ValueError as e:
+            ap.error(f"--gate-snap: {e}")
     if args.sweep:
         sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
               global_memory=not args.no_global_memory)

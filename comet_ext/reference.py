@@ -114,9 +114,12 @@ def gated_update(
     down: Tensor,
     up: Tensor,
     eps: Optional[float] = None,
+    gate_snap: float = 1.0,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Global-memory update (DESIGN.md §1): returns (new state, RLA(new state)), (B, n, d)."""
+    """Global-memory update (DESIGN.md §1): returns (new state, RLA(new state)), (B, n, d).
+
+    A gate above ``gate_snap`` blends as exactly 1; its gradient passes straight through."""
     eps = torch.finfo(readout.dtype).eps if eps is None else eps
     ct = _compute_dtype(readout, upcast)
     c = rms_norm(readout, norm_weight, eps, upcast)
@@ -125,6 +128,7 @@ def gated_update(
     else:
         s = state.to(ct)
         g = torch.sigmoid(torch.cat([c, s], dim=-1) @ gate_weight.to(ct).t())  # (B, n, 1)
+        g = g + (torch.where(g > gate_snap, 1.0, g) - g).detach()  # straight through the snap
         new = g * s + (1 - g) * c
     memory = new + (new @ down.to(ct).t()) @ up.to(ct).t()
     return new.to(readout.dtype), memory.to(readout.dtype)
@@ -214,7 +218,8 @@ def naive_comet_forward(model, ids: Tensor, chunk_sizes: list[int]) -> Tensor:
             g = net.global_memory_net
             readout = y[:, seg.readout_rows[0]]
             state[l], glob[l] = gated_update(readout, state[l], g.norm.weight, g.g_proj.weight,
-                                                 g.o_proj.down_proj.weight, g.o_proj.up_proj.weight)
+                                             g.o_proj.down_proj.weight, g.o_proj.up_proj.weight,
+                                             gate_snap=cc.gate_snap)
             if cc.uses_temp_memory:
                 fifo[l] = torch.cat([fifo[l], m], dim=1)[:, -cc.temp_budget:]
         text = x[:, n_mem:][:, seg.text_rows[0]]

@@ -129,7 +129,8 @@ inline void check_rla_backward_args(const char* op, const at::Tensor& grad_y, co
 inline void check_gated_update_args(const char* op, const at::Tensor& readout,
                                     const c10::optional<at::Tensor>& state,
                                     const at::Tensor& norm_weight, const at::Tensor& gate_weight,
-                                    const at::Tensor& down, const at::Tensor& up, double eps) {
+                                    const at::Tensor& down, const at::Tensor& up, double eps,
+                                    double gate_snap) {
   check_defined(readout, op, "readout");
   check_dim(readout, 3, op, "readout", "(batch, slots, hidden)");
   check_float(readout, op, "readout");
@@ -152,13 +153,16 @@ inline void check_gated_update_args(const char* op, const at::Tensor& readout,
   check_same_dtype(gate_weight, readout, op, "gate_weight", "readout");
   check_same_device(gate_weight, readout, op, "gate_weight", "readout");
   COMET_CHECK(std::isfinite(eps) && eps >= 0, op, "'eps' must be finite and >= 0, got ", eps);
+  COMET_CHECK(gate_snap > 0 && gate_snap <= 1, op,
+              "'gate_snap' must be in (0, 1] (1 = gates are never snapped), got ", gate_snap);
 }
 
 inline void check_gated_update_backward_args(
     const char* op, const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
     const at::Tensor& readout, const c10::optional<at::Tensor>& state, const at::Tensor& norm_weight,
-    const at::Tensor& gate_weight, const at::Tensor& down, const at::Tensor& up, double eps) {
-  check_gated_update_args(op, readout, state, norm_weight, gate_weight, down, up, eps);
+    const at::Tensor& gate_weight, const at::Tensor& down, const at::Tensor& up, double eps,
+    double gate_snap) {
+  check_gated_update_args(op, readout, state, norm_weight, gate_weight, down, up, eps, gate_snap);
   for (const auto& [g, name] : {std::pair{&grad_new_state, "grad_new_state"},
                                 std::pair{&grad_memory, "grad_memory"}}) {
     COMET_CHECK(g->sizes() == readout.sizes(), op, "'", name, "' must have the shape of readout ",

@@ -35,13 +35,16 @@ TORCH_LIBRARY(comet, m) {
 
   // readout (B,n,d), state (B,n,d) or None, norm_weight (d,), gate_weight (1,2d),
   // down (r,d), up (d,r) -> new_state (B,n,d), memory = RLA(new_state) (B,n,d).
+  // gate_snap in (0, 1]: a gate g > gate_snap is used as exactly 1 (1 = never).
   m.def(
       "gated_update(Tensor readout, Tensor? state, Tensor norm_weight, Tensor gate_weight, "
-      "Tensor down, Tensor up, float eps) -> (Tensor new_state, Tensor memory)");
-  // Without a state: grad_state is an empty tensor and grad_gate_weight is zeros.
+      "Tensor down, Tensor up, float eps, float gate_snap=1.0) -> (Tensor new_state, Tensor memory)");
+  // Without a state: grad_state is an empty tensor and grad_gate_weight is zeros. A snapped
+  // gate passes the gradient straight through: d(snapped g)/dz is taken as sigmoid'(z).
   m.def(
       "gated_update_backward(Tensor grad_new_state, Tensor grad_memory, Tensor readout, "
-      "Tensor? state, Tensor norm_weight, Tensor gate_weight, Tensor down, Tensor up, float eps) "
+      "Tensor? state, Tensor norm_weight, Tensor gate_weight, Tensor down, Tensor up, float eps, "
+      "float gate_snap=1.0) "
       "-> (Tensor grad_readout, Tensor grad_state, Tensor grad_norm_weight, "
       "Tensor grad_gate_weight, Tensor grad_down, Tensor grad_up)");
 

@@ -268,6 +268,12 @@ BAD_CALLS = [
                  r"'up' must have shape \(8, 2\), got \(8, 3\)", id="gated-up-rank-mismatch"),
     pytest.param(_gated_with(eps=lambda a: NAN), RuntimeError,
                  r"'eps' must be finite and >= 0, got nan", id="gated-nan-eps"),
+    pytest.param(_gated_with(gate_snap=lambda a: 0.0), RuntimeError,
+                 r"'gate_snap' must be in \(0, 1\] \(1 = gates are never snapped\), got 0", id="gated-zero-snap"),
+    pytest.param(_gated_with(gate_snap=lambda a: 1.5), RuntimeError,
+                 r"'gate_snap' must be in \(0, 1\].*got 1\.5", id="gated-snap-above-1"),
+    pytest.param(_gated_with(gate_snap=lambda a: NAN), RuntimeError,
+                 r"'gate_snap' must be in \(0, 1\].*got nan", id="gated-nan-snap"),
     # ---- fifo_empty
     pytest.param(lambda: ops.fifo_empty(B, -1, (F,)), ValueError,
                  r"fifo_empty: 'capacity' must be an int >= 0, got -1", id="fifo_empty-negative-capacity"),

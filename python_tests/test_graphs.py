@@ -127,6 +127,11 @@ def test_recorded_steps_match_eager_steps(family):
     eager = read()
     model._step_graphs = graphs
     assert_same(read(), eager, "graphed read after the parameters changed")
+    model.comet_config = dataclasses.replace(model.comet_config, gate_snap=0.55)  # a number baked in
+    model._step_graphs = None
+    eager = read()
+    model._step_graphs = graphs
+    assert_same(read(), eager, "graphed read after gate_snap changed")
     # decoding: every token a step of the same shape (the whole key buffer read), chunks closing
     model._step_graphs = None
     eager_tokens = model.generate(ids[:, :5], max_new_tokens=3 * cs, return_memory=True)

@@ -59,6 +59,35 @@ def test_oracle_agrees_in_other_configurations(comet):
     torch.testing.assert_close(model(x).logits, naive_forward(model, x, sizes), rtol=1e-5, atol=1e-5)
 
 
+def test_gate_snap_reaches_every_path():
+    """With gates snapped (about half of this model's gates are above 0.55) training forward,
+    token-by-token streaming and the naive oracle agree, and differ from the unsnapped model."""
+    model = tiny_comet("qwen3", gate_snap=0.55)
+    x = ids(1, 60, seed=2)
+    fast = model(x).logits
+    torch.testing.assert_close(fast, naive_forward(model, x, model._chunk_sizes(None, 60)), rtol=1e-5, atol=1e-5)
+    memory, got = None, []
+    for t in range(x.shape[1]):
+        memory, last = model.read(x[:, t:t + 1], memory, return_last_hidden=True)
+        got.append(model.base.lm_head(model.decoder.norm(last)))
+    torch.testing.assert_close(torch.stack(got, 1), fast, rtol=1e-5, atol=1e-5)
+    assert (tiny_comet("qwen3")(x).logits - fast).abs().max() > 1e-3
+
+
+def test_snapped_gates_keep_the_global_memory_exactly(tmp_path):
+    """gate_snap below every gate: after the first chunk the state never changes, bit for bit.
+    The snap shapes no state: a memory read with it loads into the same model without it."""
+    model = tiny_comet("llama", gate_snap=1e-6)
+    x = ids(2, 90, seed=5)
+    first = model.read(x[:, :17])  # the 17th token closes the first chunk
+    assert bool(first.has_global.all())
+    last = model.read(x)
+    assert torch.equal(last.state, first.state)
+    assert not torch.equal(tiny_comet("llama").read(x).state, first.state)
+    last.save(tmp_path / "mem.safetensors")
+    CometMemory.load(tmp_path / "mem.safetensors", tiny_comet("llama"))
+
+
 def _deep_tiny(layers: int) -> CometForCausalLM:
     cfg = CometConfig(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2)
     return CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg)
@@ -289,6 +318,8 @@ def test_bad_inputs(call, match):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(chunk_size=0), "chunk_size"), (dict(temp_stride=0), "temp_stride"), (dict(temp_budget=-1), "temp_budget"),
     (dict(rla_rank=0), "rla_rank"), (dict(num_global=0), "num_global"), (dict(chunk_size=2.5), "must be an int"),
+    (dict(gate_snap=0), "gate_snap must be a number in"), (dict(gate_snap=1.01), "gate_snap"),
+    (dict(gate_snap=float("nan")), "gate_snap"), (dict(gate_snap=True), "gate_snap"), (dict(gate_snap="0.9"), "gate_snap"),
 ])
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):

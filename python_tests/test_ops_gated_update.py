@@ -132,3 +132,97 @@ def test_opcheck(device, with_state):
         torch.library.opcheck(torch.ops.comet.gated_update.default, (*args, 1e-6))
     g = torch.randn_like(inputs[0])
     torch.library.opcheck(torch.ops.comet.gated_update_backward.default, (g, g.clone(), *inputs, 1e-6))
+
+
+# ---------------------------------------------------------------- gate_snap
+
+
+def snap_inputs(device, dtype=torch.float32):
+    """Inputs whose gate logits are set slot by slot to LOGITS (gates 0.12 .. 0.993): each state
+    row is moved along the gate's state half until its logit is the one asked for. Gates fall on
+    both sides of 0.9 and none within 0.04 of it, so rounding cannot flip a slot between the kernel
+    and the oracle. Returns (inputs, gates (B, n))."""
+    readout, state, w, gate, down, up = make_inputs(2, 14, 24, 3, torch.float64, "cpu", seed=5)
+    c = ref.rms_norm(readout, w, 1e-6)
+    z = (torch.cat([c, state], -1) @ gate.t()).squeeze(-1)
+    target = torch.tensor(LOGITS, dtype=torch.float64).repeat(2, 2)
+    u = gate[0, 24:]
+    state = state + (target - z).unsqueeze(-1) * u / u.dot(u)
+    g = torch.sigmoid((torch.cat([c, state], -1) @ gate.t()).squeeze(-1))
+    return [t.to(device=device, dtype=dtype) for t in (readout, state, w, gate, down, up)], g.to(device)
+
+
+LOGITS = [-2.0, -0.5, 0.5, 1.5, 3.0, 4.0, 5.0]  # sigmoid: 0.12 0.38 0.62 0.82 | 0.95 0.98 0.993
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snapped_slots_keep_their_state_exactly(device):
+    inputs, g = snap_inputs(device)
+    new, _ = ops.gated_update(*inputs, gate_snap=0.9)
+    state = inputs[1]
+    kept = g > 0.9
+    assert int(kept.sum()) == 12 and ((g - 0.9).abs() > 0.04).all()
+    assert torch.equal(new[kept], state[kept])
+    unsnapped, _ = ops.gated_update(*inputs)
+    assert torch.equal(new[~kept], unsnapped[~kept])  # rows under the threshold: the plain blend
+    assert not torch.equal(unsnapped[kept], state[kept])  # the snap is what kept them
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=["fp32", "bf16", "fp16"])
+def test_snap_matches_oracle(device, dtype):
+    """Outputs and every gradient (straight through the snap) against the oracle's."""
+    inputs, _ = snap_inputs(device, dtype)
+    shape = inputs[0].shape
+    gen = torch.Generator().manual_seed(3)
+    gs, gm = (torch.randn(shape, generator=gen).to(inputs[0]) for _ in range(2))
+    results = []
+    for fn, ins in ((ops.gated_update, inputs), (ref.gated_update, [t.double() for t in inputs])):
+        ins = [t.detach().clone().requires_grad_() for t in ins]
+        new, mem = fn(*ins, 1e-6, gate_snap=0.9)
+        grads = torch.autograd.grad((new * gs.to(new)).sum() + (mem * gm.to(mem)).sum(), ins)
+        results.append((new, mem, *grads))
+    for i, (a, b) in enumerate(zip(*results)):
+        if dtype == torch.float32:
+            assert_close_fp32(f"output {i}", a.detach(), b.detach().float())
+        else:
+            torch.testing.assert_close(a.detach().float(), b.detach().float(), rtol=0.05, atol=0.05,
+                                       msg=lambda m: f"output {i}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snap_gradient_is_straight_through(device):
+    """The gate's gradient with the snap equals the unsnapped one's at the same point, up to
+    what the snap changes downstream (here nothing: only new_state's gradient along the gate)."""
+    inputs, g = snap_inputs(device, torch.float64)
+    readout, state, w, gate, down, up = inputs
+    gate = gate.clone().requires_grad_()
+    grads = []
+    for snap in (1.0, 0.9):
+        new, _ = ops.gated_update(readout, state, w, gate, down, up, 1e-6, gate_snap=snap)
+        (dg,) = torch.autograd.grad((new * (state - ref.rms_norm(readout, w, 1e-6))).sum(), gate)
+        grads.append(dg)
+    # d new / d g = state - c is the same snapped or not, and so is sigmoid'(z): equal gradients.
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-12)
+    assert grads[0].abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snap_gradcheck_fp64_below_threshold(device):
+    """Where no gate is snapped the op is smooth: gradcheck with the snap on."""
+    inputs, g = snap_inputs(device, torch.float64)
+    ins = [t.requires_grad_() for t in inputs]
+    snap = 0.995  # above every gate (the largest is sigmoid(5) = 0.9933)
+    assert float(g.max()) < snap
+    assert torch.autograd.gradcheck(lambda *a: ops.gated_update(*a, eps=1e-6, gate_snap=snap), ins,
+                                    eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_snap_opcheck(device):
+    inputs, _ = snap_inputs(device)
+    for requires_grad in (False, True):
+        args = [t.clone().requires_grad_(requires_grad) for t in inputs]
+        torch.library.opcheck(torch.ops.comet.gated_update.default, (*args, 1e-6, 0.9))
+    g = torch.randn_like(inputs[0])
+    torch.library.opcheck(torch.ops.comet.gated_update_backward.default, (g, g.clone(), *inputs, 1e-6, 0.9))

@@ -71,10 +71,13 @@ def test_cli_json_and_sweep(model, tok, tmp_path):
     # Outside the source tree, so the subprocess imports the installed package.
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(comet_ext.__file__)))
     res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--length",
-                          "500", "--depth", "0.5", "--json"], capture_output=True, text=True, check=True,
-                         cwd=tmp_path, env=env)
+                          "500", "--depth", "0.5", "--json", "--gate-snap", "0.75"], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env=env)
     record = json.loads(res.stdout.strip().splitlines()[-1])
-    assert record["length"] == 500 and record["depth"] == 0.5
+    assert record["length"] == 500 and record["depth"] == 0.5 and record["gate_snap"] == 0.75
+    res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--length",
+                          "500", "--gate-snap", "1.5"], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert res.returncode == 2 and "--gate-snap: CometConfig.gate_snap must be a number in (0, 1]" in res.stderr
     result = sweep(model, tok, [300, 600], [0.0, 1.0], samples=2, out=str(tmp_path / "sweep"))
     assert len(result["cells"]) == 4 and (tmp_path / "sweep" / "passkey_heatmap.png").stat().st_size > 0
     res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--sweep",

@@ -1,6 +1,7 @@
 // CPU gated_update, one fused pass per memory slot (row):
 //   c = RMSNorm(readout) * w;  g = sigmoid(gate . [c ; s]);  s' = g s + (1 - g) c
 //   (s' = c without a state);  memory = s' + up(down(s')).
+// With gate_snap < 1, a gate g > gate_snap blends as exactly 1 (s' = s).
 #include <torch/library.h>
 
 #include "checks.h"
@@ -25,30 +26,41 @@ inline acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + std::exp(-z));
 }
 
-// g = sigmoid(gate . [c ; s]); out = g s + (1 - g) c (out may alias s). Returns g.
+// The gate the blend uses: exactly 1 above the snap threshold, else g.
 template <typename acc_t>
-inline acc_t gate_blend(const acc_t* c, const acc_t* s, const acc_t* gate, int64_t d, acc_t* out) {
+inline acc_t snapped(acc_t g, acc_t gate_snap) {
+  return g > gate_snap ? acc_t(1) : g;
+}
+
+// g = sigmoid(gate . [c ; s]); out = g' s + (1 - g') c with g' = snapped(g) (out may alias s).
+// Returns g (unsnapped: the backward's straight-through derivative needs it).
+template <typename acc_t>
+inline acc_t gate_blend(const acc_t* c, const acc_t* s, const acc_t* gate, int64_t d, acc_t gate_snap,
+                        acc_t* out) {
   const acc_t g = sigmoid(dot(gate, c, d) + dot(gate + d, s, d));
+  const acc_t gs = snapped(g, gate_snap);
 #pragma omp simd
-  for (int64_t j = 0; j < d; ++j) out[j] = g * s[j] + (acc_t(1) - g) * c[j];
+  for (int64_t j = 0; j < d; ++j) out[j] = gs * s[j] + (acc_t(1) - gs) * c[j];
   return g;
 }
 
 // Given ds = dL/d(out) of gate_blend: dc and d_state (written), d_gate += dz [c ; s].
+// Straight through the snap: the blend uses g', the gate's derivative is sigmoid'(z) = g (1 - g).
 template <typename acc_t>
 inline void gate_blend_backward(const acc_t* c, const acc_t* s, const acc_t* gate, acc_t g,
-                                const acc_t* ds, int64_t d, acc_t* dc, acc_t* d_gate,
-                                acc_t* d_state) {
+                                acc_t gate_snap, const acc_t* ds, int64_t d, acc_t* dc,
+                                acc_t* d_gate, acc_t* d_state) {
+  const acc_t gs = snapped(g, gate_snap);
   acc_t dg = 0;
 #pragma omp simd reduction(+ : dg)
   for (int64_t j = 0; j < d; ++j) dg += ds[j] * (s[j] - c[j]);
   const acc_t dz = dg * g * (acc_t(1) - g);
 #pragma omp simd
   for (int64_t j = 0; j < d; ++j) {
-    dc[j] = (acc_t(1) - g) * ds[j] + dz * gate[j];
+    dc[j] = (acc_t(1) - gs) * ds[j] + dz * gate[j];
     d_gate[j] += dz * c[j];
     d_gate[d + j] += dz * s[j];
-    d_state[j] = g * ds[j] + dz * gate[d + j];
+    d_state[j] = gs * ds[j] + dz * gate[d + j];
   }
 }
 
@@ -64,7 +76,7 @@ constexpr int64_t kBlock = 64;  // rows per block
 template <typename scalar_t>
 void forward_kernel(const at::Tensor& R, const at::Tensor& S, const at::Tensor& w_f,
                     const at::Tensor& gate_f, const LowRankWeights& lw, double eps,
-                    at::Tensor& new_state, at::Tensor& memory) {
+                    double gate_snap, at::Tensor& new_state, at::Tensor& memory) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = R.size(0), d = R.size(1);
   const LowRank<acc_t> lr = lw.get<acc_t>();
@@ -80,7 +92,7 @@ void forward_kernel(const at::Tensor& R, const at::Tensor& S, const at::Tensor& 
         if (S.defined()) {
           rms_forward(x.data(), w, d, static_cast<acc_t>(eps), c.data());
           load_row(S.data_ptr<scalar_t>() + (i0 + i) * S.stride(0), d, sn);
-          gate_blend(c.data(), sn, gw, d, sn);
+          gate_blend(c.data(), sn, gw, d, static_cast<acc_t>(gate_snap), sn);
         } else {
           rms_forward(x.data(), w, d, static_cast<acc_t>(eps), sn);
         }
@@ -100,7 +112,8 @@ struct Grads {
 template <typename scalar_t>
 void backward_kernel(const at::Tensor& GS, const at::Tensor& GM, const at::Tensor& R,
                      const at::Tensor& S, const at::Tensor& w_f, const at::Tensor& gate_f,
-                     const LowRankWeights& lw, double eps, int64_t parts, Grads& out) {
+                     const LowRankWeights& lw, double eps, double gate_snap, int64_t parts,
+                     Grads& out) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t M = R.size(0), d = R.size(1);
   const LowRank<acc_t> lr = lw.get<acc_t>();
@@ -108,6 +121,7 @@ void backward_kernel(const at::Tensor& GS, const at::Tensor& GM, const at::Tenso
   const acc_t* w = w_f.data_ptr<acc_t>();
   const acc_t* gw = gate_f.data_ptr<acc_t>();
   const bool has_state = S.defined();
+  const acc_t snap = static_cast<acc_t>(gate_snap);
   for_each_part(M, parts, [&](int64_t p, int64_t begin, int64_t end) {
     // Per block: X readout, C candidate, S0 old state, Sn new state, g gates.
     std::vector<acc_t> X(kBlock * d), C(kBlock * d), S0(kBlock * d), Sn(kBlock * d);
@@ -124,7 +138,7 @@ void backward_kernel(const at::Tensor& GS, const at::Tensor& GM, const at::Tenso
         rstd[i] = rms_forward(&X[i * d], w, d, static_cast<acc_t>(eps), &C[i * d]);
         if (has_state) {
           load_row(S.data_ptr<scalar_t>() + (i0 + i) * S.stride(0), d, &S0[i * d]);
-          g[i] = gate_blend(&C[i * d], &S0[i * d], gw, d, &Sn[i * d]);
+          g[i] = gate_blend(&C[i * d], &S0[i * d], gw, d, snap, &Sn[i * d]);
         } else {
           std::copy_n(&C[i * d], d, &Sn[i * d]);
         }
@@ -138,7 +152,7 @@ void backward_kernel(const at::Tensor& GS, const at::Tensor& GM, const at::Tenso
         acc_t* ds = &dSn[i * d];
         add_row(GS.data_ptr<scalar_t>() + (i0 + i) * GS.stride(0), d, ds);
         if (has_state) {
-          gate_blend_backward(&C[i * d], &S0[i * d], gw, g[i], ds, d, dc.data(), pd_gate,
+          gate_blend_backward(&C[i * d], &S0[i * d], gw, g[i], snap, ds, d, dc.data(), pd_gate,
                               ds0.data());
           store_row(ds0.data(), d, out.state.data_ptr<scalar_t>() + (i0 + i) * d);
           rms_backward(&X[i * d], w, rstd[i], dc.data(), d, dx.data(), pd_w);
@@ -156,8 +170,9 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cpu(const at::Tensor& readout,
                                                     const at::Tensor& norm_weight,
                                                     const at::Tensor& gate_weight,
                                                     const at::Tensor& down, const at::Tensor& up,
-                                                    double eps) {
-  check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps);
+                                                    double eps, double gate_snap) {
+  check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps,
+                          gate_snap);
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2);
   at::Tensor new_state = at::empty(readout.sizes(), readout.options());
   at::Tensor memory = at::empty(readout.sizes(), readout.options());
@@ -168,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cpu(const at::Tensor& readout,
   const at::Tensor R = readout.reshape({M, d});
   const at::Tensor S = state.has_value() ? state->reshape({M, d}) : at::Tensor();
   COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_cpu", [&] {
-    forward_kernel<scalar_t>(R, S, w_f, gate_f, lw, eps, new_state, memory);
+    forward_kernel<scalar_t>(R, S, w_f, gate_f, lw, eps, gate_snap, new_state, memory);
   });
   return {new_state, memory};
 }
@@ -177,9 +192,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gated_update_backward_cpu(const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
                           const at::Tensor& readout, const c10::optional<at::Tensor>& state,
                           const at::Tensor& norm_weight, const at::Tensor& gate_weight,
-                          const at::Tensor& down, const at::Tensor& up, double eps) {
+                          const at::Tensor& down, const at::Tensor& up, double eps,
+                          double gate_snap) {
   check_gated_update_backward_args("gated_update_backward", grad_new_state, grad_memory, readout, state,
-                                   norm_weight, gate_weight, down, up, eps);
+                                   norm_weight, gate_weight, down, up, eps, gate_snap);
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   const auto acc = acc_dtype(readout.scalar_type());
   const auto acc_opts = readout.options().dtype(acc);
@@ -201,7 +217,7 @@ gated_update_backward_cpu(const at::Tensor& grad_new_state, const at::Tensor& gr
     const at::Tensor S = has_state ? state->reshape({M, d}) : at::Tensor();
     COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_backward_cpu", [&] {
       backward_kernel<scalar_t>(grad_new_state.reshape({M, d}), grad_memory.reshape({M, d}), R, S,
-                                w_f, gate_f, lw, eps, parts, out);
+                                w_f, gate_f, lw, eps, gate_snap, parts, out);
     });
   }
   const auto dt = readout.scalar_type();

@@ -1,6 +1,7 @@
 // CUDA gated_update, one fused pass per memory slot (row): c = RMSNorm(readout) * w;
 // g = sigmoid(gate . [c ; s]); s' = g s + (1-g) c (s' = c without a state); memory =
-// s' + up(down(s')). The forward runs a warp per row with the row in registers
+// s' + up(down(s')); with gate_snap < 1 a gate g > gate_snap blends as exactly 1 (s' = s),
+// and the backward passes the gradient straight through it. The forward runs a warp per row with the row in registers
 // (row_warp.cuh) where it can, else — and the backward always — a block per row at a
 // time. Weight gradients go to per-block partial slices summed afterwards.
 #include <torch/library.h>
@@ -17,11 +18,18 @@ __device__ __forceinline__ acc_t sigmoid(acc_t z) {
   return acc_t(1) / (acc_t(1) + exp(-z));
 }
 
-// Recomputes a row's candidate c and new state s' into shared memory; returns (rstd, g).
+// The gate the blend uses: exactly 1 above the snap threshold, else g.
+template <typename acc_t>
+__device__ __forceinline__ acc_t snapped(acc_t g, acc_t gate_snap) {
+  return g > gate_snap ? acc_t(1) : g;
+}
+
+// Recomputes a row's candidate c and new state s' into shared memory; returns (rstd, g), g
+// unsnapped (the backward's straight-through derivative needs it).
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void new_state_row(const scalar_t* rr, const scalar_t* sr, const scalar_t* w,
-                                              const scalar_t* gate, int64_t d, acc_t eps, acc_t* c,
-                                              acc_t* sn, acc_t* scratch, acc_t& rstd, acc_t& g) {
+                                              const scalar_t* gate, int64_t d, acc_t eps, acc_t gate_snap,
+                                              acc_t* c, acc_t* sn, acc_t* scratch, acc_t& rstd, acc_t& g) {
   rstd = rsqrt(row_dot<acc_t>(rr, rr, d, scratch) / d + eps);
   acc_t z[1] = {0};
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
@@ -34,8 +42,9 @@ __device__ __forceinline__ void new_state_row(const scalar_t* rr, const scalar_t
     block_sum<1>(z, scratch);
     g = sigmoid(z[0]);
   }
+  const acc_t gs = snapped(g, gate_snap);
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x)
-    sn[i] = sr != nullptr ? g * static_cast<acc_t>(sr[i]) + (acc_t(1) - g) * c[i] : c[i];
+    sn[i] = sr != nullptr ? gs * static_cast<acc_t>(sr[i]) + (acc_t(1) - gs) * c[i] : c[i];
 }
 
 template <typename scalar_t, typename acc_t>
@@ -47,7 +56,7 @@ __global__ void __launch_bounds__(kRowThreads)
                          const scalar_t* __restrict__ down,  // (r, d)
                          const scalar_t* __restrict__ up,    // (d, r)
                          scalar_t* __restrict__ new_state, scalar_t* __restrict__ memory,
-                         int64_t M, int64_t d, int64_t r, acc_t eps) {
+                         int64_t M, int64_t d, int64_t r, acc_t eps, acc_t gate_snap) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* c = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* sn = c + d;
@@ -55,8 +64,8 @@ __global__ void __launch_bounds__(kRowThreads)
   acc_t* scratch = h + r;
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     acc_t rstd, g;
-    new_state_row(R + row * d, S != nullptr ? S + row * d : nullptr, w, gate, d, eps, c, sn, scratch,
-                  rstd, g);
+    new_state_row(R + row * d, S != nullptr ? S + row * d : nullptr, w, gate, d, eps, gate_snap, c, sn,
+                  scratch, rstd, g);
     row_project(down, sn, r, d, scratch, h);
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       new_state[row * d + i] = static_cast<scalar_t>(sn[i]);
@@ -75,7 +84,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
                               const scalar_t* __restrict__ down,  // (r, d)
                               const scalar_t* __restrict__ up,    // (d, r)
                               scalar_t* __restrict__ new_state, scalar_t* __restrict__ memory,
-                              int64_t M, int64_t d, int r, float eps) {
+                              int64_t M, int64_t d, int r, float eps, float gate_snap) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
   if (row >= M) return;
@@ -85,7 +94,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
   if (S != nullptr) {  // the state row is read twice (the gate, the blend) rather than kept: registers
     const scalar_t* sr = S + row * d;
     const float g = sigmoid(c.dot(gate, d, lane) + WarpRow<scalar_t, kVecs>::dot_rows(sr, gate + d, d, lane));
-    c.blend(g, sr, d, lane);
+    c.blend(snapped(g, gate_snap), sr, d, lane);
   }
   c.store(new_state + row * d, d, lane);
   c.add_low_rank(down, up, r, d, lane);
@@ -103,7 +112,7 @@ __global__ void __launch_bounds__(kRowThreads)
                           acc_t* __restrict__ d_gate,  // (grid, 2d) partials
                           acc_t* __restrict__ d_down,  // (grid, r, d) partials
                           acc_t* __restrict__ d_up_t,  // (grid, r, d) partials
-                          int64_t M, int64_t d, int64_t r, acc_t eps) {
+                          int64_t M, int64_t d, int64_t r, acc_t eps, acc_t gate_snap) {
   extern __shared__ unsigned char smem_raw[];
   acc_t* c = reinterpret_cast<acc_t*>(smem_raw);
   acc_t* sn = c + d;
@@ -120,7 +129,7 @@ __global__ void __launch_bounds__(kRowThreads)
     const scalar_t* sr = S != nullptr ? S + row * d : nullptr;
     const scalar_t* gm = GM + row * d;
     acc_t rstd, g;
-    new_state_row(rr, sr, w, gate, d, eps, c, sn, scratch, rstd, g);
+    new_state_row(rr, sr, w, gate, d, eps, gate_snap, c, sn, scratch, rstd, g);
     row_project(down, sn, r, d, scratch, h);
     row_project_t(up, gm, r, d, scratch, dh);
     // d s' = grad_new_state + grad_memory + down^T dh; weight partials of the RLA.
@@ -139,16 +148,17 @@ __global__ void __launch_bounds__(kRowThreads)
     acc_t dz = 0;
     if (sr != nullptr) {
       block_sum<1>(dg, scratch);
-      dz = dg[0] * g * (acc_t(1) - g);
+      dz = dg[0] * g * (acc_t(1) - g);  // straight through the snap: sigmoid'(z)
     }
+    const acc_t gs = snapped(g, gate_snap);
     // dc (into dsn), d_state, gate partials; then the RMSNorm backward.
     acc_t dot[1] = {0};
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       acc_t dc = dsn[i];
       if (sr != nullptr) {
         const acc_t si = static_cast<acc_t>(sr[i]);
-        dS[row * d + i] = static_cast<scalar_t>(g * dsn[i] + dz * static_cast<acc_t>(gate[d + i]));
-        dc = (acc_t(1) - g) * dsn[i] + dz * static_cast<acc_t>(gate[i]);
+        dS[row * d + i] = static_cast<scalar_t>(gs * dsn[i] + dz * static_cast<acc_t>(gate[d + i]));
+        dc = (acc_t(1) - gs) * dsn[i] + dz * static_cast<acc_t>(gate[i]);
         pd_gate[i] += dz * c[i];
         pd_gate[d + i] += dz * si;
       }
@@ -171,8 +181,9 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
                                                      const at::Tensor& norm_weight,
                                                      const at::Tensor& gate_weight,
                                                      const at::Tensor& down, const at::Tensor& up,
-                                                     double eps) {
-  check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps);
+                                                     double eps, double gate_snap) {
+  check_gated_update_args("gated_update", readout, state, norm_weight, gate_weight, down, up, eps,
+                          gate_snap);
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   at::Tensor new_state = at::empty(readout.sizes(), readout.options());
   at::Tensor memory = at::empty(readout.sizes(), readout.options());
@@ -194,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
                   R.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
                   w.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                   uw.data_ptr<scalar_t>(), new_state.data_ptr<scalar_t>(), memory.data_ptr<scalar_t>(), M, d,
-                  int(r), static_cast<float>(eps));
+                  int(r), static_cast<float>(eps), static_cast<float>(gate_snap));
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         return;
@@ -207,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
         R.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
         w.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
         uw.data_ptr<scalar_t>(), new_state.data_ptr<scalar_t>(), memory.data_ptr<scalar_t>(), M,
-        d, r, static_cast<acc_t>(eps));
+        d, r, static_cast<acc_t>(eps), static_cast<acc_t>(gate_snap));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {new_state, memory};
@@ -217,9 +228,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
                            const at::Tensor& readout, const c10::optional<at::Tensor>& state,
                            const at::Tensor& norm_weight, const at::Tensor& gate_weight,
-                           const at::Tensor& down, const at::Tensor& up, double eps) {
+                           const at::Tensor& down, const at::Tensor& up, double eps,
+                           double gate_snap) {
   check_gated_update_backward_args("gated_update_backward", grad_new_state, grad_memory, readout, state,
-                                   norm_weight, gate_weight, down, up, eps);
+                                   norm_weight, gate_weight, down, up, eps, gate_snap);
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   const bool has_state = state.has_value();
   const auto acc_opts = readout.options().dtype(acc_dtype(readout.scalar_type()));
@@ -245,7 +257,7 @@ gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& g
           gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),
           dR.data_ptr<scalar_t>(), has_state ? dS.data_ptr<scalar_t>() : nullptr,
           d_w.data_ptr<acc_t>(), d_gate.data_ptr<acc_t>(), d_down.data_ptr<acc_t>(),
-          d_up_t.data_ptr<acc_t>(), M, d, r, static_cast<acc_t>(eps));
+          d_up_t.data_ptr<acc_t>(), M, d, r, static_cast<acc_t>(eps), static_cast<acc_t>(gate_snap));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
