@@ -54,7 +54,7 @@ from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
-               late: float = 0.0, far: int = 0):
+               late: float = 0.0, far: int = 0, split: float = 0.0):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
@@ -63,7 +63,9 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     very start: that is where it lands when a haystack fills whole chunks (any power-of-two
     length), with nothing of the haystack in its own chunk. The needle's depth is uniform,
     except that with probability `late` it lies within the haystack's last chunk_size tokens
-    (uniform depth puts it there rarely: ~2% of samples at 16 chunks).
+    (uniform depth puts it there rarely: ~2% of samples at 16 chunks), and with probability
+    `split` it straddles a chunk boundary (a uniform choice among the filler-passage slots that
+    do; the harder case: bench/passkey_misses.py).
 
     far > 0: `far` more chunks come first (read without gradient, as a prefix), and the
     needle lies at a uniform place within them; the sizes then list all far + chunks."""
@@ -83,6 +85,8 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
             depth = rng.random() * (far * chunk_size - needle - filler) / (hay_len - needle)
         elif late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
             depth = 1 - rng.random() * min(1.0, chunk_size / hay_len)
+        elif split > 0 and rng.random() < split and (slots := split_slots(hay_len, needle, filler, sizes)):
+            depth = rng.choice(slots) * filler / (hay_len - needle)  # build_haystack rounds it back to the slot
         else:
             depth = rng.random()
         hay, _ = build_haystack(tok, hay_len, depth, key)
@@ -95,6 +99,14 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
         weights.append(w)
         answer_pos.append(first_digit)
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
+
+
+def split_slots(hay_len: int, needle: int, filler: int, sizes: list[int]) -> list[int]:
+    """Filler-passage slots k (the needle starts at k * filler, as build_haystack places it)
+    where a needle of `needle` tokens straddles a boundary between the chunks of `sizes`."""
+    bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+    return [k for k in range((hay_len - needle) // filler + 1)
+            if any(k * filler < b < k * filler + needle for b in bounds)]
 
 
 def main() -> None:
@@ -121,6 +133,8 @@ def main() -> None:
                     help="probability that the question starts the last chunk (as in comet-passkey's haystacks)")
     ap.add_argument("--late-needle", type=float, default=0.0,
                     help="probability that the needle lies in the haystack's last chunk")
+    ap.add_argument("--split-needle", type=float, default=0.0,
+                    help="probability that the needle straddles a chunk boundary (else its depth is uniform)")
     ap.add_argument("--far-needle", type=float, default=0.0,
                     help="probability that a step's needle lies far back: --far-chunks chunks read without "
                          "gradient (truncated BPTT), then --far-tail chunks trained, the question in the last")
@@ -181,7 +195,8 @@ def main() -> None:
         else:  # replaying a passed stage now and then keeps the short-range skills (in-chunk copying)
             n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
             ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
-                                                         args.question_at_start, args.late_needle)
+                                                         args.question_at_start, args.late_needle,
+                                                         split=args.split_needle)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             memory = None
             if far:  # truncated BPTT: the prefix holding the needle is read without gradient

@@ -168,3 +168,27 @@ def test_training_batches_hold_the_needle_where_asked(tok, far):
         assert min(ends) < far * cs // 2 < max(ends), "far needles did not spread over the prefix"
     else:
         assert max(ends) > (far + chunks - 1) * cs // 2 and min(ends) < cs, "needles did not spread over the haystack"
+
+
+@pytest.mark.parametrize("split", [0.0, 1.0])
+def test_split_needles_straddle_a_chunk_boundary(tok, split):
+    """make_batch(split=1): every needle straddles a boundary between chunks; split=0 (uniform
+    depth) does so only some of the time."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    rng, cs = random.Random(4), 128
+    straddles = []
+    for _ in range(12):
+        ids, _, answer_pos, sizes = make_batch(tok, 4, 3, cs, rng, at_start=0.5, split=split)
+        for b, p in enumerate(answer_pos):
+            text = tok.decode(ids[b].tolist())
+            key = tok.decode(ids[b, p:p + 5].tolist())
+            needle = NEEDLE.format(key=key)
+            start = len(tok(text[:text.index(needle)], add_special_tokens=False)["input_ids"])
+            end = start + len(tok(needle, add_special_tokens=False)["input_ids"])
+            straddles.append(any(start < bound < end for bound in (cs, 2 * cs)))
+    if split:
+        assert all(straddles)
+    else:
+        assert 0 < sum(straddles) < len(straddles)
