@@ -151,8 +151,9 @@ def main() -> None:
                          "fp32 (3.3x faster steps on a CPU with AVX512-BF16)")
     ap.add_argument("--save-every", type=float, default=10.0, help="also save every this many minutes")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--gate-snap", type=float, default=1.0, metavar="TAU",
-                    help="CometConfig.gate_snap: gates above TAU keep their slot exactly (1: never)")
+    ap.add_argument("--gate-snap", type=float, default=None, metavar="TAU",
+                    help="CometConfig.gate_snap: gates above TAU keep their slot exactly (1: never; "
+                         "default: --init's own setting, else 1)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.threads:
@@ -164,12 +165,13 @@ def main() -> None:
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
                          tie_word_embeddings=True)
+    init = CometForCausalLM.from_pretrained(args.init).train() if args.init else None
+    snap = args.gate_snap if args.gate_snap is not None else init.comet_config.gate_snap if init else 1.0
     comet = CometConfig(chunk_size=args.chunk_size, num_global=16, temp_stride=8, temp_budget=32, rla_rank=8,
-                        gate_snap=args.gate_snap)
-    if args.init:  # only the chunk size and the snap may differ: they set no parameter's shape
-        model = CometForCausalLM.from_pretrained(args.init).train()
-        model.comet_config = dataclasses.replace(model.comet_config, chunk_size=args.chunk_size,
-                                                 gate_snap=args.gate_snap)
+                        gate_snap=snap)
+    if init is not None:  # only the chunk size and the snap may differ: they set no parameter's shape
+        model = init
+        model.comet_config = dataclasses.replace(model.comet_config, chunk_size=args.chunk_size, gate_snap=snap)
         if model.comet_config != comet:
             raise ValueError(f"--init {args.init}: its CoMeT config {model.comet_config} differs from {comet} "
                              "in more than the chunk size and the gate snap")
