@@ -12,6 +12,7 @@ C = temp_budget, Hkv kv heads, D head dim, L layers.
 """
 from __future__ import annotations
 
+import bisect
 import functools
 import json
 import os
@@ -386,13 +387,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int],
-                     global_memory: bool = True) -> tuple[Tensor, Segment]:
+                     global_memory: bool = True, cut: Optional[list[bool]] = None) -> tuple[Tensor, Segment]:
         """Appends `take[b]` tokens (tokens (B, max take)) to each sample's open chunk,
-        through every layer, closing chunks that fill up. -> (final hidden (B, N, d), segment).
+        through every layer, closing chunks that fill up, and those with cut[b] set after their
+        tokens. -> (final hidden (B, N, d), segment).
         global_memory=False: closing chunks leave the (empty) global memory empty."""
         cc = self.comet_config
         open_text = memory.open_text.tolist()
-        close = [t > 0 and o + t >= cc.chunk_size for o, t in zip(open_text, take)]
+        cut = cut if cut is not None else [False] * len(take)
+        close = [t > 0 and (o + t >= cc.chunk_size or c) for o, t, c in zip(open_text, take, cut)]
         seg = plan_segment(cc, open_text, take, close, self.device)
         x = self._embed(seg, tokens)
         prefix_lens = memory.mem_len + memory.open_rows
@@ -489,13 +492,23 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,
              attention_mask: Optional[Tensor] = None, progress: Optional[bool] = None,
-             return_last_hidden: bool = False, global_memory: bool = True):
+             return_last_hidden: bool = False, global_memory: bool = True,
+             boundary_ids: Optional[Sequence[int]] = None):
         """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
 
         attention_mask (B, T) marks real tokens (right padding only): samples may
         have different lengths. Full chunks are closed (readout, memory update);
         the rest stays in the open chunk, which the next `read` or `generate`
-        continues. A tqdm progress bar appears for inputs over 8 chunks unless
+        continues.
+
+        boundary_ids (e.g. the ids of "." or a newline): cut chunks at semantic
+        boundaries, as the training planner's `semantic` strategy does
+        (`comet_ext.planner.semantic` gives the same sizes): where more of this call's
+        tokens follow than the open chunk has room for, it closes right after the last
+        boundary token that fits (at chunk_size when none does), so that a sentence is not
+        torn across two chunks. A model reads best the way it was trained: one trained
+        on fixed chunks only reads worse with cuts. Cuts are chosen within one call, so
+        reading A then B equals reading A + B only where A ends at a closed chunk. A tqdm progress bar appears for inputs over 8 chunks unless
         progress=False. Returns the memory (and, with return_last_hidden, the
         final hidden state of each sample's last token, (B, d)).
 
@@ -520,15 +533,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(lengths.sum()), unit="tok", desc="comet read")
+        boundaries = self._boundary_mask(input_ids, boundary_ids)
         while True:
             room = [cs - o for o in memory.open_text.tolist()]
             take = [min(int(lengths[b]) - done[b], room[b]) for b in range(B)]
             if max(take) <= 0:
                 break
+            cut = [False] * B
+            if boundaries is not None:
+                left = [int(lengths[b]) - done[b] for b in range(B)]
+                take, cut = _cut_at_boundaries(boundaries, done, left, room)
             width = max(take)
             idx = torch.tensor(done, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
             tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
-            hidden, seg = self._stream_step(memory, tokens, take, global_memory)
+            hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
             if return_last_hidden:
                 has = seg.text_count > 0
                 rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
@@ -539,6 +557,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if bar is not None:
             bar.close()
         return (memory, last) if return_last_hidden else memory
+
+    @staticmethod
+    def _boundary_mask(input_ids: Tensor, boundary_ids: Optional[Sequence[int]]) -> Optional[list[list[int]]]:
+        """Per sample, the sorted positions of boundary tokens (None without boundary_ids)."""
+        if boundary_ids is None:
+            return None
+        ids = list(boundary_ids) if not isinstance(boundary_ids, int) else None
+        if ids is None or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"read: boundary_ids must be a non-empty sequence of token ids (int), got {boundary_ids!r}")
+        hit = torch.isin(input_ids, torch.tensor(ids, device=input_ids.device))
+        return [row.nonzero().flatten().tolist() for row in hit.cpu()]
 
     # ------------------------------------------------------------------ generation
 
@@ -882,6 +911,23 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if any(n < 1 for n in sizes) or sum(sizes) != T:
             raise ValueError(f"chunk_sizes must be positive and sum to the {T} tokens of input_ids, got {sizes}")
         return sizes
+
+
+def _cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[int],
+                       room: list[int]) -> tuple[list[int], list[bool]]:
+    """For `read(boundary_ids=...)`: the tokens each sample appends to its open chunk in this
+    step, and whether the chunk is cut after them. Where more tokens are left than the chunk
+    has room for, it ends after the last boundary token that fits (planner.semantic's rule).
+    boundaries[b]: sorted boundary positions; done[b]: tokens read; left[b]: tokens still
+    to read; room[b]: text tokens the open chunk can take. -> (take, cut)."""
+    take, cut = [max(0, min(n, r)) for n, r in zip(left, room)], [False] * len(left)
+    for b, (pos, d, n, r) in enumerate(zip(boundaries, done, left, room)):
+        if n <= r:
+            continue
+        i = bisect.bisect_left(pos, d + r) - 1  # the last boundary inside the window [d, d + r)
+        if i >= 0 and pos[i] >= d:
+            take[b], cut[b] = pos[i] - d + 1, pos[i] - d + 1 < r
+    return take, cut
 
 
 def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,

@@ -70,17 +70,18 @@ def _layout(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], 
 
 @torch.no_grad()
 def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int], progress: bool = False,
-              global_memory: bool = True) -> list[dict]:
+              global_memory: bool = True, boundary_ids: Optional[Sequence[int]] = None) -> list[dict]:
     """Reads one haystack per seed (its key drawn from the seed) as one batch and asks
     each for its key. -> a JSON record per seed; `seconds` and `tokens_per_s` are the
     batch's (a haystack of a given length and depth has the same token count for every key).
-    global_memory=False runs the "temporary memory only" ablation."""
+    global_memory=False runs the "temporary memory only" ablation; boundary_ids cuts the
+    haystack's chunks after boundary tokens (`CometForCausalLM.read`)."""
     keys = [make_key(random.Random(seed)) for seed in seeds]
     rows = [build_haystack(tokenizer, length, depth, key) for key in keys]
     question = rows[0][1]
     ids = torch.tensor([hay for hay, _ in rows], device=model.device)
     start = time.perf_counter()
-    memory = model.read(ids, progress=progress, global_memory=global_memory)
+    memory = model.read(ids, progress=progress, global_memory=global_memory, boundary_ids=boundary_ids)
     read_s = time.perf_counter() - start
     prompt = torch.tensor([question] * len(keys), device=model.device)
     out = model.generate(prompt, memory=memory, max_new_tokens=8, global_memory=global_memory)
@@ -94,18 +95,19 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
                         "correct": found == key, "seconds": seconds, "tokens_per_s": len(keys) * length / read_s,
                         "batch": len(keys), "global_memory": global_memory,
                         "gate_snap": model.comet_config.gate_snap,
+                        **({"boundary_ids": list(boundary_ids)} if boundary_ids else {}),
                         "peak_rss_mb": peak_memory_mb(torch.device("cpu"))})
     return records
 
 
 def run_passkey(model, tokenizer, length: int, depth: float, seed: int = 0, progress: bool = False,
-                global_memory: bool = True) -> dict:
+                global_memory: bool = True, boundary_ids: Optional[Sequence[int]] = None) -> dict:
     """Reads one haystack and asks for its key. -> the JSON record of the run."""
-    return run_batch(model, tokenizer, length, depth, [seed], progress, global_memory)[0]
+    return run_batch(model, tokenizer, length, depth, [seed], progress, global_memory, boundary_ids)[0]
 
 
 def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], samples: int, out: str,
-          seed: int = 0, global_memory: bool = True) -> dict:
+          seed: int = 0, global_memory: bool = True, boundary_ids: Optional[Sequence[int]] = None) -> dict:
     """Accuracy over a grid of lengths x depths (`samples` keys per cell, read as one
     batch); writes passkey_sweep.json and passkey_heatmap.png into `out`.
 
@@ -113,12 +115,14 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
     in `out`'s JSON with the same seeds and memory setting is kept, not rerun. So a long
     sweep can be built up in pieces, e.g. the 1M-token column with fewer samples first.
     The JSON records the model's fingerprint (`model_fingerprint`); a sweep of another
-    model (or one without a fingerprint) in `out` is an error, never mixed in.
+    model (or one without a fingerprint), or read with other boundary_ids, in `out` is an
+    error, never mixed in.
     """
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "passkey_sweep.json")
     seeds = list(range(seed, seed + samples))
     fingerprint = model_fingerprint(model)
+    boundaries = sorted(boundary_ids) if boundary_ids else None
     done = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -130,30 +134,34 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
         if previous.get("global_memory", True) != global_memory:
             raise ValueError(f"sweep: {path} holds a sweep with global_memory={previous.get('global_memory')}; "
                              "use another --out for the ablation")
+        if previous.get("boundary_ids") != boundaries:
+            raise ValueError(f"sweep: {path} holds a sweep read with boundary_ids={previous.get('boundary_ids')}, "
+                             f"not {boundaries}; use another --out")
         done = {(c["length"], c["depth"]): c for c in previous["cells"]}
     cells = []
     for length in lengths:
         for depth in depths:
             cell = done.pop((length, depth), None)
             if cell is None or [r["seed"] for r in cell["runs"]] != seeds:
-                runs = run_batch(model, tokenizer, length, depth, seeds, global_memory=global_memory)
+                runs = run_batch(model, tokenizer, length, depth, seeds, global_memory=global_memory,
+                                 boundary_ids=boundaries)
                 cell = {"length": length, "depth": depth, "samples": samples,
                         "accuracy": sum(r["correct"] for r in runs) / samples, "runs": runs}
                 print(f"length {length:>8} depth {depth:.1f}: {cell['accuracy']:.0%} "
                       f"({runs[0]['seconds']:.0f} s)", flush=True)
             cells.append(cell)
-            result = _grid(cells + list(done.values()), global_memory, fingerprint)
+            result = _grid(cells + list(done.values()), global_memory, fingerprint, boundaries)
             _atomic_write(path, lambda p: _write_json(p, result))
     heatmap(result, os.path.join(out, "passkey_heatmap.png"))
     return result
 
 
-def _grid(cells: list[dict], global_memory: bool, fingerprint: str) -> dict:
+def _grid(cells: list[dict], global_memory: bool, fingerprint: str, boundaries: Optional[list[int]]) -> dict:
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})
     cells = sorted(cells, key=lambda c: (c["length"], c["depth"]))
     return {"lengths": lengths, "depths": depths, "global_memory": global_memory, "model_sha256": fingerprint,
-            "cells": cells}
+            **({"boundary_ids": boundaries} if boundaries else {}), "cells": cells}
 
 
 def model_fingerprint(model) -> str:
@@ -196,6 +204,7 @@ def heatmap(result: dict, path: str) -> None:
     title = "passkey exact match" + ("" if result.get("global_memory", True) else ", temporary memory only")
     snaps = {r.get("gate_snap", 1.0) for c in result["cells"] for r in c["runs"]}
     title += "".join(f", gate snap {s:g}" for s in sorted(snaps) if s < 1)
+    title += ", chunks cut at boundary tokens" if result.get("boundary_ids") else ""
     ax.set_title(title + f" ({most} keys per cell)", fontsize=9)
     fig.colorbar(im, ax=ax, label="exact match")
     fig.tight_layout()
@@ -237,6 +246,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--gate-snap", type=float, default=None, metavar="TAU",
                     help="override the model's gate_snap: gates above TAU keep their slot exactly "
                          "(1 = never snap; default: the model's own setting)")
+    ap.add_argument("--cut-after", default=None, metavar="TEXT",
+                    help="cut the haystack's chunks after the last of these characters that fits, e.g. '.' "
+                         "(CometForCausalLM.read(boundary_ids=...); default: fixed chunks)")
     ap.add_argument("--out", default="passkey_results")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.model):
@@ -247,13 +259,16 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             model.comet_config = dataclasses.replace(model.comet_config, gate_snap=args.gate_snap)
         except ValueError as e:
             ap.error(f"--gate-snap: {e}")
+    if args.cut_after == "":
+        ap.error("--cut-after: give at least one character")
+    boundary_ids = sorted(set(_encode(tokenizer, args.cut_after))) if args.cut_after else None
     if args.sweep:
         sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
-              global_memory=not args.no_global_memory)
+              global_memory=not args.no_global_memory, boundary_ids=boundary_ids)
         return
     depth = args.depth if args.depth is not None else random.Random(args.seed).random()
     record = run_passkey(model, tokenizer, args.length, depth, args.seed, progress=not args.json,
-                         global_memory=not args.no_global_memory)
+                         global_memory=not args.no_global_memory, boundary_ids=boundary_ids)
     if args.json:
         print(json.dumps(record))
     else:

@@ -41,6 +41,7 @@ import os
 import random
 import sys
 import time
+from typing import Optional
 
 import torch
 from torch.nn import functional as F
@@ -50,11 +51,12 @@ from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
 from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key
+from comet_ext.planner import fixed, semantic
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
-               late: float = 0.0, far: int = 0, split: float = 0.0):
+               late: float = 0.0, far: int = 0, split: float = 0.0, cut_after: Optional[list[int]] = None):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
@@ -68,7 +70,13 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     do; the harder case: bench/passkey_misses.py).
 
     far > 0: `far` more chunks come first (read without gradient, as a prefix), and the
-    needle lies at a uniform place within them; the sizes then list all far + chunks."""
+    needle lies at a uniform place within them; the sizes then list all far + chunks.
+
+    cut_after (token ids, e.g. of "."): the chunks are cut as `CometForCausalLM.read(hay,
+    boundary_ids=cut_after)` cuts the haystack (planner.semantic), the question and answer
+    then continuing its open chunk as `generate` does; every sample of the batch has its
+    needle in the same place, so that one set of cuts fits them all. There are then about
+    chunk_size / (mean cut) more chunks than `chunks`."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
@@ -77,11 +85,14 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     last = lowest if (chunks > 1 or far) and rng.random() < at_start else rng.randint(lowest, chunk_size)
     sizes = [chunk_size] * (far + chunks - 1) + [last]
     ids, weights, answer_pos = [], [], []
+    hay_len = sum(sizes) - qa
+    shared_depth = rng.random() if cut_after else None
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
-        hay_len = sum(sizes) - qa
-        if far:  # the needle ends in the prefix, whatever the rounding to a passage boundary
+        if shared_depth is not None:
+            depth = shared_depth
+        elif far:  # the needle ends in the prefix, whatever the rounding to a passage boundary
             depth = rng.random() * (far * chunk_size - needle - filler) / (hay_len - needle)
         elif late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
             depth = 1 - rng.random() * min(1.0, chunk_size / hay_len)
@@ -98,6 +109,9 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
         ids.append(seq)
         weights.append(w)
         answer_pos.append(first_digit)
+    if cut_after:
+        pieces = semantic(ids[0][:hay_len], chunk_size, cut_after)
+        sizes = pieces[:-1] + fixed(pieces[-1] + qa, chunk_size)  # the tail chunk stays open for the question
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
 
 
@@ -135,6 +149,11 @@ def main() -> None:
                     help="probability that the needle lies in the haystack's last chunk")
     ap.add_argument("--split-needle", type=float, default=0.0,
                     help="probability that the needle straddles a chunk boundary (else its depth is uniform)")
+    ap.add_argument("--cut-after", default=None, metavar="TEXT",
+                    help="with --semantic-chunks: the boundary characters, e.g. '.'")
+    ap.add_argument("--semantic-chunks", type=float, default=0.0,
+                    help="probability that a step's chunks end after the last --cut-after token that fits, as "
+                         "`comet-passkey --cut-after` reads them (CometForCausalLM.read(boundary_ids=...))")
     ap.add_argument("--far-needle", type=float, default=0.0,
                     help="probability that a step's needle lies far back: --far-chunks chunks read without "
                          "gradient (truncated BPTT), then --far-tail chunks trained, the question in the last")
@@ -161,6 +180,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = byte_tokenizer()
+    if args.semantic_chunks > 0 and not args.cut_after:
+        ap.error("--semantic-chunks needs --cut-after (the boundary characters)")
+    cut_ids = sorted(set(tok(args.cut_after, add_special_tokens=False)["input_ids"])) if args.cut_after else None
     config = Qwen3Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 5 // 2,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
@@ -196,9 +218,10 @@ def main() -> None:
                                                          args.question_at_start, far=far)
         else:  # replaying a passed stage now and then keeps the short-range skills (in-chunk copying)
             n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
+            cut_at = cut_ids if n > 1 and rng.random() < args.semantic_chunks else None
             ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
                                                          args.question_at_start, args.late_needle,
-                                                         split=args.split_needle)
+                                                         split=args.split_needle, cut_after=cut_at)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             memory = None
             if far:  # truncated BPTT: the prefix holding the needle is read without gradient
@@ -230,6 +253,8 @@ def main() -> None:
                   "minutes": (time.time() - start) / 60}
         if far:
             record["far_chunks"] = far
+        elif cut_at:
+            record["cut_chunks"] = len(sizes)
         log.write(json.dumps(record) + "\n")
         log.flush()
         if done % 10 == 0 and recent:

@@ -9,6 +9,7 @@ from modeling_utils import FAMILIES, VOCAB, naive_forward, tiny_base, tiny_comet
 from comet_ext.config import CometConfig
 from comet_ext.memory import CometMemory
 from comet_ext.modeling import CometForCausalLM
+from comet_ext.planner import semantic
 
 FAMILY_NAMES = list(FAMILIES)
 
@@ -176,6 +177,55 @@ def test_ragged_batch_equals_samples_alone():
         torch.testing.assert_close(batch_last[b:b + 1], last, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(batch_mem.state[:, b:b + 1], mem.state, rtol=1e-5, atol=1e-5)
         assert int(batch_mem.tokens[b]) == n
+
+
+BOUNDARY = 5  # a token id standing for "." in the boundary tests
+
+
+def _with_boundaries(x, every, seed):
+    """x with BOUNDARY at random places, about one in `every` tokens (none elsewhere)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.where(x == BOUNDARY, BOUNDARY + 1, x)
+    return torch.where(torch.rand(x.shape, generator=g) < 1 / every, BOUNDARY, x)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_read_with_boundaries_equals_training_on_semantic_chunks(family):
+    """read(boundary_ids=...) cuts the chunks exactly where planner.semantic does: its last
+    hidden state is the training forward's with those chunk sizes, and not the fixed chunks'."""
+    model = tiny_comet(family)
+    x = _with_boundaries(ids(1, 90, seed=21), every=6, seed=22)
+    sizes = semantic(x[0].tolist(), model.comet_config.chunk_size, [BOUNDARY])
+    assert len(sizes) > len(model._chunk_sizes(None, 90)), "no chunk was cut early: the test proves nothing"
+    expected = model(x, chunk_sizes=sizes).logits[:, -1]
+    mem, last = model.read(x, boundary_ids=[BOUNDARY], return_last_hidden=True)
+    torch.testing.assert_close(model.base.lm_head(model.decoder.norm(last)), expected, rtol=1e-5, atol=1e-5)
+    assert int(mem.open_text[0]) == sizes[-1] % model.comet_config.chunk_size
+    fixed_last = model.read(x, return_last_hidden=True)[1]
+    assert (fixed_last - last).abs().max() > 1e-3
+
+
+def test_read_with_boundaries_cuts_each_sample_on_its_own():
+    """In a ragged batch each sample is cut at its own boundaries, as if read alone; a span
+    with no boundary is cut at chunk_size."""
+    model = tiny_comet("mistral")
+    x = _with_boundaries(ids(2, 70, seed=23), every=7, seed=24)
+    x[1, 10:50] = BOUNDARY + 2  # 40 tokens with no boundary: a forced cut at chunk_size
+    mask = torch.ones_like(x)
+    mask[0, 55:] = 0
+    batch_mem, batch_last = model.read(x, attention_mask=mask, boundary_ids=[BOUNDARY, 90],
+                                       return_last_hidden=True)
+    for b, n in [(0, 55), (1, 70)]:
+        mem, last = model.read(x[b:b + 1, :n], boundary_ids=[BOUNDARY, 90], return_last_hidden=True)
+        torch.testing.assert_close(batch_last[b:b + 1], last, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batch_mem.state[:, b:b + 1], mem.state, rtol=1e-5, atol=1e-5)
+        assert int(batch_mem.open_text[b]) == int(mem.open_text[0])
+
+
+@pytest.mark.parametrize("boundary_ids", [".", [], [1.5], [True], 5], ids=["str", "empty", "float", "bool", "int"])
+def test_read_refuses_bad_boundary_ids(boundary_ids):
+    with pytest.raises(ValueError, match="boundary_ids must be a non-empty sequence of token ids"):
+        tiny_comet("llama").read(ids(1, 8), boundary_ids=boundary_ids)
 
 
 def test_without_global_memory_nothing_else_carries_information():

@@ -78,6 +78,13 @@ def test_cli_json_and_sweep(model, tok, tmp_path):
     res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--length",
                           "500", "--gate-snap", "1.5"], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert res.returncode == 2 and "--gate-snap: CometConfig.gate_snap must be a number in (0, 1]" in res.stderr
+    res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--length",
+                          "500", "--seed", "2", "--json", "--cut-after", "."], capture_output=True, text=True,
+                         check=True, cwd=tmp_path, env=env)
+    record = json.loads(res.stdout.strip().splitlines()[-1])
+    assert record["boundary_ids"] == tok(".", add_special_tokens=False)["input_ids"]
+    assert record == {**run_passkey(model, tok, 500, record["depth"], seed=2, boundary_ids=record["boundary_ids"]),
+                      **{k: record[k] for k in ("seconds", "tokens_per_s", "peak_rss_mb")}}
     result = sweep(model, tok, [300, 600], [0.0, 1.0], samples=2, out=str(tmp_path / "sweep"))
     assert len(result["cells"]) == 4 and (tmp_path / "sweep" / "passkey_heatmap.png").stat().st_size > 0
     res = subprocess.run([sys.executable, "-m", "comet_ext.passkey", "--model", str(tmp_path / "m"), "--sweep",
@@ -101,6 +108,8 @@ def test_sweep_resumes_and_keeps_finished_cells(model, tok, tmp_path):
     assert len(next(c for c in more["cells"] if (c["length"], c["depth"]) == (300, 0.0))["runs"]) == 3
     with pytest.raises(ValueError, match="global_memory=True; use another --out"):
         sweep(model, tok, [300], [0.0], samples=2, out=out, global_memory=False)
+    with pytest.raises(ValueError, match=r"read with boundary_ids=None, not \[46\]; use another --out"):
+        sweep(model, tok, [300], [0.0], samples=2, out=out, boundary_ids=[46])
 
 
 def test_sweep_refuses_to_resume_another_models_sweep(model, tok, tmp_path):
@@ -168,6 +177,28 @@ def test_training_batches_hold_the_needle_where_asked(tok, far):
         assert min(ends) < far * cs // 2 < max(ends), "far needles did not spread over the prefix"
     else:
         assert max(ends) > (far + chunks - 1) * cs // 2 and min(ends) < cs, "needles did not spread over the haystack"
+
+
+def test_sentence_cut_batches_are_read_as_comet_passkey_reads_them(model, tok):
+    """make_batch(cut_after=...): the chunk sizes are the ones `read(hay, boundary_ids=...)`
+    cuts, the question continuing the open chunk: the training forward's prediction of the
+    first answer digit is the streamed one's, sample for sample."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    dot = tok(".", add_special_tokens=False)["input_ids"]
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    cs = model.comet_config.chunk_size
+    for seed in range(3):
+        ids, _, answer_pos, sizes = make_batch(tok, 3, 5, cs, random.Random(seed), at_start=0.5, cut_after=dot)
+        assert sum(sizes) == ids.shape[1] and max(sizes) <= cs and len(sizes) > 5, sizes
+        trained = model(ids, chunk_sizes=sizes).logits
+        for b, p in enumerate(answer_pos):
+            hay = ids[b:b + 1, :p - 1 - len(question)]
+            memory = model.read(hay, boundary_ids=dot)
+            _, last = model.read(torch.tensor([question]), memory, return_last_hidden=True)
+            streamed = model.base.lm_head(model.decoder.norm(last))
+            torch.testing.assert_close(streamed[0], trained[b, p - 2], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("split", [0.0, 1.0])
