@@ -508,9 +508,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         boundary token that fits (at chunk_size when none does), so that a sentence is not
         torn across two chunks. A model reads best the way it was trained: one trained
         on fixed chunks only reads worse with cuts. Cuts are chosen within one call, so
-        reading A then B equals reading A + B only where A ends at a closed chunk. A tqdm progress bar appears for inputs over 8 chunks unless
-        progress=False. Returns the memory (and, with return_last_hidden, the
-        final hidden state of each sample's last token, (B, d)).
+        reading A then B equals reading A + B only where A ends at a closed chunk.
+
+        A tqdm progress bar appears for inputs over 8 chunks unless progress=False.
+        Returns the memory (and, with return_last_hidden, the final hidden state of
+        each sample's last token, (B, d)).
 
         global_memory=False is the ablation "temporary memory only": closing
         chunks do not write the global memory, so only the FIFO carries
@@ -533,7 +535,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=int(lengths.sum()), unit="tok", desc="comet read")
-        boundaries = self._boundary_mask(input_ids, boundary_ids)
+        boundaries = self._boundary_positions(input_ids, boundary_ids)
         while True:
             room = [cs - o for o in memory.open_text.tolist()]
             take = [min(int(lengths[b]) - done[b], room[b]) for b in range(B)]
@@ -559,7 +561,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return (memory, last) if return_last_hidden else memory
 
     @staticmethod
-    def _boundary_mask(input_ids: Tensor, boundary_ids: Optional[Sequence[int]]) -> Optional[list[list[int]]]:
+    def _boundary_positions(input_ids: Tensor, boundary_ids: Optional[Sequence[int]]) -> Optional[list[list[int]]]:
         """Per sample, the sorted positions of boundary tokens (None without boundary_ids)."""
         if boundary_ids is None:
             return None
