@@ -493,7 +493,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,
              attention_mask: Optional[Tensor] = None, progress: Optional[bool] = None,
              return_last_hidden: bool = False, global_memory: bool = True,
-             boundary_ids: Optional[Sequence[int]] = None):
+             boundary_ids: Optional[Sequence[int]] = None, end_chunk: bool = False):
         """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
 
         attention_mask (B, T) marks real tokens (right padding only): samples may
@@ -509,6 +509,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         torn across two chunks. A model reads best the way it was trained: one trained
         on fixed chunks only reads worse with cuts. Cuts are chosen within one call, so
         reading A then B equals reading A + B only where A ends at a closed chunk.
+
+        end_chunk=True closes each sample's chunk after its last token of this call, full
+        or not (a document ends here): the next `read` or `generate` starts a chunk of its
+        own, as `chunk_sizes=[..., rest]` ends one in the training forward.
 
         A tqdm progress bar appears for inputs over 8 chunks unless progress=False.
         Returns the memory (and, with return_last_hidden, the final hidden state of
@@ -541,10 +545,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             take = [min(int(lengths[b]) - done[b], room[b]) for b in range(B)]
             if max(take) <= 0:
                 break
+            left = [int(lengths[b]) - done[b] for b in range(B)]
             cut = [False] * B
             if boundaries is not None:
-                left = [int(lengths[b]) - done[b] for b in range(B)]
                 take, cut = _cut_at_boundaries(boundaries, done, left, room)
+            if end_chunk:
+                cut = [c or 0 < t == n for c, t, n in zip(cut, take, left)]
             width = max(take)
             idx = torch.tensor(done, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
             tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
