@@ -222,6 +222,24 @@ def test_read_with_boundaries_cuts_each_sample_on_its_own():
         assert int(batch_mem.open_text[b]) == int(mem.open_text[0])
 
 
+def test_read_with_end_chunk_closes_the_last_chunk():
+    """end_chunk=True closes each sample's partial last chunk: what is read after it starts a
+    chunk of its own, as chunk sizes [16, 16, 8, 16, ...] do in the training forward."""
+    model = tiny_comet("qwen3")
+    x, y = ids(2, 40, seed=25), ids(2, 21, seed=26)
+    mask = torch.ones_like(x)
+    mask[1, 33:] = 0
+    memory = model.read(x, attention_mask=mask, end_chunk=True)
+    assert memory.open_text.tolist() == [0, 0] and memory.tokens.tolist() == [40, 33]
+    _, last = model.read(y, memory, return_last_hidden=True)
+    for b, n in [(0, 40), (1, 33)]:
+        sizes = [16, 16, n - 32, 16, 5]
+        expected = model(torch.cat([x[b:b + 1, :n], y[b:b + 1]], 1), chunk_sizes=sizes).logits[0, -1]
+        torch.testing.assert_close(model.base.lm_head(model.decoder.norm(last[b])), expected, rtol=1e-5, atol=1e-5)
+    open_last = model.read(y, model.read(x, attention_mask=mask), return_last_hidden=True)[1]
+    assert (open_last - last).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("boundary_ids", [".", [], [1.5], [True], 5], ids=["str", "empty", "float", "bool", "int"])
 def test_read_refuses_bad_boundary_ids(boundary_ids):
     with pytest.raises(ValueError, match="boundary_ids must be a non-empty sequence of token ids"):
