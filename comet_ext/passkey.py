@@ -75,16 +75,14 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
     each for its key. -> a JSON record per seed; `seconds` and `tokens_per_s` are the
     batch's (a haystack of a given length and depth has the same token count for every key).
     global_memory=False runs the "temporary memory only" ablation; boundary_ids cuts the
-    haystack's chunks after boundary tokens and closes its last chunk (`CometForCausalLM.read`)."""
+    haystack's chunks after boundary tokens (`CometForCausalLM.read`), the question continuing
+    the open one."""
     keys = [make_key(random.Random(seed)) for seed in seeds]
     rows = [build_haystack(tokenizer, length, depth, key) for key in keys]
     question = rows[0][1]
     ids = torch.tensor([hay for hay, _ in rows], device=model.device)
     start = time.perf_counter()
-    # With cuts the haystack's tail is closed as well: the question starts a chunk, as it does after
-    # a haystack of whole fixed chunks (every power-of-two length).
-    memory = model.read(ids, progress=progress, global_memory=global_memory, boundary_ids=boundary_ids,
-                        end_chunk=bool(boundary_ids))
+    memory = model.read(ids, progress=progress, global_memory=global_memory, boundary_ids=boundary_ids)
     read_s = time.perf_counter() - start
     prompt = torch.tensor([question] * len(keys), device=model.device)
     out = model.generate(prompt, memory=memory, max_new_tokens=8, global_memory=global_memory)

@@ -72,12 +72,13 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     far > 0: `far` more chunks come first (read without gradient, as a prefix), and the
     needle lies at a uniform place within them; the sizes then list all far + chunks.
 
-    cut_after (token ids, e.g. of "."): the haystack's chunks are the ones
-    `CometForCausalLM.read(hay, boundary_ids=cut_after, end_chunk=True)` reads
-    (planner.semantic's, the last one closed), and the question and answer make a chunk of
-    their own, as `comet-passkey --cut-after` asks; every sample of the batch has its needle
-    in the same place, so that one set of cuts fits them all. There are then a few more
-    chunks than `chunks`."""
+    cut_after (token ids, e.g. of "."): the chunks are cut as `CometForCausalLM.read(hay,
+    boundary_ids=cut_after)` cuts the haystack (planner.semantic), the question and answer
+    then continuing its open chunk as `generate` does (`comet-passkey --cut-after`); every
+    sample of the batch has its needle in the same place, so that one set of cuts fits them
+    all. There are then a few more chunks than `chunks`. (Closing the haystack's last chunk
+    instead, so that the question starts one, trained far worse: its chunk can be a few
+    tokens long, and a closed chunk of a few tokens rewrites the memory.)"""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
@@ -110,8 +111,9 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
         ids.append(seq)
         weights.append(w)
         answer_pos.append(first_digit)
-    if cut_after:  # the haystack's last chunk is closed too (read(..., end_chunk=True)): the question starts one
-        sizes = semantic(ids[0][:hay_len], chunk_size, cut_after) + [qa]
+    if cut_after:  # the haystack's tail stays open: the question continues its chunk
+        pieces = semantic(ids[0][:hay_len], chunk_size, cut_after)
+        sizes = pieces[:-1] + fixed(pieces[-1] + qa, chunk_size)
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
 
 

@@ -180,9 +180,9 @@ def test_training_batches_hold_the_needle_where_asked(tok, far):
 
 
 def test_sentence_cut_batches_are_read_as_comet_passkey_reads_them(model, tok):
-    """make_batch(cut_after=...): the chunk sizes are the ones `read(hay, boundary_ids=...,
-    end_chunk=True)` cuts, the question in a chunk of its own: the training forward's
-    prediction of the first answer digit is the streamed one's, sample for sample."""
+    """make_batch(cut_after=...): the chunk sizes are the ones `read(hay, boundary_ids=...)`
+    cuts, the question continuing the open chunk: the training forward's prediction of the
+    first answer digit is the streamed one's, sample for sample."""
     import random
 
     make_batch = _train_passkey().make_batch
@@ -195,7 +195,7 @@ def test_sentence_cut_batches_are_read_as_comet_passkey_reads_them(model, tok):
         trained = model(ids, chunk_sizes=sizes).logits
         for b, p in enumerate(answer_pos):
             hay = ids[b:b + 1, :p - 1 - len(question)]
-            memory = model.read(hay, boundary_ids=dot, end_chunk=True)
+            memory = model.read(hay, boundary_ids=dot)
             _, last = model.read(torch.tensor([question]), memory, return_last_hidden=True)
             streamed = model.base.lm_head(model.decoder.norm(last))
             torch.testing.assert_close(streamed[0], trained[b, p - 2], rtol=1e-4, atol=1e-4)
