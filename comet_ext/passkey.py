@@ -262,7 +262,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             ap.error(f"--gate-snap: {e}")
     if args.cut_after == "":
         ap.error("--cut-after: give at least one character")
-    boundary_ids = sorted(set(_encode(tokenizer, args.cut_after))) if args.cut_after else None
+    # one id set per character: a subword tokenizer may merge a string of them into other tokens
+    boundary_ids = sorted({i for ch in args.cut_after for i in _encode(tokenizer, ch)}) if args.cut_after else None
     if args.sweep:
         sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
               global_memory=not args.no_global_memory, boundary_ids=boundary_ids)

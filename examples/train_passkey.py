@@ -184,7 +184,7 @@ def main() -> None:
     tok = byte_tokenizer()
     if args.semantic_chunks > 0 and not args.cut_after:
         ap.error("--semantic-chunks needs --cut-after (the boundary characters)")
-    cut_ids = sorted(set(tok(args.cut_after, add_special_tokens=False)["input_ids"])) if args.cut_after else None
+    cut_ids = sorted({i for ch in args.cut_after or "" for i in tok(ch, add_special_tokens=False)["input_ids"]}) or None
     config = Qwen3Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 5 // 2,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
