@@ -542,10 +542,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         boundaries = self._boundary_positions(input_ids, boundary_ids)
         while True:
             room = [cs - o for o in memory.open_text.tolist()]
-            take = [min(int(lengths[b]) - done[b], room[b]) for b in range(B)]
+            left = [int(lengths[b]) - done[b] for b in range(B)]
+            take = [min(n, r) for n, r in zip(left, room)]
             if max(take) <= 0:
                 break
-            left = [int(lengths[b]) - done[b] for b in range(B)]
             cut = [False] * B
             if boundaries is not None:
                 take, cut = _cut_at_boundaries(boundaries, done, left, room)
