@@ -75,8 +75,8 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     cut_after (token ids, e.g. of "."): the chunks are cut as `CometForCausalLM.read(hay,
     boundary_ids=cut_after)` cuts the haystack (planner.semantic), the question and answer
     then continuing its open chunk as `generate` does (`comet-passkey --cut-after`); every
-    sample of the batch has its needle in the same place, so that one set of cuts fits them
-    all. There are then a few more chunks than `chunks`. (Closing the haystack's last chunk
+    sample of the batch has its needle in the same place (within the last chunk_size tokens
+    with probability `late`), so that one set of cuts fits them all. There are then a few more chunks than `chunks`. (Closing the haystack's last chunk
     instead, so that the question starts one, trained far worse: its chunk can be a few
     tokens long, and a closed chunk of a few tokens rewrites the memory.)"""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
@@ -88,7 +88,10 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     sizes = [chunk_size] * (far + chunks - 1) + [last]
     ids, weights, answer_pos = [], [], []
     hay_len = sum(sizes) - qa
-    shared_depth = rng.random() if cut_after else None
+    shared_depth = None
+    if cut_after:
+        late_one = late > 0 and rng.random() < late
+        shared_depth = 1 - rng.random() * min(1.0, chunk_size / hay_len) if late_one else rng.random()
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])

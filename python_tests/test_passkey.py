@@ -201,6 +201,35 @@ def test_sentence_cut_batches_are_read_as_comet_passkey_reads_them(model, tok):
             torch.testing.assert_close(streamed[0], trained[b, p - 2], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("cut", [False, True])
+def test_late_needles_lie_in_the_haystacks_last_chunk(tok, cut):
+    """make_batch(late=1): every needle ends within the haystack's last chunk_size tokens (up to
+    the rounding of its start to a filler passage), with fixed chunks and with sentence cuts
+    (where the batch shares one needle place); late=0 puts most needles earlier."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    dot = tok(".", add_special_tokens=False)["input_ids"] if cut else None
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    filler = len(tok(FILLER, add_special_tokens=False)["input_ids"])
+    rng, cs, chunks = random.Random(5), 128, 6
+    for late in (1.0, 0.0):
+        late_ones = []
+        for _ in range(8):
+            ids, _, answer_pos, _ = make_batch(tok, 2, chunks, cs, rng, at_start=0.5, late=late, cut_after=dot)
+            for b, p in enumerate(answer_pos):
+                hay_len = p - 1 - len(question)
+                text = tok.decode(ids[b, :hay_len].tolist())
+                key = tok.decode(ids[b, p:p + 5].tolist())
+                needle = NEEDLE.format(key=key)
+                end = len(tok(text[:text.index(needle) + len(needle)], add_special_tokens=False)["input_ids"])
+                late_ones.append(end >= hay_len - cs - filler // 2)
+        if late:
+            assert all(late_ones)
+        else:
+            assert sum(late_ones) < len(late_ones) / 2
+
+
 @pytest.mark.parametrize("split", [0.0, 1.0])
 def test_split_needles_straddle_a_chunk_boundary(tok, split):
     """make_batch(split=1): every needle straddles a boundary between chunks; split=0 (uniform
