@@ -25,17 +25,19 @@ from comet_ext.passkey import DEFAULT_MODEL, NEEDLE, build_haystack, make_key
 
 
 def capture_gates(model) -> dict[int, list[torch.Tensor]]:
-    """Wraps every layer's GlobalMemoryNet.forward to record its gates (B, G) per update."""
+    """Wraps every layer's GlobalMemoryNet.forward to record its gates (B, G) per update
+    (after the model's gate snap)."""
     gates: dict[int, list[torch.Tensor]] = {}
     for l, layer_memory in enumerate(model.memory_layers):
         net = layer_memory.global_memory_net
         forward = net.forward
 
-        def record(readout, state, net=net, forward=forward, l=l):
-            if state is not None:
+        def record(readout, state, gate_snap=1.0, *, net=net, forward=forward, l=l):
+            if state is not None:  # the gate as the update uses it: snapped to 1 above gate_snap
                 both = torch.cat([net.norm(readout), state], -1)
-                gates.setdefault(l, []).append(torch.sigmoid(both @ net.g_proj.weight.t()).squeeze(-1))
-            return forward(readout, state)
+                g = torch.sigmoid(both @ net.g_proj.weight.t()).squeeze(-1)
+                gates.setdefault(l, []).append(torch.where(g > gate_snap, 1.0, g))
+            return forward(readout, state, gate_snap)
 
         net.forward = record
     return gates

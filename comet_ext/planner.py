@@ -5,7 +5,8 @@
 - right_aligned: the first chunk partial, the others full (the end of the
   sequence, usually the answer, sits at the end of a full chunk);
 - uniform: the fewest chunks of at most chunk_size, all (nearly) equal;
-- random: random cut points, every chunk between min_size and chunk_size;
+- random: random cut points, every chunk between min_size and chunk_size (where the
+  length allows a split so);
 - semantic: cuts right after given boundary token ids (e.g. sentence or turn
   ends), chunks at most chunk_size (falls back to fixed cuts inside long spans).
 
@@ -38,19 +39,28 @@ def uniform(T: int, chunk_size: int) -> list[int]:
 
 
 def random_sizes(T: int, chunk_size: int, min_size: int, rng: np.random.Generator) -> list[int]:
-    """Random chunks in [min_size, chunk_size] summing to T (the last may be shorter
-    than min_size only when T itself is)."""
-    min_size = max(1, min(min_size, chunk_size))
+    """Random chunks in [min_size, chunk_size] summing to T. Where no such split of T exists
+    (T < min_size, or k * chunk_size < T < (k + 1) * min_size for some k), the chunks are full
+    until the last, which is shorter."""
+    lo = max(1, min(min_size, chunk_size))
     sizes, left = [], T
     while left > 0:
-        if left <= chunk_size and (left < 2 * min_size or rng.random() < 0.5):
-            sizes.append(left)
-            break
-        hi = min(chunk_size, left - min_size) if left > min_size else left
-        n = int(rng.integers(min(min_size, hi), hi + 1))
+        # this chunk's sizes that leave a rest still splittable into chunks of lo..chunk_size
+        options = [n for n in range(lo, min(chunk_size, left) + 1) if _splittable(left - n, lo, chunk_size)]
+        if not options:  # T has no such split: a full chunk, and the shorter one at the end
+            options = [min(chunk_size, left)]
+        if options[-1] == left and (len(options) == 1 or rng.random() < 0.5):
+            n = left
+        else:
+            n = options[int(rng.integers(len(options) - (options[-1] == left)))]
         sizes.append(n)
         left -= n
     return sizes
+
+
+def _splittable(x: int, lo: int, hi: int) -> bool:
+    """Whether x tokens split into chunks of lo..hi tokens (the fewest chunks, -(-x // hi), fit)."""
+    return x == 0 or -(-x // hi) * lo <= x
 
 
 def semantic(tokens: Sequence[int], chunk_size: int, boundary_ids: Sequence[int]) -> list[int]:

@@ -43,6 +43,7 @@ import sys
 import time
 from typing import Optional
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -51,12 +52,13 @@ from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
 from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key
-from comet_ext.planner import fixed, semantic
+from comet_ext.planner import fixed, random_sizes, semantic
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
-               late: float = 0.0, far: int = 0, split: float = 0.0, cut_after: Optional[list[int]] = None):
+               late: float = 0.0, far: int = 0, split: float = 0.0, cut_after: Optional[list[int]] = None,
+               random_min: int = 0):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
@@ -76,9 +78,15 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     boundary_ids=cut_after)` cuts the haystack (planner.semantic), the question and answer
     then continuing its open chunk as `generate` does (`comet-passkey --cut-after`); every
     sample of the batch has its needle in the same place (within the last chunk_size tokens
-    with probability `late`), so that one set of cuts fits them all. There are then a few more chunks than `chunks`. (Closing the haystack's last chunk
-    instead, so that the question starts one, trained far worse: its chunk can be a few
-    tokens long, and a closed chunk of a few tokens rewrites the memory.)"""
+    with probability `late`), so that one set of cuts fits them all. There are then a few
+    more chunks than `chunks`. (Closing the haystack's last chunk instead, so that the
+    question starts one, trained far worse: its chunk can be a few tokens long, and a closed
+    chunk of a few tokens rewrites the memory.)
+
+    random_min > 0: the same samples, cut into random chunks of random_min..chunk_size tokens
+    (planner.random_sizes, one set of cuts for the batch), so that no chunk length or place of a
+    cut relative to the filler is special: a model trained on fixed chunks only reads a first
+    chunk of 124-127 tokens far worse than one of 128 or 100 (bench/results/passkey_runs/)."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
@@ -117,6 +125,8 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     if cut_after:  # the haystack's tail stays open: the question continues its chunk
         pieces = semantic(ids[0][:hay_len], chunk_size, cut_after)
         sizes = pieces[:-1] + fixed(pieces[-1] + qa, chunk_size)
+    elif random_min:
+        sizes = random_sizes(sum(sizes), chunk_size, random_min, np.random.default_rng(rng.getrandbits(64)))
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
 
 
@@ -159,6 +169,10 @@ def main() -> None:
     ap.add_argument("--semantic-chunks", type=float, default=0.0,
                     help="probability that a step's chunks end after the last --cut-after token that fits, as "
                          "`comet-passkey --cut-after` reads them (CometForCausalLM.read(boundary_ids=...))")
+    ap.add_argument("--random-chunks", type=float, default=0.0,
+                    help="probability that a step's chunks have random lengths in --min-chunk..--chunk-size "
+                         "(planner.random_sizes) instead of fixed ones")
+    ap.add_argument("--min-chunk", type=int, default=96, help="the shortest chunk of a --random-chunks step")
     ap.add_argument("--far-needle", type=float, default=0.0,
                     help="probability that a step's needle lies far back: --far-chunks chunks read without "
                          "gradient (truncated BPTT), then --far-tail chunks trained, the question in the last")
@@ -185,6 +199,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = byte_tokenizer()
+    if not 1 <= args.min_chunk <= args.chunk_size:
+        ap.error(f"--min-chunk must lie in 1..--chunk-size ({args.chunk_size}), got {args.min_chunk}")
     if args.semantic_chunks > 0 and not args.cut_after:
         ap.error("--semantic-chunks needs --cut-after (the boundary characters)")
     cut_ids = sorted({i for ch in args.cut_after or "" for i in tok(ch, add_special_tokens=False)["input_ids"]}) or None
@@ -224,9 +240,11 @@ def main() -> None:
         else:  # replaying a passed stage now and then keeps the short-range skills (in-chunk copying)
             n = chunks if chunks == 1 or rng.random() >= args.review else 2 ** rng.randrange(chunks.bit_length() - 1)
             cut_at = cut_ids if n > 1 and rng.random() < args.semantic_chunks else None
+            randomly = not cut_at and args.random_chunks > 0 and n > 1 and rng.random() < args.random_chunks
             ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
                                                          args.question_at_start, args.late_needle,
-                                                         split=args.split_needle, cut_after=cut_at)
+                                                         split=args.split_needle, cut_after=cut_at,
+                                                         random_min=args.min_chunk if randomly else 0)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             memory = None
             if far:  # truncated BPTT: the prefix holding the needle is read without gradient
@@ -260,6 +278,8 @@ def main() -> None:
             record["far_chunks"] = far
         elif cut_at:
             record["cut_chunks"] = len(sizes)
+        elif randomly:
+            record["random_chunks"] = len(sizes)
         log.write(json.dumps(record) + "\n")
         log.flush()
         if done % 10 == 0 and recent:

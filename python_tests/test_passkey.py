@@ -230,6 +230,22 @@ def test_late_needles_lie_in_the_haystacks_last_chunk(tok, cut):
             assert sum(late_ones) < len(late_ones) / 2
 
 
+def test_random_chunk_batches_only_recut_the_same_samples(tok):
+    """make_batch(random_min=m): the samples a plain call draws, cut into chunks of m..chunk_size
+    tokens (the last may be shorter) that differ from step to step."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    cs, lo, seen = 128, 96, set()
+    for seed in range(6):
+        ids, weights, answer_pos, sizes = make_batch(tok, 3, 4, cs, random.Random(seed), at_start=0.5, random_min=lo)
+        plain = make_batch(tok, 3, 4, cs, random.Random(seed), at_start=0.5)
+        assert torch.equal(ids, plain[0]) and torch.equal(weights, plain[1]) and answer_pos == plain[2]
+        assert sum(sizes) == ids.shape[1] and all(lo <= s <= cs for s in sizes[:-1]) and 0 < sizes[-1] <= cs, sizes
+        seen.add(tuple(sizes))
+    assert len(seen) > 1 and any(s != cs for sizes in seen for s in sizes[:-1])
+
+
 @pytest.mark.parametrize("split", [0.0, 1.0])
 def test_split_needles_straddle_a_chunk_boundary(tok, split):
     """make_batch(split=1): every needle straddles a boundary between chunks; split=0 (uniform

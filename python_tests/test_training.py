@@ -33,6 +33,23 @@ def test_strategy_shapes():
     assert all(s >= 20 for s in sizes[:-1])
 
 
+@pytest.mark.parametrize("T", [96, 200, 300, 481, 1000, 4133])
+def test_random_sizes_keep_every_chunk_within_bounds_where_a_split_exists(T):
+    """Every chunk in [min_size, chunk_size], the last included, whenever T splits so; the cuts vary."""
+    seen = set()
+    for seed in range(20):
+        sizes = random_sizes(T, 128, 96, np.random.default_rng(seed))
+        assert sum(sizes) == T and all(96 <= s <= 128 for s in sizes), sizes
+        seen.add(tuple(sizes))
+    assert len(seen) > 1 or T == 96
+
+
+def test_random_sizes_without_a_split_end_on_one_short_chunk():
+    """138 tokens do not split into chunks of 96..128: a full chunk, then the rest."""
+    assert random_sizes(138, 128, 96, np.random.default_rng(0)) == [128, 10]
+    assert random_sizes(50, 128, 96, np.random.default_rng(0)) == [50]
+
+
 def test_planner_is_a_function_of_seed_and_step():
     p = ChunkPlanner(16, min_size=4, seed=3)
     plans = [p.plan(200, step) for step in range(40)]
