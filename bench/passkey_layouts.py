@@ -1,0 +1,107 @@
+"""Does a passkey model's answer depend on the haystack's layout? Chunk grid and filler phase.
+
+    python bench/passkey_layouts.py --model RUN --chunks 8 --out OUT.md              # first chunk's length
+    python bench/passkey_layouts.py --model RUN --chunks 8 --phases 0 4 8 --out OUT.md  # filler phase
+
+Haystacks of `--chunks` chunks, the needle at `--depth` (default: at the start of the
+first chunk), one per key (seeds 0..samples-1), the question starting a chunk of its own so
+that the key can come only from the memory. A row varies one thing:
+- `--firsts L...`: the first chunk holds L tokens, the others chunk_size each;
+- `--phases P...`: every chunk holds chunk_size tokens, the needle at the start and the
+  filler after it starting P tokens into its passage (comet-passkey's haystacks, and the
+  training batches, always restart the passage after the needle: phase 0).
+For each row, the exact match and the share of right digits of the answer predicted with the
+true digits before it (teacher forcing: the training forward with these chunk sizes, which
+the tests hold equal to streaming). A model whose reading does not depend on the layout
+scores the same in every row; the shipped model does not (bench/results/passkey_runs/README.md,
+"Runs 22-25").
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import sys
+
+import torch
+
+from comet_ext import CometForCausalLM
+from comet_ext.data import byte_tokenizer
+from comet_ext.passkey import DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, make_key
+from comet_ext.planner import fixed
+
+
+@torch.no_grad()
+def score(model, tok, chunks: int, depth: float, samples: int, first: int = 0, phase: int = 0) -> tuple[int, float]:
+    """(keys answered exactly, mean share of right digits): a first chunk of `first` tokens
+    (0: chunk_size), or the filler after a needle at the start beginning `phase` tokens into
+    its passage."""
+    cs = model.comet_config.chunk_size
+    first = first or cs
+    question = _encode(tok, QUESTION)
+    ids, firsts = [], []
+    for seed in range(samples):
+        key = make_key(random.Random(seed))
+        length = first + cs * (chunks - 1)
+        if phase:
+            needle, filler = _encode(tok, NEEDLE.format(key=key)), _encode(tok, FILLER)
+            rest = length - len(needle)
+            hay = needle + (filler * (-(-(rest + phase) // len(filler))))[phase:phase + rest]
+        else:
+            hay, _ = build_haystack(tok, length, depth, key)
+        ids.append(hay + question + _encode(tok, f" {key}."))
+        firsts.append(len(hay) + len(question) + 1)  # the answer's first digit, after its space
+    ids = torch.tensor(ids)
+    logits = model(ids, chunk_sizes=[first] + fixed(ids.shape[1] - first, cs)).logits
+    right = torch.stack([logits[b, p - 1:p + 4].argmax(-1) == ids[b, p:p + 5] for b, p in enumerate(firsts)])
+    return int(right.all(-1).sum()), right.float().mean().item()
+
+
+def _encode(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--chunks", type=int, default=8, help="chunks of the haystack (the question starts one more)")
+    ap.add_argument("--depth", type=float, default=0.0, help="the needle's depth (0: in the first chunk)")
+    rows = ap.add_mutually_exclusive_group()
+    rows.add_argument("--firsts", type=int, nargs="+", help="lengths of the first chunk to try (each in 1..chunk_size; "
+                      "default 128 127 126 124 120 112 100)")
+    rows.add_argument("--phases", type=int, nargs="+", help="filler phases after a needle at the start (tokens into "
+                      "the passage, each in 0..its length - 1)")
+    ap.add_argument("--samples", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", required=True, help="markdown table (written atomically)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    model = CometForCausalLM.from_pretrained(args.model).eval()
+    cs = model.comet_config.chunk_size
+    tok = byte_tokenizer()
+    period = len(_encode(tok, FILLER))
+    if args.phases:
+        what, values, allowed = "phase", args.phases, range(period)
+    else:
+        what, values, allowed = "first", args.firsts or [128, 127, 126, 124, 120, 112, 100], range(1, cs + 1)
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        ap.error(f"--{what}s: every value must lie in {allowed.start}..{allowed.stop - 1}, got {bad}")
+    title = "the filler phase after the needle" if args.phases else "the first chunk's length"
+    lines = [f"# Answers by {title} ({datetime.date.today()})", "", f"`{' '.join(['python'] + sys.argv)}`", "",
+             f"model `{args.model}`, {args.chunks} chunks, needle at depth {0.0 if args.phases else args.depth}, "
+             f"{args.samples} keys a row, teacher-forced answer", "",
+             f"| {'filler phase' if args.phases else 'first chunk'} | exact | digits |", "|---|---|---|"]
+    for value in values:
+        exact, digits = score(model, tok, args.chunks, args.depth, args.samples, **{what: value})
+        lines.append(f"| {value} | {exact}/{args.samples} | {digits:.2f} |")
+        print(lines[-1], flush=True)
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
