@@ -32,18 +32,18 @@ from comet_ext.passkey import DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_hay
 from comet_ext.planner import fixed
 
 
-@torch.no_grad()
-def score(model, tok, chunks: int, depth: float, samples: int, first: int = 0, phase: int = 0) -> tuple[int, float]:
-    """(keys answered exactly, mean share of right digits): a first chunk of `first` tokens
-    (0: chunk_size), or the filler after a needle at the start beginning `phase` tokens into
-    its passage."""
-    cs = model.comet_config.chunk_size
-    first = first or cs
+def layout_batch(tok, chunk_size: int, chunks: int, depth: float, samples: int, first: int = 0,
+                 phase: int = 0) -> tuple[torch.Tensor, list[int], list[int]]:
+    """Haystack + question + answer per key (seeds 0..samples-1): a first chunk of `first` tokens
+    (0: chunk_size) and `chunks - 1` full ones, or the filler after a needle at the start beginning
+    `phase` tokens into its passage. -> ids (samples, T), each answer's first digit, chunk sizes
+    (the question starts a chunk of its own)."""
+    first = first or chunk_size
     question = _encode(tok, QUESTION)
-    ids, firsts = [], []
+    ids, answer_pos = [], []
     for seed in range(samples):
         key = make_key(random.Random(seed))
-        length = first + cs * (chunks - 1)
+        length = first + chunk_size * (chunks - 1)
         if phase:
             needle, filler = _encode(tok, NEEDLE.format(key=key)), _encode(tok, FILLER)
             rest = length - len(needle)
@@ -51,10 +51,23 @@ def score(model, tok, chunks: int, depth: float, samples: int, first: int = 0, p
         else:
             hay, _ = build_haystack(tok, length, depth, key)
         ids.append(hay + question + _encode(tok, f" {key}."))
-        firsts.append(len(hay) + len(question) + 1)  # the answer's first digit, after its space
+        answer_pos.append(len(hay) + len(question) + 1)  # after the answer's space
     ids = torch.tensor(ids)
-    logits = model(ids, chunk_sizes=[first] + fixed(ids.shape[1] - first, cs)).logits
-    right = torch.stack([logits[b, p - 1:p + 4].argmax(-1) == ids[b, p:p + 5] for b, p in enumerate(firsts)])
+    return ids, answer_pos, [first] + fixed(ids.shape[1] - first, chunk_size)
+
+
+@torch.no_grad()
+def predict(model, ids: torch.Tensor, answer_pos: list[int], sizes: list[int]) -> torch.Tensor:
+    """The answer's 5 digits as predicted teacher-forced (samples, 5): the training forward with
+    these chunk sizes, which the tests hold equal to streaming."""
+    logits = model(ids, chunk_sizes=sizes).logits
+    return torch.stack([logits[b, p - 1:p + 4].argmax(-1) for b, p in enumerate(answer_pos)])
+
+
+def score(model, tok, chunks: int, depth: float, samples: int, first: int = 0, phase: int = 0) -> tuple[int, float]:
+    """(keys answered exactly, mean share of right digits) of layout_batch(...)."""
+    ids, answer_pos, sizes = layout_batch(tok, model.comet_config.chunk_size, chunks, depth, samples, first, phase)
+    right = predict(model, ids, answer_pos, sizes) == torch.stack([ids[b, p:p + 5] for b, p in enumerate(answer_pos)])
     return int(right.all(-1).sum()), right.float().mean().item()
 
 
@@ -88,11 +101,16 @@ def main() -> None:
     bad = [v for v in values if v not in allowed]
     if bad:
         ap.error(f"--{what}s: every value must lie in {allowed.start}..{allowed.stop - 1}, got {bad}")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from report import commit, machine
+
     title = "the filler phase after the needle" if args.phases else "the first chunk's length"
-    lines = [f"# Answers by {title} ({datetime.date.today()})", "", f"`{' '.join(['python'] + sys.argv)}`", "",
-             f"model `{args.model}`, {args.chunks} chunks, needle at depth {0.0 if args.phases else args.depth}, "
-             f"{args.samples} keys a row, teacher-forced answer", "",
-             f"| {'filler phase' if args.phases else 'first chunk'} | exact | digits |", "|---|---|---|"]
+    lines = [f"# Passkey answers by {title}", "", f"- date: {datetime.date.today().isoformat()}",
+             f"- machine: {machine()}", f"- commit: {commit()}",
+             f"- model: {os.path.relpath(args.model)}", f"- command: `python bench/passkey_layouts.py {' '.join(sys.argv[1:])}`",
+             f"- haystack: {args.chunks} chunks, the needle at depth {0.0 if args.phases else args.depth}, the question "
+             f"starting a chunk; {args.samples} keys a row; the answer predicted teacher-forced", "",
+             f"| {'filler phase' if args.phases else 'first chunk'} | exact | digits right |", "|---|---|---|"]
     for value in values:
         exact, digits = score(model, tok, args.chunks, args.depth, args.samples, **{what: value})
         lines.append(f"| {value} | {exact}/{args.samples} | {digits:.2f} |")

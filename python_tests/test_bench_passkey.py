@@ -1,0 +1,84 @@
+"""The passkey diagnostics in bench/ (gates, layouts) measure what they say they measure, on a
+tiny random model: the mechanics, not the trained model's numbers."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from comet_ext import CometConfig, CometForCausalLM
+from comet_ext.data import byte_tokenizer
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION
+
+BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCH, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return byte_tokenizer()
+
+
+def _model(tok, gate_snap: float = 1.0) -> CometForCausalLM:
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096)
+    comet = CometConfig(chunk_size=64, num_global=4, temp_stride=8, temp_budget=16, gate_snap=gate_snap)
+    model = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), comet).eval()
+    for layer_memory in model.memory_layers:  # gates start at 0.5 everywhere; spread them
+        torch.nn.init.normal_(layer_memory.global_memory_net.g_proj.weight, std=0.3)
+    return model
+
+
+@pytest.mark.parametrize("snap", [1.0, 0.5])
+def test_captured_gates_are_the_ones_the_update_uses(tok, snap):
+    """passkey_gates.capture_gates: one (B, G) gate per layer and gated update, snapped to exactly
+    1 above the model's gate_snap, and reading with the capture gives the same memory."""
+    capture_gates = _bench("passkey_gates").capture_gates
+    ids = torch.randint(0, len(tok), (2, 64 * 4))
+    plain = _model(tok, snap).read(ids, progress=False)
+    model = _model(tok, snap)
+    gates = capture_gates(model)
+    captured = model.read(ids, progress=False)
+    for l in range(2):
+        torch.testing.assert_close(captured.state[l], plain.state[l], rtol=0, atol=0)
+    assert sorted(gates) == [0, 1] and all(len(g) == 3 and g[0].shape == (2, 4) for g in gates.values())
+    g = torch.cat([torch.stack(v) for v in gates.values()])
+    if snap < 1:
+        assert (g == 1).any() and ((g == 1) | (g <= snap)).all()
+    else:
+        assert ((g > 0) & (g < 1)).all()
+
+
+@pytest.mark.parametrize("first, phase", [(0, 0), (40, 0), (0, 17)])
+def test_layout_batches_and_their_teacher_forced_answers(tok, first, phase):
+    """passkey_layouts: the haystack has the asked first chunk / filler phase, the question starts
+    a chunk, and the teacher-forced first digit is the one streaming predicts after the question."""
+    layouts = _bench("passkey_layouts")
+    model = _model(tok)
+    cs, question = 64, tok(QUESTION, add_special_tokens=False)["input_ids"]
+    ids, answer_pos, sizes = layouts.layout_batch(tok, cs, 3, 0.0, 3, first=first, phase=phase)
+    assert sizes[0] == (first or cs) and all(s == cs for s in sizes[1:-1]) and sum(sizes) == ids.shape[1]
+    for b, p in enumerate(answer_pos):
+        key = tok.decode(ids[b, p:p + 5].tolist())
+        hay_len = p - 1 - len(question)
+        text = tok.decode(ids[b, :hay_len].tolist())
+        needle = NEEDLE.format(key=key)
+        assert text.startswith(needle) and (FILLER * 3)[phase:].startswith(text[len(needle):])
+        assert hay_len == (first or cs) + 2 * cs  # the question starts chunk 4
+    predicted = layouts.predict(model, ids, answer_pos, sizes)
+    for b, p in enumerate(answer_pos):
+        hay_len = p - 1 - len(question)
+        if first == 0:  # fixed chunks: streaming reads the same layout
+            memory = model.read(ids[b:b + 1, :hay_len], progress=False)
+            _, last = model.read(torch.tensor([question + [ids[b, p - 1].item()]]), memory, return_last_hidden=True)
+            assert model.base.lm_head(model.decoder.norm(last))[0].argmax().item() == predicted[b, 0].item()
