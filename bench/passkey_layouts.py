@@ -28,7 +28,8 @@ import torch
 
 from comet_ext import CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.passkey import DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, build_haystack, make_key
+from comet_ext.modeling import _atomic_write
+from comet_ext.passkey import DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, _encode, build_haystack, make_key
 from comet_ext.planner import fixed
 
 
@@ -71,10 +72,6 @@ def score(model, tok, chunks: int, depth: float, samples: int, first: int = 0, p
     return int(right.all(-1).sum()), right.float().mean().item()
 
 
-def _encode(tok, text: str) -> list[int]:
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
@@ -115,10 +112,12 @@ def main() -> None:
         exact, digits = score(model, tok, args.chunks, args.depth, args.samples, **{what: value})
         lines.append(f"| {value} | {exact}/{args.samples} | {digits:.2f} |")
         print(lines[-1], flush=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, args.out)
+
+    def write(path: str) -> None:
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    _atomic_write(args.out, write)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     shared_depth = None
     if cut_after:
         late_one = late > 0 and rng.random() < late
-        shared_depth = 1 - rng.random() * min(1.0, chunk_size / hay_len) if late_one else rng.random()
+        shared_depth = late_depth(rng, chunk_size, hay_len) if late_one else rng.random()
     for _ in range(batch):
         key = make_key(rng)
         answer = list(tok(f" {key}.", add_special_tokens=False)["input_ids"])
@@ -111,7 +111,7 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
         elif far:  # the needle ends in the prefix, whatever the rounding to a passage boundary
             depth = rng.random() * (far * chunk_size - needle - filler) / (hay_len - needle)
         elif late > 0 and rng.random() < late:  # (late = 0 draws exactly what earlier versions drew)
-            depth = 1 - rng.random() * min(1.0, chunk_size / hay_len)
+            depth = late_depth(rng, chunk_size, hay_len)
         elif split > 0 and rng.random() < split and (slots := split_slots(hay_len, needle, filler, sizes)):
             depth = rng.choice(slots) * filler / (hay_len - needle)  # build_haystack rounds it back to the slot
         else:
@@ -131,6 +131,11 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     elif random_min:
         sizes = random_sizes(sum(sizes), chunk_size, random_min, np.random.default_rng(rng.getrandbits(64)))
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
+
+
+def late_depth(rng: random.Random, chunk_size: int, hay_len: int) -> float:
+    """A depth whose needle ends within the haystack's last chunk_size tokens."""
+    return 1 - rng.random() * min(1.0, chunk_size / hay_len)
 
 
 def split_slots(hay_len: int, needle: int, filler: int, sizes: list[int]) -> list[int]:
