@@ -53,14 +53,14 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
-from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, _encode, build_haystack, make_key
 from comet_ext.planner import fixed, random_sizes, semantic
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
 
 def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random, at_start: float = 0.25,
                late: float = 0.0, far: int = 0, split: float = 0.0, cut_after: Optional[list[int]] = None,
-               random_min: int = 0):
+               random_min: int = 0, phase: float = 0.0):
     """Haystack + question + answer per sample, all of one length, ending a last chunk
     that is full or partial. -> ids (batch, T), weights (1 on the answer digits, 0.5 on
     every other next-token target), the answer's first positions, the chunk sizes.
@@ -89,7 +89,13 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     (planner.random_sizes, one set of cuts for the batch), so that no chunk length or place of a
     cut relative to the filler is special: a model trained on fixed chunks only finds a key in a
     first chunk of 104, 116 or 122 tokens 0-1 times in 10, in one of 128 or 100 every time
-    (bench/passkey_layouts.py)."""
+    (bench/passkey_layouts.py).
+
+    phase > 0: with this probability a sample's filler starts at a random token of its passage
+    and its needle goes in at the token nearest its depth, not only between two passages
+    (`phased_haystack`), so that chunk boundaries fall at every phase of the filler and the
+    needle at every place in its chunk; the sweep's haystacks and the other samples always
+    start the passage at the haystack's first token and again after the needle."""
     question = list(tok(QUESTION, add_special_tokens=False)["input_ids"])
     qa = len(question) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])  # + the answer " NNNNN."
     filler, needle = (len(tok(text, add_special_tokens=False)["input_ids"])
@@ -116,7 +122,10 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
             depth = rng.choice(slots) * filler / (hay_len - needle)  # build_haystack rounds it back to the slot
         else:
             depth = rng.random()
-        hay, _ = build_haystack(tok, hay_len, depth, key)
+        if phase > 0 and rng.random() < phase:
+            hay = phased_haystack(tok, hay_len, depth, key, rng.randrange(filler))
+        else:
+            hay, _ = build_haystack(tok, hay_len, depth, key)
         seq = hay + question + answer
         w = [0.5] * len(seq)
         first_digit = len(hay) + len(question) + 1  # after the space
@@ -131,6 +140,16 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     elif random_min:
         sizes = random_sizes(sum(sizes), chunk_size, random_min, np.random.default_rng(rng.getrandbits(64)))
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
+
+
+def phased_haystack(tok, length: int, depth: float, key: str, offset: int) -> list[int]:
+    """A haystack of `length` tokens whose filler starts `offset` tokens into its passage and
+    runs on unbroken around the needle, which starts at token round(depth * filler tokens)."""
+    filler, needle = _encode(tok, FILLER), _encode(tok, NEEDLE.format(key=key))
+    n = length - len(needle)
+    stream = (filler * -(-(n + offset) // len(filler)))[offset:offset + n]
+    at = round(depth * n)
+    return stream[:at] + needle + stream[at:]
 
 
 def late_depth(rng: random.Random, chunk_size: int, hay_len: int) -> float:
@@ -181,6 +200,9 @@ def main() -> None:
                     help="probability that a step's chunks have random lengths in --min-chunk..--chunk-size "
                          "(planner.random_sizes) instead of fixed ones")
     ap.add_argument("--min-chunk", type=int, default=96, help="the shortest chunk of a --random-chunks step")
+    ap.add_argument("--filler-phase", type=float, default=0.0, metavar="P",
+                    help="fraction of the samples whose filler starts at a random token of its passage, "
+                         "the needle at any token (make_batch's phase)")
     ap.add_argument("--far-needle", type=float, default=0.0,
                     help="probability that a step's needle lies far back: --far-chunks chunks read without "
                          "gradient (truncated BPTT), then --far-tail chunks trained, the question in the last")
@@ -252,7 +274,8 @@ def main() -> None:
             ids, weights, answer_pos, sizes = make_batch(tok, args.batch_size, n, args.chunk_size, rng,
                                                          args.question_at_start, args.late_needle,
                                                          split=args.split_needle, cut_after=cut_at,
-                                                         random_min=args.min_chunk if randomly else 0)
+                                                         random_min=args.min_chunk if randomly else 0,
+                                                         phase=args.filler_phase)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             memory = None
             if far:  # truncated BPTT: the prefix holding the needle is read without gradient

@@ -268,3 +268,31 @@ def test_split_needles_straddle_a_chunk_boundary(tok, split):
         assert all(straddles)
     else:
         assert 0 < sum(straddles) < len(straddles)
+
+
+def test_phased_batches_put_filler_and_needle_at_every_phase(tok):
+    """make_batch(phase=1): each haystack is the needle inside one unbroken run of the periodic
+    filler, which starts at varying tokens of its passage, the needle at varying tokens too (not
+    only between passages); the answer and its weights as in a plain batch."""
+    import random
+
+    make_batch = _train_passkey().make_batch
+    filler = tok(FILLER, add_special_tokens=False)["input_ids"]
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    rng, cs, starts, needle_at = random.Random(6), 128, set(), set()
+    for _ in range(6):
+        ids, weights, answer_pos, sizes = make_batch(tok, 4, 3, cs, rng, at_start=0.5, phase=1.0)
+        assert sizes[:-1] == [cs, cs] and ids.shape[1] == sum(sizes)
+        for b, p in enumerate(answer_pos):
+            hay_len = p - 1 - len(question)
+            key = tok.decode(ids[b, p:p + 5].tolist())
+            needle = tok(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+            hay = ids[b, :hay_len].tolist()
+            at = next(i for i in range(hay_len) if hay[i:i + len(needle)] == needle)
+            rest = hay[:at] + hay[at + len(needle):]
+            offset = next(o for o in range(len(filler)) if all(t == filler[(o + i) % len(filler)]
+                                                               for i, t in enumerate(rest)))
+            starts.add(offset)
+            needle_at.add((at + offset) % len(filler))
+            assert weights[b].eq(1.0).nonzero().flatten().tolist() == list(range(p, p + 5))
+    assert len(starts) > 10 and len(needle_at) > 10, (starts, needle_at)
