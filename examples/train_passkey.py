@@ -31,7 +31,9 @@ gradient (--far-needle 0.5, 80 minutes from the shipped model) did not lengthen 
 is written, and the gates leak, inside the no-gradient prefix, so only the reading learns
 (bench/results/passkey_runs/, runs 14 and 15). Sentence-cut chunks (--semantic-chunks 0.9, two
 hours) and random chunks (--random-chunks 0.5, 70 minutes) from the shipped model did not make its
-reading independent of the layout (bench/passkey_layouts.py; runs 22-25 there).
+reading independent of the layout (bench/passkey_layouts.py; runs 22-25 there). Haystacks with the
+filler at every phase (--filler-phase 1, 105 minutes) did: 5-7 keys of 10 at each phase, but at that
+level, the sweep's phase-0 layouts losing what the shipped model had (run 26).
 """
 from __future__ import annotations
 
