@@ -231,6 +231,10 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tok = byte_tokenizer()
+    for name in ("review", "question_at_start", "late_needle", "split_needle", "semantic_chunks", "random_chunks",
+                 "filler_phase", "far_needle"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            ap.error(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(args, name)}")
     if not 1 <= args.min_chunk <= args.chunk_size:
         ap.error(f"--min-chunk must lie in 1..--chunk-size ({args.chunk_size}), got {args.min_chunk}")
     if args.semantic_chunks > 0 and not args.cut_after:

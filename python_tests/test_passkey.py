@@ -296,3 +296,15 @@ def test_phased_batches_put_filler_and_needle_at_every_phase(tok):
             needle_at.add((at + offset) % len(filler))
             assert weights[b].eq(1.0).nonzero().flatten().tolist() == list(range(p, p + 5))
     assert len(starts) > 10 and len(needle_at) > 10, (starts, needle_at)
+
+
+@pytest.mark.parametrize("flag", ["--filler-phase", "--random-chunks", "--review"])
+def test_train_passkey_refuses_a_probability_outside_0_1(flag):
+    """A probability option outside [0, 1] is an argparse error that names the option, before any training."""
+    import subprocess
+    import sys
+
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
+    run = subprocess.run([sys.executable, path, flag, "1.5", "--out", os.devnull], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and f"{flag} is a probability in [0, 1], got 1.5" in run.stderr, run.stderr
