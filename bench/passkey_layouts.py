@@ -29,7 +29,7 @@ import torch
 from comet_ext import CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write
-from comet_ext.passkey import DEFAULT_MODEL, FILLER, NEEDLE, QUESTION, _encode, build_haystack, make_key
+from comet_ext.passkey import DEFAULT_MODEL, FILLER, QUESTION, _encode, build_haystack, make_key, phased_haystack
 from comet_ext.planner import fixed
 
 
@@ -46,9 +46,7 @@ def layout_batch(tok, chunk_size: int, chunks: int, depth: float, samples: int, 
         key = make_key(random.Random(seed))
         length = first + chunk_size * (chunks - 1)
         if phase:
-            needle, filler = _encode(tok, NEEDLE.format(key=key)), _encode(tok, FILLER)
-            rest = length - len(needle)
-            hay = needle + (filler * (-(-(rest + phase) // len(filler))))[phase:phase + rest]
+            hay = phased_haystack(tok, length, 0.0, key, phase)
         else:
             hay, _ = build_haystack(tok, length, depth, key)
         ids.append(hay + question + _encode(tok, f" {key}."))

@@ -51,6 +51,24 @@ def build_haystack(tokenizer, length: int, depth: float, key: str) -> tuple[list
     return hay[:at] + needle + hay[at:], _encode(tokenizer, QUESTION)
 
 
+def phased_haystack(tokenizer, length: int, depth: float, key: str, offset: int) -> list[int]:
+    """A haystack of `length` tokens whose filler starts `offset` tokens into its passage and
+    runs on unbroken around the needle, which starts at token round(depth * filler tokens) —
+    not only between two passages as in `build_haystack` (training on every layout, and the
+    layout probe bench/passkey_layouts.py)."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"phased_haystack: depth must lie in [0, 1], got {depth}")
+    filler, needle = _encode(tokenizer, FILLER), _encode(tokenizer, NEEDLE.format(key=key))
+    if not 0 <= offset < len(filler):
+        raise ValueError(f"phased_haystack: offset must lie in 0..{len(filler) - 1} (the passage's tokens), got {offset}")
+    if length < len(needle):
+        raise ValueError(f"phased_haystack: length {length} is shorter than the needle ({len(needle)} tokens)")
+    n = length - len(needle)
+    stream = (filler * -(-(n + offset) // len(filler)))[offset:offset + n]
+    at = round(depth * n)
+    return stream[:at] + needle + stream[at:]
+
+
 def needle_start(tokenizer, length: int, depth: float, key: str) -> int:
     """Index of the needle's first token in `build_haystack(tokenizer, length, depth, key)`:
     the filler-passage boundary nearest `depth`."""

@@ -55,7 +55,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
 from comet_ext.modeling import _atomic_write, _write_json
-from comet_ext.passkey import FILLER, NEEDLE, QUESTION, _encode, build_haystack, make_key
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key, phased_haystack
 from comet_ext.planner import fixed, random_sizes, semantic
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
 
@@ -142,16 +142,6 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     elif random_min:
         sizes = random_sizes(sum(sizes), chunk_size, random_min, np.random.default_rng(rng.getrandbits(64)))
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
-
-
-def phased_haystack(tok, length: int, depth: float, key: str, offset: int) -> list[int]:
-    """A haystack of `length` tokens whose filler starts `offset` tokens into its passage and
-    runs on unbroken around the needle, which starts at token round(depth * filler tokens)."""
-    filler, needle = _encode(tok, FILLER), _encode(tok, NEEDLE.format(key=key))
-    n = length - len(needle)
-    stream = (filler * -(-(n + offset) // len(filler)))[offset:offset + n]
-    at = round(depth * n)
-    return stream[:at] + needle + stream[at:]
 
 
 def late_depth(rng: random.Random, chunk_size: int, hay_len: int) -> float:

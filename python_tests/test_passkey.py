@@ -308,3 +308,22 @@ def test_train_passkey_refuses_a_probability_outside_0_1(flag):
     run = subprocess.run([sys.executable, path, flag, "1.5", "--out", os.devnull], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and f"{flag} is a probability in [0, 1], got 1.5" in run.stderr, run.stderr
+
+
+def test_phased_haystack_is_build_haystack_at_phase_0_and_checks_its_arguments(tok):
+    """phased_haystack at offset 0 with the needle on a passage boundary is build_haystack's
+    haystack; other offsets shift the filler; bad arguments are ValueErrors naming them."""
+    from comet_ext.passkey import build_haystack, needle_start, phased_haystack
+
+    filler = tok(FILLER, add_special_tokens=False)["input_ids"]
+    length, key = 1000, "12345"
+    for depth in (0.0, 0.5, 1.0):
+        at = needle_start(tok, length, depth, key)
+        needle = len(tok(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"])
+        assert phased_haystack(tok, length, at / (length - needle), key, 0) == build_haystack(tok, length, depth, key)[0]
+    shifted = phased_haystack(tok, length, 1.0, key, 7)
+    assert len(shifted) == length and shifted[:20] == filler[7:27]
+    for bad, match in (({"depth": 1.5}, "depth"), ({"offset": len(filler)}, "offset"), ({"length": 10}, "length")):
+        args = {"length": length, "depth": 0.5, "key": key, "offset": 0} | bad
+        with pytest.raises(ValueError, match=match):
+            phased_haystack(tok, **args)
