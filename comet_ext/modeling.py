@@ -13,6 +13,7 @@ C = temp_budget, Hkv kv heads, D head dim, L layers.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import functools
 import json
 import os
@@ -153,6 +154,30 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.ones_(layer.temp_memory_net.norm.weight)
         nn.init.normal_(self.compression_embedding, std=std)
         nn.init.normal_(self.readout_embedding, std=std)
+
+    @torch.no_grad()
+    def resize_global_memory(self, num_global: int, noise: float = 0.0,
+                             generator: Optional[torch.Generator] = None) -> None:
+        """Gives a (trained) model `num_global` global-memory slots, as
+        `resize_token_embeddings` gives it a vocabulary: the readout embedding becomes
+        (num_global, d). Shrinking keeps the first `num_global` slots. Growing keeps the old
+        ones and fills slot i >= old with a copy of slot i mod old plus Gaussian noise of
+        `noise` x the embedding's standard deviation: the gate and the RLA are shared by all
+        slots, so a copied slot starts out read and written like its original, and the noise
+        lets the two drift apart. Memories read before the resize no longer fit the model."""
+        if isinstance(num_global, bool) or not isinstance(num_global, int) or num_global < 1:
+            raise ValueError(f"resize_global_memory: num_global must be an int >= 1, got {num_global!r}")
+        if not noise >= 0.0:
+            raise ValueError(f"resize_global_memory: noise must be >= 0, got {noise!r}")
+        old = self.readout_embedding.detach()
+        index = torch.arange(num_global, device=old.device) % old.shape[0]
+        new = old[index].clone()
+        if num_global > old.shape[0] and noise > 0:
+            extra = new[old.shape[0]:]
+            jitter = torch.randn(extra.shape, generator=generator, dtype=torch.float32, device="cpu")
+            extra += (jitter * noise * old.float().std().item()).to(extra)
+        self.readout_embedding = nn.Parameter(new, requires_grad=self.readout_embedding.requires_grad)
+        self.comet_config = dataclasses.replace(self.comet_config, num_global=num_global)
 
     @classmethod
     def from_base(cls, model_or_path, comet_config: Optional[CometConfig] = None, **load_kwargs) -> "CometForCausalLM":
@@ -526,8 +551,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         B, T = input_ids.shape
         lengths = self._lengths(attention_mask, B, T)
         memory = memory if memory is not None else self.new_memory(B)
-        if memory.batch_size != B:
-            raise ValueError(f"read: memory holds {memory.batch_size} samples but input_ids has {B}")
+        self._check_memory(memory, B, "read")
         if not global_memory and bool(memory.has_global.any()):
             raise ValueError("read: global_memory=False needs a memory without global rows (a fresh one, or "
                              "one read with global_memory=False)")
@@ -828,21 +852,35 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return TrainMemory(state=memory.state[l].detach().to(self.dtype), has_global=memory.has_global.clone(),
                            fifo=fifo)
 
+    def _check_memory(self, memory: CometMemory, batch_size: int, who: str) -> None:
+        """A memory passed in must be this model's, for this batch: the same layers, widths and
+        CoMeT config (a memory of another model, or of this one before resize_global_memory,
+        would be read as garbage or overflow its buffers)."""
+        if not isinstance(memory, CometMemory):
+            raise ValueError(f"{who}: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
+        if memory.batch_size != batch_size:
+            raise ValueError(f"{who}: memory holds {memory.batch_size} samples but input_ids has {batch_size}")
+        expected = self.memory_signature()
+        if memory.signature and memory.signature != expected:
+            diff = {k: (memory.signature.get(k), expected.get(k)) for k in set(memory.signature) | set(expected)
+                    if memory.signature.get(k) != expected.get(k)}
+            raise ValueError(f"{who}: memory belongs to another model or CoMeT config; differences "
+                             f"(memory, model): {diff}")
+        c, cc, B = self.config, self.comet_config, batch_size
+        state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
+        fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
+        rows = cc.num_global + cc.fifo_capacity + cc.chunk_size + max_compression_rows(cc) + cc.num_global
+        if (tuple(memory.state.shape) != state or tuple(memory.fifo_k.shape) != fifo
+                or tuple(memory.kv_k.shape) != fifo[:2] + (rows,) + fifo[3:]):
+            raise ValueError(f"{who}: memory has state {tuple(memory.state.shape)}, FIFO "
+                             f"{tuple(memory.fifo_k.shape)} and rows {tuple(memory.kv_k.shape)}; this model "
+                             f"expects (L, B, G, d) = {state}, (L, B, C, Hkv, D) = {fifo} and "
+                             f"(L, B, G + C + open chunk, Hkv, D) = {fifo[:2] + (rows,) + fifo[3:]}")
+
     def _check_train_start(self, memory: CometMemory, input_ids: Tensor) -> None:
         """A training forward continues a streamed memory only at a chunk boundary, with
         FIFOs a single piece can hold (every sample the same number of rows)."""
-        if not isinstance(memory, CometMemory):
-            raise ValueError(f"forward: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
-        B = input_ids.shape[0]
-        if memory.batch_size != B:
-            raise ValueError(f"forward: memory holds {memory.batch_size} samples but input_ids has {B}")
-        c, cc = self.config, self.comet_config
-        state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
-        fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
-        if tuple(memory.state.shape) != state or tuple(memory.fifo_k.shape) != fifo:
-            raise ValueError(f"forward: memory has state {tuple(memory.state.shape)} and FIFO "
-                             f"{tuple(memory.fifo_k.shape)}; this model expects (L, B, G, d) = {state} and "
-                             f"(L, B, C, Hkv, D) = {fifo}")
+        self._check_memory(memory, input_ids.shape[0], "forward")
         if bool((memory.open_rows != 0).any()):
             raise ValueError(f"forward: memory has an open chunk ({memory.open_text.tolist()} text tokens); a "
                              f"training forward starts at a chunk boundary: read whole chunks of "

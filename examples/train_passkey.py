@@ -171,6 +171,9 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4, help="attention heads of head dim 64")
+    ap.add_argument("--num-global", type=int, default=16,
+                    help="global-memory slots; with --init of another number, resize_global_memory "
+                         "(new slots: copies of the old ones plus noise of 0.1 x their spread)")
     ap.add_argument("--review", type=float, default=0.25,
                     help="probability that a step replays a shorter, already passed stage")
     ap.add_argument("--init", default=None,
@@ -236,14 +239,17 @@ def main() -> None:
                          tie_word_embeddings=True)
     init = CometForCausalLM.from_pretrained(args.init).train() if args.init else None
     snap = args.gate_snap if args.gate_snap is not None else init.comet_config.gate_snap if init else 1.0
-    comet = CometConfig(chunk_size=args.chunk_size, num_global=16, temp_stride=8, temp_budget=32, rla_rank=8,
-                        gate_snap=snap)
-    if init is not None:  # only the chunk size and the snap may differ: they set no parameter's shape
+    comet = CometConfig(chunk_size=args.chunk_size, num_global=args.num_global, temp_stride=8, temp_budget=32,
+                        rla_rank=8, gate_snap=snap)
+    if init is not None:  # the chunk size and the snap set no parameter's shape; the slots are resized
         model = init
         model.comet_config = dataclasses.replace(model.comet_config, chunk_size=args.chunk_size, gate_snap=snap)
+        if model.comet_config.num_global != args.num_global:
+            model.resize_global_memory(args.num_global, noise=0.1,
+                                       generator=torch.Generator().manual_seed(args.seed))
         if model.comet_config != comet:
             raise ValueError(f"--init {args.init}: its CoMeT config {model.comet_config} differs from {comet} "
-                             "in more than the chunk size and the gate snap")
+                             "in more than the chunk size, the gate snap and the number of slots")
     else:
         model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
     cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,

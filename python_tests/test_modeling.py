@@ -351,6 +351,61 @@ def test_memory_load_refuses_other_model_and_corrupt_files(tmp_path):
         CometMemory.load(tmp_path / "missing.safetensors", model)
 
 
+@pytest.mark.parametrize("other", [dict(num_global=5), dict(temp_budget=8), dict(chunk_size=20)],
+                         ids=["num_global", "temp_budget", "chunk_size"])
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_read_and_generate_refuse_a_memory_of_another_model(other, signed):
+    """Before this check a memory with a smaller FIFO was read without a word (and wrongly)."""
+    model = tiny_comet("llama")
+    memory = tiny_comet("llama", **other).read(ids(1, 40, seed=17))
+    if not signed:  # a memory built by hand: its shapes still give it away
+        memory.signature = {}
+    match = "belongs to another model" if signed else "this model expects"
+    with pytest.raises(ValueError, match=match):
+        model.read(ids(1, 8, seed=18), memory.clone())
+    with pytest.raises(ValueError, match=match):
+        model.generate(ids(1, 8, seed=18), memory=memory.clone(), max_new_tokens=2)
+
+
+def test_resize_global_memory(tmp_path):
+    model = tiny_comet("qwen3", seed=4)
+    old = model.readout_embedding.detach().clone()
+    one_chunk, two_chunks = ids(1, 16, seed=19), ids(1, 30, seed=19)
+    before_one, before_two = model(one_chunk).logits, model(two_chunks).logits
+    stale = model.read(two_chunks)
+
+    model.resize_global_memory(7, noise=0.5, generator=torch.Generator().manual_seed(0))
+    assert model.comet_config.num_global == 7 and model.readout_embedding.shape == (7, old.shape[1])
+    new = model.readout_embedding.detach()
+    assert torch.equal(new[:4], old)
+    jitter = new[4:] - old[:3]
+    assert 0.25 < float(jitter.std() / old.std()) < 1.0  # noise 0.5 x the embedding's spread
+    # The first chunk's text never sees its own readout rows; the second reads 7 slots.
+    torch.testing.assert_close(model(one_chunk).logits, before_one, rtol=0, atol=1e-6)
+    assert not torch.allclose(model(two_chunks).logits, before_two, atol=1e-3)
+    assert model.read(two_chunks).state.shape[2] == 7
+    with pytest.raises(ValueError, match="belongs to another model"):
+        model.read(ids(1, 8), stale)
+
+    model.save_pretrained(tmp_path)
+    loaded = CometForCausalLM.from_pretrained(tmp_path)
+    assert loaded.comet_config.num_global == 7
+    assert torch.equal(loaded(two_chunks).logits, model(two_chunks).logits)
+
+    model.resize_global_memory(2)
+    assert torch.equal(model.readout_embedding.detach(), old[:2]) and model.comet_config.num_global == 2
+    model.resize_global_memory(4)  # without noise a new slot is an exact copy
+    assert torch.equal(model.readout_embedding.detach(), old[[0, 1, 0, 1]])
+    for bad, match in [(0, "num_global must be an int >= 1"), (2.0, "num_global must be an int"),
+                       (True, "num_global must be an int")]:
+        with pytest.raises(ValueError, match=match):
+            model.resize_global_memory(bad)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        model.resize_global_memory(4, noise=-1.0)
+    with pytest.raises(ValueError, match="noise must be >= 0"):
+        model.resize_global_memory(4, noise=float("nan"))
+
+
 # --------------------------------------------------------------------------- bad inputs
 
 
@@ -474,7 +529,7 @@ def _ragged_memory(model):
     (lambda m: m.read(ids(2, 20, seed=15)), "open chunk"),
     (_ragged_memory, "different numbers of FIFO rows"),
     (lambda m: m.read(ids(3, 16, seed=15)), "memory holds 3 samples"),
-    (lambda m: tiny_comet("qwen3", temp_budget=8).new_memory(2), r"this model expects \(L, B, G, d\)"),
+    (lambda m: tiny_comet("qwen3", temp_budget=8).new_memory(2), "belongs to another model"),
     (lambda m: "memory.safetensors", "must be a CometMemory"),
 ], ids=["open-chunk", "ragged-fifo", "batch", "other-model", "not-a-memory"])
 def test_training_forward_refuses_a_memory_it_cannot_continue(memory, match):
