@@ -1,7 +1,8 @@
 """Train the passkey model from scratch with comet_ext (the shipped demo model's recipe).
 
     python examples/train_passkey.py --minutes 45 --out runs/passkey
-    python examples/train_passkey.py --init runs/passkey --start-stage 4 --out runs/passkey-more   # go on
+    python examples/train_passkey.py --minutes 45 --out runs/passkey --resume   # continue that run exactly
+    python examples/train_passkey.py --init runs/passkey --start-stage 4 --out runs/passkey-more   # a new run from it
 
 A small byte-level Qwen3-style decoder (4 layers, hidden 256, 4 heads) with the
 CoMeT memory learns to recall a 5-digit key hidden at a random depth of a filler
@@ -11,8 +12,10 @@ and a quarter of the steps replay a passed stage). Loss: the answer digits plus
 0.5 x the LM loss on everything else. The question lands anywhere in the last
 chunk — often at its very start, as in a haystack of a power-of-two length, where
 only the memory holds the key. Writes the model + tokenizer (save_pretrained),
-train_log.jsonl (a line per step) and train_info.json (command, seed, time,
-stage) into --out, also each time a stage is passed.
+train_log.jsonl (a line per step), train_info.json (command, seed, time,
+stage) and trainer_state.pt (what --resume continues from: the optimizer, the
+schedule, the random states, the curriculum) into --out, every --save-every
+minutes and each time a stage is passed.
 
 What we learnt on a 2-core CPU: start the curriculum at 1 chunk (from 2 the
 answer loss sits at chance) and at a chunk size of 128 (at 256, and with hidden
@@ -218,6 +221,10 @@ def main() -> None:
                     help="CometConfig.gate_snap: gates above TAU keep their slot exactly (1: never; "
                          "default: --init's own setting, else 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the run saved in --out (weights, optimizer, schedule, random state, curriculum, "
+                         "log) where its last save left it: give the run's command again with --resume; --steps "
+                         "counts all steps, --minutes this process's")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,7 +244,9 @@ def main() -> None:
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
                          tie_word_embeddings=True)
-    init = CometForCausalLM.from_pretrained(args.init).train() if args.init else None
+    resumed = load_trainer_state(args.out) if args.resume else None
+    init_from = args.out if resumed else args.init  # a resumed run's model is its own checkpoint
+    init = CometForCausalLM.from_pretrained(init_from).train() if init_from else None
     snap = args.gate_snap if args.gate_snap is not None else init.comet_config.gate_snap if init else 1.0
     comet = CometConfig(chunk_size=args.chunk_size, num_global=args.num_global, temp_stride=8, temp_budget=32,
                         rla_rank=8, gate_snap=snap)
@@ -248,8 +257,10 @@ def main() -> None:
             model.resize_global_memory(args.num_global, noise=0.1,
                                        generator=torch.Generator().manual_seed(args.seed))
         if model.comet_config != comet:
-            raise ValueError(f"--init {args.init}: its CoMeT config {model.comet_config} differs from {comet} "
+            raise ValueError(f"--init {init_from}: its CoMeT config {model.comet_config} differs from {comet} "
                              "in more than the chunk size, the gate snap and the number of slots")
+        if resumed:  # the weights that go with the optimizer state (model.safetensors is written apart)
+            model.load_state_dict(resumed["model"])
     else:
         model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
     cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,
@@ -257,10 +268,31 @@ def main() -> None:
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     os.makedirs(args.out, exist_ok=True)
-    log = open(os.path.join(args.out, "train_log.jsonl"), "w")
+    log_path = os.path.join(args.out, "train_log.jsonl")
     start, chunks, recent, recent_far = time.time(), args.start_stage, [], []
     last_save, passed, done = start, 0, 0  # passed: the longest stage this run has passed; done: steps run
-    for step in range(args.steps):
+    before = 0.0  # minutes run before a --resume
+    if resumed:
+        baked = [f"--{k.replace('_', '-')} {resumed['args'][k]} (now {getattr(args, k)})"
+                 for k in ("lr", "memory_lr_mult") if resumed["args"][k] != getattr(args, k)]
+        if baked:  # the restored schedule holds the learning rates: a changed one would be ignored
+            raise SystemExit(f"--resume: the run was trained with {', '.join(baked)}; resume with the same "
+                             "learning rates, or start a new run from it with --init")
+        changed = [f"--{k.replace('_', '-')} {v!r} -> {getattr(args, k)!r}" for k, v in resumed["args"].items()
+                   if k not in ("resume", "minutes") and getattr(args, k, v) != v]
+        if changed:
+            print(f"resuming with changed options: {'; '.join(changed)}", flush=True)
+        opt.load_state_dict(resumed["optimizer"])
+        sched.load_state_dict(resumed["scheduler"])
+        rng.setstate(resumed["rng"])
+        torch.set_rng_state(resumed["torch_rng"])
+        done, chunks, passed = resumed["step"], resumed["stage"], resumed["passed"]
+        recent, recent_far, before = resumed["recent"], resumed["recent_far"], resumed["minutes"]
+        keep_log_until(log_path, done)  # steps logged after the last save are run again
+        print(f"resuming {args.out} at step {done}, stage {chunks} ({before:.1f} min so far)", flush=True)
+    log = open(log_path, "a" if resumed else "w")
+    state = TrainerState(model, opt, sched, rng, args, start, before)
+    for step in range(done, args.steps):
         if time.time() - start > args.minutes * 60:
             break
         far = 0
@@ -306,7 +338,7 @@ def main() -> None:
             recent = (recent + [acc])[-20:]
         done = step + 1
         record = {"step": done, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
-                  "minutes": (time.time() - start) / 60}
+                  "minutes": before + (time.time() - start) / 60}
         if far:
             record["far_chunks"] = far
         elif cut_at:
@@ -320,26 +352,68 @@ def main() -> None:
             print(f"step {done} stage {chunks} loss {loss.item():.3f} digits {sum(recent) / len(recent):.2f}"
                   f"{far_digits} ({record['minutes']:.1f} min)", flush=True)
         if len(recent) == 20 and sum(recent) / 20 >= args.advance_at and chunks < args.max_chunks:
-            passed = chunks
-            save(model, tok, args, start, done, chunks, passed)  # a cut-off run keeps what it learnt
-            chunks, recent = chunks * 2, []
+            passed, chunks, recent = chunks, chunks * 2, []
+            state.save(tok, done, chunks, passed, recent, recent_far)  # a cut-off run keeps what it learnt
             last_save = time.time()
         elif time.time() - last_save > args.save_every * 60:
-            save(model, tok, args, start, done, chunks, passed)
+            state.save(tok, done, chunks, passed, recent, recent_far)
             last_save = time.time()
     log.close()
-    save(model, tok, args, start, done, chunks, passed)
-    print(f"saved to {args.out} after {(time.time() - start) / 60:.1f} min at {chunks} chunks")
+    state.save(tok, done, chunks, passed, recent, recent_far)
+    print(f"saved to {args.out} after {before + (time.time() - start) / 60:.1f} min at {chunks} chunks")
 
 
-def save(model, tok, args, start: float, steps: int, stage: int, passed: int) -> None:
-    model.eval()
-    model.save_pretrained(args.out)
-    model.train()
-    tok.save_pretrained(args.out)
-    info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": args.seed,
-            "minutes": (time.time() - start) / 60, "steps": steps, "stage": stage, "passed_stage": passed}
-    _atomic_write(os.path.join(args.out, "train_info.json"), lambda p: _write_json(p, info))
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclasses.dataclass
+class TrainerState:
+    """What --resume needs besides the command: saved with the model at every save."""
+    model: CometForCausalLM
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    rng: random.Random
+    args: argparse.Namespace
+    start: float  # this process's start (time.time())
+    before: float  # minutes run before this process (--resume)
+
+    def save(self, tok, steps: int, stage: int, passed: int, recent: list, recent_far: list) -> None:
+        """The model + tokenizer (save_pretrained), train_info.json, and trainer_state.pt: the
+        weights again, with the optimizer, the schedule, both random states and the curriculum's
+        counters, in one atomically written file, so that a resumed run continues exactly."""
+        out, minutes = self.args.out, self.before + (time.time() - self.start) / 60
+        self.model.eval()
+        self.model.save_pretrained(out)
+        self.model.train()
+        tok.save_pretrained(out)
+        trainer = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                   "scheduler": self.sched.state_dict(), "rng": self.rng.getstate(),
+                   "torch_rng": torch.get_rng_state(), "step": steps, "stage": stage, "passed": passed,
+                   "recent": list(recent), "recent_far": list(recent_far), "minutes": minutes,
+                   "args": vars(self.args)}
+        _atomic_write(os.path.join(out, TRAINER_STATE), lambda p: torch.save(trainer, p))
+        info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": self.args.seed,
+                "minutes": minutes, "steps": steps, "stage": stage, "passed_stage": passed}
+        _atomic_write(os.path.join(out, "train_info.json"), lambda p: _write_json(p, info))
+
+
+def load_trainer_state(out: str) -> dict:
+    path = os.path.join(out, TRAINER_STATE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"--resume: no {TRAINER_STATE} in --out {out!r} (a run saves one at every save; "
+                         "runs of older versions of this script cannot be resumed)")
+    return torch.load(path, weights_only=False)  # our own file: Python random state, plain containers
+
+
+def keep_log_until(path: str, step: int) -> None:
+    """Drops the log lines of steps after `step` (run again after a --resume), atomically."""
+    lines = open(path).readlines() if os.path.isfile(path) else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+
+    def write(p):
+        with open(p, "w") as f:
+            f.writelines(kept)
+    _atomic_write(path, write)
 
 
 if __name__ == "__main__":

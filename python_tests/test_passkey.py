@@ -327,3 +327,40 @@ def test_phased_haystack_is_build_haystack_at_phase_0_and_checks_its_arguments(t
         args = {"length": length, "depth": 0.5, "key": key, "offset": 0} | bad
         with pytest.raises(ValueError, match=match):
             phased_haystack(tok, **args)
+
+
+def _run_train_passkey(out, *extra, steps):
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
+    tiny = ["--hidden", "64", "--layers", "1", "--heads", "1", "--batch-size", "2", "--max-chunks", "2",
+            "--advance-at", "0", "--threads", "1", "--seed", "3", "--steps", str(steps), "--out", str(out)]
+    return subprocess.run([sys.executable, path, *tiny, *extra], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")})
+
+
+def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
+    """22 steps, a crash after them (a stray log line), --resume to 26 steps: the same weights, the
+    same log, as 26 steps in one go — across a stage change (stage 1 passes at step 20)."""
+    from safetensors.torch import load_file
+
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert _run_train_passkey(whole, steps=26).returncode == 0
+    first = _run_train_passkey(parts, steps=22)
+    assert first.returncode == 0, first.stderr
+    with open(parts / "train_log.jsonl", "a") as f:  # logged after the last save, then killed
+        f.write(json.dumps({"step": 23, "loss": 0.0}) + "\n")
+    second = _run_train_passkey(parts, "--resume", steps=26)
+    assert second.returncode == 0 and "resuming" in second.stdout and "step 22, stage 2" in second.stdout, second.stderr
+
+    def log(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "minutes"}
+                for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert log(parts) == log(whole) and len(log(whole)) == 26 and log(whole)[-1]["stage"] == 2
+    a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    info = json.loads((parts / "train_info.json").read_text())
+    assert info["steps"] == 26 and info["stage"] == 2 and info["passed_stage"] == 1
+
+    other_lr = _run_train_passkey(parts, "--resume", "--lr", "0.01", steps=28)
+    assert other_lr.returncode != 0 and "trained with --lr 0.001 (now 0.01)" in other_lr.stderr
+    missing = _run_train_passkey(tmp_path / "none", "--resume", steps=2)
+    assert missing.returncode != 0 and "--resume: no trainer_state.pt" in missing.stderr
