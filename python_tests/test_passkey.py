@@ -144,10 +144,11 @@ def _train_passkey():
     import importlib.util
 
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
-    spec = importlib.util.spec_from_file_location("train_passkey", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "train_passkey" not in sys.modules:  # registered first, as an import would (its dataclasses look it up)
+        spec = importlib.util.spec_from_file_location("train_passkey", path)
+        sys.modules["train_passkey"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["train_passkey"]
 
 
 @pytest.mark.parametrize("far", [0, 5])
