@@ -28,7 +28,7 @@ import torch
 
 from comet_ext import CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.modeling import _atomic_write
+from comet_ext.atomic import atomic_write
 from comet_ext.passkey import DEFAULT_MODEL, FILLER, QUESTION, _encode, build_haystack, make_key, phased_haystack
 from comet_ext.planner import fixed
 
@@ -115,7 +115,7 @@ def main() -> None:
         with open(path, "w") as f:
             f.write("\n".join(lines) + "\n")
 
-    _atomic_write(args.out, write)
+    atomic_write(args.out, write)
 
 
 if __name__ == "__main__":

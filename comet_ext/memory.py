@@ -23,13 +23,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
+
+from .atomic import atomic_write
 
 FORMAT_VERSION = 1
 _FIELDS = (
@@ -89,16 +90,7 @@ class CometMemory:
         meta = {"format": "comet_ext.CometMemory", "version": str(FORMAT_VERSION),
                 "signature": json.dumps(self.signature, sort_keys=True)}
         tensors = {f: getattr(self, f).detach().contiguous().cpu() for f in _FIELDS}
-        folder = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".comet_memory.", suffix=".tmp", dir=folder)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, device: Optional[torch.device | str] = None) -> "CometMemory":

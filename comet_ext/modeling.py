@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -30,6 +29,7 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from . import ops
+from .atomic import atomic_write, write_json
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
@@ -213,12 +213,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         config = self.config.to_dict()
         config["comet"] = self.comet_config.to_dict()
         config["architectures"] = ["CometForCausalLM"]
-        _atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: _write_json(p, config))
+        atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config))
         state_dict = self.state_dict() if state_dict is None else state_dict
         state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         for a, b in _tied_keys(self):  # safetensors refuses shared storage: keep one copy
             state.pop(b, None)
-        _atomic_write(os.path.join(folder, WEIGHTS_NAME),
+        atomic_write(os.path.join(folder, WEIGHTS_NAME),
                       lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "1"}))
 
     @classmethod
@@ -1087,21 +1087,3 @@ def _tied_keys(model: nn.Module) -> list[tuple[str, str]]:
         else:
             seen[key] = name
     return pairs
-
-
-def _write_json(path: str, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-
-
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .modeling import _atomic_write, _write_json
+from .atomic import atomic_write, write_json
 from .training import peak_memory_mb
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -170,7 +170,7 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
                       f"({runs[0]['seconds']:.0f} s)", flush=True)
             cells.append(cell)
             result = _grid(cells + list(done.values()), global_memory, fingerprint, boundaries)
-            _atomic_write(path, lambda p: _write_json(p, result))
+            atomic_write(path, lambda p: write_json(p, result))
     heatmap(result, os.path.join(out, "passkey_heatmap.png"))
     return result
 

@@ -20,14 +20,13 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
+from .atomic import atomic_folder
 from .data import Sample, collate
 from .planner import ChunkPlanner
 
@@ -249,22 +248,15 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
 
     def save_checkpoint(self, folder: str) -> None:
-        """Everything to resume exactly, written to a temporary folder and renamed into place."""
-        parent = os.path.dirname(os.path.abspath(folder))
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".ckpt.", dir=parent)
-        try:
+        """Everything to resume exactly, written to a temporary folder and renamed into place
+        (the previous checkpoint is deleted only once the new one is there)."""
+        def fill(tmp: str) -> None:
             self.model.save_pretrained(os.path.join(tmp, "model"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "step": self.step, "history": self.history}, os.path.join(tmp, "trainer.pt"))
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(self.cfg), f, indent=1)
-            if os.path.exists(folder):
-                shutil.rmtree(folder)
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        atomic_folder(folder, fill)
 
     def load_checkpoint(self, folder: str) -> None:
         """Restores the model weights, optimizer, scheduler and data position."""

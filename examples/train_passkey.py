@@ -57,7 +57,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.modeling import _atomic_write, _write_json
+from comet_ext.atomic import atomic_write, write_json
 from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, make_key, phased_haystack
 from comet_ext.planner import fixed, random_sizes, semantic
 from comet_ext.training import TrainConfig, build_optimizer, lr_factor
@@ -291,7 +291,9 @@ def main() -> None:
         keep_log_until(log_path, done)  # steps logged after the last save are run again
         print(f"resuming {args.out} at step {done}, stage {chunks} ({before:.1f} min so far)", flush=True)
     log = open(log_path, "a" if resumed else "w")
-    state = TrainerState(model, opt, sched, rng, args, start, before)
+    command = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "from_step": done}
+    state = TrainerState(model, opt, sched, rng, args, start, before,
+                         (resumed["commands"] if resumed else []) + [command])
     for step in range(done, args.steps):
         if time.time() - start > args.minutes * 60:
             break
@@ -376,6 +378,7 @@ class TrainerState:
     args: argparse.Namespace
     start: float  # this process's start (time.time())
     before: float  # minutes run before this process (--resume)
+    commands: list  # every command of the run, the first one and each --resume, with the step it began at
 
     def save(self, tok, steps: int, stage: int, passed: int, recent: list, recent_far: list) -> None:
         """The model + tokenizer (save_pretrained), train_info.json, and trainer_state.pt: the
@@ -390,11 +393,11 @@ class TrainerState:
                    "scheduler": self.sched.state_dict(), "rng": self.rng.getstate(),
                    "torch_rng": torch.get_rng_state(), "step": steps, "stage": stage, "passed": passed,
                    "recent": list(recent), "recent_far": list(recent_far), "minutes": minutes,
-                   "args": vars(self.args)}
-        _atomic_write(os.path.join(out, TRAINER_STATE), lambda p: torch.save(trainer, p))
-        info = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "seed": self.args.seed,
+                   "args": vars(self.args), "commands": self.commands}
+        atomic_write(os.path.join(out, TRAINER_STATE), lambda p: torch.save(trainer, p))
+        info = {"command": self.commands[-1]["command"], "commands": self.commands, "seed": self.args.seed,
                 "minutes": minutes, "steps": steps, "stage": stage, "passed_stage": passed}
-        _atomic_write(os.path.join(out, "train_info.json"), lambda p: _write_json(p, info))
+        atomic_write(os.path.join(out, "train_info.json"), lambda p: write_json(p, info))
 
 
 def load_trainer_state(out: str) -> dict:
@@ -413,7 +416,7 @@ def keep_log_until(path: str, step: int) -> None:
     def write(p):
         with open(p, "w") as f:
             f.writelines(kept)
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 if __name__ == "__main__":

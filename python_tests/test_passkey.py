@@ -360,6 +360,7 @@ def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     info = json.loads((parts / "train_info.json").read_text())
     assert info["steps"] == 26 and info["stage"] == 2 and info["passed_stage"] == 1
+    assert [c["from_step"] for c in info["commands"]] == [0, 22] and info["commands"][1]["command"].endswith("--resume")
 
     other_lr = _run_train_passkey(parts, "--resume", "--lr", "0.01", steps=28)
     assert other_lr.returncode != 0 and "trained with --lr 0.001 (now 0.01)" in other_lr.stderr

@@ -1,0 +1,66 @@
+"""Writes that never leave a half-written file or folder behind: everything comet_ext saves
+(models, memories, checkpoints, sweep results) goes through here.
+
+A temporary file or folder next to the target is written, given the permissions a plain
+`open` / `os.makedirs` would have given it (mkstemp / mkdtemp create them private, 0600 /
+0700, which would make a shared model folder unreadable to everyone else), and renamed into
+place: a reader sees the old version or the new one, never a mix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Callable
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """write(tmp) fills a temporary file beside `path`, which then replaces `path`."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_folder(folder: str | os.PathLike, fill: Callable[[str], None]) -> None:
+    """fill(tmp) fills a temporary folder beside `folder`, which then takes its place. An old
+    `folder` is moved aside first and deleted only once the new one is in place."""
+    folder = os.path.abspath(os.fspath(folder))
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".tmp", dir=parent)
+    old = None
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if os.path.exists(folder):
+            old = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".old", dir=parent)
+            os.replace(folder, old)  # (an empty directory as the target is replaced)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not os.path.exists(folder):
+            os.replace(old, folder)  # put the old version back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str, obj) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,74 @@
+"""comet_ext.atomic: a failed save leaves the old version whole and no debris; what is saved
+gets the permissions a plain open / makedirs would give it (not mkstemp's private 0600)."""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+from modeling_utils import tiny_comet
+
+from comet_ext.atomic import atomic_folder, atomic_write
+from comet_ext.data import Sample
+from comet_ext.planner import ChunkPlanner
+from comet_ext.training import TrainConfig, Trainer
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def write_text(text):
+    def write(p):
+        with open(p, "w") as f:
+            f.write(text)
+    return write
+
+
+def test_atomic_write_replaces_with_normal_permissions_and_keeps_the_old_file_on_failure(tmp_path, umask_022):
+    path = tmp_path / "a.json"
+    atomic_write(path, write_text("old"))
+    assert path.read_text() == "old" and mode(path) == 0o644
+
+    def fails(p):
+        write_text("half")(p)
+        raise RuntimeError("disk full")
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, fails)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["a.json"]
+
+
+def test_atomic_folder_swaps_the_whole_folder_and_keeps_the_old_one_on_failure(tmp_path, umask_022):
+    target = tmp_path / "ckpt"
+    atomic_folder(target, lambda d: write_text("1")(os.path.join(d, "x")))
+    assert (target / "x").read_text() == "1" and mode(target) == 0o755
+    atomic_folder(target, lambda d: write_text("2")(os.path.join(d, "y")))
+    assert os.listdir(target) == ["y"] and os.listdir(tmp_path) == ["ckpt"]
+
+    def fails(d):
+        write_text("3")(os.path.join(d, "z"))
+        raise RuntimeError("killed")
+    with pytest.raises(RuntimeError, match="killed"):
+        atomic_folder(target, fails)
+    assert os.listdir(target) == ["y"] and os.listdir(tmp_path) == ["ckpt"]
+
+
+def test_saved_models_memories_and_checkpoints_are_readable_by_others(tmp_path, umask_022):
+    model = tiny_comet("qwen3")
+    model.save_pretrained(tmp_path / "model")
+    model.read(torch.randint(0, 50, (1, 20))).save(tmp_path / "mem.safetensors")
+    trainer = Trainer(model, [Sample([1] * 20, [1] * 20)], TrainConfig(total_steps=1), ChunkPlanner(chunk_size=16))
+    trainer.save_checkpoint(tmp_path / "ckpt")
+    files = [tmp_path / "mem.safetensors"] + [os.path.join(root, f) for folder in ("model", "ckpt")
+                                              for root, _, names in os.walk(tmp_path / folder) for f in names]
+    assert len(files) >= 6
+    assert {str(f): mode(f) for f in files} == {str(f): 0o644 for f in files}
+    assert mode(tmp_path / "ckpt") == 0o755 and mode(tmp_path / "model") == 0o755
