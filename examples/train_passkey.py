@@ -293,7 +293,7 @@ def main() -> None:
     log = open(log_path, "a" if resumed else "w")
     command = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "from_step": done}
     state = TrainerState(model, opt, sched, rng, args, start, before,
-                         (resumed["commands"] if resumed else []) + [command])
+                         (earlier_commands(args.out, resumed) if resumed else []) + [command])
     for step in range(done, args.steps):
         if time.time() - start > args.minutes * 60:
             break
@@ -406,6 +406,15 @@ def load_trainer_state(out: str) -> dict:
         raise SystemExit(f"--resume: no {TRAINER_STATE} in --out {out!r} (a run saves one at every save; "
                          "runs of older versions of this script cannot be resumed)")
     return torch.load(path, weights_only=False)  # our own file: Python random state, plain containers
+
+
+def earlier_commands(out: str, resumed: dict) -> list:
+    """The commands of a run so far (a trainer state saved before they were kept in it: the
+    one command its train_info.json names)."""
+    if "commands" in resumed:
+        return resumed["commands"]
+    with open(os.path.join(out, "train_info.json")) as f:
+        return [{"command": json.load(f)["command"], "from_step": 0}]
 
 
 def keep_log_until(path: str, step: int) -> None:
