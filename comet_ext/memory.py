@@ -39,6 +39,11 @@ _FIELDS = (
 )
 
 
+def signature_diff(have: dict, want: dict) -> dict:
+    """Where a memory's signature `have` differs from a model's `want`: {key: (have, want)}."""
+    return {k: (have.get(k), want.get(k)) for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)}
+
+
 @dataclasses.dataclass
 class CometMemory:
     state: Tensor
@@ -118,10 +123,8 @@ class CometMemory:
         signature = json.loads(meta.get("signature", "{}"))
         memory = cls(**{f: tensors[f] for f in _FIELDS}, signature=signature)
         if model is not None:
-            expected = model.memory_signature()
-            if signature != expected:
-                diff = {k: (signature.get(k), expected.get(k)) for k in set(signature) | set(expected)
-                        if signature.get(k) != expected.get(k)}
+            diff = signature_diff(signature, model.memory_signature())
+            if diff:
                 raise ValueError(
                     f"CometMemory.load: {path!r} belongs to another model or CoMeT config; "
                     f"differences (file, model): {diff}"

@@ -33,7 +33,7 @@ from .atomic import atomic_write, write_json
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
-from .memory import CometMemory
+from .memory import CometMemory, signature_diff
 from .train_memory import FifoWindow, TrainMemory
 from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
 
@@ -304,8 +304,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         L, G, D = c.num_hidden_layers, cc.num_global, self._head_dim()
         C = cc.fifo_capacity
         Hkv, d = c.num_key_value_heads, c.hidden_size
-        # The open chunk's rows, and the closing segment's readout rows after them.
-        open_cap = cc.chunk_size + max_compression_rows(cc) + G
         kw = dict(device=self.device)
         def kv(n):
             return torch.zeros(L, batch_size, n, Hkv, D, dtype=self.dtype, **kw)
@@ -315,7 +313,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
         return CometMemory(
             state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
-            kv_k=kv(G + C + open_cap), kv_v=kv(G + C + open_cap),
+            kv_k=kv(self._kv_rows()), kv_v=kv(self._kv_rows()),
             fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
             pending_k=kv(max_compression_rows(cc)), pending_v=kv(max_compression_rows(cc)),
             has_global=torch.zeros(batch_size, dtype=torch.bool, **kw),
@@ -323,6 +321,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             pending=zeros(batch_size), tokens=zeros(batch_size),
             signature=self.memory_signature(),
         )
+
+    def _kv_rows(self) -> int:
+        """Rows of a streaming memory's key / value buffer: the global rows, the FIFO, the open
+        chunk's rows, and the closing segment's readout rows after them."""
+        cc = self.comet_config
+        return cc.num_global + cc.fifo_capacity + cc.chunk_size + max_compression_rows(cc) + cc.num_global
 
     def _memory_rows_kv(self, l: int, global_k: Tensor, global_v: Tensor, has_global: Tensor,
                         fifo: tuple[Tensor, Tensor, Tensor, Tensor], rope: tuple[Tensor, Tensor],
@@ -860,16 +864,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"{who}: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
         if memory.batch_size != batch_size:
             raise ValueError(f"{who}: memory holds {memory.batch_size} samples but input_ids has {batch_size}")
-        expected = self.memory_signature()
-        if memory.signature and memory.signature != expected:
-            diff = {k: (memory.signature.get(k), expected.get(k)) for k in set(memory.signature) | set(expected)
-                    if memory.signature.get(k) != expected.get(k)}
+        diff = signature_diff(memory.signature, self.memory_signature()) if memory.signature else {}
+        if diff:
             raise ValueError(f"{who}: memory belongs to another model or CoMeT config; differences "
                              f"(memory, model): {diff}")
         c, cc, B = self.config, self.comet_config, batch_size
         state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
         fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
-        rows = cc.num_global + cc.fifo_capacity + cc.chunk_size + max_compression_rows(cc) + cc.num_global
+        rows = self._kv_rows()
         if (tuple(memory.state.shape) != state or tuple(memory.fifo_k.shape) != fifo
                 or tuple(memory.kv_k.shape) != fifo[:2] + (rows,) + fifo[3:]):
             raise ValueError(f"{who}: memory has state {tuple(memory.state.shape)}, FIFO "

@@ -405,7 +405,7 @@ def load_trainer_state(out: str) -> dict:
     if not os.path.isfile(path):
         raise SystemExit(f"--resume: no {TRAINER_STATE} in --out {out!r} (a run saves one at every save; "
                          "runs of older versions of this script cannot be resumed)")
-    return torch.load(path, weights_only=False)  # our own file: Python random state, plain containers
+    return torch.load(path, weights_only=True)  # tensors and plain containers only
 
 
 def earlier_commands(out: str, resumed: dict) -> list:
