@@ -164,7 +164,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         ones and fills slot i >= old with a copy of slot i mod old plus Gaussian noise of
         `noise` x the embedding's standard deviation: the gate and the RLA are shared by all
         slots, so a copied slot starts out read and written like its original, and the noise
-        lets the two drift apart. Memories read before the resize no longer fit the model."""
+        lets the two drift apart. Memories read before the resize no longer fit the model, and
+        an optimizer built before it holds the old parameter: build it after."""
         if isinstance(num_global, bool) or not isinstance(num_global, int) or num_global < 1:
             raise ValueError(f"resize_global_memory: num_global must be an int >= 1, got {num_global!r}")
         if not noise >= 0.0:
@@ -219,7 +220,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         for a, b in _tied_keys(self):  # safetensors refuses shared storage: keep one copy
             state.pop(b, None)
         atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                      lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "1"}))
+                     lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "1"}))
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None,
