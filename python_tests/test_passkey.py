@@ -334,8 +334,7 @@ def _run_train_passkey(out, *extra, steps):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
     tiny = ["--hidden", "64", "--layers", "1", "--heads", "1", "--batch-size", "2", "--max-chunks", "2",
             "--advance-at", "0", "--threads", "1", "--seed", "3", "--steps", str(steps), "--out", str(out)]
-    return subprocess.run([sys.executable, path, *tiny, *extra], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")})
+    return subprocess.run([sys.executable, path, *tiny, *extra], capture_output=True, text=True, timeout=300)
 
 
 def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
@@ -344,7 +343,8 @@ def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
     from safetensors.torch import load_file
 
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert _run_train_passkey(whole, steps=26).returncode == 0
+    run = _run_train_passkey(whole, steps=26)
+    assert run.returncode == 0, run.stderr
     first = _run_train_passkey(parts, steps=22)
     assert first.returncode == 0, first.stderr
     with open(parts / "train_log.jsonl", "a") as f:  # logged after the last save, then killed
