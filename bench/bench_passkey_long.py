@@ -18,6 +18,8 @@ import os
 import subprocess
 import sys
 
+from comet_ext.atomic import atomic_write, write_json, write_text
+
 
 def passkey_run(length: int, depth: float, seed: int, model: str | None) -> dict:
     cmd = [sys.executable, "-m", "comet_ext.passkey", "--length", str(length), "--depth", str(depth),
@@ -62,10 +64,8 @@ def main() -> None:
     lines += ["", f"- {first['length']} -> {last['length']} tokens: time per token {us[-1] / us[0]:.2f}x "
               f"(target <= 1.15x), peak RSS {last['peak_rss_mb'] / first['peak_rss_mb']:.3f}x (target <= 1.05x)", ""]
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "runs.json"), "w") as f:
-        json.dump(rows, f, indent=1)
-    with open(os.path.join(args.out, "README.md"), "w") as f:
-        f.write("\n".join(lines))
+    atomic_write(os.path.join(args.out, "runs.json"), lambda p: write_json(p, rows))
+    atomic_write(os.path.join(args.out, "README.md"), lambda p: write_text(p, "\n".join(lines)))
     print("\n".join(lines))
 
 

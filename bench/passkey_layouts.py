@@ -28,7 +28,7 @@ import torch
 
 from comet_ext import CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.atomic import atomic_write
+from comet_ext.atomic import atomic_write, write_text
 from comet_ext.passkey import DEFAULT_MODEL, FILLER, QUESTION, _encode, build_haystack, make_key, phased_haystack
 from comet_ext.planner import fixed
 
@@ -110,12 +110,7 @@ def main() -> None:
         exact, digits = score(model, tok, args.chunks, args.depth, args.samples, **{what: value})
         lines.append(f"| {value} | {exact}/{args.samples} | {digits:.2f} |")
         print(lines[-1], flush=True)
-
-    def write(path: str) -> None:
-        with open(path, "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-    atomic_write(args.out, write)
+    atomic_write(args.out, lambda path: write_text(path, "\n".join(lines) + "\n"))
 
 
 if __name__ == "__main__":

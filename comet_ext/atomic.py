@@ -64,3 +64,8 @@ def atomic_folder(folder: str | os.PathLike, fill: Callable[[str], None]) -> Non
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def write_text(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)

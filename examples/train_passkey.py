@@ -1,4 +1,4 @@
-"""Train the passkey model from scratch with comet_ext (the shipped demo model's recipe).
+"""Train a passkey model from scratch with comet_ext (the shipped model's command: its TRAINING.md).
 
     python examples/train_passkey.py --minutes 45 --out runs/passkey
     python examples/train_passkey.py --minutes 45 --out runs/passkey --resume   # continue that run exactly
@@ -30,16 +30,18 @@ step at 4 chunks on one thread), so it is off unless asked for (--recompute). Wi
 (autocast: matmuls and attention in bf16, the memory modules and the weights in fp32) a
 step at 4 chunks took 1.7-2.0 s against 5.8-6.8 s in fp32 on one thread of this CPU
 (AVX512-BF16), the other core busy: 3.3x. Needles 32-512 chunks back in a prefix read without
-gradient (--far-needle 0.5, 80 minutes from the shipped model) did not lengthen its reach: the key
+gradient (--far-needle 0.5, 80 minutes from run 11, shipped until run 33) did not lengthen its reach: the key
 is written, and the gates leak, inside the no-gradient prefix, so only the reading learns
 (bench/results/passkey_runs/, runs 14 and 15). Sentence-cut chunks (--semantic-chunks 0.9, two
-hours) and random chunks (--random-chunks 0.5, 70 minutes) from the shipped model did not make its
+hours) and random chunks (--random-chunks 0.5, 70 minutes) from run 11 did not make its
 reading independent of the layout (bench/passkey_layouts.py; runs 22-25 there). Haystacks with the
 filler at every phase (--filler-phase 1, 105 minutes) did: 5-7 keys of 10 at each phase, but at that
-level, the sweep's phase-0 layouts losing what the shipped model had (run 26). From scratch, the
+level, the sweep's phase-0 layouts losing what run 11 had (run 26). From scratch, the
 same haystacks with 32 slots (--filler-phase 1 --num-global 32 --question-at-start 0.5 --review 0.5
 --bf16, run 30) passed the curriculum to 32 chunks in 55 minutes and read a first-chunk key at every
-layout better than the shipped model; copying a trained model's 16 slots into 32 made it worse.
+layout better than run 11; copying a trained model's 16 slots into 32 made it worse.
+The same with a tenth of the needles in the haystack's last chunk (--late-needle 0.1, run 33,
+stopped after 57 minutes) is the shipped model: comet_ext/models/passkey/TRAINING.md.
 """
 from __future__ import annotations
 

@@ -129,15 +129,14 @@ def test_sweep_refuses_to_resume_another_models_sweep(model, tok, tmp_path):
 
 def test_the_shipped_model_answers_from_its_memory():
     """The packaged default model (comet_ext/models/passkey/TRAINING.md): the question starts a
-    chunk of its own, so the key can only come from the memory. Within its trained length
-    it is right: every key after a one-chunk haystack, nearly every key after three."""
+    chunk of its own, so the key can only come from the memory (without it: 0 of 10, TRAINING.md).
+    Within its trained length it is nearly always right: at least 9 keys of 10 after a one-chunk
+    haystack at any depth and after three chunks with the key in the first."""
     model, tokenizer = load(DEFAULT_MODEL)
     cs = model.comet_config.chunk_size
-    for depth in (0.0, 0.5, 1.0):
-        runs = run_batch(model, tokenizer, cs, depth, seeds=range(10))
-        assert all(r["correct"] for r in runs), [(r["expected"], r["found"]) for r in runs]
-    runs = run_batch(model, tokenizer, 3 * cs, 0.0, seeds=range(10))
-    assert sum(r["correct"] for r in runs) >= 8, [(r["expected"], r["found"]) for r in runs]
+    for length, depth in ((cs, 0.0), (cs, 0.5), (cs, 1.0), (3 * cs, 0.0)):
+        runs = run_batch(model, tokenizer, length, depth, seeds=range(10))
+        assert sum(r["correct"] for r in runs) >= 9, (length, depth, [(r["expected"], r["found"]) for r in runs])
 
 
 def _train_passkey():
