@@ -30,8 +30,8 @@ step at 4 chunks on one thread), so it is off unless asked for (--recompute). Wi
 (autocast: matmuls and attention in bf16, the memory modules and the weights in fp32) a
 step at 4 chunks took 1.7-2.0 s against 5.8-6.8 s in fp32 on one thread of this CPU
 (AVX512-BF16), the other core busy: 3.3x. Needles 32-512 chunks back in a prefix read without
-gradient (--far-needle 0.5, 80 minutes from run 11, shipped until run 33) did not lengthen its reach: the key
-is written, and the gates leak, inside the no-gradient prefix, so only the reading learns
+gradient (--far-needle 0.5, 80 minutes from run 11, shipped until run 33) did not lengthen its
+reach: the key is written, and the gates leak, inside the no-gradient prefix, so only the reading learns
 (bench/results/passkey_runs/, runs 14 and 15). Sentence-cut chunks (--semantic-chunks 0.9, two
 hours) and random chunks (--random-chunks 0.5, 70 minutes) from run 11 did not make its
 reading independent of the layout (bench/passkey_layouts.py; runs 22-25 there). Haystacks with the
