@@ -175,6 +175,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--memory-lr-mult", type=float, default=2.0)
+    ap.add_argument("--min-lr-ratio", type=float, default=1.0,
+                    help="after the 50 warmup steps the learning rate follows a cosine from --lr down to this "
+                         "fraction of it at --steps (1: constant, for open-ended runs stopped by --minutes)")
     ap.add_argument("--advance-at", type=float, default=0.95)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -240,6 +243,8 @@ def main() -> None:
                  "filler_phase", "far_needle"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             ap.error(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(args, name)}")
+    if not 0.0 <= args.min_lr_ratio <= 1.0:
+        ap.error(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {args.min_lr_ratio}")
     if not 1 <= args.min_chunk <= args.chunk_size:
         ap.error(f"--min-chunk must lie in 1..--chunk-size ({args.chunk_size}), got {args.min_chunk}")
     if args.semantic_chunks > 0 and not args.cut_after:
@@ -269,7 +274,7 @@ def main() -> None:
     else:
         model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
     cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,
-                      min_lr_ratio=1.0, max_grad_norm=1.0)
+                      min_lr_ratio=args.min_lr_ratio, max_grad_norm=1.0)
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     os.makedirs(args.out, exist_ok=True)

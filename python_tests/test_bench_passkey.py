@@ -11,7 +11,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from comet_ext import CometConfig, CometForCausalLM
 from comet_ext.data import byte_tokenizer
-from comet_ext.passkey import FILLER, NEEDLE, QUESTION
+from comet_ext.passkey import FILLER, NEEDLE, QUESTION, build_haystack, needle_start
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "bench")
 
@@ -82,3 +82,34 @@ def test_layout_batches_and_their_teacher_forced_answers(tok, first, phase):
             memory = model.read(ids[b:b + 1, :hay_len], progress=False)
             _, last = model.read(torch.tensor([question + [ids[b, p - 1].item()]]), memory, return_last_hidden=True)
             assert model.base.lm_head(model.decoder.norm(last))[0].argmax().item() == predicted[b, 0].item()
+
+
+@pytest.mark.parametrize("at", [0, 1, 89, 100, 128 + 37])
+def test_needle_at_haystack_puts_the_needle_where_asked_between_whole_passages(tok, at):
+    """passkey_layouts.needle_at_haystack (the --offsets rows): the needle starts at token `at`,
+    the filler before it ends a passage and the filler after it starts one, as in comet-passkey's
+    haystacks, which it reproduces where the needle falls on a passage boundary."""
+    layouts = _bench("passkey_layouts")
+    key, length = "31415", 320
+    hay = layouts.needle_at_haystack(tok, length, at, key)
+    needle = tok(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    assert len(hay) == length and hay[at:at + len(needle)] == needle
+    before, after = tok.decode(hay[:at]), tok.decode(hay[at + len(needle):])
+    assert (FILLER * 4).endswith(before) and (FILLER * 4).startswith(after)
+    period = len(tok(FILLER, add_special_tokens=False)["input_ids"])
+    if at % period == 0:
+        depth = at / (length - len(needle))
+        assert needle_start(tok, length, depth, key) == at
+        assert hay == build_haystack(tok, length, depth, key)[0]
+    with pytest.raises(ValueError, match="at must lie in"):
+        layouts.needle_at_haystack(tok, length, length - len(needle) + 1, key)
+
+
+def test_offset_rows_place_the_needle_in_the_asked_chunk(tok):
+    """layout_batch(needle_at=...): fixed chunks, the needle at the asked index, the question
+    starting a chunk of its own."""
+    layouts = _bench("passkey_layouts")
+    ids, answer_pos, sizes = layouts.layout_batch(tok, 64, 3, 0.0, 2, needle_at=64 + 5)
+    needle_head = tok("The pass key is ", add_special_tokens=False)["input_ids"]
+    assert sizes[:3] == [64, 64, 64] and sum(sizes) == ids.shape[1]
+    assert all(ids[b, 69:69 + len(needle_head)].tolist() == needle_head for b in range(2))
