@@ -3,7 +3,11 @@ right, one digit off, the right digits in another order, sharing at least three 
 key's digits, or none of that; and how often the key is found by where the needle lies
 against the model's chunks — from the sweep's JSON and the model's config, no model run.
 
-    python bench/passkey_misses.py bench/results/passkey/passkey_sweep.json [--model PATH]
+    python bench/passkey_misses.py bench/results/passkey/passkey_sweep.json [--model PATH] [--offsets MD]
+
+With --offsets (a `bench/passkey_layouts.py --offsets` table of the same model), each sweep
+cell's exact match is set beside the probe's at the same offset of the needle in its chunk:
+where they agree, the cell's length did not matter, only where in a chunk the key was written.
 
 A memory that held nothing would answer at random: about 20% of random 5-digit answers
 share three or more digits with the key and about 80% fall under "other". Answers that
@@ -74,11 +78,43 @@ def place_table(sweep: dict, tokenizer, chunk_size: int) -> list[str]:
     return lines
 
 
+def read_offsets(path: str) -> dict[int, tuple[int, int]]:
+    """offset -> (exact, keys) of a passkey_layouts --offsets markdown table."""
+    rows = {}
+    with open(path) as f:
+        for line in f:
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[0].isdigit() and "/" in cells[1]:
+                exact, keys = cells[1].split("/")
+                rows[int(cells[0])] = (int(exact), int(keys))
+    return rows
+
+
+def offset_table(sweep: dict, tokenizer, chunk_size: int, probe: dict[int, tuple[int, int]]) -> list[str]:
+    """Per sweep cell: its exact match beside the probe's at the offset of the needle in its chunk
+    (the probe's offsets missing from the table are skipped); then the mean gap between the two."""
+    lines = ["| haystack tokens | depth | needle offset | sweep | probe |", "|---|---|---|---|---|"]
+    diffs = []
+    for cell in sorted(sweep["cells"], key=lambda c: (c["length"], c["depth"])):
+        run = cell["runs"][0]
+        offset = needle_start(tokenizer, run["length"], run["depth"], run["expected"]) % chunk_size
+        if offset not in probe:
+            continue
+        right, n = sum(r["correct"] for r in cell["runs"]), len(cell["runs"])
+        diffs.append(abs(right / n - probe[offset][0] / probe[offset][1]))
+        lines.append(f"| {cell['length']} | {cell['depth']} | {offset} | {right}/{n} | {probe[offset][0]}/{probe[offset][1]} |")
+    if diffs:
+        lines += ["", f"{len(diffs)} cells; mean |sweep - probe| {sum(diffs) / len(diffs):.3f}, "
+                      f"at most {max(diffs):.2f}."]
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("sweep", help="passkey_sweep.json of comet-passkey --sweep")
     ap.add_argument("--model", default=DEFAULT_MODEL,
                     help="the swept model's folder: its tokenizer and chunk size place the needles")
+    ap.add_argument("--offsets", help="a bench/passkey_layouts.py --offsets table of the same model")
     args = ap.parse_args()
     from transformers import AutoTokenizer
 
@@ -92,6 +128,11 @@ def main() -> None:
     print(f"Exact match by where the needle lies against the {chunk_size}-token chunks:")
     print()
     print("\n".join(place_table(sweep, tokenizer, chunk_size)))
+    if args.offsets:
+        print()
+        print("Exact match of each sweep cell and of the offset probe at the needle's offset in its chunk:")
+        print()
+        print("\n".join(offset_table(sweep, tokenizer, chunk_size, read_offsets(args.offsets))))
 
 
 if __name__ == "__main__":

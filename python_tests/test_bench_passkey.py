@@ -113,3 +113,24 @@ def test_offset_rows_place_the_needle_in_the_asked_chunk(tok):
     needle_head = tok("The pass key is ", add_special_tokens=False)["input_ids"]
     assert sizes[:3] == [64, 64, 64] and sum(sizes) == ids.shape[1]
     assert all(ids[b, 69:69 + len(needle_head)].tolist() == needle_head for b in range(2))
+
+
+def test_misses_set_each_sweep_cell_beside_the_offset_probe(tok, tmp_path):
+    """passkey_misses --offsets: a passkey_layouts table is read back row by row, and each sweep
+    cell is matched with the row at its needle's offset in the chunk."""
+    misses = _bench("passkey_misses")
+    table = tmp_path / "offsets.md"
+    table.write_text("# title\n\n| needle offset | exact | digits right |\n|---|---|---|\n"
+                     "| 0 | 10/10 | 1.00 |\n| 6 | 3/10 | 0.80 |\n\nAll rows: 13/20 keys exact (65.0%).\n")
+    probe = misses.read_offsets(str(table))
+    assert probe == {0: (10, 10), 6: (3, 10)}
+    length = 128 * 4
+    runs = lambda depth, right: [{"length": length, "depth": depth, "expected": "12345", "correct": c}
+                                 for c in right]
+    cells = [{"length": length, "depth": 0.0, "runs": runs(0.0, [True, True])},
+             {"length": length, "depth": 1.0, "runs": runs(1.0, [True, False])}]
+    offsets = [needle_start(tok, length, d, "12345") % 128 for d in (0.0, 1.0)]
+    assert offsets[0] == 0 and offsets[1] not in probe  # depth 1.0 lands on no probed offset: skipped
+    lines = misses.offset_table({"cells": cells}, tok, 128, probe)
+    assert lines[2] == f"| {length} | 0.0 | 0 | 2/2 | 10/10 |" and len(lines) == 5
+    assert lines[-1] == "1 cells; mean |sweep - probe| 0.000, at most 0.00."
