@@ -131,13 +131,16 @@ def test_the_shipped_model_answers_from_its_memory():
     """The packaged default model (comet_ext/models/passkey/TRAINING.md): the question starts a
     chunk of its own, so the key can only come from the memory (with the global memory off it
     finds none of 330 keys at 512-4k tokens: bench/results/passkey_ablation/).
-    Within its trained length it is nearly always right: at least 9 keys of 10 after a one-chunk
-    haystack at any depth and after three chunks with the key in the first."""
+    Within its trained length it is right (70 of 70 keys on this project's CPU): after one and three
+    chunks at depths 0, 0.5 and 1 and after eight with the key in the first, at most one key of the
+    70 missed (another CPU's float rounding may tip one)."""
     model, tokenizer = load(DEFAULT_MODEL)
     cs = model.comet_config.chunk_size
-    for length, depth in ((cs, 0.0), (cs, 0.5), (cs, 1.0), (3 * cs, 0.0)):
+    misses = []
+    for length, depth in ((cs, 0.0), (cs, 0.5), (cs, 1.0), (3 * cs, 0.0), (3 * cs, 0.5), (3 * cs, 1.0), (8 * cs, 0.0)):
         runs = run_batch(model, tokenizer, length, depth, seeds=range(10))
-        assert sum(r["correct"] for r in runs) >= 9, (length, depth, [(r["expected"], r["found"]) for r in runs])
+        misses += [(length, depth, r["expected"], r["found"]) for r in runs if not r["correct"]]
+    assert len(misses) <= 1, misses
 
 
 def _train_passkey():
