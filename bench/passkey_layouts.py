@@ -103,7 +103,7 @@ def main() -> None:
     rows.add_argument("--phases", type=int, nargs="+", help="filler phases after a needle at the start (tokens into "
                       "the passage, each in 0..its length - 1)")
     rows.add_argument("--offsets", type=int, nargs="+", help="the needle's first token this many tokens into chunk "
-                      "--needle-chunk (each in 0..chunk_size - 1; one that runs past the haystack is an error)")
+                      "--needle-chunk (each in 0..chunk_size - 1, the needle within the haystack)")
     ap.add_argument("--needle-chunk", type=int, default=1, help="with --offsets: the needle's chunk (0: the first)")
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--threads", type=int, default=1)
@@ -120,6 +120,10 @@ def main() -> None:
         if not 0 <= args.needle_chunk < args.chunks:
             ap.error(f"--needle-chunk must lie in 0..--chunks - 1 ({args.chunks - 1}), got {args.needle_chunk}")
         what, values, allowed = "offset", args.offsets, range(cs)
+        room = args.chunks * cs - len(_encode(tok, NEEDLE.format(key="00000"))) - args.needle_chunk * cs
+        if max(values) > room:
+            ap.error(f"--offsets: a needle starting {max(values)} tokens into chunk {args.needle_chunk} runs past "
+                     f"the {args.chunks}-chunk haystack (at most {room}); give more --chunks")
     else:
         what, values, allowed = "first", args.firsts or [128, 127, 126, 124, 120, 112, 100], range(1, cs + 1)
     bad = [v for v in values if v not in allowed]
