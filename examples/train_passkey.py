@@ -174,7 +174,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/passkey")
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget")
-    ap.add_argument("--steps", type=int, default=100000, help="at most this many steps")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="at most this many steps (default: no limit but --minutes; needed by --min-lr-ratio)")
     ap.add_argument("--max-chunks", type=int, default=8)
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -250,6 +251,10 @@ def main() -> None:
             ap.error(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(args, name)}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         ap.error(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {args.min_lr_ratio}")
+    if args.min_lr_ratio < 1.0 and args.steps is None:  # else the cosine would span an arbitrary step count
+        ap.error("--min-lr-ratio anneals the learning rate over --steps: give --steps")
+    if args.steps is None:
+        args.steps = 100000  # the limit before --min-lr-ratio existed: saved runs resume with the same value
     if not 1 <= args.min_chunk <= args.chunk_size:
         ap.error(f"--min-chunk must lie in 1..--chunk-size ({args.chunk_size}), got {args.min_chunk}")
     if args.semantic_chunks > 0 and not args.cut_after:

@@ -369,3 +369,17 @@ def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
     assert other_lr.returncode != 0 and "trained with --lr 0.001 (now 0.01)" in other_lr.stderr
     missing = _run_train_passkey(tmp_path / "none", "--resume", steps=2)
     assert missing.returncode != 0 and "--resume: no trainer_state.pt" in missing.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-lr-ratio", "0.1"], "give --steps"),
+    (["--min-lr-ratio", "1.5", "--steps", "10"], "--min-lr-ratio is a fraction"),
+])
+def test_train_passkey_refuses_an_annealing_without_its_length(monkeypatch, capsys, tmp_path, argv, message):
+    """--min-lr-ratio anneals over --steps: without them, or outside [0, 1], the script stops
+    before building anything, naming the argument."""
+    main = _train_passkey().main
+    monkeypatch.setattr(sys, "argv", ["train_passkey.py", "--out", str(tmp_path / "run")] + argv)
+    with pytest.raises(SystemExit):
+        main()
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
