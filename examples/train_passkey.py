@@ -42,11 +42,12 @@ same haystacks with 32 slots (--filler-phase 1 --num-global 32 --question-at-sta
 layout better than run 11; copying a trained model's 16 slots into 32 made it worse.
 The same with a tenth of the needles in the haystack's last chunk (--late-needle 0.1, run 33,
 stopped after 57 minutes at a constant learning rate), then 80 minutes more from it at 32 chunks
-with the learning rate annealed (--min-lr-ratio 0.05 over 600 steps, run 34) is the shipped model:
+with the learning rate annealed (--min-lr-ratio 0.05 over 600 steps, run 34), then 62 minutes more
+annealed again from --lr 3e-4 (400 steps, run 37) is the shipped model:
 comet_ext/models/passkey/TRAINING.md. The annealing, not the extra steps, made the difference: the
 answer digits at 32 chunks rose from 0.95 to 0.996, and the keys read back exactly from 81% to 98.5%
-over the 128 offsets of the needle in its chunk (bench/passkey_layouts.py --offsets), where the
-first 20 minutes at the full rate had changed nothing (84%, 79%).
+(run 34) and 100% (run 37) over the 128 offsets of the needle in its chunk (bench/passkey_layouts.py
+--offsets), where run 34's first 20 minutes at the full rate had changed nothing (84%, 79%).
 """
 from __future__ import annotations
 
