@@ -134,3 +134,38 @@ def test_misses_set_each_sweep_cell_beside_the_offset_probe(tok, tmp_path):
     lines = misses.offset_table({"cells": cells}, tok, 128, probe)
     assert lines[2] == f"| {length} | 0.0 | 0 | 2/2 | 10/10 |" and len(lines) == 5
     assert lines[-1] == "1 cells; mean |sweep - probe| 0.000, at most 0.00."
+
+
+def test_drift_swaps_one_layers_global_memory_and_reads_the_answer_as_streaming_does(tok):
+    """passkey_drift: with_layer_from puts back exactly one layer's global memory (state and the
+    global rows' keys / values), leaving the other layers, the FIFO rows and the late memory
+    itself alone; digit_probs' argmax first digit is what streaming predicts after the question."""
+    drift = _bench("passkey_drift")
+    model, G = _model(tok), 4
+    ids = torch.randint(0, len(tok), (1, 64 * 4))
+    early = model.read(ids[:, :128], progress=False).clone()
+    late = model.read(ids[:, 128:], memory=early.clone(), progress=False)
+    before = late.clone()
+    mixed = drift.with_layer_from(late, early, 1, G)
+    for field in ("state", "kv_k", "kv_v", "fifo_k"):
+        torch.testing.assert_close(getattr(late, field), getattr(before, field), rtol=0, atol=0)
+    torch.testing.assert_close(mixed.state[1], early.state[1], rtol=0, atol=0)
+    torch.testing.assert_close(mixed.state[0], late.state[0], rtol=0, atol=0)
+    torch.testing.assert_close(mixed.kv_k[1, :, :G], early.kv_k[1, :, :G], rtol=0, atol=0)
+    torch.testing.assert_close(mixed.kv_v[1, :, G:], late.kv_v[1, :, G:], rtol=0, atol=0)
+    assert not torch.equal(mixed.state[1], late.state[1])  # the swap is not a no-op here
+
+    key = "52445"
+    question = tok(QUESTION, add_special_tokens=False)["input_ids"]
+    space = tok(" ", add_special_tokens=False)["input_ids"]
+    probs, found = drift.digit_probs(model, tok, question, late, key)
+    assert len(probs) == 5 and all(0 < p < 1 for p in probs) and len(found) == 5
+    _, last = model.read(torch.tensor([question + space]), late.clone(), return_last_hidden=True)
+    first = model.base.lm_head(model.decoder.norm(last))[0].argmax().item()
+    assert tok.decode([first]) == found[0]
+
+
+def test_drift_rejects_a_length_that_is_no_whole_number_of_chunks(tok):
+    drift = _bench("passkey_drift")
+    with pytest.raises(ValueError, match="--length must be a whole number of chunks"):
+        drift.probe(_model(tok), tok, "52445", 64 * 4 + 1, 2, [3])
