@@ -158,6 +158,44 @@ def make_batch(tok, batch: int, chunks: int, chunk_size: int, rng: random.Random
     return torch.tensor(ids), torch.tensor(weights), answer_pos, sizes
 
 
+class GateEntropy:
+    """Collects the binary entropy of every global-memory gate a training forward computes
+    (g = sigmoid(W_g [RMSNorm_g(R) ; S]), one per slot and gated update, recomputed here
+    in Python from the update's inputs so that it carries a gradient) while `collecting`.
+
+    A gate near 0 or 1 either replaces its slot or keeps it; gates in between let a slot
+    drift a little at every update, which is how a key kept in layer 2's slots is lost
+    after 64-256 updates (bench/passkey_drift.py). Off during backward, where --recompute
+    runs the checkpointed steps again."""
+
+    def __init__(self, model):
+        self.collecting, self.values = False, []
+        for layer in model.memory_layers:
+            net = layer.global_memory_net
+            net.forward = self._wrap(net, net.forward)
+
+    def _wrap(self, net, forward):
+        def gated(readout, state, gate_snap=1.0):
+            # computed whenever a gradient is (the recomputation of a checkpointed step must
+            # save the same tensors as its forward), kept only while collecting
+            if torch.is_grad_enabled() and state is not None:
+                both = torch.cat([net.norm(readout), state.to(readout.dtype)], dim=-1)
+                logit = net.g_proj(both).float().squeeze(-1)  # (B, G)
+                g = torch.sigmoid(logit)
+                # -(g log g + (1 - g) log(1 - g)), from the logit so that it stays finite
+                h = (F.softplus(-logit) * g + F.softplus(logit) * (1 - g)).mean()
+                if self.collecting:
+                    self.values.append(h)
+            return forward(readout, state, gate_snap)
+        return gated
+
+    def take(self) -> Optional[torch.Tensor]:
+        """The mean entropy over the gated updates collected since the last take (None if none:
+        a one-chunk step has no gated update)."""
+        values, self.values = self.values, []
+        return torch.stack(values).mean() if values else None
+
+
 def late_depth(rng: random.Random, chunk_size: int, hay_len: int) -> float:
     """A depth whose needle ends within the haystack's last chunk_size tokens."""
     return 1 - rng.random() * min(1.0, chunk_size / hay_len)
@@ -177,6 +215,9 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=45.0, help="wall-clock budget")
     ap.add_argument("--steps", type=int, default=None,
                     help="at most this many steps (default: no limit but --minutes; needed by --min-lr-ratio)")
+    ap.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                    help="stop after this many steps, the schedule still spanning --steps (to repeat a run that "
+                         "--minutes stopped early)")
     ap.add_argument("--max-chunks", type=int, default=8)
     ap.add_argument("--chunk-size", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=16)
@@ -237,6 +278,9 @@ def main() -> None:
                     help="CometConfig.gate_snap: gates above TAU keep their slot exactly (1: never; "
                          "default: --init's own setting, else 1)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gate-entropy", type=float, default=0.0, metavar="LAMBDA",
+                    help="add LAMBDA x the mean binary entropy of the global-memory gates to the loss: "
+                         "pushes every gate towards keeping its slot (1) or replacing it (0)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run saved in --out (weights, optimizer, schedule, random state, curriculum, "
                          "log) where its last save left it: give the run's command again with --resume; --steps "
@@ -251,10 +295,14 @@ def main() -> None:
                  "filler_phase", "far_needle"):
         if not 0.0 <= getattr(args, name) <= 1.0:
             ap.error(f"--{name.replace('_', '-')} is a probability in [0, 1], got {getattr(args, name)}")
+    if args.gate_entropy < 0:
+        ap.error(f"--gate-entropy is a loss weight >= 0, got {args.gate_entropy}")
     if not 0.0 <= args.min_lr_ratio <= 1.0:
         ap.error(f"--min-lr-ratio is a fraction of --lr in [0, 1], got {args.min_lr_ratio}")
     if args.min_lr_ratio < 1.0 and args.steps is None:  # else the cosine would span an arbitrary step count
         ap.error("--min-lr-ratio anneals the learning rate over --steps: give --steps")
+    if args.stop_after is not None and args.stop_after < 1:
+        ap.error(f"--stop-after is a step count >= 1, got {args.stop_after}")
     if args.steps is None:
         args.steps = 100000  # the limit before --min-lr-ratio existed: saved runs resume with the same value
     if not 1 <= args.min_chunk <= args.chunk_size:
@@ -287,6 +335,7 @@ def main() -> None:
         model = CometForCausalLM.from_base(Qwen3ForCausalLM(config), comet).train()
     cfg = TrainConfig(total_steps=args.steps, lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=50,
                       min_lr_ratio=args.min_lr_ratio, max_grad_norm=1.0)
+    entropy = GateEntropy(model) if args.gate_entropy > 0 else None
     opt = build_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     os.makedirs(args.out, exist_ok=True)
@@ -316,7 +365,7 @@ def main() -> None:
     command = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv), "from_step": done}
     state = TrainerState(model, opt, sched, rng, args, start, before,
                          (earlier_commands(args.out, resumed) if resumed else []) + [command])
-    for step in range(done, args.steps):
+    for step in range(done, min(args.steps, args.stop_after or args.steps)):
         if time.time() - start > args.minutes * 60:
             break
         far = 0
@@ -342,11 +391,18 @@ def main() -> None:
                     memory = model.read(ids[:, :cut], progress=False)
                 ids, weights, sizes = ids[:, cut:], weights[:, cut:], sizes[far:]
                 answer_pos = [p - cut for p in answer_pos]
+            if entropy is not None:
+                entropy.collecting = True
             logits = model(ids, chunk_sizes=sizes, recompute=args.recompute, memory=memory).logits
+            if entropy is not None:
+                entropy.collecting = False
         ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
                              reduction="none").view(ids.shape[0], -1)
         w = weights[:, 1:]
         loss = (ce * w).sum() / w.sum()
+        gate_h = entropy.take() if entropy is not None else None
+        if gate_h is not None:
+            loss = loss + args.gate_entropy * gate_h
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -363,6 +419,8 @@ def main() -> None:
         done = step + 1
         record = {"step": done, "chunks": n, "stage": chunks, "loss": loss.item(), "digit_acc": acc,
                   "minutes": before + (time.time() - start) / 60}
+        if gate_h is not None:
+            record["gate_entropy"] = gate_h.item()
         if far:
             record["far_chunks"] = far
         elif cut_at:

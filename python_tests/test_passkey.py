@@ -374,6 +374,8 @@ def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
 @pytest.mark.parametrize("argv, message", [
     (["--min-lr-ratio", "0.1"], "give --steps"),
     (["--min-lr-ratio", "1.5", "--steps", "10"], "--min-lr-ratio is a fraction"),
+    (["--stop-after", "0"], "--stop-after is a step count >= 1, got 0"),
+    (["--gate-entropy", "-0.1"], "--gate-entropy is a loss weight >= 0, got -0.1"),
 ])
 def test_train_passkey_refuses_an_annealing_without_its_length(monkeypatch, capsys, tmp_path, argv, message):
     """--min-lr-ratio anneals over --steps: without them, or outside [0, 1], the script stops
@@ -383,3 +385,67 @@ def test_train_passkey_refuses_an_annealing_without_its_length(monkeypatch, caps
     with pytest.raises(SystemExit):
         main()
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_train_passkey_stop_after_repeats_the_first_steps_of_the_annealed_run(tmp_path):
+    """--stop-after N: the first N steps of the run --steps alone gives, the learning rate on
+    the same cosine over --steps (so a run that --minutes stopped early can be repeated
+    exactly); with --gate-entropy every step that has a gated update logs its gate entropy."""
+    args = ("--min-lr-ratio", "0.1", "--gate-entropy", "0.1", "--start-stage", "2")
+    whole = _run_train_passkey(tmp_path / "whole", *args, steps=6)
+    assert whole.returncode == 0, whole.stderr
+    cut = _run_train_passkey(tmp_path / "cut", *args, "--stop-after", "4", steps=6)
+    assert cut.returncode == 0, cut.stderr
+
+    def log(folder):
+        return [{k: v for k, v in json.loads(line).items() if k != "minutes"}
+                for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    assert len(log(tmp_path / "whole")) == 6 and log(tmp_path / "cut") == log(tmp_path / "whole")[:4]
+    gated = [r for r in log(tmp_path / "whole") if r["chunks"] > 1]
+    assert gated and all(r["gate_entropy"] > 0 for r in gated)
+    assert all("gate_entropy" not in r for r in log(tmp_path / "whole") if r["chunks"] == 1)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gate_entropy_is_the_binary_entropy_of_the_gates_the_update_uses(tok, recompute):
+    """train_passkey.GateEntropy: while collecting, one value per gated update, the mean binary
+    entropy of the gates that bench/passkey_gates captures from the same read; its gradient
+    reaches the gate weights, with --recompute as without (a checkpointed step runs again in
+    backward, and must save the same tensors as in its forward)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "passkey_gates", os.path.join(os.path.dirname(__file__), "..", "bench", "passkey_gates.py"))
+    gates_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gates_module)
+    GateEntropy = _train_passkey().GateEntropy
+
+    def model():
+        torch.manual_seed(0)
+        cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+        m = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), CometConfig(chunk_size=32, num_global=4,
+                                                                          temp_stride=8, temp_budget=8))
+        for layer_memory in m.memory_layers:  # gates start at 0.5 everywhere; spread them
+            torch.nn.init.normal_(layer_memory.global_memory_net.g_proj.weight, std=0.3)
+        return m
+
+    ids = torch.randint(0, len(tok), (2, 32 * 3))
+    reader = model()
+    captured = gates_module.capture_gates(reader)
+    reader.read(ids, progress=False)
+    g = torch.cat([torch.stack(v) for v in captured.values()]).double()  # (layers x updates, B, G)
+    expected = (-(g * g.log() + (1 - g) * (1 - g).log())).mean(dim=(1, 2)).mean()
+
+    trained = model().train()
+    entropy = GateEntropy(trained)
+    entropy.collecting = True
+    trained(ids, recompute=recompute)
+    entropy.collecting = False
+    assert len(entropy.values) == 2 * 2  # layers x gated updates (chunks 2 and 3)
+    h = entropy.take()
+    assert entropy.values == [] and entropy.take() is None
+    torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-6)
+    h.backward()
+    grads = [m.global_memory_net.g_proj.weight.grad for m in trained.memory_layers]
+    assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
