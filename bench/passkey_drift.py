@@ -1,6 +1,6 @@
 """Which layer's global memory loses a key that a passkey model kept for many chunks.
 
-    python bench/passkey_drift.py --seeds 7 --length 16384 --out bench/results/passkey/drift.md
+    python bench/passkey_drift.py --seeds 7 --length 16384 --out bench/results/passkey/drift_16k.md
 
 For each seed's key, a haystack of --length tokens with the needle in its first chunk
 is read twice over: up to --early chunks (a length the model was trained on) and on
