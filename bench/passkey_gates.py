@@ -34,8 +34,7 @@ def capture_gates(model) -> dict[int, list[torch.Tensor]]:
 
         def record(readout, state, gate_snap=1.0, *, net=net, forward=forward, l=l):
             if state is not None:  # the gate as the update uses it: snapped to 1 above gate_snap
-                both = torch.cat([net.norm(readout), state], -1)
-                g = torch.sigmoid(both @ net.g_proj.weight.t()).squeeze(-1)
+                g = torch.sigmoid(net.gate_logit(readout, state))
                 gates.setdefault(l, []).append(torch.where(g > gate_snap, 1.0, g))
             return forward(readout, state, gate_snap)
 

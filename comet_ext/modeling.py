@@ -64,6 +64,11 @@ class GlobalMemoryNet(nn.Module):
         self.g_proj = nn.Linear(2 * hidden, 1, bias=False)
         self.o_proj = LowRankAdapter(hidden, rank)
 
+    def gate_logit(self, readout: Tensor, state: Tensor) -> Tensor:
+        """W_g [RMSNorm_g(R) ; S]: the logit of each slot's gate, (B, G), in plain PyTorch (what
+        comet::gated_update computes inside its kernel; for diagnostics and gate losses)."""
+        return self.g_proj(torch.cat([self.norm(readout), state.to(readout.dtype)], dim=-1)).squeeze(-1)
+
     def forward(self, readout: Tensor, state: Optional[Tensor], gate_snap: float = 1.0) -> tuple[Tensor, Tensor]:
         return ops.gated_update(readout, state, self.norm.weight, self.g_proj.weight,
                                 self.o_proj.down_proj.weight, self.o_proj.up_proj.weight,

@@ -183,8 +183,7 @@ class GateEntropy:
             # computed whenever a gradient is (the recomputation of a checkpointed step must
             # save the same tensors as its forward), kept only while collecting
             if torch.is_grad_enabled() and state is not None:
-                both = torch.cat([net.norm(readout), state.to(readout.dtype)], dim=-1)
-                logit = net.g_proj(both).float().squeeze(-1)  # (B, G)
+                logit = net.gate_logit(readout, state).float()  # (B, G)
                 g = torch.sigmoid(logit)
                 # -(g log g + (1 - g) log(1 - g)), from the logit so that it stays finite
                 h = (F.softplus(-logit) * g + F.softplus(logit) * (1 - g)).mean()

@@ -536,3 +536,18 @@ def test_training_forward_refuses_a_memory_it_cannot_continue(memory, match):
     model = tiny_comet("qwen3")
     with pytest.raises(ValueError, match=match):
         model(ids(2, 16, seed=16), memory=memory(model))
+
+
+def test_gate_logit_is_the_gate_the_update_blends_with():
+    """GlobalMemoryNet.gate_logit (diagnostics, train_passkey's --gate-entropy): sigmoid of it is
+    the g of comet::gated_update's S <- g S + (1 - g) RMSNorm_g(R)."""
+    from comet_ext.modeling import GlobalMemoryNet
+
+    torch.manual_seed(0)
+    net = GlobalMemoryNet(32, 4)
+    torch.nn.init.normal_(net.g_proj.weight, std=0.3)
+    readout, state = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
+    new_state, _ = net(readout, state)
+    g = torch.sigmoid(net.gate_logit(readout, state)).unsqueeze(-1)
+    assert ((g > 0.05) & (g < 0.95)).any()  # the blend is not trivially one side
+    torch.testing.assert_close(new_state, g * state + (1 - g) * net.norm(readout), rtol=1e-5, atol=1e-5)
