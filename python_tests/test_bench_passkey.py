@@ -169,3 +169,40 @@ def test_drift_rejects_a_length_that_is_no_whole_number_of_chunks(tok):
     drift = _bench("passkey_drift")
     with pytest.raises(ValueError, match="--length must be a whole number of chunks"):
         drift.probe(_model(tok), tok, "52445", 64 * 4 + 1, 2, [3])
+
+
+def test_window_cuts_whole_chunks_around_the_needle_and_reads_them_from_an_empty_memory(tok):
+    """passkey_window: a window is the haystack's own chunks, the needle at the same offset in
+    its chunk; the window that starts at chunk 0 and ends with the haystack is the haystack
+    itself, so its answer is the one reading the whole haystack gives."""
+    win = _bench("passkey_window")
+    model, key, length, cs = _model(tok), "52445", 64 * 6, 64
+    hay, question = build_haystack(tok, length, 0.5, key)
+    at = needle_start(tok, length, 0.5, key)
+    first = at // cs
+    assert 0 < first < 5  # the windows below need a chunk before the needle's and one after it
+    cut = win.window(hay, at, cs, 1, 2)
+    needle = tok(NEEDLE.format(key=key), add_special_tokens=False)["input_ids"]
+    assert len(cut) == 3 * cs and cut == hay[(first - 1) * cs:(first + 2) * cs]
+    assert cut[cs + at % cs:cs + at % cs + len(needle)] == needle
+
+    rows = win.probe(model, tok, key, length, 0.5, [(first, 6 - first), (0, 1)])
+    memory = model.read(torch.tensor([hay]), progress=False)
+    probs, found = _bench("passkey_drift").digit_probs(model, tok, question, memory, key)
+    assert rows[0] == (0, 5, probs, found)
+    assert rows[1][:2] == (first, first) and rows[1][2] != probs
+
+
+@pytest.mark.parametrize("text", ["", "1", "1:0", "-1:2", "a:b", "1:2:3"])
+def test_window_rejects_malformed_windows(text):
+    with pytest.raises(ValueError, match="--windows must be comma-separated B:A pairs"):
+        _bench("passkey_window").parse_windows(text)
+
+
+def test_window_rejects_a_window_past_the_haystack():
+    win = _bench("passkey_window")
+    assert win.parse_windows("0:8,4:28") == [(0, 8), (4, 28)]
+    with pytest.raises(ValueError, match="--windows: 3:1 runs past the haystack's 4 chunks"):
+        win.window(list(range(256)), 130, 64, 3, 1)
+    with pytest.raises(ValueError, match="--windows: 0:3 runs past"):
+        win.window(list(range(256)), 130, 64, 0, 3)
