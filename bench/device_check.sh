@@ -19,6 +19,9 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export COMET_CPU_NATIVE=1 HYPOTHESIS_PROFILE=ci
+# The GPU image is only sure to have `python3` (the one holding torch); $PYTHON overrides.
+PY="${PYTHON:-$(command -v python || command -v python3)}"
+[ -n "$PY" ] || { echo "device_check: no python or python3 on PATH" >&2; exit 1; }
 status=0
 summary="$OUT/summary.md"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
@@ -42,15 +45,15 @@ step() {  # step NAME LIMIT_SECONDS CMD...: run, keep its log, record pass / fai
   # the device tool copies the working tree without .git: the caller may name the commit
   echo "- commit: ${COMET_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (with uncommitted changes)')}"
   echo "- gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
-  echo "- torch: $(python -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
+  echo "- torch: $("$PY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
   echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
   echo
   echo "| step | result | time |"
   echo "|---|---|---|"
 } > "$summary"
 
-step build 300 python setup.py build_ext --inplace || { cat "$summary"; exit 1; }
-if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+step build 300 "$PY" setup.py build_ext --inplace || { cat "$summary"; exit 1; }
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   log "no CUDA device on this machine: built the extension (CUDA kernels compiled), ran nothing on a GPU"
   echo "| gpu | **no CUDA device: nothing ran on a GPU** | |" >> "$summary"
   cat "$summary"
@@ -58,36 +61,36 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
 fi
 
 # --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
-step cuda_tests 150 python -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
+step cuda_tests 150 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
   --junitxml="$OUT/cuda_tests.xml"
 cuda_tests_rc=$?
-step gpu_reference 60 python bench/gpu_reference.py --json "$OUT/gpu_reference.json"
-COMET_BENCH_DEVICE=cuda step bench 150 python -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
+step gpu_reference 60 "$PY" bench/gpu_reference.py --json "$OUT/gpu_reference.json"
+COMET_BENCH_DEVICE=cuda step bench 150 "$PY" -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
   bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$OUT/gpu_ops.json" -k "not reference or not B4"
 if [ -f "$OUT/gpu_ops.json" ]; then
-  python bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
+  "$PY" bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
     --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
     > /dev/null 2>&1 || log "report failed"
 fi
 # The v2 tensor-core kernels are opt-in (COMET_MMA_KERNELS=v2) until they have passed here:
 # cuda_tests ran them (test_cuda.py runs both generations); this times them.
-COMET_MMA_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_mma_v2 90 python -m pytest \
+COMET_MMA_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_mma_v2 90 "$PY" -m pytest \
   bench/bench_prefix_attention.py -q -p no:cacheprovider --benchmark-only \
   --benchmark-json="$OUT/gpu_ops_mma_v2.json" -k "bf16 and not reference"
 if [ -f "$OUT/gpu_ops_mma_v2.json" ]; then
-  python bench/report.py "$OUT/gpu_ops_mma_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
+  "$PY" bench/report.py "$OUT/gpu_ops_mma_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
     --command "COMET_MMA_KERNELS=v2 bash bench/device_check.sh" \
     --title "prefix_attention with the v2 tensor-core kernels" --out "$OUT/gpu_ops_mma_v2.md" \
     > /dev/null 2>&1 || log "report (mma v2) failed"
 fi
 if command -v compute-sanitizer > /dev/null; then
   # (the long-key-range cases at head dims below 128 repeat the D128 one's code paths: left out for time)
-  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 python -m pytest -q \
+  step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
     -p no:cacheprovider python_tests/test_cuda.py -k "not beyond and not D64 and not D80 and not D96" -x
   # racecheck every attention path: CUDA cores (fp32), both generations of tensor-core kernels
   # (bf16), a decode shape whose keys the v2 forward splits across blocks; with masks and lengths
-  step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 python -c '
+  step racecheck 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$PY" -c '
 import os, torch, comet_ext
 from comet_ext import ops
 for kernels in ("v1", "v2"):
@@ -113,7 +116,7 @@ if [ "${COMET_E2E:-1}" = "1" ]; then
   if [ "$cuda_tests_rc" = "0" ] && [ -z "${COMET_MMA_KERNELS:-}" ]; then export COMET_MMA_KERNELS=v2; fi
   # it gets what is left of the check's 8 minutes (COMET_CHECK_SECONDS), at least 2
   e2e_limit=$(( ${COMET_CHECK_SECONDS:-480} - SECONDS )); [ "$e2e_limit" -lt 120 ] && e2e_limit=120
-  step e2e "$e2e_limit" python bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
+  step e2e "$e2e_limit" "$PY" bench/bench_e2e.py --device cuda --model-shape qwen3-0.6b \
     --lengths 1048576 262144 32768 --full-max 262144 --naive-max 32768 --new-tokens 32 --timeout 150 --cuda-graphs \
     --out "$OUT/e2e_gpu"
 fi
