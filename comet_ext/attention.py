@@ -23,12 +23,14 @@ from . import ops
 NAME = "comet"
 
 
-def comet_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
-               mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
+def comet_mask(batch_size: int, q_length: Optional[int] = None, *, kv_length: int,
+               attention_mask: Optional[Tensor] = None, **kwargs) -> Optional[Tensor]:
     """The mask HF hands to `comet_attention`: None when nothing is padded, else the
     2D padding mask (B, kv_length) of real tokens. Registered with
     transformers' AttentionMaskInterface: without it the attention function would
-    silently receive no mask at all."""
+    silently receive no mask at all. Only `kv_length` and `attention_mask` matter
+    (the causal part is the kernel's). Early transformers 5 releases (5.0 among
+    them) pass cache_position instead of q_length / q_offset: it lands in kwargs."""
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:].bool()

@@ -101,3 +101,16 @@ def test_drop_in_attention_refuses_masks_with_holes():
     x = ids(1, 6)
     with pytest.raises(ValueError, match="contiguous run"):
         base(x, attention_mask=torch.tensor([[1, 1, 0, 1, 1, 1]]))
+
+
+def test_mask_function_takes_both_transformers_calling_conventions():
+    # transformers 5.0 calls a mask interface with cache_position; later 5.x with q_length / q_offset
+    from comet_ext.attention import comet_mask
+    pad = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    late = comet_mask(batch_size=2, q_length=3, kv_length=5, q_offset=2, kv_offset=0, attention_mask=pad)
+    early = comet_mask(batch_size=2, cache_position=torch.arange(2, 5), kv_length=5, kv_offset=0,
+                       attention_mask=pad)
+    assert torch.equal(late, pad.bool()) and torch.equal(early, pad.bool())
+    # nothing padded: no mask at all, so the kernel takes its unmasked path
+    assert comet_mask(batch_size=2, cache_position=torch.arange(5), kv_length=5,
+                      attention_mask=torch.ones(2, 5, dtype=torch.long)) is None
