@@ -93,6 +93,27 @@ def test_prefix_attention_ignores_nan_in_padding_rows_cuda(mma_kernels):
     assert out[1, 70:].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("dtype, N, K, D, key", [(torch.float32, 70, 150, 64, 115), (torch.bfloat16, 70, 150, 128, 115),
+                                                  (torch.bfloat16, 1, 3000, 128, 1000)],
+                         ids=["fp32", "bf16", "bf16-split-keys"])
+def test_prefix_attention_nan_poisons_the_rows_that_see_it_cuda(mma_kernels, dtype, N, K, D, key):
+    """A NaN in one query row, or in one key, makes out and lse NaN in exactly the rows that see
+    it, as on the CPU — on CUDA cores, both tensor-core generations and the split-keys merge of a
+    decode shape — and leaves every other row finite, not a zero row passing for "saw nothing"."""
+    B, Hq, Hkv = 2, 4, 2
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, n, h, D, generator=gen).to(dtype) for n, h in ((N, Hq), (K, Hkv), (K, Hkv)))
+    q[0, N - 1, 1, 5] = float("nan")  # one (row, head) of sample 0
+    k[1, key, 0, 7] = float("nan")  # a key of kv head 0 in sample 1: q heads 0 and 1, rows from key - (K - N)
+    expected = torch.zeros(B, N, Hq, dtype=torch.bool)
+    expected[0, N - 1, 1] = True
+    expected[1, max(key - (K - N), 0):, : Hq // Hkv] = True
+    for device in ("cpu", "cuda"):
+        out, lse = (t.cpu() for t in ops.prefix_attention(q.to(device), k.to(device), v.to(device)))
+        assert torch.equal(out.isnan().all(-1), expected) and torch.equal(out.isnan().any(-1), expected), device
+        assert torch.equal(lse.isnan(), expected.transpose(1, 2)), device
+
+
 def test_mma_kernels_choice_is_checked(monkeypatch):
     monkeypatch.setenv("COMET_MMA_KERNELS", "fastest")
     q = torch.zeros(1, 4, 2, 64, device="cuda", dtype=torch.bfloat16)

@@ -125,7 +125,10 @@ __global__ void __launch_bounds__(kWarps * kWarp)
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = warp * kRowsPerWarp + r;
       const int64_t i = i0 + row;
-      if (i >= ql) continue;  // warp-uniform
+      // Rows past ql, and tiles none of whose keys the row sees, are skipped (warp-uniform). Not
+      // by m_new == -inf: max() drops NaN scores, and a row whose visible scores are all NaN
+      // must come out NaN.
+      if (i >= ql || j0 >= visible_end(i, off, kl)) continue;
       const acc_t* qr = q_s + row * D;
       const acc_t* kr = k_s + lane * (D + 1);
       acc_t s = 0;
@@ -133,7 +136,6 @@ __global__ void __launch_bounds__(kWarps * kWarp)
       const bool visible = j0 + lane < visible_end(i, off, kl);
       s = visible ? s : neg_inf;
       const acc_t m_new = max(m[r], warp_max(s));
-      if (m_new == neg_inf) continue;  // nothing visible yet (warp-uniform)
       const acc_t pj = visible ? exp(s - m_new) : acc_t(0);
       const acc_t alpha = exp(m[r] - m_new);
       l[r] = l[r] * alpha + warp_sum(pj);
@@ -155,7 +157,7 @@ __global__ void __launch_bounds__(kWarps * kWarp)
   for (int r = 0; r < kRowsPerWarp; ++r) {
     const int64_t i = i0 + warp * kRowsPerWarp + r;
     if (i >= p.N) continue;
-    const bool seen = i < ql && l[r] > 0;
+    const bool seen = i < ql && l[r] != 0;  // l is NaN after a NaN score: it reaches out and lse
     const acc_t inv = seen ? acc_t(1) / l[r] : acc_t(0);
     scalar_t* orow = out + ((b * p.N + i) * p.Hq + h) * D;
 #pragma unroll

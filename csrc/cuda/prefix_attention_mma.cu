@@ -263,7 +263,9 @@ __global__ void __launch_bounds__(kThreads)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int64_t i = rows[r];
     if (i >= p.N) continue;
-    const bool seen = i < ql && l[r] > 0.f;
+    // l == 0: the row saw no key. l is NaN when a score was (NaN in q or a visible key): NaN
+    // then reaches out and lse, as on the CPU, instead of passing for a row that saw nothing.
+    const bool seen = i < ql && l[r] != 0.f;
     const float inv = seen ? 1.f / l[r] : 0.f;
     uint16_t* orow = out + ((b * p.N + i) * p.Hq + h) * D;
 #pragma unroll
@@ -478,7 +480,9 @@ __global__ void __launch_bounds__(kThreads)
     l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
     const int64_t i = rows[r];
     if (i >= p.N) continue;
-    const bool seen = i < ql && l[r] > 0.f;  // unseen rows write zeros, whatever their registers hold
+    // unseen rows write zeros, whatever their registers hold; a NaN l (a NaN score) is seen and
+    // poisons the row, as in v1 and on the CPU
+    const bool seen = i < ql && l[r] != 0.f;
     const float inv = seen ? 1.f / l[r] : 0.f;
     const float row_lse = seen ? m[r] * kLn2 + logf(l[r]) : neg_inf;
     const int64_t row = (b * p.Hq + h) * p.N + i;
@@ -512,7 +516,19 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t i = row % p.N, h = row / p.N % p.Hq, b = row / (p.N * p.Hq);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   float top = neg_inf;
-  for (int s = 0; s < splits; ++s) top = fmaxf(top, part_lse[s * rows_total + row]);
+  bool poisoned = false;  // a split met a NaN score: so does the row (fmaxf alone would skip it)
+  for (int s = 0; s < splits; ++s) {
+    const float part = part_lse[s * rows_total + row];
+    poisoned |= isnan(part);
+    top = fmaxf(top, part);
+  }
+  T* dst = out + ((b * p.N + i) * p.Hq + h) * D;
+  if (poisoned) {
+    const float nan = std::numeric_limits<float>::quiet_NaN();
+    for (int c = lane; c < D; c += kWarp) dst[c] = static_cast<T>(nan);
+    if (lane == 0) lse[row] = nan;
+    return;
+  }
   constexpr int kPerLane = (D + kWarp - 1) / kWarp;
   float acc[kPerLane] = {};
   float total = 0.f;
@@ -527,7 +543,6 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const float inv = total > 0.f ? 1.f / total : 0.f;
-  T* dst = out + ((b * p.N + i) * p.Hq + h) * D;
 #pragma unroll
   for (int e = 0; e < kPerLane; ++e)
     if (lane + e * kWarp < D) dst[lane + e * kWarp] = static_cast<T>(acc[e] * inv);
