@@ -208,6 +208,12 @@ inline void check_dense_rows(const char* op, const at::Tensor& t, const char* na
   check_last_contiguous(t, op, name);
 }
 
+// The in-place push writes head / length back element by element.
+inline void check_inplace_state(const char* op, const at::Tensor& head, const at::Tensor& length) {
+  COMET_CHECK(head.is_contiguous() && length.is_contiguous(), op,
+              "'head' and 'length' must be contiguous (they are updated in place)");
+}
+
 inline void check_push_args(const char* op, const at::Tensor& buffer, const at::Tensor& head,
                             const at::Tensor& length, const at::Tensor& rows,
                             const at::Tensor& counts) {

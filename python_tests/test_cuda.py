@@ -178,6 +178,68 @@ def test_fifo_cuda_matches_cpu_including_gradients(H, D, dtype):
         torch.testing.assert_close(b, a)
 
 
+def _fifo_round_trip(dev, buffer, rows, head, length, counts):
+    """push_functional then fifo_view and a backward through both, on one device; the state
+    tensors are moved as they are (views stay views)."""
+    buf, rw = buffer.detach().to(dev).requires_grad_(), rows.detach().to(dev).requires_grad_()
+    nb, nh, nl = ops.fifo_push_functional(buf, head, length, rw, counts)
+    view = ops.fifo_view(nb, nh, nl)
+    (view * torch.arange(view.numel(), device=dev).view(view.shape)).sum().backward()
+    return [t.detach().cpu() for t in (view, nh, nl, buf.grad, rw.grad)]
+
+
+def test_fifo_cuda_reads_state_views_as_the_cpu_does():
+    """head / length as strided views (columns of one tensor), counts expanded from one value
+    (stride 0) or int32: CUDA gives the CPU's rows, state and gradients; the in-place push
+    refuses a strided head / length on both devices."""
+    B, C = 3, 4
+    gen = torch.Generator().manual_seed(2)
+    buffer, rows = torch.randn(B, C, 2, 8, generator=gen), torch.randn(B, 3, 2, 8, generator=gen)
+    state = torch.tensor([[1, 3], [0, 4], [3, 2]])  # (head, length) per sample
+    for counts in (torch.tensor([2]).expand(B), torch.tensor([3, 0, 2], dtype=torch.int32)):
+        cpu = _fifo_round_trip("cpu", buffer, rows, state[:, 0], state[:, 1], counts)
+        st = state.cuda()
+        cuda = _fifo_round_trip("cuda", buffer, rows, st[:, 0], st[:, 1], counts.cuda())
+        for a, b in zip(cpu, cuda):
+            torch.testing.assert_close(b, a)
+    st = state.cuda()  # fifo_view straight from the strided state
+    torch.testing.assert_close(ops.fifo_view(buffer.cuda(), st[:, 0], st[:, 1]).cpu(),
+                               ops.fifo_view(buffer, state[:, 0], state[:, 1]))
+    for dev in ("cpu", "cuda"):
+        st = state.to(dev)
+        with pytest.raises(RuntimeError, match="'head' and 'length' must be contiguous"):
+            ops.fifo_push(buffer.to(dev), st[:, 0], st[:, 1], rows.to(dev), torch.tensor([1, 1, 1], device=dev))
+
+
+def test_fifo_cuda_normalises_a_head_outside_the_ring():
+    """The CPU rejects head outside [0, C); CUDA does not sync the state to the host to check it
+    and reads head modulo C instead: head -1 acts as C - 1, never a write before the buffer."""
+    B, C = 2, 4
+    gen = torch.Generator().manual_seed(3)
+    buffer, rows = torch.randn(B, C, 8, generator=gen), torch.randn(B, 2, 8, generator=gen)
+    length, counts = torch.tensor([2, 4]), torch.tensor([1, 2])
+    cpu = _fifo_round_trip("cpu", buffer, rows, torch.tensor([C - 1, 1]), length, counts)
+    cuda = _fifo_round_trip("cuda", buffer, rows, torch.tensor([-1, 1 - C]).cuda(), length.cuda(), counts.cuda())
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b, a)
+
+
+def test_fifo_cuda_batch_beyond_the_grid_y_limit():
+    """Samples run along grid.y, capped at 65535: a larger batch still reaches every sample."""
+    B, C = 70_000, 2
+    gen = torch.Generator().manual_seed(4)
+    buffer, rows = torch.randn(B, C, 4, generator=gen), torch.randn(B, 1, 4, generator=gen)
+    head, length = torch.randint(0, C, (B,), generator=gen), torch.randint(0, C + 1, (B,), generator=gen)
+    counts = torch.randint(0, 2, (B,), generator=gen)
+    cpu = _fifo_round_trip("cpu", buffer, rows, head, length, counts)
+    cuda = _fifo_round_trip("cuda", buffer, rows, head.cuda(), length.cuda(), counts.cuda())
+    for a, b in zip(cpu, cuda):
+        torch.testing.assert_close(b, a)
+    inplace = buffer.cuda(), head.cuda(), length.cuda()
+    ops.fifo_push(*inplace, rows.cuda(), counts.cuda())
+    torch.testing.assert_close(ops.fifo_view(*inplace).cpu(), cpu[0])
+
+
 @pytest.mark.skipif(HAS_CUDA and torch.cuda.get_device_properties(0).total_memory < 16 * 2**30,
                     reason="needs 16 GB of GPU memory")
 def test_prefix_attention_score_space_beyond_2_to_the_31(mma_kernels):

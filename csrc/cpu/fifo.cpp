@@ -67,8 +67,7 @@ void fifo_push_cpu(at::Tensor& buffer, at::Tensor& head, at::Tensor& length, con
   const auto cnt = check_push(op, buffer, head, length, rows, counts);
   check_dense_rows(op, buffer, "buffer");
   check_dense_rows(op, rows, "rows");
-  COMET_CHECK(head.is_contiguous() && length.is_contiguous(), op,
-              "'head' and 'length' must be contiguous (they are updated in place)");
+  check_inplace_state(op, head, length);
   push_inplace(buffer, head, length, rows, cnt);
 }
 

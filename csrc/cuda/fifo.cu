@@ -4,10 +4,12 @@
 // live on the device and are clamped in the kernels rather than synced to the
 // host for checking; the CPU kernels check them. Rows move N elements per access —
 // 16 bytes where the row length, strides, RoPE halves and pointers allow, else one.
+// Samples run along grid.y, in strides of at most 65535 (its limit).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <type_traits>
@@ -42,6 +44,23 @@ __device__ __forceinline__ void zero_row(scalar_t* dst, int64_t row) {
     *reinterpret_cast<Pack<scalar_t, N>*>(dst + e) = zero;
 }
 
+constexpr int64_t kMaxGridY = 65535;
+
+// Ring slot of the row i places after the oldest. head is normalised into [0, C) here (the CPU
+// kernels reject a head outside it; the device's values are not synced to the host to check).
+__device__ __forceinline__ int64_t ring_slot(int64_t head, int64_t i, int64_t C) {
+  return ((head % C) + C + i % C) % C;
+}
+
+// A grid of (x, samples) blocks; the kernels stride over samples past grid.y's limit.
+dim3 per_sample_grid(int64_t x, int64_t B) {
+  return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::min(B, kMaxGridY)));
+}
+
+// head / length / counts as the kernels index them: dense int64 (B,). Views with other strides,
+// expanded ones (stride 0) and int32 counts are accepted, as on the CPU.
+at::Tensor dense_lengths(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
+
 // 16 bytes' worth of elements when every pointer is 16-byte aligned and every count (row
 // lengths, strides, RoPE half widths, in elements) a multiple of that; else 1.
 template <typename scalar_t>
@@ -69,16 +88,17 @@ __global__ void __launch_bounds__(kThreads)
                 const int64_t* __restrict__ head,   // (B,)
                 const int64_t* __restrict__ length, // (B,)
                 const int64_t* __restrict__ counts, // (B,)
-                int64_t C, int64_t n_max, int64_t row, int64_t buf_bstride, int64_t buf_rstride,
-                int64_t rows_bstride, int64_t rows_rstride) {
-  const int64_t b = blockIdx.y, i = blockIdx.x;
-  const int64_t n = min(max(counts[b], int64_t(0)), n_max);
-  if (i >= n || i < n - C) return;
-  const int64_t len = min(max(length[b], int64_t(0)), C);
-  const int64_t slot = (head[b] + len + i) % C;
-  scalar_t* dst = buffer + b * buf_bstride + slot * buf_rstride;
-  const scalar_t* src = rows + b * rows_bstride + i * rows_rstride;
-  copy_row<scalar_t, N>(dst, src, row);
+                int64_t B, int64_t C, int64_t n_max, int64_t row, int64_t buf_bstride,
+                int64_t buf_rstride, int64_t rows_bstride, int64_t rows_rstride) {
+  const int64_t i = blockIdx.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t n = min(max(counts[b], int64_t(0)), n_max);
+    if (i >= n || i < n - C) continue;
+    const int64_t len = min(max(length[b], int64_t(0)), C);
+    scalar_t* dst = buffer + b * buf_bstride + ring_slot(head[b], len + i, C) * buf_rstride;
+    const scalar_t* src = rows + b * rows_bstride + i * rows_rstride;
+    copy_row<scalar_t, N>(dst, src, row);
+  }
 }
 
 __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* counts, int64_t B,
@@ -88,39 +108,17 @@ __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* co
   const int64_t n = min(max(counts[b], int64_t(0)), n_max);
   const int64_t len = min(max(length[b], int64_t(0)), C);
   const int64_t new_len = min(len + n, C);
-  head[b] = (head[b] + len + n - new_len) % C;
+  head[b] = ring_slot(head[b], len + n - new_len, C);
   length[b] = new_len;
 }
 
-// One block per (sample, slot i of the oldest-first view). Backward = false:
-// out[b, i] = RoPE(in[b, slot]) (zeros past length). Backward = true: the
-// transpose, out[b, slot] = RoPE^T(in[b, i]) into a zeroed out.
+// dst = RoPE(src) (Backward: its transpose) for one (H, D) row with table rows c, s (D,).
 template <bool Backward, typename scalar_t, int N>
-__global__ void __launch_bounds__(kThreads)
-    view_kernel(const scalar_t* __restrict__ in,   // (B, C, H, D) contiguous
-                scalar_t* __restrict__ out,        // (B, C, H, D) contiguous
-                const int64_t* __restrict__ head, const int64_t* __restrict__ length,
-                const float* __restrict__ cos,  // (C, D) or null
-                const float* __restrict__ sin,  // (C, D) or null
-                int64_t C, int64_t row, int64_t D) {
+__device__ __forceinline__ void rope_row(scalar_t* dst, const scalar_t* src, const float* c, const float* s,
+                                         int64_t row, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t b = blockIdx.y, i = blockIdx.x;
-  const int64_t len = min(max(length[b], int64_t(0)), C);
-  const int64_t slot = b * C + ((head[b] % C) + C + i) % C;
-  if (i >= len) {
-    if (!Backward) zero_row<scalar_t, N>(out + (b * C + i) * row, row);
-    return;
-  }
-  const scalar_t* src = in + (Backward ? b * C + i : slot) * row;
-  scalar_t* dst = out + (Backward ? slot : b * C + i) * row;
-  if (cos == nullptr) {
-    copy_row<scalar_t, N>(dst, src, row);
-    return;
-  }
   using P = Pack<scalar_t, N>;
   const int64_t half = D / 2;
-  const float* c = cos + i * D;
-  const float* s = sin + i * D;
   for (int64_t e = int64_t(threadIdx.x) * N; e < row; e += int64_t(blockDim.x) * N) {
     const int64_t col = e % D;  // the N columns from col lie in one half (half % N == 0)
     const bool first = col < half;
@@ -138,6 +136,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// One block per (sample, slot i of the oldest-first view). Backward = false:
+// out[b, i] = RoPE(in[b, slot]) (zeros past length). Backward = true: the
+// transpose, out[b, slot] = RoPE^T(in[b, i]) into a zeroed out.
+template <bool Backward, typename scalar_t, int N>
+__global__ void __launch_bounds__(kThreads)
+    view_kernel(const scalar_t* __restrict__ in,   // (B, C, H, D) contiguous
+                scalar_t* __restrict__ out,        // (B, C, H, D) contiguous
+                const int64_t* __restrict__ head, const int64_t* __restrict__ length,
+                const float* __restrict__ cos,  // (C, D) or null
+                const float* __restrict__ sin,  // (C, D) or null
+                int64_t B, int64_t C, int64_t row, int64_t D) {
+  const int64_t i = blockIdx.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t len = min(max(length[b], int64_t(0)), C);
+    if (i >= len) {
+      if (!Backward) zero_row<scalar_t, N>(out + (b * C + i) * row, row);
+      continue;
+    }
+    const int64_t slot = b * C + ring_slot(head[b], i, C);
+    const scalar_t* src = in + (Backward ? b * C + i : slot) * row;
+    scalar_t* dst = out + (Backward ? slot : b * C + i) * row;
+    if (cos == nullptr) copy_row<scalar_t, N>(dst, src, row);
+    else rope_row<Backward, scalar_t, N>(dst, src, cos + i * D, sin + i * D, row, D);
+  }
+}
+
 // grad_rows[b, i] = grad_buffer[b, slot(i)] for the pushed rows that were kept,
 // then that slot's gradient is zeroed (its old content was overwritten).
 template <typename scalar_t, int N>
@@ -145,15 +169,18 @@ __global__ void __launch_bounds__(kThreads)
     push_backward_kernel(scalar_t* __restrict__ grad_buffer,  // (B, C, row), in: grad of the output
                          scalar_t* __restrict__ grad_rows,    // (B, n, row), zeroed
                          const int64_t* __restrict__ head, const int64_t* __restrict__ length,
-                         const int64_t* __restrict__ counts, int64_t C, int64_t n_max, int64_t row) {
-  const int64_t b = blockIdx.y, i = blockIdx.x;
-  const int64_t n = min(max(counts[b], int64_t(0)), n_max);
-  if (i >= n || i < n - C) return;
-  const int64_t len = min(max(length[b], int64_t(0)), C);
-  scalar_t* g = grad_buffer + (b * C + (head[b] + len + i) % C) * row;
-  scalar_t* dst = grad_rows + (b * n_max + i) * row;
-  copy_row<scalar_t, N>(dst, g, row);
-  zero_row<scalar_t, N>(g, row);  // each thread zeroes the very elements it has just copied
+                         const int64_t* __restrict__ counts, int64_t B, int64_t C, int64_t n_max,
+                         int64_t row) {
+  const int64_t i = blockIdx.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t n = min(max(counts[b], int64_t(0)), n_max);
+    if (i >= n || i < n - C) continue;
+    const int64_t len = min(max(length[b], int64_t(0)), C);
+    scalar_t* g = grad_buffer + (b * C + ring_slot(head[b], len + i, C)) * row;
+    scalar_t* dst = grad_rows + (b * n_max + i) * row;
+    copy_row<scalar_t, N>(dst, g, row);
+    zero_row<scalar_t, N>(g, row);  // each thread zeroes the very elements it has just copied
+  }
 }
 
 void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
@@ -162,21 +189,21 @@ void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
   check_push_args(op, buffer, head, length, rows, counts);
   check_dense_rows(op, buffer, "buffer");
   check_dense_rows(op, rows, "rows");
-  COMET_CHECK(counts.scalar_type() == at::kLong, op, "'counts' must be int64 on CUDA, got ",
-              counts.scalar_type());
+  check_inplace_state(op, head, length);
   const int64_t B = buffer.size(0), C = buffer.size(1), n = rows.size(1);
   if (B == 0 || C == 0) return;
   const c10::cuda::CUDAGuard guard(buffer.device());
   auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor cnt = dense_lengths(counts);
   if (n > 0) {
     COMET_DISPATCH_FLOATING(buffer.scalar_type(), "fifo_push_cuda", [&] {
       const int width = pack_width<scalar_t>(
           {buffer.data_ptr(), rows.data_ptr()},
           {row_numel(buffer), buffer.stride(0), buffer.stride(1), rows.stride(0), rows.stride(1)});
       with_pack_width<scalar_t>(width, [&](auto w) {
-        push_kernel<scalar_t, decltype(w)::value><<<dim3(n, B), kThreads, 0, stream>>>(
+        push_kernel<scalar_t, decltype(w)::value><<<per_sample_grid(n, B), kThreads, 0, stream>>>(
             buffer.data_ptr<scalar_t>(), rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-            length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, n, row_numel(buffer),
+            length.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), B, C, n, row_numel(buffer),
             buffer.stride(0), buffer.stride(1), rows.stride(0), rows.stride(1));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
@@ -184,7 +211,7 @@ void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
   }
   advance_kernel<<<(B + 127) / 128, 128, 0, stream>>>(head.data_ptr<int64_t>(),
                                                       length.data_ptr<int64_t>(),
-                                                      counts.data_ptr<int64_t>(), B, C, n);
+                                                      cnt.data_ptr<int64_t>(), B, C, n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -200,16 +227,17 @@ at::Tensor view_or_scatter_cuda(const char* op, const at::Tensor& input, const a
                             : at::empty(input.sizes(), input.options());
   if (B == 0 || C == 0 || out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor hd = dense_lengths(head), len = dense_lengths(length);
   COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cuda", [&] {
     // with RoPE a pack must not straddle the two halves of a head's D columns
     const int width = pack_width<scalar_t>({in.data_ptr(), out.data_ptr()},
                                            {row_numel(in), cs.defined() ? D / 2 : 0});
     with_pack_width<scalar_t>(width, [&](auto w) {
       view_kernel<Backward, scalar_t, decltype(w)::value>
-          <<<dim3(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-              length.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
-              sn.defined() ? sn.data_ptr<float>() : nullptr, C, row_numel(in), D);
+          <<<per_sample_grid(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hd.data_ptr<int64_t>(),
+              len.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
+              sn.defined() ? sn.data_ptr<float>() : nullptr, B, C, row_numel(in), D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -244,8 +272,6 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cuda(const at::Tensor& gra
   const char* op = "fifo_push_backward";
   check_fifo_state(op, grad_buffer_out, head, length);
   check_lengths(counts, grad_buffer_out.size(0), grad_buffer_out, op, "counts");
-  COMET_CHECK(counts.scalar_type() == at::kLong, op, "'counts' must be int64 on CUDA, got ",
-              counts.scalar_type());
   COMET_CHECK(num_rows >= 0, op, "'num_rows' must be >= 0, got ", num_rows);
   const int64_t B = grad_buffer_out.size(0), C = grad_buffer_out.size(1);
   at::Tensor grad_buffer = grad_buffer_out.clone(at::MemoryFormat::Contiguous);
@@ -254,13 +280,14 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cuda(const at::Tensor& gra
   at::Tensor grad_rows = at::zeros(rows_shape, grad_buffer_out.options());
   if (B == 0 || C == 0 || num_rows == 0 || grad_rows.numel() == 0) return {grad_buffer, grad_rows};
   const c10::cuda::CUDAGuard guard(grad_buffer_out.device());
+  const at::Tensor hd = dense_lengths(head), len = dense_lengths(length), cnt = dense_lengths(counts);
   COMET_DISPATCH_FLOATING(grad_buffer.scalar_type(), "fifo_push_backward_cuda", [&] {
     const int width = pack_width<scalar_t>({grad_buffer.data_ptr(), grad_rows.data_ptr()}, {row_numel(grad_buffer)});
     with_pack_width<scalar_t>(width, [&](auto w) {
       push_backward_kernel<scalar_t, decltype(w)::value>
-          <<<dim3(num_rows, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-              grad_buffer.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), head.data_ptr<int64_t>(),
-              length.data_ptr<int64_t>(), counts.data_ptr<int64_t>(), C, num_rows, row_numel(grad_buffer));
+          <<<per_sample_grid(num_rows, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              grad_buffer.data_ptr<scalar_t>(), grad_rows.data_ptr<scalar_t>(), hd.data_ptr<int64_t>(),
+              len.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), B, C, num_rows, row_numel(grad_buffer));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

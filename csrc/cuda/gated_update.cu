@@ -235,13 +235,13 @@ gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& g
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   const bool has_state = state.has_value();
   const auto acc_opts = readout.options().dtype(acc_dtype(readout.scalar_type()));
+  const c10::cuda::CUDAGuard guard(readout.device());  // before row_grid: it asks this device for its SMs
   const int grid = row_grid(M);
   at::Tensor dR = at::empty(readout.sizes(), readout.options());
   at::Tensor dS = has_state ? at::empty(readout.sizes(), readout.options()) : at::empty({0}, readout.options());
   at::Tensor d_w = at::zeros({grid, d}, acc_opts), d_gate = at::zeros({grid, 2 * d}, acc_opts);
   at::Tensor d_down = at::zeros({grid, r, d}, acc_opts), d_up_t = at::zeros({grid, r, d}, acc_opts);
   if (M > 0) {
-    const c10::cuda::CUDAGuard guard(readout.device());
     const at::Tensor R = readout.contiguous(), GS = grad_new_state.contiguous(), GM = grad_memory.contiguous();
     const at::Tensor S = has_state ? state->contiguous() : at::Tensor();
     const at::Tensor w = norm_weight.contiguous(), gw = gate_weight.contiguous();

@@ -162,13 +162,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
   const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
   const bool has_norm = norm_weight.has_value();
   const auto acc = acc_dtype(x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());  // before row_grid: it asks this device for its SMs
   const int grid = row_grid(M);
   at::Tensor dx = at::empty({M, d}, x.options());
   at::Tensor d_down = at::zeros({grid, r, d}, x.options().dtype(acc));
   at::Tensor d_up_t = at::zeros({grid, r, d}, x.options().dtype(acc));
   at::Tensor d_w = at::zeros({grid, has_norm ? d : 0}, x.options().dtype(acc));
   if (M > 0) {
-    const c10::cuda::CUDAGuard guard(x.device());
     const at::Tensor dw = down.contiguous(), uw = up.contiguous();
     const at::Tensor w = has_norm ? norm_weight->contiguous() : at::Tensor();
     COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_backward_cuda", [&] {

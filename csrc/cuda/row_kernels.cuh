@@ -9,8 +9,7 @@ namespace comet::cuda {
 
 constexpr int kRowThreads = 256;
 
-// sum_i a[i] * b[i] over the row, a and b global rows (any of the two may be
-// nullptr: treated as ones); every thread gets the total.
+// sum_i a[i] * b[i] over the row, a and b global rows; every thread gets the total.
 template <typename acc_t, typename A, typename B>
 __device__ __forceinline__ acc_t row_dot(const A* a, const B* b, int64_t d, acc_t* scratch) {
   acc_t v[1] = {0};
