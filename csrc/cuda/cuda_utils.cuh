@@ -1,4 +1,4 @@
-// Shared device helpers of the CUDA kernels: block reductions, type conversion,
+// Shared helpers of the CUDA kernels: block reductions, type conversion, per-sample lengths,
 // launch checks.
 #pragma once
 
@@ -10,6 +10,10 @@
 namespace comet::cuda {
 
 constexpr int kWarp = 32;
+
+// Per-sample int64 values (lengths, FIFO heads, counts) as the kernels index them: dense (B,).
+// Strided or expanded views and int32 are accepted, as on the CPU.
+inline at::Tensor dense_lengths(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

@@ -57,10 +57,6 @@ dim3 per_sample_grid(int64_t x, int64_t B) {
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::min(B, kMaxGridY)));
 }
 
-// head / length / counts as the kernels index them: dense int64 (B,). Views with other strides,
-// expanded ones (stride 0) and int32 counts are accepted, as on the CPU.
-at::Tensor dense_lengths(const at::Tensor& t) { return t.to(at::kLong).contiguous(); }
-
 // 16 bytes' worth of elements when every pointer is 16-byte aligned and every count (row
 // lengths, strides, RoPE half widths, in elements) a multiple of that; else 1.
 template <typename scalar_t>

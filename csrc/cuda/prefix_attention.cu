@@ -329,7 +329,7 @@ void head_dim_switch(int64_t D, const F& f) {
 }
 
 at::Tensor lengths_or_undefined(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->to(at::kLong).contiguous() : at::Tensor();
+  return t.has_value() ? dense_lengths(*t) : at::Tensor();
 }
 
 Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& ql, const at::Tensor& kl) {
