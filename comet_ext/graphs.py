@@ -11,13 +11,19 @@ is the graph's key: the shapes and dtypes of every tensor the loop is given, the
 host-side values beside them (which samples close, which have global rows, how
 many keys attention reads, ...), and the addresses of the tensors it reads or
 writes without being given them (the model's parameters, the memory's buffers,
-which it updates in place). A replay first copies the step's tensors into the
-recording's own; nothing else may change between steps, and
+which it updates in place), and the ambient modes the loop ran under (autocast and
+its dtype, inference mode, grad mode). A replay first copies the step's tensors
+into the recording's own; nothing else may change between steps, and
 modeling._stream_step is written so.
+
+A recording is made on the step's own device, on a capture stream of that device,
+and under autocast with autocast's weight-cast cache off: the cached casts live only
+as long as the caller's autocast block, so the graph makes its own.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 from typing import Any, Callable, Hashable, Iterator
 
@@ -71,6 +77,15 @@ def with_leaves(obj: Any, leaves: Iterator[Tensor]) -> Any:
     return obj
 
 
+def ambient_key(device: torch.device) -> Hashable:
+    """The modes a recording bakes in beside its arguments: autocast on device's type and its
+    dtype (the casts are recorded), inference mode (the recording's input copies are inference
+    tensors under it: a replay outside could not write them), and grad mode."""
+    autocast = torch.is_autocast_enabled(device.type)
+    return (autocast, torch.get_autocast_dtype(device.type) if autocast else None,
+            torch.is_inference_mode_enabled(), torch.is_grad_enabled())
+
+
 @dataclasses.dataclass
 class _Recording:
     graph: "torch.cuda.CUDAGraph"
@@ -89,6 +104,7 @@ class StepGraphs:
         self._recordings: collections.OrderedDict[Hashable, _Recording] = collections.OrderedDict()
         self._seen: collections.Counter = collections.Counter()
         self._pool = None
+        self._streams: dict[int, "torch.cuda.Stream"] = {}  # a capture stream per device index
         self.replays = 0  # how many steps ran as a replay (for tests and benchmarks)
 
     def run(self, fn: Callable[..., Tensor], args: tuple, context: Hashable) -> Tensor:
@@ -96,11 +112,14 @@ class StepGraphs:
         dataclasses, tuples); context: what else the loop depends on (see the module doc).
         Runs eagerly while the step's key is new; the second time, runs eagerly and then
         records; from the third, replays."""
-        key = (host_key(args), context)
+        leaves = tensor_leaves(args)
+        if not leaves:
+            raise ValueError("StepGraphs: a step needs at least one tensor argument (it names the device)")
+        key = (host_key(args), context, ambient_key(leaves[0].device))
         rec = self._recordings.get(key)
         if rec is not None:
             self._recordings.move_to_end(key)
-            for dst, src in zip(rec.inputs, tensor_leaves(args)):
+            for dst, src in zip(rec.inputs, leaves):
                 dst.copy_(src)
             rec.graph.replay()
             self.replays += 1
@@ -118,10 +137,21 @@ class StepGraphs:
         # updated in place is not updated twice.
         inputs = [t.clone() for t in tensor_leaves(args)]
         static_args = with_leaves(args, iter(inputs))
+        device = inputs[0].device
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        with contextlib.ExitStack() as stack:
+            # torch's default capture stream lives on whichever device was current when the first
+            # graph was made: a model on another device would run its kernels instead of recording
+            stack.enter_context(torch.cuda.device(device))
+            if device.index not in self._streams:
+                self._streams[device.index] = torch.cuda.Stream(device)
+            stream = self._streams[device.index]
+            if torch.is_autocast_enabled(device.type):
+                stack.enter_context(torch.autocast(device.type, dtype=torch.get_autocast_dtype(device.type),
+                                                   cache_enabled=False))
+            stack.enter_context(torch.cuda.graph(graph, pool=self._pool, stream=stream))
             output = fn(*static_args)
         self._recordings[key] = _Recording(graph, inputs, output)
         del self._seen[key]
@@ -131,3 +161,4 @@ class StepGraphs:
     def clear(self) -> None:
         self._recordings.clear()
         self._seen.clear()
+        self._pool = None  # a fresh pool: nothing the old recordings allocated is reused

@@ -511,10 +511,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _graph_context(self, memory: CometMemory) -> tuple:
         """What a recorded step reads or writes by address without being given it: the memory's
-        buffers and the model's parameters (a moved or re-cast model has new ones); and the gate
-        snap, a number the recording bakes in (a changed comet_config records anew)."""
+        buffers and the model's parameters (a moved or re-cast model has new ones); the gate
+        snap, a number the recording bakes in (a changed comet_config records anew); and the
+        train / eval mode (dropout, adapters' switches)."""
         return (tuple(t.data_ptr() for t in memory.buffers()),
-                tuple(p.data_ptr() for p in self.parameters()), self.comet_config.gate_snap)
+                tuple(p.data_ptr() for p in self.parameters()), self.comet_config.gate_snap, self.training)
 
     def use_cuda_graphs(self, enabled: bool = True, capacity: int = 8) -> "CometForCausalLM":
         """On a CUDA device, record the layer loop of a streaming step as a CUDA graph the second

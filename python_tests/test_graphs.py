@@ -9,7 +9,7 @@ import torch
 from conftest import HAS_CUDA
 from modeling_utils import tiny_comet
 
-from comet_ext.graphs import StepGraphs, host_key, tensor_leaves, with_leaves
+from comet_ext.graphs import StepGraphs, ambient_key, host_key, tensor_leaves, with_leaves
 from comet_ext.modeling import _StepPlan
 from comet_ext.segments import plan_segment
 
@@ -56,6 +56,23 @@ def test_key_rejects_what_it_cannot_compare():
         host_key(({"a": 1},))
     with pytest.raises(ValueError, match="capacity must be >= 1"):
         StepGraphs(0)
+
+
+def test_key_holds_the_ambient_modes():
+    """Autocast (and its dtype), inference mode and grad mode change what a recording holds:
+    each is part of the key, so a step recorded under one is not replayed under another."""
+    cpu = torch.device("cpu")
+    keys = {"plain": ambient_key(cpu)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        keys["bf16 autocast"] = ambient_key(cpu)
+    with torch.autocast("cpu", dtype=torch.float16):
+        keys["fp16 autocast"] = ambient_key(cpu)
+    with torch.inference_mode():
+        keys["inference mode"] = ambient_key(cpu)
+    with torch.no_grad():
+        keys["no grad"] = ambient_key(cpu)
+    assert len(set(keys.values())) == len(keys), keys
+    assert ambient_key(cpu) == keys["plain"]
 
 
 def test_cuda_graphs_switch_is_harmless_off_the_gpu():
@@ -142,3 +159,55 @@ def test_recorded_steps_match_eager_steps(family):
     assert torch.equal(graphed_tokens[0], eager_tokens[0])
     for a, b in zip(graphed_tokens[1].buffers(), eager_tokens[1].buffers()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+def test_recorded_steps_follow_autocast_inference_mode_and_memory_buffers():
+    """Recordings stay right across the modes a caller reads under: a step recorded under bf16
+    autocast casts the weights itself (autocast's cached casts die with its block), so it still
+    equals eager after an in-place weight update under a new block, and is not replayed without
+    autocast; a step recorded under inference mode is not replayed outside it (its input copies
+    are inference tensors); and two live memories never share a recording."""
+    model = tiny_comet("qwen3").cuda()
+    cs = model.comet_config.chunk_size
+    ids = torch.randint(0, 97, (2, 12 * cs), generator=torch.Generator().manual_seed(3)).cuda()
+    graphs = StepGraphs()
+
+    def both(run):
+        """run() eagerly and with recordings; the graphed run must replay."""
+        model._step_graphs = None
+        eager = run()
+        model._step_graphs = graphs
+        replays = graphs.replays
+        graphed = run()
+        assert graphs.replays > replays
+        for a, b in zip(graphed.buffers(), eager.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        return graphed
+
+    def autocast_read():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return model.read(ids, progress=False)
+
+    both(autocast_read)
+    with torch.no_grad():  # same tensors, new values: the recordings must read them, not old casts
+        for p in model.parameters():
+            p.mul_(1.01)
+    both(autocast_read)
+    both(lambda: model.read(ids, progress=False))  # without autocast: fp32 recordings of its own
+
+    def inference_then_plain():
+        memory = model.read(ids[:, :cs], progress=False)
+        with torch.inference_mode():
+            model.read(ids[:, cs:8 * cs], memory=memory, progress=False)
+        return model.read(ids[:, 8 * cs:], memory=memory, progress=False)
+
+    both(inference_then_plain)
+    # two live memories: the second read's steps must write its own buffers, not the first's
+    first = both(lambda: model.read(ids, progress=False))
+    kept = [t.clone() for t in first.buffers()]
+    second = both(lambda: model.read(ids.flip(1), progress=False))
+    for a, b in zip(first.buffers(), kept):
+        assert torch.equal(a, b), "a recording of the first memory wrote into it during the second read"
+    assert any(not torch.equal(a, b) for a, b in zip(first.buffers(), second.buffers()))
