@@ -1070,7 +1070,6 @@ class _StepPlan:
     def build(memory: CometMemory, seg: Segment, close: list[bool], prefix_lens: Tensor,
               global_memory: bool, full_width: bool = False) -> "_StepPlan":
         has_global = tuple(bool(g) for g in memory.has_global.tolist())
-        k_lens = (prefix_lens + seg.q_lens).tolist()
         return _StepPlan(
             any_closing=any(close),
             all_closing=all(close),
@@ -1082,7 +1081,8 @@ class _StepPlan:
                                        "the open chunk's rows"),
             comp_rows=_RowScatter.build(memory.pending, seg.comp_count, seg.comp_rows.shape[1],
                                         memory.pending_k.shape[2], "pending compression rows"),
-            width=memory.kv_k.shape[2] if full_width else max(k_lens) if k_lens else 0,
+            # (the whole buffer needs no look at the lengths: one host sync fewer per step)
+            width=memory.kv_k.shape[2] if full_width else max((prefix_lens + seg.q_lens).tolist(), default=0),
         )
 
 
