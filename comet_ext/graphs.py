@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import warnings
 from typing import Any, Callable, Hashable, Iterator
 
 import torch
@@ -103,6 +104,7 @@ class StepGraphs:
         self.capacity = capacity
         self._recordings: collections.OrderedDict[Hashable, _Recording] = collections.OrderedDict()
         self._seen: collections.Counter = collections.Counter()
+        self._unrecordable: set[Hashable] = set()  # keys whose recording failed: they run eagerly
         self._pool = None
         self._streams: dict[int, "torch.cuda.Stream"] = {}  # a capture stream per device index
         self.replays = 0  # how many steps ran as a replay (for tests and benchmarks)
@@ -111,7 +113,9 @@ class StepGraphs:
         """fn(*args) -> a tensor, for one step. args: the step's tensors (in tensors,
         dataclasses, tuples); context: what else the loop depends on (see the module doc).
         Runs eagerly while the step's key is new; the second time, runs eagerly and then
-        records; from the third, replays."""
+        records; from the third, replays. A recording that fails is reported once (a
+        RuntimeWarning) and its key runs eagerly from then on: the step itself has already
+        run, so its result and the memory it updated stand."""
         leaves = tensor_leaves(args)
         if not leaves:
             raise ValueError("StepGraphs: a step needs at least one tensor argument (it names the device)")
@@ -128,8 +132,15 @@ class StepGraphs:
         if len(self._seen) >= 1024:  # keys seen once (the first chunks of many reads) would pile up
             self._seen.clear()
         self._seen[key] += 1
-        if self._seen[key] >= 2:
-            self._record(key, fn, args)
+        if self._seen[key] >= 2 and key not in self._unrecordable:
+            try:
+                self._record(key, fn, args)
+            except RuntimeError as e:
+                self._unrecordable.add(key)
+                del self._seen[key]
+                warnings.warn(f"StepGraphs: a streaming step could not be recorded as a CUDA graph; steps "
+                              f"of its shape run eagerly from now on. The error: {e}", RuntimeWarning,
+                              stacklevel=2)
         return out
 
     def _record(self, key: Hashable, fn: Callable[..., Tensor], args: tuple) -> None:
@@ -161,4 +172,5 @@ class StepGraphs:
     def clear(self) -> None:
         self._recordings.clear()
         self._seen.clear()
+        self._unrecordable.clear()
         self._pool = None  # a fresh pool: nothing the old recordings allocated is reused

@@ -3,6 +3,7 @@ swapped (on any machine), and recorded steps against eager ones (on a GPU)."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -73,6 +74,31 @@ def test_key_holds_the_ambient_modes():
         keys["no grad"] = ambient_key(cpu)
     assert len(set(keys.values())) == len(keys), keys
     assert ambient_key(cpu) == keys["plain"]
+
+
+def test_a_step_that_cannot_be_recorded_runs_eagerly_and_says_so(monkeypatch):
+    """A failed recording keeps the step's eager result (it has already run), warns once, and
+    is not tried again for that key: later steps of the shape run eagerly."""
+    graphs, calls, tried = StepGraphs(), [], []
+
+    def step(x):
+        calls.append(1)
+        return x * 2
+
+    def failing_record(key, fn, args):
+        tried.append(key)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs, "_record", failing_record)
+    x = torch.arange(3.0)
+    assert torch.equal(graphs.run(step, (x,), "ctx"), x * 2)  # first sighting: eager
+    with pytest.warns(RuntimeWarning, match="could not be recorded.*stream is capturing"):
+        assert torch.equal(graphs.run(step, (x,), "ctx"), x * 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            assert torch.equal(graphs.run(step, (x + 1,), "ctx"), (x + 1) * 2)
+    assert len(calls) == 5 and len(tried) == 1 and graphs.replays == 0
 
 
 def test_cuda_graphs_switch_is_harmless_off_the_gpu():
