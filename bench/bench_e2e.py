@@ -20,7 +20,11 @@ CoMeT runs at the reference defaults (chunk 2048, 512 global slots, FIFO 2048,
 stride 8). Full attention runs up to --full-max tokens (longer points are
 marked, not extrapolated here); the naive oracle up to --naive-max. With
 --cuda-graphs (GPU) CoMeT also runs with its steps recorded as CUDA graphs
-(CometForCausalLM.use_cuda_graphs), as a method of its own, "comet-graphs".
+(CometForCausalLM.use_cuda_graphs), as a method of its own, "comet-graphs". With
+--profile, each CoMeT method's process at the longest length then reads one more chunk
+and decodes 16 tokens under torch.profiler: PREFIX_profile_METHOD.txt holds the top ops,
+and the table's notes compare the wall time with the device's busy time (host- or
+device-bound).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import json, os, sys, time, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from comet_ext import CometConfig, CometForCausalLM
 method, T, device, shape, n_new = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
+profile_to = sys.argv[6] if len(sys.argv) > 6 else ""
 torch.manual_seed(0)
 if shape == "tiny":
     cfg = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -69,6 +74,34 @@ def reset_peak():
         return torch.cuda.memory_allocated() / 2**20
     open("/proc/self/clear_refs", "w").write("5")
     return status_mb("VmRSS:")
+def profile_step(model, memory, chunk, prompt, path):
+    # One more full chunk read into the (by now full) memory, then 16 decoded tokens, under
+    # torch.profiler: is a step bound by the host (launching) or by the device, and by which ops?
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    out, text = {}, []
+    for name, fn, per in (("read one chunk", lambda: model.read(chunk, memory=memory, progress=False), 1),
+                          ("decode 16 tokens", lambda: model.generate(prompt, memory=memory, max_new_tokens=16), 16)):
+        sync()
+        with profile(activities=acts) as prof:
+            start = time.perf_counter(); fn(); sync(); wall = time.perf_counter() - start
+        events = prof.key_averages()
+        # self times count each op's own work once: host time in ops, and device time in the
+        # kernel and copy rows (summed as the table's footer does; op rows would count it again)
+        host = sum(e.self_cpu_time_total for e in events) / 1e3
+        dev = sum(e.self_device_time_total for e in events if e.device_type != DeviceType.CPU) / 1e3
+        key = "read" if per == 1 else "decode"
+        out.update({f"profile_{key}_wall_ms": wall * 1e3 / per, f"profile_{key}_host_ms": host / per,
+                    f"profile_{key}_device_ms": dev / per})
+        text += [f"## {name} ({method}, {T} tokens read, {device}, {shape})", "",
+                 f"wall {wall * 1e3:.1f} ms; self time in ops: host {host:.1f} ms, device {dev:.1f} ms "
+                 f"(device busy {dev / (wall * 1e3):.0%} of the wall time)", "",
+                 events.table(sort_by=sort, row_limit=25), ""]
+    with open(path, "w") as f:
+        f.write("\n".join(text))
+    return out
 result = {"method": method, "tokens": T, "mma_kernels": os.environ.get("COMET_MMA_KERNELS") or "v1"}
 with torch.no_grad():
     if method in ("comet", "comet-graphs"):
@@ -92,6 +125,11 @@ with torch.no_grad():
         sync(); start = time.perf_counter()
         model.generate(prompt, memory=memory, max_new_tokens=n_new)
         sync(); result["decode_tok_s"] = n_new / (time.perf_counter() - start)
+        if profile_to:  # after the measurements: a profiler failure must not cost the point
+            try:
+                result.update(profile_step(model, memory, ids[:, max(T - cs, 0):], prompt, profile_to))
+            except Exception as e:
+                result["profile_error"] = f"{type(e).__name__}: {e}"[:300]
     elif method == "full":
         base(ids[:, :256])
         base_mb = reset_peak()
@@ -119,9 +157,13 @@ print(json.dumps(result))
 """
 
 
-def run_point(method: str, length: int, device: str, shape: str, n_new: int, timeout: int) -> dict:
+def run_point(method: str, length: int, device: str, shape: str, n_new: int, timeout: int,
+              profile_to: str = "") -> dict:
+    """One (method, length) point in a fresh process; with profile_to (CoMeT only), also a
+    torch.profiler table of one more chunk read and of 16 decoded tokens, written to that path."""
     try:
-        res = subprocess.run([sys.executable, "-c", CHILD, method, str(length), device, shape, str(n_new)],
+        res = subprocess.run([sys.executable, "-c", CHILD, method, str(length), device, shape, str(n_new),
+                              profile_to],
                              capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"method": method, "tokens": length, "status": f"over the {timeout} s limit"}
@@ -217,6 +259,9 @@ def main() -> None:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per point")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also run CoMeT with its steps recorded as CUDA graphs (method comet-graphs)")
+    ap.add_argument("--profile", action="store_true",
+                    help="at the longest length, also profile one chunk read and 16 decoded tokens of each CoMeT "
+                    "method (torch.profiler tables in PREFIX_profile_METHOD.txt; host vs device time in the table)")
     ap.add_argument("--out", required=True, help="path prefix: writes PREFIX.md, .json and _prefill/_peak .png")
     ap.add_argument("--from-log", help="render the tables and plots from the point lines a cut-short run "
                     "printed (with --machine and --commit naming where and what it measured)")
@@ -237,6 +282,7 @@ def main() -> None:
         rows = []
     # Per length, when time is short the numbers that matter most come first: CoMeT with CUDA
     # graphs, then full attention (the baseline, and the points its extrapolation needs).
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     limits = ((("comet-graphs", None),) if args.cuda_graphs else ()) + (
         ("full", args.full_max), ("comet", None), ("naive", args.naive_max))
     for length in args.lengths:
@@ -247,14 +293,15 @@ def main() -> None:
                 rows.append(logged.get((method, length), {"method": method, "tokens": length,
                                                           "status": "not reached (the run was cut short)"}))
             else:
+                profile_to = (f"{args.out}_profile_{method}.txt" if args.profile and method.startswith("comet")
+                              and length == max(args.lengths) else "")
                 rows.append(run_point(method, length, args.device, args.model_shape, args.new_tokens,
-                                      args.timeout))
+                                      args.timeout, profile_to))
                 print(rows[-1], flush=True)
     # Points run in the order given (put the one that matters most first when time is short);
     # tables and plots read them by length.
     lengths = sorted(args.lengths)
     rows.sort(key=lambda r: r["tokens"])
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(rows, f, indent=1)
     pngs = plot(rows, args.out)
@@ -265,7 +312,8 @@ def main() -> None:
         return next((r for r in rows if r["method"] == method and r["tokens"] == length), {})
 
     command = (f"`python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
-               f"{'--cuda-graphs ' if args.cuda_graphs else ''}--out {args.out}`")
+               f"{'--cuda-graphs ' if args.cuda_graphs else ''}{'--profile ' if args.profile else ''}"
+               f"--out {args.out}`")
     source = (f"- points measured by {command} and rendered from the lines it printed "
               f"(`--from-log {os.path.basename(args.from_log)}`: a run cut short, or tables re-rendered)"
               if args.from_log else f"- command: {command}")
@@ -353,6 +401,16 @@ def main() -> None:
                            f"{cg['decode_tok_s']:.1f} tok/s")
         elif cg:
             summary.append(f"- at {length} tokens with CUDA graphs: {cg.get('status', '')[-200:]}")
+    for r in rows:
+        if "profile_error" in r:
+            summary.append(f"- profiling {r['method']} at {r['tokens']} tokens failed: {r['profile_error']}")
+        if "profile_read_wall_ms" in r:
+            summary.append(
+                f"- profiled ({r['method']}, after {r['tokens']} tokens; tables in "
+                f"{os.path.basename(args.out)}_profile_{r['method']}.txt): one chunk read {r['profile_read_wall_ms']:.1f} ms "
+                f"wall, {r['profile_read_device_ms']:.1f} ms device busy, {r['profile_read_host_ms']:.1f} ms host in ops; "
+                f"a decoded token {r['profile_decode_wall_ms']:.1f} ms wall, {r['profile_decode_device_ms']:.2f} ms device, "
+                f"{r['profile_decode_host_ms']:.1f} ms host")
     lines += [""] + summary + [""] + [f"![{os.path.basename(p)}]({os.path.basename(p)})" for p in pngs] + [""]
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines))
