@@ -280,9 +280,9 @@ def main() -> None:
     else:
         logged = None
         rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # the points' profiles go there
     # Per length, when time is short the numbers that matter most come first: CoMeT with CUDA
     # graphs, then full attention (the baseline, and the points its extrapolation needs).
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     limits = ((("comet-graphs", None),) if args.cuda_graphs else ()) + (
         ("full", args.full_max), ("comet", None), ("naive", args.naive_max))
     for length in args.lengths:
