@@ -58,8 +58,10 @@ def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     """HF attention-interface function backed by comet::prefix_attention."""
     if dropout:
         raise NotImplementedError("comet attention does not implement attention dropout; set attention_dropout=0")
-    if kwargs.get("sliding_window") is not None:
-        raise NotImplementedError("comet attention does not implement sliding-window attention")
+    window = kwargs.get("sliding_window")
+    if window is not None and key.shape[2] > window:  # inside the window a sliding mask masks nothing
+        raise NotImplementedError(f"comet attention does not implement sliding-window attention: "
+                                  f"{key.shape[2]} keys exceed the model's sliding_window {window}")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if attention_mask is None:
         out, _ = ops.prefix_attention(q, k, v, scaling)

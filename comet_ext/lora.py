@@ -3,7 +3,8 @@ train fully.
 
     apply_lora(model, rank=16)         # before building the Trainer
     ...train...
-    merge_lora(model)                  # fold the adapters into the weights, then save_pretrained
+    model.save_pretrained(folder)      # adapters and their settings: from_pretrained re-applies them
+    merge_lora(model)                  # or fold the adapters into the weights (plain checkpoint)
 
 Adapters are injected in place (peft.inject_adapter_in_model), so the model
 keeps its layout and every comet_ext path (read, generate, the pipeline) works
@@ -34,6 +35,8 @@ def apply_lora(model, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
     inject_adapter_in_model(config, model.base.model)
     for name, p in model.base.named_parameters():
         p.requires_grad_("lora_" in name)
+    # save_pretrained writes these beside the adapters' weights; from_pretrained re-applies them
+    model.comet_lora = {"rank": rank, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules)}
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -48,6 +51,7 @@ def merge_lora(model) -> None:
                 setattr(parent, child_name, child.get_base_layer())
     for p in model.base.parameters():
         p.requires_grad_(True)
+    model.comet_lora = None
 
 
 def lora_parameters(model) -> list[nn.Parameter]:

@@ -100,7 +100,8 @@ class CometMemory:
     @classmethod
     def load(cls, path: str | os.PathLike, model=None, device: Optional[torch.device | str] = None) -> "CometMemory":
         """Reads a memory saved by `save`. With `model`, checks that it belongs to it
-        (same architecture sizes and CoMeT config) and moves it to the model's device."""
+        (same architecture sizes and CoMeT config) and moves it to the model's device and
+        dtype (a memory saved in bfloat16 loads into a float32 model, and back)."""
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"CometMemory.load: no file at {path!r}")
@@ -129,10 +130,13 @@ class CometMemory:
                     f"CometMemory.load: {path!r} belongs to another model or CoMeT config; "
                     f"differences (file, model): {diff}"
                 )
-            device = device or model.device
-        if device is not None:
-            memory = memory.to(device)
-        return memory
+            return memory.to(device or model.device, model.dtype)
+        return memory.to(device) if device is not None else memory
 
-    def to(self, device) -> "CometMemory":
-        return CometMemory(**{f: getattr(self, f).to(device) for f in _FIELDS}, signature=dict(self.signature))
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CometMemory":
+        """A copy on `device`, its floating buffers (state, keys, values) cast to `dtype`:
+        what a model in another dtype reads (the counters stay int64)."""
+        def move(t: Tensor) -> Tensor:
+            return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
+
+        return CometMemory(**{f: move(getattr(self, f)) for f in _FIELDS}, signature=dict(self.signature))

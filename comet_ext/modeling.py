@@ -13,6 +13,7 @@ C = temp_budget, Hkv kv heads, D head dim, L layers.
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import functools
 import json
@@ -22,23 +23,18 @@ from typing import Optional, Sequence
 
 import torch
 import torch.utils.checkpoint
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import ops
-from .atomic import atomic_write, write_json
+from . import checkpoint, generation, ops
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
 from .memory import CometMemory, signature_diff
 from .train_memory import FifoWindow, TrainMemory
 from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class LowRankAdapter(nn.Module):
@@ -129,6 +125,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         self.comet_config = comet_config
         cfg = base.config
         self.config = cfg
+        if getattr(base, "generation_config", None) is not None:  # a checkpoint's generation_config.json
+            self.generation_config = copy.deepcopy(base.generation_config)
         d = cfg.hidden_size
         self.memory_layers = nn.ModuleList(
             CometLayerMemory(d, comet_config.rla_rank) for _ in range(cfg.num_hidden_layers)
@@ -139,6 +137,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             torch.empty(comet_config.num_global, d, dtype=emb.dtype, device=emb.device))
         self.memory_layers.to(device=emb.device, dtype=emb.dtype)
         self.reset_memory_parameters()
+        # state dicts read from model.safetensors (Trainer's resume) use the saved key layout
+        self.register_load_state_dict_pre_hook(checkpoint.remap_saved_keys)
+        self.comet_lora: Optional[dict] = None  # apply_lora's settings while its adapters are in
         self._step_graphs: Optional[StepGraphs] = None  # use_cuda_graphs()
         self._recompute = False  # the forward's default; activation_checkpointing_enable()
 
@@ -201,10 +202,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def save_pretrained(self, folder: str | os.PathLike, is_main_process: bool = True,
                         state_dict: Optional[dict[str, Tensor]] = None, safe_serialization: bool = True,
                         push_to_hub: bool = False, **unsupported) -> None:
-        """config.json (the base config plus a "comet" entry) and model.safetensors, each
-        written atomically. HF's arguments as transformers.Trainer passes them:
-        is_main_process=False writes nothing (other ranks), state_dict saves that state
-        (e.g. gathered from shards) instead of the model's. Only safetensors, one file, no hub."""
+        """config.json (the base config, its dtype and a "comet" entry),
+        generation_config.json and model.safetensors, each written atomically (the
+        layout: comet_ext/checkpoint.py). HF's arguments as transformers.Trainer passes
+        them: is_main_process=False writes nothing (other ranks), state_dict saves that
+        state (e.g. gathered from shards) instead of the model's. Only safetensors, one
+        file, no hub. LoRA adapters from apply_lora are saved with their settings."""
         if unsupported:
             raise TypeError(f"save_pretrained: unsupported arguments {sorted(unsupported)} (one safetensors file "
                             "is written, unsharded)")
@@ -214,57 +217,48 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("save_pretrained: push_to_hub=True is not supported (comet_ext never uses the network)")
         if not is_main_process:
             return
-        folder = os.fspath(folder)
-        os.makedirs(folder, exist_ok=True)
-        config = self.config.to_dict()
-        config["comet"] = self.comet_config.to_dict()
-        config["architectures"] = ["CometForCausalLM"]
-        atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config))
-        state_dict = self.state_dict() if state_dict is None else state_dict
-        state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        for a, b in _tied_keys(self):  # safetensors refuses shared storage: keep one copy
-            state.pop(b, None)
-        atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                     lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "1"}))
+        checkpoint.save(self, os.fspath(folder), state_dict, checkpoint.tied_keys(self))
 
     @classmethod
-    def from_pretrained(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype] = None,
+    def from_pretrained(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype | str] = None,
                         device: Optional[torch.device | str] = None) -> "CometForCausalLM":
-        """Loads a model saved by :meth:`save_pretrained` (local folder, no download)."""
-        from transformers import AutoConfig, AutoModelForCausalLM
-
+        """Loads a model saved by :meth:`save_pretrained`, or a reference-implementation
+        checkpoint (local folder, no download). dtype: a torch.dtype, its name, or
+        None / "auto" for the dtype it was saved in."""
         folder = os.fspath(folder)
-        cfg_path = os.path.join(folder, CONFIG_NAME)
+        cfg_path = os.path.join(folder, checkpoint.CONFIG_NAME)
         if not os.path.isfile(cfg_path):
-            raise FileNotFoundError(f"from_pretrained: no {CONFIG_NAME} in {folder!r}")
+            raise FileNotFoundError(f"from_pretrained: no {checkpoint.CONFIG_NAME} in {folder!r}")
         with open(cfg_path) as f:
             raw = json.load(f)
         from .convert import is_reference_config, load_reference
 
         if is_reference_config(raw):  # a reference-implementation checkpoint: convert on load
-            model = load_reference(folder, dtype=dtype)
+            model = load_reference(folder, dtype=None if dtype is None else checkpoint.resolve_dtype(dtype, None))
             return model.to(device) if device is not None else model
         if "comet" not in raw:
             raise ValueError(f"from_pretrained: {folder!r} holds no CoMeT model (its config has no 'comet' entry); "
                              "use CometForCausalLM.from_base to add the memory to a plain model")
-        comet_config = CometConfig.from_dict(raw["comet"])
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-        family_of(config)
-        base = AutoModelForCausalLM.from_config(config, dtype=dtype or getattr(config, "dtype", None) or torch.float32)
-        model = cls(base, comet_config)
-        state = load_file(os.path.join(folder, WEIGHTS_NAME))
-        for a, b in _tied_keys(model):
-            if b not in state and a in state:
-                state[b] = state[a]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"from_pretrained: weights do not match the model: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}")
-        if dtype is not None:
-            model.to(dtype)
-        return model.to(device) if device is not None else model
+        return checkpoint.load(cls, folder, dtype, device)
 
     # ------------------------------------------------------------------ helpers
+
+    # the base model's embeddings, as HF tools (resize_token_embeddings, PEFT) expect them
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.base.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> Optional[nn.Module]:
+        return self.base.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.base.set_output_embeddings(value)
+
+    def resize_token_embeddings(self, *args, **kwargs) -> nn.Embedding:
+        """HF's resize_token_embeddings, on the base model (its config is this model's)."""
+        return self.base.resize_token_embeddings(*args, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -306,6 +300,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def new_memory(self, batch_size: int) -> CometMemory:
         """An empty memory for a batch: nothing read yet."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"new_memory: batch_size must be an int >= 1, got {batch_size!r}")
         c, cc = self.config, self.comet_config
         L, G, D = c.num_hidden_layers, cc.num_global, self._head_dim()
         C = cc.fifo_capacity
@@ -619,61 +615,91 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, input_ids: Optional[Tensor] = None, memory: Optional[CometMemory] = None,
-                 attention_mask: Optional[Tensor] = None, generation_config=None, max_new_tokens: int = 20,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 eos_token_id: Optional[int | Sequence[int]] = None, pad_token_id: Optional[int] = None,
-                 generator: Optional[torch.Generator] = None, return_memory: bool = False,
-                 global_memory: bool = True):
+                 attention_mask: Optional[Tensor] = None, generation_config=None, streamer=None, *,
+                 inputs: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+                 return_memory: bool = False, global_memory: bool = True, **kwargs):
         """Decodes from the open chunk, after reading the prompt into the memory.
 
-        Follows HF `generate`'s arguments (or a GenerationConfig): greedy or
-        sampling (temperature, top_k, top_p), max_new_tokens, eos / pad ids.
-        Returns (B, prompt + new) ids like HF (padded with pad_token_id after a
-        sample's EOS), and the memory with return_memory. Compression tokens are
-        fed after every `temp_stride` text tokens of the open chunk and never
-        appear in the output; a chunk that fills up is closed (readout, memory
-        update) and a new one begins, so generation length is unbounded at
-        constant memory. `memory` is updated in place and afterwards holds every
-        returned token, so a later `generate` continues the conversation.
-        global_memory=False continues the "temporary memory only" ablation (see `read`).
+        input_ids (B, T) (or HF's `inputs`): the prompt, e.g. the question after a
+        document read into `memory`; attention_mask (B, T): right padding, at least
+        one token per sample. HF's settings, as keyword arguments or a
+        GenerationConfig, over the model's `generation_config` (see
+        comet_ext/generation.py): greedy or sampling (temperature, top_k, top_p),
+        repetition_penalty, max_new_tokens / max_length, min_new_tokens / min_length,
+        eos / pad ids, return_dict_in_generate with output_scores / output_logits; a
+        `streamer` (HF's put / end protocol); `generator` seeds the sampling. A setting
+        it does not implement (beam search, ...) raises.
+
+        Returns (B, T + new) ids like HF (padded with pad_token_id after a sample's
+        EOS), or HF's GenerateDecoderOnlyOutput with return_dict_in_generate; with
+        return_memory, (that, memory). Compression tokens are fed after every
+        `temp_stride` text tokens of the open chunk and never appear in the output;
+        a chunk that fills up is closed (readout, memory update) and a new one begins,
+        so generation length is unbounded at constant memory. `memory` is updated in
+        place and afterwards holds every returned token, EOS included, so a later
+        `generate` continues the conversation. global_memory=False continues the
+        "temporary memory only" ablation (see `read`).
         """
-        if generation_config is not None:
-            g = generation_config
-            max_new_tokens = g.max_new_tokens if g.max_new_tokens is not None else max_new_tokens
-            do_sample, temperature = bool(g.do_sample), g.temperature if g.temperature is not None else 1.0
-            top_k, top_p = g.top_k or 0, g.top_p if g.top_p is not None else 1.0
-            eos_token_id = g.eos_token_id if eos_token_id is None else eos_token_id
-            pad_token_id = g.pad_token_id if pad_token_id is None else pad_token_id
-        if max_new_tokens < 0:
-            raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and temperature <= 0:
-            raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        if inputs is not None:
+            if input_ids is not None:
+                raise ValueError("generate: pass the prompt as input_ids or inputs, not both")
+            input_ids = inputs
         if input_ids is None:
             raise ValueError("generate: input_ids (the prompt, e.g. the question after the document "
                              "read into `memory`) is required")
+        vocab = self.base.get_input_embeddings().num_embeddings
+        s = generation.resolve(self.generation_config, generation_config, kwargs,
+                               getattr(input_ids, "shape", (0, 0))[-1], vocab)
+        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().any(1).all()):
+            raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
+                             f"{(~attention_mask.bool().any(1)).nonzero().flatten().tolist()} are all zeros")
         memory, last = self.read(input_ids, memory, attention_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)
         B = input_ids.shape[0]
-        pad = pad_token_id if pad_token_id is not None else (min(eos) if eos else 0)
         prompt = input_ids.to(self.device).long()
-        if attention_mask is not None:  # right-padded prompts: keep HF's layout, pad stays pad
-            prompt = torch.where(attention_mask.to(self.device).bool(), prompt, torch.full_like(prompt, pad))
-        new, alive = [], torch.ones(B, dtype=torch.bool, device=self.device)
-        for _ in range(max_new_tokens):
+        valid = (attention_mask.to(self.device).bool() if attention_mask is not None
+                 else torch.ones_like(prompt, dtype=torch.bool))
+        prompt = torch.where(valid, prompt, torch.full_like(prompt, s.pad))  # right padding stays pad, as in HF
+        seen = None
+        if s.repetition_penalty != 1.0:  # how often each token is in the prompt and the output, per sample
+            seen = torch.zeros(B, vocab, dtype=torch.int32, device=self.device)
+            seen.scatter_add_(1, prompt, valid.int())
+        if streamer is not None:
+            streamer.put(prompt.cpu())
+        eos = torch.tensor(s.eos, device=self.device)
+        new, scores, raw = [], [], []
+        alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        for step in range(s.max_new_tokens):
             logits = self._next_logits(last)
-            token = _pick(logits, do_sample, temperature, top_k, top_p, generator)
-            token = torch.where(alive, token, torch.full_like(token, pad))
+            processed = generation.next_scores(logits, s, seen, step)
+            token = torch.where(alive, generation.pick(processed, s, generator), s.pad)
             new.append(token)
-            if eos:
-                alive &= ~torch.isin(token, torch.tensor(sorted(eos), device=self.device))
-            if not bool(alive.any()):
-                break
-            step_mask = alive.long().unsqueeze(1)
-            memory, step_last = self.read(token.unsqueeze(1), memory, step_mask, progress=False,
+            if s.output_scores:
+                scores.append(processed)
+            if s.output_logits:
+                raw.append(logits)
+            if streamer is not None:
+                streamer.put(token.cpu())
+            if seen is not None:
+                seen.scatter_add_(1, token.unsqueeze(1), alive.int().unsqueeze(1))
+            # every token a live sample produced goes into its memory, its EOS too: the memory
+            # then holds the whole transcript and the next turn reads after it
+            produced = alive
+            if s.eos:
+                alive = alive & ~torch.isin(token, eos)
+            memory, step_last = self.read(token.unsqueeze(1), memory, produced.long().unsqueeze(1), progress=False,
                                           return_last_hidden=True, global_memory=global_memory)
             last = torch.where(alive.unsqueeze(1), step_last, last)
+            if not bool(alive.any()):
+                break
+        if streamer is not None:
+            streamer.end()
         out = torch.cat([prompt, torch.stack(new, 1)], dim=1) if new else prompt
+        if s.return_dict:
+            from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+            out = GenerateDecoderOnlyOutput(sequences=out, scores=tuple(scores) if s.output_scores else None,
+                                            logits=tuple(raw) if s.output_logits else None)  # as HF: None if not asked
         return (out, memory) if return_memory else out
 
     # ------------------------------------------------------------------ HF activation checkpointing
@@ -715,7 +741,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
                 recompute: Optional[bool] = None, return_logits: bool = True,
-                memory: Optional[CometMemory] = None) -> CometOutput:
+                memory: Optional[CometMemory] = None, inputs_embeds: Optional[Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -735,11 +763,27 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         under torch.no_grad(), then train on the chunks after it). It must have no
         open chunk (read whole chunks) and every sample the same number of FIFO
         rows; it is not changed, and no gradient flows into it.
+
+        inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache:
+        HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
+        wrappers and other HF tools pass); anything else raises.
         """
+        if inputs_embeds is not None:
+            raise ValueError("forward: inputs_embeds is not supported; CoMeT embeds input_ids itself (its memory "
+                             "rows have embeddings of their own)")
+        if output_attentions or output_hidden_states:
+            raise ValueError("forward: output_attentions / output_hidden_states are not supported (the fused "
+                             "attention keeps no attention weights; hidden states exist per chunk only)")
+        if return_dict is False:
+            raise ValueError("forward: return_dict=False is not supported; the output is a CometOutput (a ModelOutput, "
+                             "which also indexes like a tuple)")
         if labels is not None and labels.shape != getattr(input_ids, "shape", None):
             raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
                              f"{tuple(getattr(input_ids, 'shape', ()))}")
         recompute = self._recompute if recompute is None else recompute
+        if self.training and getattr(self.config, "attention_dropout", 0.0):
+            raise NotImplementedError(f"forward: CoMeT's attention does not implement attention dropout (the "
+                                      f"config's attention_dropout is {self.config.attention_dropout}); set it to 0")
         if memory is not None:
             self._check_train_start(memory, self._check_ids(input_ids))
         segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
@@ -875,6 +919,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if diff:
             raise ValueError(f"{who}: memory belongs to another model or CoMeT config; differences "
                              f"(memory, model): {diff}")
+        if memory.state.dtype != self.dtype or memory.kv_k.dtype != self.dtype:
+            raise ValueError(f"{who}: memory holds {memory.kv_k.dtype} keys / values but the model computes in "
+                             f"{self.dtype}; cast it with memory.to(dtype={self.dtype})")
         c, cc, B = self.config, self.comet_config, batch_size
         state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
         fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
@@ -985,25 +1032,6 @@ def _cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[
     return take, cut
 
 
-def _pick(logits: Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-          generator: Optional[torch.Generator]) -> Tensor:
-    """Next token per row of logits (B, vocab): argmax, or a sample after temperature,
-    top-k and nucleus (top-p) filtering."""
-    if not do_sample:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
 def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, plan: "_StepPlan", prefix_lens, q_lens):
     """layer_step for streaming: the new rows' keys / values go into the packed per-sample
     buffers buf_k / buf_v (B, capacity, Hkv, D) at prefix_lens, and attention reads the buffers."""
@@ -1084,15 +1112,3 @@ class _StepPlan:
             # (the whole buffer needs no look at the lengths: one host sync fewer per step)
             width=memory.kv_k.shape[2] if full_width else max((prefix_lens + seg.q_lens).tolist(), default=0),
         )
-
-
-def _tied_keys(model: nn.Module) -> list[tuple[str, str]]:
-    """(kept, dropped) state-dict keys of parameters that share storage (tied embeddings)."""
-    seen, pairs = {}, []
-    for name, t in model.state_dict(keep_vars=True).items():
-        key = (t.data_ptr(), t.shape)
-        if key in seen:
-            pairs.append((seen[key], name))
-        else:
-            seen[key] = name
-    return pairs

@@ -94,6 +94,19 @@ def test_drop_in_attention_prefill_with_right_padding_matches_sdpa():
     torch.testing.assert_close(logits["comet"][1], logits["sdpa"][1], rtol=1e-5, atol=1e-5)
 
 
+def test_drop_in_attention_takes_a_sliding_window_only_where_it_masks_nothing():
+    comet_ext.register()
+    base = tiny_base("mistral", sliding_window=8)
+    x = ids(1, 8)
+    logits = {}
+    for impl in ("sdpa", "comet"):
+        base.set_attn_implementation(impl)
+        logits[impl] = base(x).logits
+    torch.testing.assert_close(logits["comet"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(NotImplementedError, match="9 keys exceed the model's sliding_window 8"):
+        base(ids(1, 9))
+
+
 def test_drop_in_attention_refuses_masks_with_holes():
     comet_ext.register()
     base = tiny_base("llama")

@@ -430,8 +430,12 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])),
          "right-padded"),
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must have shape"),
+        (lambda m: m.new_memory(0), "batch_size must be an int >= 1"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 64)), "inputs_embeds"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), output_attentions=True), "output_attentions"),
     ],
-    ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "labels-shape", "memory-batch", "left-pad", "mask-shape"],
+    ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "labels-shape", "memory-batch", "left-pad",
+         "mask-shape", "memory-batch-0", "inputs-embeds", "output-attentions"],
 )
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
@@ -551,3 +555,20 @@ def test_gate_logit_is_the_gate_the_update_blends_with():
     g = torch.sigmoid(net.gate_logit(readout, state)).unsqueeze(-1)
     assert ((g > 0.05) & (g < 0.95)).any()  # the blend is not trivially one side
     torch.testing.assert_close(new_state, g * state + (1 - g) * net.norm(readout), rtol=1e-5, atol=1e-5)
+
+
+def test_training_forward_refuses_attention_dropout_it_would_ignore():
+    model = tiny_comet("llama").train()
+    model.config.attention_dropout = 0.1
+    with pytest.raises(NotImplementedError, match="attention_dropout is 0.1"):
+        model(torch.zeros(1, 4, dtype=torch.long))
+    model.eval()(torch.zeros(1, 4, dtype=torch.long))  # no dropout at evaluation: nothing to refuse
+
+
+def test_hf_standard_forward_arguments_at_neutral_values_pass():
+    """What PEFT's get_peft_model wrapper passes to the model it wraps."""
+    model = tiny_comet("qwen3")
+    x = ids(1, 20)
+    out = model(input_ids=x, labels=x, inputs_embeds=None, output_attentions=None, output_hidden_states=None,
+                return_dict=True, use_cache=False)
+    assert torch.equal(out.logits, model(x).logits)

@@ -1,0 +1,173 @@
+"""HF `generate` settings for CometForCausalLM.generate, and the choice of each next token.
+
+Which settings apply follows HF's order: keyword arguments, then the `generation_config`
+passed in, then the model's own `generation_config` (a checkpoint's
+generation_config.json), then HF's defaults. Every setting is checked; one that
+CoMeT's decoding does not implement (beam search, ...) raises when the caller asks for
+it and warns when it only comes from the model's defaults — never silently ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+# GenerationConfig fields generate() honours, with HF's defaults.
+DEFAULTS: dict[str, Any] = {
+    "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
+    "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
+    "eos_token_id": None, "pad_token_id": None,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+    "num_beams": 1, "num_return_sequences": 1,  # only their defaults: one greedy / sampled sequence
+}
+# Fields that change nothing CoMeT decodes (the memory is its cache; bos starts no prompt here).
+NO_EFFECT = {"bos_token_id", "use_cache", "cache_implementation", "transformers_version", "_from_model_config",
+             "return_legacy_cache", "disable_compile", "compile_config"}
+DEFAULT_MAX_NEW_TOKENS = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSettings:
+    """The checked settings of one generate call."""
+
+    max_new_tokens: int
+    min_new_tokens: int
+    do_sample: bool
+    temperature: float
+    top_k: int
+    top_p: float
+    repetition_penalty: float
+    eos: tuple[int, ...]
+    pad: int
+    return_dict: bool
+    output_scores: bool
+    output_logits: bool
+
+
+# Values of unsupported fields that ask for nothing (beam-search knobs at their neutral values).
+NEUTRAL: dict[str, Any] = {"length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+                           "diversity_penalty": 0.0, "num_beam_groups": 1}
+
+
+def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
+    """The settings in values that ask for something generate() does not do."""
+    return {k: v for k, v in values.items() if k not in DEFAULTS and k not in NO_EFFECT
+            and v is not None and v is not False and v != {} and v != [] and NEUTRAL.get(k, object()) != v}
+
+
+def _set_fields(config) -> dict[str, Any]:
+    """The fields a GenerationConfig sets (HF leaves every unset field None)."""
+    return {k: v for k, v in config.to_dict().items() if v is not None and v != {}} if config is not None else {}
+
+
+def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: int, vocab: int) -> DecodeSettings:
+    """model_config: the model's generation_config; passed_config: generate's
+    generation_config argument; kwargs: generate's other keyword arguments;
+    prompt_tokens: the prompt's width (max_length / min_length count it, as in HF)."""
+    from transformers import GenerationConfig
+
+    known = set(GenerationConfig().to_dict()) | set(DEFAULTS)
+    unknown = sorted(k for k in kwargs if k not in known)
+    if unknown:
+        raise TypeError(f"generate: unexpected keyword arguments {unknown}")
+    if passed_config is not None and not isinstance(passed_config, GenerationConfig):
+        raise ValueError(f"generate: generation_config must be a transformers.GenerationConfig, "
+                         f"got {type(passed_config).__name__}")
+    asked = {**_set_fields(passed_config), **{k: v for k, v in kwargs.items() if v is not None}}
+    model_set = _set_fields(model_config)
+    bad = _unsupported(asked)
+    bad.update({k: asked[k] for k in ("num_beams", "num_return_sequences") if asked.get(k, 1) != 1})
+    if bad:
+        raise ValueError(f"generate: {bad} not supported: CoMeT decodes one greedy or sampled sequence per "
+                         f"prompt (supported settings: {sorted(k for k in DEFAULTS if k not in ('num_beams', 'num_return_sequences'))})")
+    ignored = {k: v for k, v in _unsupported(model_set).items() if k not in asked}
+    ignored.update({k: model_set[k] for k in ("num_beams", "num_return_sequences")
+                    if model_set.get(k, 1) != 1 and k not in asked})
+    if ignored:
+        warnings.warn(f"generate: the model's generation_config sets {ignored}, which CoMeT's decoding does not "
+                      "implement; ignored (pass them explicitly to get an error instead)", UserWarning, stacklevel=3)
+    value = {k: asked.get(k, model_set.get(k, d)) for k, d in DEFAULTS.items()}
+    # max_new_tokens wins over max_length, as in HF; without either, HF's 20 new tokens
+    max_new = value["max_new_tokens"]
+    if max_new is None:
+        max_new = (_int(value["max_length"], "max_length", 1) - prompt_tokens
+                   if value["max_length"] is not None else DEFAULT_MAX_NEW_TOKENS)
+    max_new = max(_int(max_new, "max_new_tokens", 0), 0)
+    min_new = value["min_new_tokens"]
+    if min_new is None:
+        min_new = _int(value["min_length"], "min_length", 0) - prompt_tokens if value["min_length"] is not None else 0
+    min_new = max(_int(min_new, "min_new_tokens", 0), 0)
+    do_sample = value["do_sample"]
+    if not isinstance(do_sample, bool):
+        raise ValueError(f"generate: do_sample must be a bool, got {do_sample!r}")
+    temperature, top_p, penalty = (_float(value[k], k) for k in ("temperature", "top_p", "repetition_penalty"))
+    if do_sample and not temperature > 0:
+        raise ValueError(f"generate: temperature must be > 0 when sampling, got {temperature}")
+    if not 0 <= top_p <= 1:
+        raise ValueError(f"generate: top_p must lie in [0, 1], got {top_p}")
+    if not penalty > 0:
+        raise ValueError(f"generate: repetition_penalty must be > 0, got {penalty}")
+    top_k = _int(value["top_k"], "top_k", 0)
+    eos = _token_ids(value["eos_token_id"], "eos_token_id", vocab)
+    pad = value["pad_token_id"]
+    pad = eos[0] if pad is None and eos else (0 if pad is None else _token_ids(pad, "pad_token_id", vocab)[0])
+    return DecodeSettings(max_new, min_new, do_sample, temperature, top_k, top_p, penalty, eos, pad,
+                          *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")))
+
+
+def _int(v, name: str, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+        raise ValueError(f"generate: {name} must be an int >= {lo}, got {v!r}")
+    return v
+
+
+def _float(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise ValueError(f"generate: {name} must be a finite number, got {v!r}")
+    return float(v)
+
+
+def _token_ids(v, name: str, vocab: int) -> tuple[int, ...]:
+    """An id, a sequence of ids or a tensor of them -> a tuple of ids in [0, vocab)."""
+    if v is None:
+        return ()
+    if isinstance(v, Tensor):
+        v = v.flatten().tolist()
+    ids = [v] if isinstance(v, int) else list(v) if isinstance(v, (list, tuple)) else None
+    if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
+        raise ValueError(f"generate: {name} must be a token id or a list of them in [0, {vocab}), got {v!r}")
+    return tuple(ids)
+
+
+def next_scores(logits: Tensor, s: DecodeSettings, seen: Optional[Tensor], step: int) -> Tensor:
+    """HF's logits processors, in HF's order, on logits (B, vocab) fp32: the repetition
+    penalty over the tokens `seen` (B, vocab) counts (the prompt's and the output's), EOS masked
+    until min_new_tokens, then, when sampling, temperature, top-k and top-p."""
+    if s.repetition_penalty != 1.0 and seen is not None:
+        penalised = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+        logits = torch.where(seen > 0, penalised, logits)
+    if step < s.min_new_tokens and s.eos:
+        logits = logits.index_fill(-1, torch.tensor(s.eos, device=logits.device), float("-inf"))
+    if not s.do_sample:
+        return logits
+    logits = logits / s.temperature
+    if s.top_k and s.top_k < logits.shape[-1]:
+        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if s.top_p < 1.0:  # drop the least likely tokens while their mass stays within 1 - top_p (keep one)
+        sorted_logits, order = logits.sort(dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p
+        drop[:, -1] = False
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def pick(scores: Tensor, s: DecodeSettings, generator: Optional[torch.Generator]) -> Tensor:
+    """The next token per row of scores (B, vocab): argmax, or a sample of softmax(scores)."""
+    if not s.do_sample:
+        return scores.argmax(-1)
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)

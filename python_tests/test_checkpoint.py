@@ -1,0 +1,147 @@
+"""The saved layout of a CometForCausalLM (comet_ext/checkpoint.py): what HF tools read
+from it, what older folders still give, dtypes, decoding defaults, LoRA adapters, and the
+memory's dtype."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from modeling_utils import VOCAB, tiny_comet
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from comet_ext import CometMemory
+from comet_ext.checkpoint import model_key, saved_key
+from comet_ext.modeling import CometForCausalLM
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def test_plain_hf_loading_gets_the_fine_tuned_base_not_random_weights(tmp_path):
+    """AutoModelForCausalLM on a CoMeT folder loads the base model's weights (the memory's,
+    under comet.*, are left out), so its logits are the base model's."""
+    model = tiny_comet("qwen3", seed=3)
+    with torch.no_grad():  # as fine-tuning would: base weights that no fresh init reproduces
+        model.base.lm_head.weight.add_(0.5)
+    model.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert "lm_head.weight" in keys and "comet.readout_embedding" in keys
+    assert not any(k.startswith("base.") for k in keys)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    x = ids(1, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x).logits, model.base(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_folders_of_the_older_layout_still_load(tmp_path):
+    model = tiny_comet("llama", seed=1)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    old = {model_key(k): v for k, v in load_file(path).items()}  # every key as the model names it
+    assert any(k.startswith("base.") for k in old) and any(k.startswith("memory_layers.") for k in old)
+    save_file(old, path)
+    loaded = CometForCausalLM.from_pretrained(tmp_path)
+    x = ids(1, 30)
+    assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+def test_key_mapping_round_trips():
+    for key in ("base.model.layers.0.self_attn.q_proj.weight", "base.lm_head.weight", "readout_embedding",
+                "memory_layers.1.global_memory_net.g_proj.weight", "compression_embedding"):
+        assert model_key(saved_key(key)) == key and model_key(key) == key
+
+
+def test_a_state_dict_read_from_the_file_loads_strictly(tmp_path):
+    """What transformers.Trainer does when it resumes: load_state_dict(load_file(...))."""
+    model = tiny_comet("qwen3", seed=2)
+    model.save_pretrained(tmp_path)
+    other = tiny_comet("qwen3", seed=5)
+    missing, unexpected = other.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    assert not missing and not unexpected
+    x = ids(1, 20)
+    assert torch.equal(other(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("asked, expected", [(None, torch.bfloat16), ("auto", torch.bfloat16),
+                                             ("float32", torch.float32), (torch.float16, torch.float16)])
+def test_dtype_is_saved_and_chosen_on_load(tmp_path, asked, expected):
+    model = tiny_comet("llama").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    loaded = CometForCausalLM.from_pretrained(tmp_path, dtype=asked)
+    assert {p.dtype for p in loaded.parameters()} == {expected}
+
+
+def test_a_bad_dtype_or_unreadable_weights_raise(tmp_path):
+    tiny_comet("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype"):
+        CometForCausalLM.from_pretrained(tmp_path, dtype="int8")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated"):
+        CometForCausalLM.from_pretrained(tmp_path)
+
+
+def test_generation_config_round_trips(tmp_path):
+    model = tiny_comet("qwen3")
+    model.generation_config.eos_token_id = 7
+    model.generation_config.top_k = 11
+    model.save_pretrained(tmp_path)
+    loaded = CometForCausalLM.from_pretrained(tmp_path)
+    assert loaded.generation_config.eos_token_id == 7 and loaded.generation_config.top_k == 11
+
+
+def test_lora_adapters_are_saved_with_their_settings_and_reapplied(tmp_path):
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora, lora_parameters, merge_lora
+
+    model = tiny_comet("qwen3")
+    apply_lora(model, rank=2, alpha=4.0, target_modules=("q_proj", "down_proj"))
+    with torch.no_grad():  # adapters that do something (peft starts lora_B at zero)
+        for p in lora_parameters(model):
+            p.normal_(std=0.1)
+    model.save_pretrained(tmp_path / "adapters")
+    loaded = CometForCausalLM.from_pretrained(tmp_path / "adapters")
+    assert loaded.comet_lora == model.comet_lora and len(lora_parameters(loaded)) == len(lora_parameters(model))
+    x = ids(1, 20)
+    adapted = model(x).logits
+    assert torch.equal(loaded(x).logits, adapted)
+    merge_lora(model)
+    model.save_pretrained(tmp_path / "merged")
+    assert "comet_lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
+    torch.testing.assert_close(CometForCausalLM.from_pretrained(tmp_path / "merged")(x).logits, adapted,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_injected_outside_apply_lora_are_refused_at_save(tmp_path):
+    peft = pytest.importorskip("peft")
+    model = tiny_comet("qwen3")
+    peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj"]), model.base.model)
+    with pytest.raises(ValueError, match="merge_lora"):
+        model.save_pretrained(tmp_path)
+
+
+def test_resize_token_embeddings_reaches_the_base_and_survives_saving(tmp_path):
+    model = tiny_comet("llama")
+    model.resize_token_embeddings(VOCAB + 8)
+    assert model.get_input_embeddings().num_embeddings == VOCAB + 8 == model.config.vocab_size
+    x = torch.tensor([[VOCAB + 3, 1, 2]])
+    assert model(x).logits.shape == (1, 3, VOCAB + 8)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(CometForCausalLM.from_pretrained(tmp_path)(x).logits, model(x).logits)
+
+
+def test_a_memory_of_another_dtype_is_refused_by_read_and_cast_by_load(tmp_path):
+    model = tiny_comet("llama")
+    memory = model.read(ids(1, 20))
+    memory.save(tmp_path / "mem.safetensors")
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="memory.to"):
+        model.read(ids(1, 4), memory)
+    loaded = CometMemory.load(tmp_path / "mem.safetensors", model)
+    assert loaded.kv_k.dtype == loaded.state.dtype == torch.bfloat16 and loaded.tokens.dtype == torch.long
+    model.read(ids(1, 4), loaded)
+    model.read(ids(1, 4), memory.to(dtype=torch.bfloat16))

@@ -1,0 +1,153 @@
+"""CometForCausalLM.generate's HF settings (comet_ext/generation.py): which apply, the
+logits processors against HF's own, the streamer protocol, the returned output, and the
+memory a stopped generation leaves."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from modeling_utils import VOCAB, tiny_comet
+from transformers import GenerationConfig
+from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
+                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                                    TopKLogitsWarper, TopPLogitsWarper)
+
+
+def ids(B, T, seed=0):
+    return torch.randint(0, VOCAB, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_comet("qwen3")
+
+
+def test_processed_scores_match_hf_logits_processors(model):
+    """Every step's scores are HF's processors and warpers, in HF's order, applied to that
+    step's raw logits and the sequence so far (the oracle: transformers' own classes)."""
+    prompt = ids(2, 7, seed=1)
+    settings = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3,
+                    min_new_tokens=3, eos_token_id=[5, 9])
+    out = model.generate(prompt, max_new_tokens=6, generator=torch.Generator().manual_seed(0),
+                         return_dict_in_generate=True, output_scores=True, output_logits=True, **settings)
+    hf = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(1.3),
+                              MinNewTokensLengthLogitsProcessor(7, 3, [5, 9]),
+                              TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)])
+    assert len(out.scores) == len(out.logits) == out.sequences.shape[1] - 7 >= 3
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        expected = hf(out.sequences[:, :7 + step], logits.clone())
+        torch.testing.assert_close(scores, expected, rtol=0, atol=0)
+        assert torch.isinf(scores).any()  # the warpers did cut (the comparison is not vacuous)
+
+
+def test_kwargs_over_passed_config_over_model_config(model):
+    prompt = ids(1, 5, seed=2)
+    free = model.generate(prompt, max_new_tokens=8)[0, 5:].tolist()
+    model.generation_config.eos_token_id = free[2]
+    try:
+        assert model.generate(prompt, max_new_tokens=8)[0, 5:].tolist() == free[:3]  # the model's eos applies
+        passed = GenerationConfig(max_new_tokens=8, eos_token_id=free[4])
+        assert model.generate(prompt, generation_config=passed)[0, 5:].tolist() == free[:5]
+        out = model.generate(prompt, generation_config=passed, max_new_tokens=2, eos_token_id=free[6])
+        assert out[0, 5:].tolist() == free[:2]  # keywords win over the passed config
+    finally:
+        model.generation_config.eos_token_id = None
+
+
+def test_max_length_counts_the_prompt_and_max_new_tokens_wins(model):
+    prompt = ids(1, 5, seed=3)
+    assert model.generate(prompt, max_length=9).shape == (1, 9)
+    assert model.generate(prompt, max_length=9, max_new_tokens=2).shape == (1, 7)
+    assert model.generate(prompt).shape == (1, 25)  # HF's default: 20 new tokens
+
+
+def test_min_new_tokens_holds_eos_back(model):
+    prompt = ids(1, 5, seed=4)
+    first = int(model.generate(prompt, max_new_tokens=1)[0, 5])
+    assert model.generate(prompt, max_new_tokens=6, eos_token_id=first).shape == (1, 6)
+    out = model.generate(prompt, max_new_tokens=6, eos_token_id=first, min_new_tokens=3)
+    assert out.shape[1] >= 8 and first not in out[0, 5:8].tolist()
+
+
+def test_eos_goes_into_the_memory_so_the_next_turn_follows_the_transcript(model):
+    """A sample stopped by EOS has read its EOS: the memory equals reading prompt + output,
+    and the next turn decodes as from that transcript."""
+    prompt, question = ids(1, 9, seed=5), ids(1, 4, seed=6)
+    free = model.generate(prompt, max_new_tokens=6)
+    eos = int(free[0, 11])
+    out, memory = model.generate(prompt, max_new_tokens=6, eos_token_id=eos, return_memory=True)
+    assert out.shape == (1, 12) and int(memory.tokens[0]) == 12
+    transcript = model.read(out)
+    for field in ("tokens", "open_text", "fifo_len", "has_global"):
+        assert torch.equal(getattr(memory, field), getattr(transcript, field)), field
+    next_turn = model.generate(question, memory=memory, max_new_tokens=5)
+    assert torch.equal(next_turn, model.generate(question, memory=transcript, max_new_tokens=5))
+
+
+def test_streamer_gets_the_prompt_then_each_token_then_end(model):
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def put(self, value):
+            self.calls.append(value.clone())
+
+        def end(self):
+            self.calls.append("end")
+
+    prompt, rec = ids(1, 5, seed=7), Recorder()
+    out = model.generate(prompt, max_new_tokens=4, streamer=rec)
+    assert torch.equal(rec.calls[0], prompt) and rec.calls[-1] == "end"
+    assert [int(t) for t in rec.calls[1:-1]] == out[0, 5:].tolist()
+
+
+def test_return_dict_and_inputs_alias(model):
+    prompt = ids(2, 5, seed=8)
+    out = model.generate(inputs=prompt, max_new_tokens=3, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, model.generate(prompt, max_new_tokens=3))
+    assert out.scores is None and out.logits is None
+    with pytest.raises(ValueError, match="not both"):
+        model.generate(prompt, inputs=prompt)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(num_beams=3), ValueError, "num_beams"),
+    (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
+    (dict(no_repeat_ngram_size=2), ValueError, "no_repeat_ngram_size"),
+    (dict(generation_config=GenerationConfig(num_beams=2)), ValueError, "num_beams"),
+    (dict(beam_width=2), TypeError, "beam_width"),
+    (dict(max_new_tokens=2.5), ValueError, "max_new_tokens"),
+    (dict(top_k=-1), ValueError, "top_k"),
+    (dict(top_p=1.5), ValueError, "top_p"),
+    (dict(do_sample=True, temperature=float("nan")), ValueError, "temperature"),
+    (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
+    (dict(eos_token_id=VOCAB), ValueError, "eos_token_id"),
+    (dict(generation_config={"max_new_tokens": 2}), ValueError, "GenerationConfig"),
+])
+def test_bad_or_unsupported_settings_raise(model, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        model.generate(ids(1, 3), **kwargs)
+
+
+def test_unsupported_model_defaults_warn_and_neutral_values_pass(model):
+    prompt = ids(1, 3, seed=9)
+    expected = model.generate(prompt, max_new_tokens=2)
+    model.generation_config.num_beams = 4
+    try:
+        with pytest.warns(UserWarning, match="num_beams"):
+            assert torch.equal(model.generate(prompt, max_new_tokens=2), expected)
+    finally:
+        model.generation_config.num_beams = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.generate(prompt, max_new_tokens=2, num_beams=1, use_cache=True, output_attentions=False,
+                             eos_token_id=torch.tensor([VOCAB - 1]))
+    assert torch.equal(out, expected)
+
+
+def test_a_sample_without_prompt_tokens_is_refused(model):
+    prompt, mask = ids(2, 4), torch.ones(2, 4, dtype=torch.long)
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] are all zeros"):
+        model.generate(prompt, attention_mask=mask, max_new_tokens=2)
