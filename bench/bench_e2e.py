@@ -125,11 +125,6 @@ with torch.no_grad():
         sync(); start = time.perf_counter()
         model.generate(prompt, memory=memory, max_new_tokens=n_new)
         sync(); result["decode_tok_s"] = n_new / (time.perf_counter() - start)
-        if profile_to:  # after the measurements: a profiler failure must not cost the point
-            try:
-                result.update(profile_step(model, memory, ids[:, max(T - cs, 0):], prompt, profile_to))
-            except Exception as e:
-                result["profile_error"] = f"{type(e).__name__}: {e}"[:300]
     elif method == "full":
         base(ids[:, :256])
         base_mb = reset_peak()
@@ -153,7 +148,14 @@ with torch.no_grad():
 result["peak_mb"] = peak_mb()
 result["extra_mb"] = result["peak_mb"] - base_mb
 result["us_per_token"] = result["prefill_s"] / T * 1e6
-print(json.dumps(result))
+print(json.dumps(result), flush=True)  # the point, before any profiling: a timeout there keeps it
+if profile_to and method.startswith("comet"):  # after the measurements (the profiler's memory included)
+    try:
+        with torch.no_grad():
+            result.update(profile_step(model, memory, ids[:, max(T - cs, 0):], prompt, profile_to))
+    except Exception as e:  # a profiler failure must not cost the point
+        result["profile_error"] = f"{type(e).__name__}: {e}"[:300]
+    print(json.dumps(result), flush=True)
 """
 
 
@@ -165,7 +167,12 @@ def run_point(method: str, length: int, device: str, shape: str, n_new: int, tim
         res = subprocess.run([sys.executable, "-c", CHILD, method, str(length), device, shape, str(n_new),
                               profile_to],
                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        points = [line for line in out.splitlines() if line.startswith("{")]
+        if points:  # measured, then cut while profiling
+            return {**json.loads(points[-1]), "status": "ok",
+                    "profile_error": f"cut by the {timeout} s limit while profiling"}
         return {"method": method, "tokens": length, "status": f"over the {timeout} s limit"}
     if res.returncode != 0:
         oom = "out of memory" in res.stderr.lower() or res.returncode in (-9, 137)
@@ -191,6 +198,15 @@ def test_e2e(benchmark, method, length):
                        rounds=1, iterations=1)
     assert point["status"] == "ok", f"{method} at {length} tokens: {point['status']}"
     benchmark.extra_info.update(point, device=device, shape=shape)
+
+
+def short_status(point: dict) -> str:
+    """A point's status on one line: a failure's traceback becomes its last line."""
+    status = point.get("status", "")
+    if status.startswith("failed"):
+        last = [line.strip() for line in status.splitlines() if line.strip()][-1]
+        status = "failed: " + last[:90].replace("|", "/")
+    return status
 
 
 def fit_power_law(points: list[dict]) -> dict | None:
@@ -336,11 +352,7 @@ def main() -> None:
         def cell(r, k, fmt):
             if r.get("status") == "ok" and k in r:
                 return fmt.format(r[k])
-            status = r.get("status", "")
-            if status.startswith("failed"):  # a traceback: its last line is the error
-                last = [line.strip() for line in status.splitlines() if line.strip()][-1]
-                status = "failed: " + last[:90].replace("|", "/")
-            return status
+            return short_status(r)
 
         lines.append(f"| {length} | {cell(c, 'prefill_s', '{:.1f}')} | {cell(c, 'us_per_token', '{:.0f}')} | "
                      f"{cell(c, 'tail_us_per_token', '{:.0f}')} | {cell(c, 'extra_mb', '{:.0f}')} | "
@@ -400,7 +412,7 @@ def main() -> None:
                            f"{c['prefill_s'] / cg['prefill_s']:.2f}x faster than without{vs_full}; decode "
                            f"{cg['decode_tok_s']:.1f} tok/s")
         elif cg:
-            summary.append(f"- at {length} tokens with CUDA graphs: {cg.get('status', '')[-200:]}")
+            summary.append(f"- at {length} tokens with CUDA graphs: {short_status(cg)}")
     for r in rows:
         if "profile_error" in r:
             summary.append(f"- profiling {r['method']} at {r['tokens']} tokens failed: {r['profile_error']}")

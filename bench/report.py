@@ -41,12 +41,14 @@ def commit() -> str:
     if os.environ.get("COMET_COMMIT"):
         return os.environ["COMET_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + (" (with uncommitted changes)" if dirty else "")
-    except OSError:
+                               capture_output=True, text=True)
+    except OSError:  # no git at all
         return "unknown"
+    if head.returncode != 0 or dirty.returncode != 0:  # not a repository (a copy of the tree)
+        return "unknown"
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def ratio_tables(benchmarks: list[dict], gpu: dict | None = None) -> list[str]:
@@ -59,11 +61,12 @@ def ratio_tables(benchmarks: list[dict], gpu: dict | None = None) -> list[str]:
     for op, cases in by_op.items():
         baselines = sorted({p for c in cases.values() for p in c} - {"comet"})
         lines += [f"### {op}", ""]
-        head = "| case | mode | comet median (ms) | " + " | ".join(f"speedup vs {p}" for p in baselines)
         extra = any("flops" in c["comet"]["extra_info"] for c in cases.values() if "comet" in c)
         unit = "TFLOP/s" if gpu else "GFLOP/s"
-        lines.append(head + (f" | comet {unit} |" if extra else " |"))
-        lines.append("|" + "---|" * (3 + len(baselines) + (1 if extra else 0)))
+        head = (["case", "mode", "comet median (ms)"] + [f"speedup vs {p}" for p in baselines]
+                + ([f"comet {unit}"] if extra else []))
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "---|" * len(head))
         for (case, mode), provs in cases.items():
             if "comet" not in provs:
                 continue
