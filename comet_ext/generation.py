@@ -22,7 +22,6 @@ DEFAULTS: dict[str, Any] = {
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
     "eos_token_id": None, "pad_token_id": None,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
-    "num_beams": 1, "num_return_sequences": 1,  # only their defaults: one greedy / sampled sequence
 }
 # Fields that change nothing CoMeT decodes (the memory is its cache; bos starts no prompt here).
 NO_EFFECT = {"bos_token_id", "use_cache", "cache_implementation", "transformers_version", "_from_model_config",
@@ -48,9 +47,11 @@ class DecodeSettings:
     output_logits: bool
 
 
-# Values of unsupported fields that ask for nothing (beam-search knobs at their neutral values).
-NEUTRAL: dict[str, Any] = {"length_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
-                           "diversity_penalty": 0.0, "num_beam_groups": 1}
+# Values of unsupported fields that ask for nothing: one sequence per prompt, beam-search knobs at
+# their neutral values.
+NEUTRAL: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
+                           "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
+                           "num_beam_groups": 1}
 
 
 def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
@@ -80,13 +81,10 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     asked = {**_set_fields(passed_config), **{k: v for k, v in kwargs.items() if v is not None}}
     model_set = _set_fields(model_config)
     bad = _unsupported(asked)
-    bad.update({k: asked[k] for k in ("num_beams", "num_return_sequences") if asked.get(k, 1) != 1})
     if bad:
         raise ValueError(f"generate: {bad} not supported: CoMeT decodes one greedy or sampled sequence per "
-                         f"prompt (supported settings: {sorted(k for k in DEFAULTS if k not in ('num_beams', 'num_return_sequences'))})")
+                         f"prompt (supported settings: {sorted(DEFAULTS)})")
     ignored = {k: v for k, v in _unsupported(model_set).items() if k not in asked}
-    ignored.update({k: model_set[k] for k in ("num_beams", "num_return_sequences")
-                    if model_set.get(k, 1) != 1 and k not in asked})
     if ignored:
         warnings.warn(f"generate: the model's generation_config sets {ignored}, which CoMeT's decoding does not "
                       "implement; ignored (pass them explicitly to get an error instead)", UserWarning, stacklevel=3)
