@@ -37,6 +37,8 @@ import sys
 
 import pytest
 
+from child import run_child  # bench/child.py
+
 CHILD = r"""
 import json, os, sys, time, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
@@ -82,8 +84,9 @@ def profile_step(model, memory, chunk, prompt, path):
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
     sort = "self_device_time_total" if device.startswith("cuda") else "self_cpu_time_total"
     out, text = {}, []
-    for name, fn, per in (("read one chunk", lambda: model.read(chunk, memory=memory, progress=False), 1),
-                          ("decode 16 tokens", lambda: model.generate(prompt, memory=memory, max_new_tokens=16), 16)):
+    read = lambda: model.read(chunk, memory=memory, progress=False)
+    decode = lambda: model.generate(prompt, memory=memory, max_new_tokens=16, do_sample=False)
+    for name, fn, per in (("read one chunk", read, 1), ("decode 16 tokens", decode, 16)):
         sync()
         with profile(activities=acts) as prof:
             start = time.perf_counter(); fn(); sync(); wall = time.perf_counter() - start
@@ -123,7 +126,7 @@ with torch.no_grad():
         result["tail_us_per_token"] = (end - mid) / tail * 1e6
         prompt = ids[:, :1]
         sync(); start = time.perf_counter()
-        model.generate(prompt, memory=memory, max_new_tokens=n_new)
+        model.generate(prompt, memory=memory, max_new_tokens=n_new, do_sample=False)
         sync(); result["decode_tok_s"] = n_new / (time.perf_counter() - start)
     elif method == "full":
         base(ids[:, :256])
@@ -164,9 +167,8 @@ def run_point(method: str, length: int, device: str, shape: str, n_new: int, tim
     """One (method, length) point in a fresh process; with profile_to (CoMeT only), also a
     torch.profiler table of one more chunk read and of 16 decoded tokens, written to that path."""
     try:
-        res = subprocess.run([sys.executable, "-c", CHILD, method, str(length), device, shape, str(n_new),
-                              profile_to],
-                             capture_output=True, text=True, timeout=timeout)
+        res = run_child(CHILD, method, str(length), device, shape, str(n_new),
+                        os.path.abspath(profile_to) if profile_to else "", timeout=timeout)
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         points = [line for line in out.splitlines() if line.startswith("{")]

@@ -14,9 +14,10 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import time
+
+from child import run_child  # bench/child.py
 
 CHILD = r"""
 import json, sys, time, torch
@@ -42,7 +43,7 @@ print(json.dumps({"tokens": T, "seconds": seconds, "us_per_token": seconds / T *
 
 
 def stream(length: int) -> dict:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(length)], capture_output=True, text=True, check=True)
+    res = run_child(CHILD, str(length), check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

@@ -19,10 +19,11 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
+
+from child import run_child  # bench/child.py
 
 CHILD = r"""
 import json, sys, torch
@@ -80,8 +81,8 @@ def main() -> None:
     for recompute in (True, False):
         for n in args.chunks:
             for name, (measure, env, _) in MEASURES.items():
-                res = subprocess.run([sys.executable, "-c", CHILD, str(n), "1" if recompute else "0", measure],
-                                     capture_output=True, text=True, check=True, env={**os.environ, **env})
+                res = run_child(CHILD, str(n), "1" if recompute else "0", measure, check=True,
+                                env={**os.environ, **env})
                 rows.append({**json.loads(res.stdout.strip().splitlines()[-1]), "name": name})
                 print(rows[-1], flush=True)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
+
+from child import run_child  # bench/child.py
 
 SIZES = [(704, 640), (1408, 1280), (2816, 2560), (5632, 5120)]  # (N, P)
 
@@ -42,8 +42,7 @@ print((kb("VmHWM:") - before) / 1024)
 
 
 def measure(provider: str, n: int, p: int) -> float:
-    res = subprocess.run([sys.executable, "-c", CHILD, provider, str(n), str(p)],
-                         capture_output=True, text=True, check=True)
+    res = run_child(CHILD, provider, str(n), str(p), check=True)
     return float(res.stdout.strip().splitlines()[-1])
 
 

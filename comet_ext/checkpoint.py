@@ -9,18 +9,24 @@ Weights are stored under the base model's own names (``model.layers.0...``,
 ``lm_head.weight``) and the memory's under ``comet.`` (``comet.memory_layers.0...``,
 ``comet.readout_embedding``): a plain ``AutoModelForCausalLM.from_pretrained(folder)``
 then loads the fine-tuned base model (HF reports the ``comet.*`` weights it does not use)
-instead of a randomly initialised one. Folders written before this layout (every key
-under ``base.``) load too.
+instead of a randomly initialised one. LoRA adapters go under ``comet.`` too, and the
+weights they adapt under the plain names: a plain load gets the base without them. Folders
+written before this layout (every key under ``base.``) load too.
+
+The three files are written one after the other, each atomically; the weights first and
+config.json last, both carrying one save id, so a save cut between them is refused on
+load instead of pairing new settings with old weights.
 """
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .atomic import atomic_write, write_json
@@ -33,26 +39,42 @@ WEIGHTS_NAME = "model.safetensors"
 MEMORY_MODULES = ("memory_layers.", "compression_embedding", "readout_embedding")
 
 
+# what peft's LoRA layers call the layer they wrap, and their own parameters
+ADAPTED = ".base_layer."
+ADAPTER = ".lora_"
+# config.json entries this module writes; a loaded config carries them, a save rewrites them
+OWN_ENTRIES = ("comet", "comet_lora", "comet_save_id")
+
+
 def saved_key(key: str) -> str:
     """A CometForCausalLM state-dict key -> its name in model.safetensors."""
-    return key[len("base."):] if key.startswith("base.") else "comet." + key
+    if not key.startswith("base.") or ADAPTER in key:
+        return "comet." + key  # the memory, LoRA adapters
+    return key[len("base."):].replace(ADAPTED, ".")  # a LoRA-wrapped layer: the plain layer's name
 
 
-def model_key(key: str) -> str:
+def model_key(key: str, model_keys=None) -> str:
     """A key of model.safetensors (this layout or the older all-"base." one), or of the
-    model's own state dict -> the model's state-dict key."""
+    model's own state dict -> the model's state-dict key. model_keys (the model's own):
+    a plain layer name whose layer carries LoRA adapters maps to the wrapped layer."""
     if key.startswith("comet."):
         return key[len("comet."):]
     if key.startswith("base.") or key.startswith(MEMORY_MODULES):
         return key
-    return "base." + key
+    key = "base." + key
+    if model_keys is not None and key not in model_keys:
+        head, _, last = key.rpartition(".")
+        if f"{head}{ADAPTED}{last}" in model_keys:
+            return f"{head}{ADAPTED}{last}"
+    return key
 
 
 def remap_saved_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
     """load_state_dict pre-hook: a state dict read from model.safetensors (e.g. by
     transformers.Trainer when it resumes from a checkpoint) loads into the model."""
+    own = set(module.state_dict(keep_vars=True))
     for key in [k for k in state_dict if k.startswith(prefix)]:
-        new = prefix + model_key(key[len(prefix):])
+        new = prefix + model_key(key[len(prefix):], own)
         if new != key:
             state_dict[new] = state_dict.pop(key)
 
@@ -86,25 +108,27 @@ def lora_settings(model) -> Optional[dict]:
 
 
 def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list[tuple[str, str]]) -> None:
-    """Writes config.json, generation_config.json and model.safetensors into folder."""
+    """Writes model.safetensors, generation_config.json and config.json into folder."""
     os.makedirs(folder, exist_ok=True)
-    config = model.config.to_dict()
+    save_id = uuid.uuid4().hex
+    config = {k: v for k, v in model.config.to_dict().items() if k not in OWN_ENTRIES}
     config["dtype"] = _dtype_name(model.base.dtype)
     config["comet"] = model.comet_config.to_dict()
     config["architectures"] = ["CometForCausalLM"]
+    config["comet_save_id"] = save_id
     lora = lora_settings(model)
     if lora is not None:
         config["comet_lora"] = lora
-    atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config))
-    if getattr(model, "generation_config", None) is not None:
-        generation = model.generation_config.to_diff_dict()
-        atomic_write(os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation))
     state_dict = model.state_dict() if state_dict is None else state_dict
     state = {saved_key(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}
     for _, dropped in tied:  # safetensors refuses shared storage: keep one copy
         state.pop(saved_key(dropped), None)
     atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                 lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "2"}))
+                 lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "2", "save_id": save_id}))
+    if getattr(model, "generation_config", None) is not None:
+        generation = model.generation_config.to_diff_dict()
+        atomic_write(os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation))
+    atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config))
 
 
 def load(cls, folder: str, dtype, device):
@@ -117,6 +141,9 @@ def load(cls, folder: str, dtype, device):
         raw = json.load(f)
     comet_config = CometConfig.from_dict(raw["comet"])
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    for entry in OWN_ENTRIES:  # read here; the model's config keeps the base model's fields only
+        if hasattr(config, entry):
+            delattr(config, entry)
     family_of(config)
     dtype = resolve_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype"))
     model = cls(AutoModelForCausalLM.from_config(config, dtype=dtype), comet_config)
@@ -127,11 +154,18 @@ def load(cls, folder: str, dtype, device):
 
         apply_lora(model, **raw["comet_lora"])
     path = os.path.join(folder, WEIGHTS_NAME)
+    own = set(model.state_dict(keep_vars=True))
     try:
-        state = {model_key(k): v for k, v in load_file(path).items()}
+        with safe_open(path, framework="pt") as f:
+            save_id = (f.metadata() or {}).get("save_id")
+            state = {model_key(k, own): f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"from_pretrained: cannot read the weights {path!r} ({e}); the file is missing, "
                          "truncated or not safetensors") from e
+    if raw.get("comet_save_id") is not None and save_id != raw["comet_save_id"]:
+        raise ValueError(f"from_pretrained: {path!r} is not the weights file saved with {CONFIG_NAME} (save ids "
+                         f"{save_id} and {raw['comet_save_id']}): a save_pretrained into {folder!r} was cut "
+                         "between its files; save again")
     for kept, dropped in tied_keys(model):
         if dropped not in state and kept in state:
             state[dropped] = state[kept]

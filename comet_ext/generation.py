@@ -51,7 +51,8 @@ class DecodeSettings:
 # their neutral values.
 NEUTRAL: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
                            "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
-                           "num_beam_groups": 1}
+                           "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+                           "guidance_scale": 1.0, "encoder_repetition_penalty": 1.0}
 
 
 def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
@@ -89,12 +90,16 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
         warnings.warn(f"generate: the model's generation_config sets {ignored}, which CoMeT's decoding does not "
                       "implement; ignored (pass them explicitly to get an error instead)", UserWarning, stacklevel=3)
     value = {k: asked.get(k, model_set.get(k, d)) for k, d in DEFAULTS.items()}
+    value.update({k: DEFAULTS[k] for k, v in kwargs.items() if v is None and k in DEFAULTS})  # None unsets, as in HF
     # max_new_tokens wins over max_length, as in HF; without either, HF's 20 new tokens
     max_new = value["max_new_tokens"]
-    if max_new is None:
-        max_new = (_int(value["max_length"], "max_length", 1) - prompt_tokens
-                   if value["max_length"] is not None else DEFAULT_MAX_NEW_TOKENS)
-    max_new = max(_int(max_new, "max_new_tokens", 0), 0)
+    if max_new is None and value["max_length"] is not None:
+        max_length = _int(value["max_length"], "max_length", 1)
+        if max_length <= prompt_tokens:
+            raise ValueError(f"generate: max_length {max_length} counts the prompt's {prompt_tokens} tokens and "
+                             "leaves none to generate; use max_new_tokens")
+        max_new = max_length - prompt_tokens
+    max_new = _int(DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new, "max_new_tokens", 0)
     min_new = value["min_new_tokens"]
     if min_new is None:
         min_new = _int(value["min_length"], "min_length", 0) - prompt_tokens if value["min_length"] is not None else 0

@@ -34,7 +34,7 @@ from .families import Family, apply_rope, family_of, kv_projection, layer_step, 
 from .graphs import StepGraphs
 from .memory import CometMemory, signature_diff
 from .train_memory import FifoWindow, TrainMemory
-from .segments import COMPRESSION, READOUT, TEXT, Segment, gather_rows, max_compression_rows, plan_segment
+from .segments import COMPRESSION, READOUT, Segment, gather_rows, max_compression_rows, plan_segment
 
 
 class LowRankAdapter(nn.Module):
@@ -234,7 +234,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         from .convert import is_reference_config, load_reference
 
         if is_reference_config(raw):  # a reference-implementation checkpoint: convert on load
-            model = load_reference(folder, dtype=None if dtype is None else checkpoint.resolve_dtype(dtype, None))
+            model = load_reference(folder, dtype=checkpoint.resolve_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype")))
             return model.to(device) if device is not None else model
         if "comet" not in raw:
             raise ValueError(f"from_pretrained: {folder!r} holds no CoMeT model (its config has no 'comet' entry); "

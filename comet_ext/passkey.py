@@ -103,7 +103,8 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
     memory = model.read(ids, progress=progress, global_memory=global_memory, boundary_ids=boundary_ids)
     read_s = time.perf_counter() - start
     prompt = torch.tensor([question] * len(keys), device=model.device)
-    out = model.generate(prompt, memory=memory, max_new_tokens=8, global_memory=global_memory)
+    out = model.generate(prompt, memory=memory, max_new_tokens=8, do_sample=False,
+                         global_memory=global_memory)  # greedy whatever the model's generation_config says
     seconds = time.perf_counter() - start
     records = []
     for seed, key, row in zip(seeds, keys, out[:, len(question):].tolist()):

@@ -56,9 +56,9 @@ def main() -> None:
         print(f"memory saved and reloaded ({os.path.getsize(path) / 2**20:.1f} MB file)")
 
     start = time.perf_counter()
-    out = model.generate(question, memory=reloaded, max_new_tokens=args.new_tokens)
+    out = model.generate(question, memory=reloaded, max_new_tokens=args.new_tokens, do_sample=False)
     seconds = time.perf_counter() - start
-    again = model.generate(question, memory=memory, max_new_tokens=args.new_tokens)
+    again = model.generate(question, memory=memory, max_new_tokens=args.new_tokens, do_sample=False)
     print(f"generated {args.new_tokens} tokens from the memory in {seconds:.2f} s: {out[0, 16:].tolist()}")
     print(f"same tokens from the in-process memory: {torch.equal(out, again)}")
     assert torch.equal(out, again)

@@ -43,15 +43,24 @@ def test_folders_of_the_older_layout_still_load(tmp_path):
     old = {model_key(k): v for k, v in load_file(path).items()}  # every key as the model names it
     assert any(k.startswith("base.") for k in old) and any(k.startswith("memory_layers.") for k in old)
     save_file(old, path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["comet_save_id"]  # nor did older folders have save ids
+    (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = CometForCausalLM.from_pretrained(tmp_path)
     x = ids(1, 30)
     assert torch.equal(loaded(x).logits, model(x).logits)
 
 
 def test_key_mapping_round_trips():
-    for key in ("base.model.layers.0.self_attn.q_proj.weight", "base.lm_head.weight", "readout_embedding",
-                "memory_layers.1.global_memory_net.g_proj.weight", "compression_embedding"):
-        assert model_key(saved_key(key)) == key and model_key(key) == key
+    shared = ("base.lm_head.weight", "readout_embedding", "memory_layers.1.global_memory_net.g_proj.weight",
+              "compression_embedding")
+    plain = shared + ("base.model.layers.0.self_attn.q_proj.weight",)
+    with_lora = shared + ("base.model.layers.0.self_attn.q_proj.base_layer.weight",
+                          "base.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    for keys in (plain, with_lora):  # the model's keys, of a model without and with adapters
+        for key in keys:
+            assert model_key(saved_key(key), set(keys)) == key and model_key(key) == key
+    assert saved_key(with_lora[-2]) == saved_key(plain[-1]) == "model.layers.0.self_attn.q_proj.weight"
 
 
 def test_a_state_dict_read_from_the_file_loads_strictly(tmp_path):
@@ -109,11 +118,62 @@ def test_lora_adapters_are_saved_with_their_settings_and_reapplied(tmp_path):
     x = ids(1, 20)
     adapted = model(x).logits
     assert torch.equal(loaded(x).logits, adapted)
+    resumed = tiny_comet("qwen3", seed=4)  # as transformers.Trainer resumes: the file into a LoRA model
+    apply_lora(resumed, rank=2, alpha=4.0, target_modules=("q_proj", "down_proj"))
+    resumed.load_state_dict(load_file(tmp_path / "adapters" / "model.safetensors"), strict=True)
+    assert torch.equal(resumed(x).logits, adapted)
     merge_lora(model)
     model.save_pretrained(tmp_path / "merged")
     assert "comet_lora" not in json.loads((tmp_path / "merged" / "config.json").read_text())
     torch.testing.assert_close(CometForCausalLM.from_pretrained(tmp_path / "merged")(x).logits, adapted,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_a_loaded_lora_model_merged_and_saved_again_loads_plain(tmp_path):
+    """The loaded config carries the saved comet_lora entry; a save after merge_lora must not
+    write it back (the load would re-apply adapters the weights no longer have)."""
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora, lora_parameters, merge_lora
+
+    model = tiny_comet("llama")
+    apply_lora(model, rank=2)
+    model.save_pretrained(tmp_path / "adapters")
+    loaded = CometForCausalLM.from_pretrained(tmp_path / "adapters")
+    assert not hasattr(loaded.config, "comet_lora") and not hasattr(loaded.config, "comet")
+    merge_lora(loaded)
+    loaded.save_pretrained(tmp_path / "merged")
+    again = CometForCausalLM.from_pretrained(tmp_path / "merged")
+    assert again.comet_lora is None and not lora_parameters(again)
+    x = ids(1, 20)
+    torch.testing.assert_close(again(x).logits, model(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_hf_loading_of_a_folder_with_adapters_gets_the_wrapped_weights(tmp_path):
+    """With LoRA adapters in, the layers they wrap are saved under the plain names: a plain
+    load gets the base model without the adapters, every weight present (none random)."""
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora, lora_parameters
+
+    model = tiny_comet("qwen3")
+    apply_lora(model, rank=2, target_modules=("q_proj", "down_proj"))
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(std=0.1)
+    model.save_pretrained(tmp_path)
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, output_loading_info=True)
+    assert not info["missing_keys"], info["missing_keys"]
+    wrapped = model.base.model.layers[0].self_attn.q_proj.base_layer.weight
+    assert torch.equal(plain.model.layers[0].self_attn.q_proj.weight, wrapped)
+
+
+def test_a_save_cut_between_its_files_is_refused(tmp_path):
+    model = tiny_comet("llama")
+    model.save_pretrained(tmp_path)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    model.save_pretrained(tmp_path)  # a second save, whose config.json then "never got written":
+    (tmp_path / "model.safetensors").write_bytes(weights)  # (the same as new weights with the old config)
+    with pytest.raises(ValueError, match="was cut between its files"):
+        CometForCausalLM.from_pretrained(tmp_path)
 
 
 def test_adapters_injected_outside_apply_lora_are_refused_at_save(tmp_path):

@@ -60,6 +60,19 @@ def test_max_length_counts_the_prompt_and_max_new_tokens_wins(model):
     assert model.generate(prompt, max_length=9).shape == (1, 9)
     assert model.generate(prompt, max_length=9, max_new_tokens=2).shape == (1, 7)
     assert model.generate(prompt).shape == (1, 25)  # HF's default: 20 new tokens
+    with pytest.raises(ValueError, match="max_length 5 counts the prompt's 5 tokens"):
+        model.generate(prompt, max_length=5)
+
+
+def test_a_keyword_set_to_none_unsets_the_models_default(model):
+    prompt = ids(1, 5, seed=3)
+    free = model.generate(prompt, max_new_tokens=6)
+    model.generation_config.eos_token_id = int(free[0, 6])
+    try:
+        assert model.generate(prompt, max_new_tokens=6).shape == (1, 7)
+        assert torch.equal(model.generate(prompt, max_new_tokens=6, eos_token_id=None), free)
+    finally:
+        model.generation_config.eos_token_id = None
 
 
 def test_min_new_tokens_holds_eos_back(model):
@@ -142,7 +155,7 @@ def test_unsupported_model_defaults_warn_and_neutral_values_pass(model):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         out = model.generate(prompt, max_new_tokens=2, num_beams=1, use_cache=True, output_attentions=False,
-                             eos_token_id=torch.tensor([VOCAB - 1]))
+                             typical_p=1.0, guidance_scale=1.0, eos_token_id=torch.tensor([VOCAB - 1]))
     assert torch.equal(out, expected)
 
 
