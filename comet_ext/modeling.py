@@ -621,10 +621,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """Decodes from the open chunk, after reading the prompt into the memory.
 
         input_ids (B, T) (or HF's `inputs`): the prompt, e.g. the question after a
-        document read into `memory`; attention_mask (B, T): right padding, at least
-        one token per sample. HF's settings, as keyword arguments or a
-        GenerationConfig, over the model's `generation_config` (see
-        comet_ext/generation.py): greedy or sampling (temperature, top_k, top_p),
+        document read into `memory`; attention_mask (B, T): left padding (HF's layout
+        for batched generation) or right padding, at least one token per sample.
+        HF's settings, as keyword arguments or a GenerationConfig, over the model's
+        `generation_config` (see comet_ext/generation.py): greedy or sampling (temperature, top_k, top_p),
         repetition_penalty, max_new_tokens / max_length, min_new_tokens / min_length,
         eos / pad ids, return_dict_in_generate with output_scores / output_logits; a
         `streamer` (HF's put / end protocol); `generator` seeds the sampling. A setting
@@ -653,13 +653,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().any(1).all()):
             raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
                              f"{(~attention_mask.bool().any(1)).nonzero().flatten().tolist()} are all zeros")
-        memory, last = self.read(input_ids, memory, attention_mask, progress=False, return_last_hidden=True,
+        read_ids, read_mask = _left_to_right_padding(input_ids, attention_mask)
+        memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)
         B = input_ids.shape[0]
         prompt = input_ids.to(self.device).long()
         valid = (attention_mask.to(self.device).bool() if attention_mask is not None
                  else torch.ones_like(prompt, dtype=torch.bool))
-        prompt = torch.where(valid, prompt, torch.full_like(prompt, s.pad))  # right padding stays pad, as in HF
+        prompt = torch.where(valid, prompt, torch.full_like(prompt, s.pad))  # padding stays where it was, as in HF
         seen = None
         if s.repetition_penalty != 1.0:  # how often each token is in the prompt and the output, per sample
             seen = torch.zeros(B, vocab, dtype=torch.int32, device=self.device)
@@ -1013,6 +1014,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if any(n < 1 for n in sizes) or sum(sizes) != T:
             raise ValueError(f"chunk_sizes must be positive and sum to the {T} tokens of input_ids, got {sizes}")
         return sizes
+
+
+def _left_to_right_padding(input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """generate's prompts (B, T) as read takes them: a left-padded batch (HF's layout for
+    decoder-only generation) with each sample's tokens moved to the front and its mask
+    right-padded; any other batch as it is (read checks it)."""
+    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
+        return input_ids, attention_mask
+    mask = attention_mask.bool()
+    T = mask.shape[1]
+    pads = T - mask.sum(1, keepdim=True)
+    j = torch.arange(T, device=mask.device)
+    if bool((mask == (j < T - pads)).all()) or not bool((mask == (j >= pads)).all()):
+        return input_ids, attention_mask  # right-padded (or unpadded), or neither: read decides
+    take = (j + pads).clamp(max=T - 1).to(input_ids.device)
+    return torch.gather(input_ids, 1, take), (j < T - pads).to(attention_mask.dtype).to(attention_mask.device)
 
 
 def _cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[int],

@@ -159,8 +159,48 @@ def test_unsupported_model_defaults_warn_and_neutral_values_pass(model):
     assert torch.equal(out, expected)
 
 
+def test_left_padded_batches_generate_as_each_sample_alone(model):
+    """HF pads decoder-only batches on the left for generation: each sample decodes as if
+    alone, and the output keeps the left padding, as HF's does."""
+    prompts = [ids(1, 6, seed=10), ids(1, 3, seed=11)]
+    batch = torch.full((2, 6), 0, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        batch[b, 6 - p.shape[1]:], mask[b, 6 - p.shape[1]:] = p[0], 1
+    out, memory = model.generate(batch, attention_mask=mask, max_new_tokens=5, pad_token_id=1, return_memory=True)
+    assert torch.equal(out[1, :3], torch.ones(3, dtype=torch.long))  # the padding, as pad_token_id
+    for b, p in enumerate(prompts):
+        alone, own = model.generate(p, max_new_tokens=5, return_memory=True)
+        assert torch.equal(out[b, 6:], alone[0, p.shape[1]:])
+        assert int(memory.tokens[b]) == int(own.tokens[0])
+    with pytest.raises(ValueError, match="right-padded"):  # padding on both sides is neither
+        model.generate(batch, attention_mask=torch.tensor([[0, 1, 1, 1, 1, 0]] * 2), max_new_tokens=1)
+
+
 def test_a_sample_without_prompt_tokens_is_refused(model):
     prompt, mask = ids(2, 4), torch.ones(2, 4, dtype=torch.long)
     mask[1] = 0
     with pytest.raises(ValueError, match=r"rows \[1\] are all zeros"):
         model.generate(prompt, attention_mask=mask, max_new_tokens=2)
+
+
+def test_hf_text_generation_pipeline_batches_prompts():
+    """transformers.pipeline drives generate as it drives an HF model: text in, text out,
+    a batch of left-padded prompts giving what each prompt gives alone."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, pipeline
+
+    from comet_ext import CometConfig, CometForCausalLM
+    from comet_ext.data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    tok.padding_side = "left"
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), CometConfig(chunk_size=32, num_global=4,
+                                                                          temp_stride=4, temp_budget=8)).eval()
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    prompts = ["hello", "a longer prompt here"]
+    alone = [pipe(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
+    batched = [r[0]["generated_text"] for r in pipe(prompts, max_new_tokens=6, do_sample=False, batch_size=2)]
+    assert batched == alone and all(t.startswith(p) and len(t) > len(p) for t, p in zip(alone, prompts))
