@@ -134,8 +134,9 @@ class CometMemory:
         return memory.to(device) if device is not None else memory
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CometMemory":
-        """A copy on `device`, its floating buffers (state, keys, values) cast to `dtype`:
-        what a model in another dtype reads (the counters stay int64)."""
+        """The memory on `device`, its floating buffers (state, keys, values) cast to
+        `dtype`: what a model in another dtype reads (the counters stay int64). Like
+        Tensor.to, buffers already on that device and in that dtype are shared, not copied."""
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
