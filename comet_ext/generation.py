@@ -23,9 +23,13 @@ DEFAULTS: dict[str, Any] = {
     "eos_token_id": None, "pad_token_id": None,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
 }
-# Fields that change nothing CoMeT decodes (the memory is its cache; bos starts no prompt here).
+# Fields that change nothing CoMeT decodes (the memory is its cache; bos starts no prompt here;
+# the assisted-decoding knobs act only with an assistant model, which generate does not take,
+# and transformers 5.0's pipelines pass them at their defaults).
 NO_EFFECT = {"bos_token_id", "use_cache", "cache_implementation", "transformers_version", "_from_model_config",
-             "return_legacy_cache", "disable_compile", "compile_config"}
+             "return_legacy_cache", "disable_compile", "compile_config", "num_assistant_tokens",
+             "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+             "target_lookbehind"}
 DEFAULT_MAX_NEW_TOKENS = 20
 
 
@@ -101,9 +105,10 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
         max_new = max_length - prompt_tokens
     max_new = _int(DEFAULT_MAX_NEW_TOKENS if max_new is None else max_new, "max_new_tokens", 0)
     min_new = value["min_new_tokens"]
-    if min_new is None:
-        min_new = _int(value["min_length"], "min_length", 0) - prompt_tokens if value["min_length"] is not None else 0
-    min_new = max(_int(min_new, "min_new_tokens", 0), 0)
+    if min_new is None:  # min_length counts the prompt (transformers 5.0's pipelines pass min_length 0)
+        min_length = value["min_length"]
+        min_new = 0 if min_length is None else max(_int(min_length, "min_length", 0) - prompt_tokens, 0)
+    min_new = _int(min_new, "min_new_tokens", 0)
     do_sample = value["do_sample"]
     if not isinstance(do_sample, bool):
         raise ValueError(f"generate: do_sample must be a bool, got {do_sample!r}")

@@ -81,6 +81,9 @@ def test_min_new_tokens_holds_eos_back(model):
     assert model.generate(prompt, max_new_tokens=6, eos_token_id=first).shape == (1, 6)
     out = model.generate(prompt, max_new_tokens=6, eos_token_id=first, min_new_tokens=3)
     assert out.shape[1] >= 8 and first not in out[0, 5:8].tolist()
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, eos_token_id=first, min_length=8), out)
+    # a min_length the prompt already reaches holds nothing back (transformers 5.0's pipelines pass 0)
+    assert model.generate(prompt, max_new_tokens=6, eos_token_id=first, min_length=0).shape == (1, 6)
 
 
 def test_eos_goes_into_the_memory_so_the_next_turn_follows_the_transcript(model):
