@@ -5,7 +5,9 @@ CUDA and a CUDA toolkit (nvcc) is found. Environment variables:
 
   COMET_CUDA=0|1            force the CUDA sources off / on (default: auto)
   TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0+PTX")
-  COMET_CPU_NATIVE=0        do not tune the CPU kernels for the build machine
+  COMET_CPU_ARCH=auto|native|portable|<march>
+                            the CPU kernels' target (tools/cpu_flags.py; default auto:
+                            AVX2 + FMA on x86-64, checked against the CPU at import)
   DEBUG=1                   -O0 -g debug build with assertions
   CUDA_HOME                 toolkit root; found by following nvcc when unset
 """
@@ -18,6 +20,7 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 from build_env import real_toolkit_root, wheel_cuda_includes  # noqa: E402
+import cpu_flags  # noqa: E402
 
 try:
     import torch
@@ -51,11 +54,9 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 
 debug = os.environ.get("DEBUG", "0") == "1"
-native = os.environ.get("COMET_CPU_NATIVE", "1") == "1" and not debug
-cxx = ["-std=c++20", "-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+cpu = cpu_flags.choose()
+cxx = ["-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", *cpu.compile]
 cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
-if native:
-    cxx += ["-march=native"]
 nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG"]
 nvcc += ["-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
@@ -68,13 +69,13 @@ if WITH_CUDA:
     define_macros.append(("COMET_WITH_CUDA", "1"))
     ext = CUDAExtension(
         "comet_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=["-fopenmp"],
+        extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=cpu.link,
         py_limited_api=True,
     )
 else:
     ext = CppExtension(
         "comet_ext._C", sources, include_dirs=include_dirs, define_macros=define_macros,
-        extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"], py_limited_api=True,
+        extra_compile_args={"cxx": cxx}, extra_link_args=cpu.link, py_limited_api=True,
     )
 
 
@@ -85,6 +86,9 @@ def _write_build_info():
         f"TORCH_VERSION = {torch.__version__!r}\n"
         f"WITH_CUDA = {WITH_CUDA!r}\n"
         f"CUDA_ARCH_LIST = {os.environ['TORCH_CUDA_ARCH_LIST'] if WITH_CUDA else ''!r}\n"
+        f"CPU_ARCH = {cpu.arch!r}\n"
+        f"CPU_FEATURES = {tuple(cpu.features)!r}  # checked against the running CPU at import\n"
+        f"OPENMP = {cpu.openmp!r}\n"
     )
     path = os.path.join(ROOT, "comet_ext", "_build_info.py")
     tmp = path + ".tmp"
@@ -94,8 +98,10 @@ def _write_build_info():
 
 
 _write_build_info()
-print(f"comet_ext: torch {torch.__version__}, CUDA kernels {'on' if WITH_CUDA else 'off'}"
+print(f"comet_ext: torch {torch.__version__}, CPU kernels for {cpu.arch}, CUDA kernels {'on' if WITH_CUDA else 'off'}"
       + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""))
+for note in cpu.notes:
+    print(f"comet_ext: note: {note}")
 
 setup(
     ext_modules=[ext],

@@ -32,7 +32,18 @@ def machine() -> str:
     except OSError:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads){gpu}"
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+            f"{_kernels_target()}{gpu}")
+
+
+def _kernels_target() -> str:
+    """The CPU kernels' build target (COMET_CPU_ARCH), which their timings depend on."""
+    try:
+        import comet_ext
+        arch = comet_ext.build_info().get("cpu_arch")
+    except (ImportError, AttributeError):
+        return ""
+    return f", CPU kernels for {arch}" if arch else ""
 
 
 def commit() -> str:

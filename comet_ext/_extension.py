@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
+from typing import Optional
 
 import torch
+
+from . import _cpu_isa
 
 _REBUILD = (
     "Rebuild it against the torch you run, from the comet_ext source folder:\n"
@@ -12,25 +16,36 @@ _REBUILD = (
 )
 
 
-def _built_for() -> str | None:
+def _build_record() -> Optional[ModuleType]:
     try:
-        info = importlib.import_module("comet_ext._build_info")
+        return importlib.import_module("comet_ext._build_info")
     except ImportError:
         return None
-    return info.TORCH_VERSION
 
 
 def load() -> None:
     """Imports comet_ext._C, which registers the `comet` ops with the dispatcher.
 
     Raises ImportError naming the torch the library was built for when it is
-    missing, fails to load, or was built against a different torch.
+    missing, fails to load, or was built against a different torch; and naming
+    the instruction-set extensions it was built for when this CPU lacks them
+    (loading it would end the process with an illegal instruction).
     """
-    built = _built_for()
+    record = _build_record()
+    built = record.TORCH_VERSION if record is not None else None
     if built is not None and built != torch.__version__:
         raise ImportError(
             f"comet_ext._C was built for torch {built}, but this is torch {torch.__version__}; "
             f"its kernels would not load or would misbehave. {_REBUILD}"
+        )
+    lacking = _cpu_isa.missing(getattr(record, "CPU_FEATURES", ()), _cpu_isa.host_flags())
+    if lacking:
+        raise ImportError(
+            f"comet_ext._C was built for CPUs with {', '.join(lacking)} (COMET_CPU_ARCH="
+            f"{getattr(record, 'CPU_ARCH', '?')} on the build machine), and this CPU lacks them: its "
+            f"kernels would stop the process with an illegal instruction. Rebuild it on this machine, "
+            f"from the comet_ext source folder:\n    pip install --no-build-isolation --no-deps --force-reinstall .\n"
+            f"or, for every CPU of this architecture, prefix that with COMET_CPU_ARCH=portable."
         )
     try:
         importlib.import_module("comet_ext._C")
@@ -43,6 +58,9 @@ def load() -> None:
 
 
 def build_info() -> dict:
-    """What the installed extension was built with (torch version, CUDA kernels, archs)."""
+    """What the installed extension was built with: torch version, CUDA kernels and their archs,
+    the CPU kernels' target, the ISA extensions it needs, and whether they are threaded (OpenMP)."""
     info = importlib.import_module("comet_ext._build_info")
-    return {"torch": info.TORCH_VERSION, "cuda": info.WITH_CUDA, "cuda_arch_list": info.CUDA_ARCH_LIST}
+    return {"torch": info.TORCH_VERSION, "cuda": info.WITH_CUDA, "cuda_arch_list": info.CUDA_ARCH_LIST,
+            "cpu_arch": getattr(info, "CPU_ARCH", None), "cpu_features": getattr(info, "CPU_FEATURES", None),
+            "openmp": getattr(info, "OPENMP", None)}

@@ -10,6 +10,7 @@ import textwrap
 import torch
 
 import comet_ext
+from comet_ext import _cpu_isa
 
 OPS = [
     "prefix_attention", "prefix_attention_backward", "rla", "rla_backward", "gated_update",
@@ -23,9 +24,10 @@ def test_every_op_has_a_cpu_kernel():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"comet::{op}", "CPU"), op
 
 
-def test_build_info_matches_running_torch():
+def test_build_info_matches_running_torch_and_cpu():
     info = comet_ext.build_info()
     assert info["torch"] == torch.__version__
+    assert _cpu_isa.missing(info["cpu_features"], _cpu_isa.host_flags()) == []
 
 
 def _run(code: str) -> subprocess.CompletedProcess:
@@ -66,3 +68,26 @@ def test_missing_library_raises_clear_import_error():
     )
     assert "IMPORT_ERROR: comet_ext._C could not be loaded" in res.stdout, res.stdout + res.stderr
     assert "pip install --no-build-isolation" in res.stdout
+
+
+def test_library_built_for_an_absent_cpu_extension_raises_clear_import_error():
+    # A library built with -march=native on an AVX-512 login node, loaded on a node without it,
+    # would otherwise die with SIGILL in its first kernel.
+    res = _run(
+        """
+        import sys, types, torch
+        sys.modules["comet_ext._build_info"] = types.SimpleNamespace(
+            TORCH_VERSION=torch.__version__, WITH_CUDA=False, CUDA_ARCH_LIST="", CPU_ARCH="native",
+            CPU_FEATURES=("pni", "no_such_isa"), OPENMP=True)
+        try:
+            import comet_ext
+        except ImportError as e:
+            print("IMPORT_ERROR:", e)
+        """
+    )
+    if _cpu_isa.host_flags() is None:
+        assert "IMPORT_ERROR" not in res.stdout, res.stdout + res.stderr  # nothing to check against
+        return
+    assert "IMPORT_ERROR: comet_ext._C was built for CPUs with no_such_isa (COMET_CPU_ARCH=native" in res.stdout, \
+        res.stdout + res.stderr
+    assert "COMET_CPU_ARCH=portable" in res.stdout and "--no-build-isolation" in res.stdout
