@@ -54,6 +54,12 @@ def test_native_features_are_named_as_this_cpu_lists_them():
 
 
 @x86_linux
+def test_native_refuses_a_target_this_machine_does_not_list():
+    with pytest.raises(SystemExit, match="COMET_CPU_ARCH=native: .* targets avx2"):
+        cpu_flags.choose("native", host=lambda: _cpu_isa.host_flags() - {"avx2"})
+
+
+@x86_linux
 def test_auto_targets_avx2_and_fma_on_a_machine_that_has_them():
     flags = cpu_flags.choose("auto")
     assert flags.arch == "x86-64-v3" and "-march=x86-64-v3" in flags.compile

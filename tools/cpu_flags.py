@@ -125,7 +125,10 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
         if setting not in ("auto", "portable"):
             raise SystemExit(f"COMET_CPU_ARCH={setting}: the compiler {shlex.join(cxx)} accepts none of "
                              f"{[c for _, c in _arch_candidates(setting, machine)]}")
-    lacking = cpu_isa.missing(features, host()) if setting not in ("auto", "portable", "native") else []
+    lacking = cpu_isa.missing(features, host()) if setting not in ("auto", "portable") else []
+    if lacking and setting == "native":  # the compiler saw more than the OS lists: import would refuse it
+        raise SystemExit(f"COMET_CPU_ARCH=native: {shlex.join(cxx)} targets {', '.join(lacking)}, which this "
+                         f"machine's /proc/cpuinfo does not list; build with COMET_CPU_ARCH=auto")
     if lacking:
         notes.append(f"COMET_CPU_ARCH={setting}: this machine lacks {', '.join(lacking)}, so the library "
                      f"will not load here (built for other CPUs)")
