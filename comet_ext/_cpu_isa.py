@@ -1,7 +1,7 @@
 """Which CPU instruction-set extensions the compiled CPU kernels may use, and
 whether this CPU has them.
 
-The build (setup.py, through tools/build_env.py) asks the compiler which ISA
+The build (setup.py, through tools/cpu_flags.py) asks the compiler which ISA
 macros its target flags turn on and records the matching Linux /proc/cpuinfo
 flag names in comet_ext/_build_info.py. At import, comet_ext compares them with
 this CPU's flags: a library built for AVX-512 on a login node would otherwise

@@ -72,8 +72,8 @@ def accepts(cxx: list[str], flags: list[str], source: str = _MAIN, link: bool = 
             return False
 
 
-def isa_macros(cxx: list[str], flags: list[str]) -> set[str]:
-    """The macros `cxx flags` predefines (all of them; callers keep the ISA ones)."""
+def predefined_macros(cxx: list[str], flags: list[str]) -> set[str]:
+    """The macros `cxx flags` predefines (ISA macros among them)."""
     res = subprocess.run([*cxx, *flags, "-dM", "-E", "-x", "c++", "-"], input="", capture_output=True,
                          text=True, timeout=120)
     if res.returncode != 0:
@@ -83,7 +83,7 @@ def isa_macros(cxx: list[str], flags: list[str]) -> set[str]:
 
 def target_features(cxx: list[str], flags: list[str]) -> list[str]:
     """cpuinfo names of the ISA extensions `flags` add to the compiler's default target."""
-    return cpu_isa.features_of_macros(isa_macros(cxx, flags) - isa_macros(cxx, []))
+    return cpu_isa.features_of_macros(predefined_macros(cxx, flags) - predefined_macros(cxx, []))
 
 
 def _arch_candidates(setting: str, machine: str) -> list[tuple[str, list[str]]]:
