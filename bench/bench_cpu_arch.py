@@ -118,7 +118,7 @@ def main() -> None:
     lines = [
         "# CPU kernels: build target (COMET_CPU_ARCH) vs speed", "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}",
+        f"- machine: {machine(kernels_target=False)}",  # each column is its own target
         f"- commit: {commit()}",
         f"- command: `python bench/bench_cpu_arch.py --rounds {args.rounds} --out {os.path.relpath(args.out, ROOT)}`",
         f"- speedup = {base} median / target median, the median of {args.rounds} rounds in which the "

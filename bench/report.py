@@ -22,7 +22,8 @@ import torch
 BANDWIDTH_MODES = ("fwd", "cold", "plain", "rope")
 
 
-def machine() -> str:
+def machine(kernels_target: bool = True) -> str:
+    """CPU, cores, torch and threads, the CPU kernels' build target (kernels_target) and the GPU."""
     cpu = platform.processor() or "unknown CPU"
     try:
         for line in open("/proc/cpuinfo"):
@@ -33,7 +34,7 @@ def machine() -> str:
         pass
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
-            f"{_kernels_target()}{gpu}")
+            f"{_kernels_target() if kernels_target else ''}{gpu}")
 
 
 def _kernels_target() -> str:

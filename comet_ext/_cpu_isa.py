@@ -12,11 +12,13 @@ importable.
 """
 from __future__ import annotations
 
+import platform
 from typing import Iterable, Optional
 
 # Compiler ISA macro -> the flag Linux lists for it in /proc/cpuinfo ("flags" on x86,
 # "Features" on Arm). Macros not listed here are not checked: they name instructions
-# the kernels' code generation does not reach for (cache-line flushes, random numbers...).
+# the compiler does not generate from plain C++ (AMX tiles, cache-line flushes, random
+# numbers...), and a name an older kernel does not print would refuse a good build.
 MACRO_TO_CPUINFO = {
     # x86
     "__SSE3__": "pni", "__SSSE3__": "ssse3", "__SSE4_1__": "sse4_1", "__SSE4_2__": "sse4_2",
@@ -32,11 +34,14 @@ MACRO_TO_CPUINFO = {
     "__AVX512VNNI__": "avx512_vnni", "__AVX512BITALG__": "avx512_bitalg",
     "__AVX512VPOPCNTDQ__": "avx512_vpopcntdq", "__AVX512BF16__": "avx512_bf16",
     "__AVX512FP16__": "avx512_fp16", "__AVX512VP2INTERSECT__": "avx512_vp2intersect",
-    "__AMX_TILE__": "amx_tile", "__AMX_BF16__": "amx_bf16", "__AMX_INT8__": "amx_int8",
+    "__AVX512ER__": "avx512er", "__AVX512PF__": "avx512pf",
     # Arm
+    "__ARM_FEATURE_ATOMICS": "atomics", "__ARM_FEATURE_QRDMX": "asimdrdm",
+    "__ARM_FEATURE_FP16_SCALAR_ARITHMETIC": "fphp", "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp",
+    "__ARM_FEATURE_FP16_FML": "asimdfhm", "__ARM_FEATURE_DOTPROD": "asimddp",
+    "__ARM_FEATURE_MATMUL_INT8": "i8mm", "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16",
     "__ARM_FEATURE_SVE": "sve", "__ARM_FEATURE_SVE2": "sve2",
-    "__ARM_FEATURE_DOTPROD": "asimddp", "__ARM_FEATURE_MATMUL_INT8": "i8mm",
-    "__ARM_FEATURE_FP16_VECTOR_ARITHMETIC": "asimdhp", "__ARM_FEATURE_BF16_VECTOR_ARITHMETIC": "bf16",
+    "__ARM_FEATURE_SVE_MATMUL_INT8": "svei8mm", "__ARM_FEATURE_SVE_BF16": "svebf16",
 }
 
 
@@ -45,20 +50,33 @@ def features_of_macros(macros: Iterable[str]) -> list[str]:
     return sorted({MACRO_TO_CPUINFO[m] for m in macros if m in MACRO_TO_CPUINFO})
 
 
-def host_flags(cpuinfo: str = "/proc/cpuinfo") -> Optional[frozenset[str]]:
-    """This CPU's ISA flags from /proc/cpuinfo, or None where there is no such file
-    (not Linux) or it lists none: then nothing can be checked."""
+def _cpuinfo_key(machine: str) -> Optional[str]:
+    machine = machine.lower()
+    if machine in ("x86_64", "amd64", "i386", "i686"):
+        return "flags"
+    if machine in ("aarch64", "arm64") or machine.startswith("arm"):
+        return "Features"
+    return None
+
+
+def host_flags(cpuinfo: str = "/proc/cpuinfo", machine: Optional[str] = None) -> Optional[frozenset[str]]:
+    """This CPU's ISA flags from /proc/cpuinfo, or None where they cannot be known: no such
+    file (not Linux), an architecture this file does not map, or no flags listed under this
+    architecture's key (an x86 process under an Arm kernel's emulation sees Arm's)."""
+    key = _cpuinfo_key(machine or platform.machine())
+    if key is None:
+        return None
     common: Optional[frozenset[str]] = None
     try:
         with open(cpuinfo, errors="ignore") as f:
             for line in f:  # one entry per CPU: keep what all of them have
-                key, _, value = line.partition(":")
-                if key.strip() in ("flags", "Features"):
+                name, _, value = line.partition(":")
+                if name.strip() == key:
                     flags = frozenset(value.split())
                     common = flags if common is None else common & flags
     except OSError:
         return None
-    return common
+    return common or None
 
 
 def missing(required: Iterable[str], host: Optional[frozenset[str]]) -> list[str]:

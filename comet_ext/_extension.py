@@ -45,7 +45,8 @@ def load() -> None:
             f"{getattr(record, 'CPU_ARCH', '?')} on the build machine), and this CPU lacks them: its "
             f"kernels would stop the process with an illegal instruction. Rebuild it on this machine, "
             f"from the comet_ext source folder:\n    pip install --no-build-isolation --no-deps --force-reinstall .\n"
-            f"or, for every CPU of this architecture, prefix that with COMET_CPU_ARCH=portable."
+            f"or, for the compiler's default target (with most compilers every CPU of this architecture), "
+            f"prefix that with COMET_CPU_ARCH=portable."
         )
     try:
         importlib.import_module("comet_ext._C")

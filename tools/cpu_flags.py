@@ -3,14 +3,16 @@ they get OpenMP, chosen by asking the compiler that will build them.
 
 COMET_CPU_ARCH picks the target:
 
-  auto      (default) on x86-64, AVX2 + FMA (x86-64-v3, every x86 server CPU since
-            about 2015) when the compiler and this machine have them, else the
-            compiler's default; on other CPUs the compiler's default. The library
-            runs on every CPU of that level, not only on the build machine.
+  auto      (default) on x86-64, AVX2 + FMA (x86-64-v3: Intel since Haswell, AMD
+            since Excavator / Zen, not some Atom-class parts) when the compiler and
+            this machine have them, else the compiler's default; on other CPUs the
+            compiler's default. The library runs on every CPU of that level, not
+            only on the build machine.
   native    everything the build machine has (-march=native, or -mcpu=native):
             the library runs only on CPUs with the same extensions.
-  portable  the compiler's default target: runs on any CPU of the architecture.
-  <name>    passed on as -march=<name>.
+  portable  the compiler's default target (for most compilers, any CPU of the
+            architecture; some distributions' compilers default to x86-64-v2 or v3).
+  <name>    passed on as -march=<name> (on Arm, else as -mcpu=<name>).
 
 OpenMP: -fopenmp where the compiler has it (the kernels' threads come from
 ATen's OpenMP parallel_for); otherwise -fopenmp-simd (vectorisation pragmas only,
@@ -47,7 +49,7 @@ class CpuFlags:
     compile: list[str]  # flags for every C++ source
     link: list[str]  # flags for the link
     arch: str  # the target: "x86-64-v3", "native", "portable", ...
-    features: list[str]  # /proc/cpuinfo flags the target lets the compiler use beyond its default
+    features: list[str]  # /proc/cpuinfo flags of every ISA extension the compiler may use
     openmp: bool  # False: the CPU kernels run on one thread
     notes: list[str]  # what the build should tell the user
 
@@ -82,8 +84,10 @@ def predefined_macros(cxx: list[str], flags: list[str]) -> set[str]:
 
 
 def target_features(cxx: list[str], flags: list[str]) -> list[str]:
-    """cpuinfo names of the ISA extensions `flags` add to the compiler's default target."""
-    return cpu_isa.features_of_macros(predefined_macros(cxx, flags) - predefined_macros(cxx, []))
+    """cpuinfo names of the ISA extensions `cxx flags` lets the compiler use: all of them,
+    those of the compiler's default target included (some distributions' compilers default
+    to x86-64-v2 or v3)."""
+    return cpu_isa.features_of_macros(predefined_macros(cxx, flags))
 
 
 def _arch_candidates(setting: str, machine: str) -> list[tuple[str, list[str]]]:
@@ -95,7 +99,9 @@ def _arch_candidates(setting: str, machine: str) -> list[tuple[str, list[str]]]:
         if machine in ("x86_64", "amd64"):
             return [("x86-64-v3", ["-march=x86-64-v3"]), ("x86-64-v3", _X86_V3_FLAGS)]
         return []
-    return [(setting, [f"-march={setting}"])]
+    if machine in ("x86_64", "amd64"):
+        return [(setting, [f"-march={setting}"])]
+    return [(setting, [f"-march={setting}"]), (setting, [f"-mcpu={setting}"])]  # Arm takes CPU names as -mcpu
 
 
 def choose(setting: str | None = None, cxx: list[str] | None = None, machine: str | None = None,
@@ -106,11 +112,14 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
     cxx = cxx if cxx is not None else compiler()
     machine = (machine or platform.machine()).lower()
     notes: list[str] = []
-    arch, flags, features = "portable", [], []
+    arch, flags, features = "portable", [], None
     for name, cand in _arch_candidates(setting, machine):
-        if not accepts(cxx, cand):
+        try:
+            feats = target_features(cxx, cand) if accepts(cxx, cand) else None
+        except (OSError, RuntimeError, subprocess.TimeoutExpired):
+            feats = None  # a compiler that builds but will not list its macros: not this target
+        if feats is None:
             continue
-        feats = target_features(cxx, cand)
         if setting == "auto":  # a library this machine cannot load is no default
             have = host()
             lacking = cpu_isa.missing(feats, have)
@@ -125,13 +134,23 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
         if setting not in ("auto", "portable"):
             raise SystemExit(f"COMET_CPU_ARCH={setting}: the compiler {shlex.join(cxx)} accepts none of "
                              f"{[c for _, c in _arch_candidates(setting, machine)]}")
-    lacking = cpu_isa.missing(features, host()) if setting not in ("auto", "portable") else []
+        if setting == "auto" and _arch_candidates(setting, machine):
+            notes.append(f"{shlex.join(cxx)} cannot target x86-64-v3 (AVX2 + FMA): the CPU kernels target "
+                         f"the compiler's default (slower)")
+    if features is None:  # the compiler's default target
+        try:
+            features = target_features(cxx, [])
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+            features = []
+            notes.append(f"{shlex.join(cxx)} does not list the instructions it targets ({e}): "
+                         f"import cannot check them against the CPU")
+    lacking = cpu_isa.missing(features, host())
     if lacking and setting == "native":  # the compiler saw more than the OS lists: import would refuse it
         raise SystemExit(f"COMET_CPU_ARCH=native: {shlex.join(cxx)} targets {', '.join(lacking)}, which this "
                          f"machine's /proc/cpuinfo does not list; build with COMET_CPU_ARCH=auto")
-    if lacking:
-        notes.append(f"COMET_CPU_ARCH={setting}: this machine lacks {', '.join(lacking)}, so the library "
-                     f"will not load here (built for other CPUs)")
+    if lacking:  # a target for other machines, or a compiler whose default is above this CPU
+        notes.append(f"the CPU kernels target {', '.join(lacking)}, which this machine lacks: the library "
+                     f"will not load here (COMET_CPU_ARCH={setting})")
 
     if accepts(cxx, ["-fopenmp"], _OPENMP_MAIN, link=True):
         omp_compile, omp_link, openmp = ["-fopenmp"], ["-fopenmp"], True
