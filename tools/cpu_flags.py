@@ -111,6 +111,7 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
     setting = (setting if setting is not None else os.environ.get("COMET_CPU_ARCH", "auto")).strip() or "auto"
     cxx = cxx if cxx is not None else compiler()
     machine = (machine or platform.machine()).lower()
+    have = host()  # this machine's cpuinfo flags (None: unknown)
     notes: list[str] = []
     arch, flags, features = "portable", [], None
     for name, cand in _arch_candidates(setting, machine):
@@ -121,7 +122,6 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
         if feats is None:
             continue
         if setting == "auto":  # a library this machine cannot load is no default
-            have = host()
             lacking = cpu_isa.missing(feats, have)
             if have is None or lacking:
                 why = "does not list its CPU features" if have is None else f"lacks {', '.join(lacking)}"
@@ -144,7 +144,7 @@ def choose(setting: str | None = None, cxx: list[str] | None = None, machine: st
             features = []
             notes.append(f"{shlex.join(cxx)} does not list the instructions it targets ({e}): "
                          f"import cannot check them against the CPU")
-    lacking = cpu_isa.missing(features, host())
+    lacking = cpu_isa.missing(features, have)
     if lacking and setting == "native":  # the compiler saw more than the OS lists: import would refuse it
         raise SystemExit(f"COMET_CPU_ARCH=native: {shlex.join(cxx)} targets {', '.join(lacking)}, which this "
                          f"machine's /proc/cpuinfo does not list; build with COMET_CPU_ARCH=auto")
