@@ -151,15 +151,16 @@ def _token_ids(v, name: str, vocab: int) -> tuple[int, ...]:
     return tuple(ids)
 
 
-def next_scores(logits: Tensor, s: DecodeSettings, seen: Optional[Tensor], step: int) -> Tensor:
+def next_scores(logits: Tensor, s: DecodeSettings, seen: Optional[Tensor], step: int, eos: Tensor) -> Tensor:
     """HF's logits processors, in HF's order, on logits (B, vocab) fp32: the repetition
     penalty over the tokens `seen` (B, vocab) counts (the prompt's and the output's), EOS masked
-    until min_new_tokens, then, when sampling, temperature, top-k and top-p."""
+    until min_new_tokens, then, when sampling, temperature, top-k and top-p. eos: s.eos as a
+    tensor on logits' device (made once per generate, not once per step)."""
     if s.repetition_penalty != 1.0 and seen is not None:
         penalised = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
         logits = torch.where(seen > 0, penalised, logits)
     if step < s.min_new_tokens and s.eos:
-        logits = logits.index_fill(-1, torch.tensor(s.eos, device=logits.device), float("-inf"))
+        logits = logits.index_fill(-1, eos, float("-inf"))
     if not s.do_sample:
         return logits
     logits = logits / s.temperature

@@ -17,6 +17,12 @@ Per sample:
 
 G = num_global, C = temp_budget, Cp = compression rows of one chunk. Keys of FIFO
 rows are projected once, when pushed; only RoPE depends on their position.
+
+The tensors are the model's to write: `read` and `generate` update them in place. A
+streaming step decides on the host what to queue (how many rows each sample appends,
+where they go), so the memory also keeps its per-sample counters on the host
+(`host_counts`), written by the step that changed them: a decode step then never waits
+for the device to tell it where it is.
 """
 from __future__ import annotations
 
@@ -37,6 +43,29 @@ _FIELDS = (
     "state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v",
     "has_global", "mem_len", "open_rows", "open_text", "pending", "tokens",
 )
+
+
+# The per-sample counters a streaming step plans with (fifo_len: every layer's is the same).
+_COUNTERS = ("has_global", "mem_len", "open_rows", "open_text", "pending", "fifo_len")
+
+
+@dataclasses.dataclass(frozen=True)
+class HostCounts:
+    """The memory's per-sample counters on the host, one entry per sample; fifo_len is
+    the FIFO's length (the same in every layer)."""
+
+    has_global: tuple[bool, ...]
+    mem_len: tuple[int, ...]
+    open_rows: tuple[int, ...]
+    open_text: tuple[int, ...]
+    pending: tuple[int, ...]
+    fifo_len: tuple[int, ...]
+
+    @classmethod
+    def empty(cls, batch_size: int) -> "HostCounts":
+        """The counters of a memory that has read nothing."""
+        zeros = (0,) * batch_size
+        return cls((False,) * batch_size, zeros, zeros, zeros, zeros, zeros)
 
 
 def signature_diff(have: dict, want: dict) -> dict:
@@ -62,6 +91,30 @@ class CometMemory:
     pending: Tensor
     tokens: Tensor
     signature: dict = dataclasses.field(default_factory=dict)
+    # (HostCounts, the counters' identity and version when they were taken): see host_counts
+    _host: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
+
+    def _counters_key(self) -> tuple:
+        # An in-place write bumps a tensor's version (inference tensors keep none: their
+        # address alone is checked), so counters changed by anything but the step that
+        # recorded them are read back, never trusted stale.
+        tensors = (self.has_global, self.mem_len, self.open_rows, self.open_text, self.pending, self.fifo_len)
+        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+
+    def host_counts(self) -> HostCounts:
+        """The per-sample counters on the host. Read back from the device (one host-device
+        sync) only when the step that last wrote them did not record them."""
+        if self._host is not None and self._host[1] == self._counters_key():
+            return self._host[0]
+        rows = torch.stack([getattr(self, f).long() for f in _COUNTERS[:-1]] + [self.fifo_len[0]]).tolist()
+        counts = HostCounts(tuple(bool(g) for g in rows[0]), *(tuple(r) for r in rows[1:]))
+        self._host = (counts, self._counters_key())
+        return counts
+
+    def record_host_counts(self, counts: HostCounts) -> None:
+        """Records counts as the host copy of the counters as they now are (after the
+        step that wrote them)."""
+        self._host = (counts, self._counters_key())
 
     def buffers(self) -> tuple[Tensor, ...]:
         """Every tensor of the memory (what a step updates in place, and its bookkeeping)."""
@@ -81,7 +134,14 @@ class CometMemory:
         return CometMemory(**parts, signature=dict(self.signature))
 
     def clone(self) -> "CometMemory":
-        return CometMemory(**{f: getattr(self, f).clone() for f in _FIELDS}, signature=dict(self.signature))
+        return self._with_host_counts(
+            CometMemory(**{f: getattr(self, f).clone() for f in _FIELDS}, signature=dict(self.signature)))
+
+    def _with_host_counts(self, other: "CometMemory") -> "CometMemory":
+        """other (a copy of this memory's values) with this memory's host counters, if current."""
+        if self._host is not None and self._host[1] == self._counters_key():
+            other.record_host_counts(self._host[0])
+        return other
 
     # ------------------------------------------------------------------ save / load
 
@@ -140,4 +200,5 @@ class CometMemory:
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
-        return CometMemory(**{f: move(getattr(self, f)) for f in _FIELDS}, signature=dict(self.signature))
+        return self._with_host_counts(
+            CometMemory(**{f: move(getattr(self, f)) for f in _FIELDS}, signature=dict(self.signature)))

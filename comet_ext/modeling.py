@@ -32,9 +32,10 @@ from . import checkpoint, generation, ops
 from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
-from .memory import CometMemory, signature_diff
+from .memory import CometMemory, HostCounts, signature_diff
 from .train_memory import FifoWindow, TrainMemory
 from .segments import COMPRESSION, READOUT, Segment, gather_rows, max_compression_rows, plan_segment
+from .transfer import upload
 
 
 class LowRankAdapter(nn.Module):
@@ -313,7 +314,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         def zeros(*shape):
             return torch.zeros(*shape, dtype=torch.long, **kw)
 
-        return CometMemory(
+        memory = CometMemory(
             state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
             kv_k=kv(self._kv_rows()), kv_v=kv(self._kv_rows()),
             fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
@@ -323,6 +324,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             pending=zeros(batch_size), tokens=zeros(batch_size),
             signature=self.memory_signature(),
         )
+        memory.record_host_counts(HostCounts.empty(batch_size))
+        return memory
 
     def _kv_rows(self) -> int:
         """Rows of a streaming memory's key / value buffer: the global rows, the FIFO, the open
@@ -424,10 +427,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         tokens. -> (final hidden (B, N, d), segment).
         global_memory=False: closing chunks leave the (empty) global memory empty."""
         cc = self.comet_config
-        open_text = memory.open_text.tolist()
+        host = memory.host_counts()
         cut = cut if cut is not None else [False] * len(take)
-        close = [t > 0 and (o + t >= cc.chunk_size or c) for o, t, c in zip(open_text, take, cut)]
-        seg = plan_segment(cc, open_text, take, close, self.device)
+        close = [t > 0 and (o + t >= cc.chunk_size or c) for o, t, c in zip(host.open_text, take, cut)]
+        seg = plan_segment(cc, host.open_text, take, close, self.device)
         x = self._embed(seg, tokens)
         prefix_lens = memory.mem_len + memory.open_rows
         positions = prefix_lens.unsqueeze(1) + torch.arange(seg.num_rows, device=self.device)
@@ -437,7 +440,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         graphed = self._step_graphs is not None and x.is_cuda
         # Recorded steps read the whole key buffer (attention stops at each sample's k_lens anyway):
         # decode steps, whose key count grows by one a token, then share one recording.
-        plan = _StepPlan.build(memory, seg, close, prefix_lens, global_memory, full_width=graphed)
+        plan = _StepPlan.build(memory, host, seg, close, global_memory, full_width=graphed)
         counts = memory_rope = None
         if plan.any_closing:  # shared by every layer
             memory_rope = self._memory_rope(memory.fifo_k.shape[2])
@@ -449,9 +452,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             x = layers(*args)
         # Bookkeeping shared by all layers.
-        take_t = torch.tensor(take, device=self.device)
-        memory.tokens += take_t
-        memory.open_text += take_t
+        memory.tokens += seg.text_count
+        memory.open_text += seg.text_count
         memory.open_rows += seg.q_lens
         memory.pending += seg.comp_count
         if plan.any_closing:
@@ -462,6 +464,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             memory.mem_len.copy_(torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len))
             for t in (memory.open_rows, memory.open_text, memory.pending):
                 t.masked_fill_(closing, 0)
+        memory.record_host_counts(_counts_after(host, seg, take, global_memory, G=cc.num_global,
+                                                C=memory.fifo_k.shape[2]))
         return x, seg
 
     def _step_layers(self, memory: CometMemory, global_memory: bool, x: Tensor, seg: Segment, plan: "_StepPlan",
@@ -556,24 +560,37 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
-        lengths = self._lengths(attention_mask, B, T)
+        lengths = self._lengths(attention_mask, B, T).tolist()
         memory = memory if memory is not None else self.new_memory(B)
         self._check_memory(memory, B, "read")
-        if not global_memory and bool(memory.has_global.any()):
+        if not global_memory and any(memory.host_counts().has_global):
             raise ValueError("read: global_memory=False needs a memory without global rows (a fresh one, or "
                              "one read with global_memory=False)")
+        bar = None
+        if progress or (progress is None and T > 8 * self.comet_config.chunk_size):
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=sum(lengths), unit="tok", desc="comet read")
+        boundaries = self._boundary_positions(input_ids, boundary_ids)
+        last = self._read_steps(memory, input_ids, lengths, global_memory, boundaries, end_chunk, bar)
+        if bar is not None:
+            bar.close()
+        return (memory, last) if return_last_hidden else memory
+
+    def _read_steps(self, memory: CometMemory, input_ids: Tensor, lengths: list[int], global_memory: bool = True,
+                    boundaries: Optional[list[list[int]]] = None, end_chunk: bool = False, bar=None) -> Tensor:
+        """read's loop, on checked arguments: the first lengths[b] tokens of input_ids (B, T)
+        into each sample's open chunk, a step at a time. -> the final hidden state of each
+        sample's last token read (B, d), zeros where it read none. The host decides every
+        step from host values (lengths, the memory's host counters): nothing here waits on
+        the device."""
+        B, T = input_ids.shape
         done = [0] * B
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         cs = self.comet_config.chunk_size
-        bar = None
-        if progress or (progress is None and T > 8 * cs):
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=int(lengths.sum()), unit="tok", desc="comet read")
-        boundaries = self._boundary_positions(input_ids, boundary_ids)
         while True:
-            room = [cs - o for o in memory.open_text.tolist()]
-            left = [int(lengths[b]) - done[b] for b in range(B)]
+            room = [cs - o for o in memory.host_counts().open_text]
+            left = [n - d for n, d in zip(lengths, done)]
             take = [min(n, r) for n, r in zip(left, room)]
             if max(take) <= 0:
                 break
@@ -583,19 +600,19 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             if end_chunk:
                 cut = [c or 0 < t == n for c, t, n in zip(cut, take, left)]
             width = max(take)
-            idx = torch.tensor(done, device=self.device).unsqueeze(1) + torch.arange(width, device=self.device)
-            tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
+            if min(done) == max(done):  # every sample at the same offset: a slice, no index copy
+                tokens = input_ids[:, done[0]:done[0] + width]
+            else:
+                idx = upload(torch.tensor(done), self.device).unsqueeze(1) + torch.arange(width, device=self.device)
+                tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
             hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
-            if return_last_hidden:
-                has = seg.text_count > 0
-                rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
-                last = torch.where(has.unsqueeze(1), hidden[torch.arange(B), rows], last)
+            has = seg.text_count > 0
+            rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
+            last = torch.where(has.unsqueeze(1), hidden[torch.arange(B, device=self.device), rows], last)
             done = [d + t for d, t in zip(done, take)]
             if bar is not None:
                 bar.update(sum(take))
-        if bar is not None:
-            bar.close()
-        return (memory, last) if return_last_hidden else memory
+        return last
 
     @staticmethod
     def _boundary_positions(input_ids: Tensor, boundary_ids: Optional[Sequence[int]]) -> Optional[list[list[int]]]:
@@ -667,12 +684,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             seen.scatter_add_(1, prompt, valid.int())
         if streamer is not None:
             streamer.put(prompt.cpu())
-        eos = torch.tensor(s.eos, device=self.device)
+        eos = upload(torch.tensor(s.eos, dtype=torch.long), self.device)
         new, scores, raw = [], [], []
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
+        alive_list = [True] * B
         for step in range(s.max_new_tokens):
             logits = self._next_logits(last)
-            processed = generation.next_scores(logits, s, seen, step)
+            processed = generation.next_scores(logits, s, seen, step, eos)
             token = torch.where(alive, generation.pick(processed, s, generator), s.pad)
             new.append(token)
             if s.output_scores:
@@ -685,13 +703,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 seen.scatter_add_(1, token.unsqueeze(1), alive.int().unsqueeze(1))
             # every token a live sample produced goes into its memory, its EOS too: the memory
             # then holds the whole transcript and the next turn reads after it
-            produced = alive
+            produced = alive_list
             if s.eos:
                 alive = alive & ~torch.isin(token, eos)
-            memory, step_last = self.read(token.unsqueeze(1), memory, produced.long().unsqueeze(1), progress=False,
-                                          return_last_hidden=True, global_memory=global_memory)
+                alive_list = alive.tolist()  # the step's one host sync: who reads on (without EOS, none)
+            step_last = self._read_steps(memory, token.unsqueeze(1), [int(p) for p in produced], global_memory)
             last = torch.where(alive.unsqueeze(1), step_last, last)
-            if not bool(alive.any()):
+            if not any(alive_list):
                 break
         if streamer is not None:
             streamer.end()
@@ -818,12 +836,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         the labels its logits meet: logits at position p predict labels[p + 1]. None
         where a chunk has no label to learn."""
         labels = labels.to(self.device)
-        out, start = [], first
-        for n in sizes:
-            t = labels[:, start + 1:start + n + 1]
-            out.append(None if t.shape[1] == 0 or bool((t == -100).all()) else t)
-            start += n
-        return out
+        starts = [first + sum(sizes[:i]) for i in range(len(sizes))]
+        spans = [labels[:, s + 1:s + n + 1] for s, n in zip(starts, sizes)]
+        learn = torch.stack([(t != -100).any() for t in spans]).tolist()  # one host sync for all chunks
+        return [t if has else None for t, has in zip(spans, learn)]
 
     def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor],
                      memory: Optional[CometMemory] = None):
@@ -840,15 +856,16 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         segs, xs, ropes, start = [], [], [], 0
         has_global, fifo_len = [False] * B, [0] * B
         if memory is not None:
-            has_global, fifo_len = memory.has_global.tolist(), memory.fifo_len[0].tolist()
+            host = memory.host_counts()
+            has_global, fifo_len = list(host.has_global), list(host.fifo_len)
         for n in sizes:
             take = [min(max(length - start, 0), n) for length in lengths]
             seg = plan_segment(cc, [0] * B, take, [t > 0 for t in take], dev)
-            mem_len = torch.tensor([cc.num_global * g + f for g, f in zip(has_global, fifo_len)], device=dev)
+            mem_len = upload(torch.tensor([cc.num_global * g + f for g, f in zip(has_global, fifo_len)]), dev)
             ropes.append(self._rope(mem_len.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)))
             xs.append(self._embed(seg, input_ids[:, start:start + n]))
             segs.append(seg)
-            fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_count.tolist())]
+            fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_counts)]
             has_global = [g or t > 0 for g, t in zip(has_global, take)]
             start += n
         return segs, xs, ropes, sizes
@@ -861,7 +878,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         output, so the output is never kept."""
         heads, lengths = mem.fifo.layout()
         dev = self.device
-        head, length = torch.tensor(heads, device=dev), torch.tensor(lengths, device=dev)
+        head, length = upload(torch.tensor([heads, lengths], dtype=torch.long), dev)
         kv = mem.fifo.tensors()
         step = functools.partial(self._train_step, l, seg, *rope, mem.has_global_list, tuple(lengths))
         if targets is not None:
@@ -894,19 +911,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         cc, dev = self.comet_config, self.device
         return TrainMemory(state=torch.zeros(B, cc.num_global, self.config.hidden_size, dtype=self.dtype, device=dev),
                            has_global=torch.zeros(B, dtype=torch.bool, device=dev),
-                           fifo=FifoWindow(cc.fifo_capacity, B))
+                           fifo=FifoWindow(cc.fifo_capacity, B), has_global_list=(False,) * B)
 
     def _train_memory_from(self, memory: CometMemory, l: int) -> TrainMemory:
         """Layer l's memory as `read` left it, as a training forward carries it: the FIFO
         ring becomes one piece of its rows oldest first (pre-RoPE, detached)."""
-        n = int(memory.fifo_len[l, 0])
+        host = memory.host_counts()  # every layer's FIFO holds as many rows, every sample's too
+        n = host.fifo_len[0]
         fifo = FifoWindow(self.comet_config.fifo_capacity, memory.batch_size)
         if n:
             head, length = memory.fifo_head[l], memory.fifo_len[l]
             k, v = (ops.fifo_view(buf[l].detach(), head, length)[:, :n] for buf in (memory.fifo_k, memory.fifo_v))
             fifo = fifo.pushed(k, v, [n] * memory.batch_size)
         return TrainMemory(state=memory.state[l].detach().to(self.dtype), has_global=memory.has_global.clone(),
-                           fifo=fifo)
+                           fifo=fifo, has_global_list=host.has_global)
 
     def _check_memory(self, memory: CometMemory, batch_size: int, who: str) -> None:
         """A memory passed in must be this model's, for this batch: the same layers, widths and
@@ -989,7 +1007,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
         vocab = self.base.get_input_embeddings().num_embeddings
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
         return input_ids.to(self.device).long()
@@ -1073,23 +1091,27 @@ def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, plan: "_StepPla
 @dataclass
 class _RowScatter:
     """buf[b[i], pos[i]] = rows[b[i], j[i]]: rows j < counts[b] of a (B, n, ...) block written
-    at start[b] + j of a (B, capacity, ...) buffer. Integer index tensors, so applying it
-    never waits on the device."""
+    at start[b] + j of a (B, capacity, ...) buffer. Index tensors made on the host and
+    queued to the device in one copy, so neither building nor applying it waits on the device."""
 
     b: Tensor
     j: Tensor
     pos: Tensor
 
     @staticmethod
-    def build(start: Tensor, counts: Tensor, n: int, capacity: int, what: str) -> Optional["_RowScatter"]:
-        j = torch.arange(n, device=start.device).unsqueeze(0)
-        b, jj = (j < counts.unsqueeze(1)).nonzero(as_tuple=True)  # the one host sync
-        if b.numel() == 0:
+    def build(start: Sequence[int], counts: Sequence[int], capacity: int, what: str,
+              device: torch.device) -> Optional["_RowScatter"]:
+        """start[b], counts[b]: host values per sample."""
+        if any(s + c > capacity for s, c in zip(start, counts)):
+            raise RuntimeError(f"comet_ext internal error: {what} overflow their buffer ({capacity} rows): "
+                               f"start {list(start)}, rows {list(counts)}")
+        pairs = [(b, j) for b, c in enumerate(counts) for j in range(c)]
+        if not pairs:
             return None
-        pos = start[b] + jj
-        if int(pos.max()) >= capacity:
-            raise RuntimeError(f"comet_ext internal error: {what} overflow their buffer ({capacity} rows)")
-        return _RowScatter(b, jj, pos)
+        b, j = zip(*pairs)
+        pos = [start[i] + jj for i, jj in pairs]
+        b, j, pos = upload(torch.tensor([b, j, pos], dtype=torch.long), device)
+        return _RowScatter(b, j, pos)
 
     def apply(self, buf: Tensor, rows: Tensor) -> None:
         buf[self.b, self.pos] = rows[self.b, self.j].to(buf.dtype)
@@ -1098,34 +1120,53 @@ class _RowScatter:
 @dataclass
 class _StepPlan:
     """What every layer of one streaming step needs to know about the step, worked out once
-    before the first layer: which samples close their chunk, where the new rows and the
-    compression rows go, how many keys attention reads. Layers then queue their work
-    without a single host-device synchronisation (on a GPU each one would stall the queue)."""
+    on the host before the first layer, from the memory's host counters: which samples close
+    their chunk, where the new rows and the compression rows go, how many keys attention
+    reads. Neither building it nor the layers that use it wait on the device (on a GPU each
+    wait would stall the queue)."""
 
     any_closing: bool
     all_closing: bool
     has_global: tuple[bool, ...]  # memory.has_global on the host, before the step
-    closing_idx: Tensor  # (n_closing,) the closing samples
+    closing_idx: Optional[Tensor]  # (n_closing,) the closing samples (None when none closes)
     all_global: bool  # every sample has global rows once the step's closing chunks are written
     new_rows: Optional[_RowScatter]  # the segment's rows into the packed key / value buffers
     comp_rows: Optional[_RowScatter]  # compression rows into the pending buffers
     width: int  # keys attention reads: max over samples of prefix + new rows (or the whole buffer)
 
     @staticmethod
-    def build(memory: CometMemory, seg: Segment, close: list[bool], prefix_lens: Tensor,
-              global_memory: bool, full_width: bool = False) -> "_StepPlan":
-        has_global = tuple(bool(g) for g in memory.has_global.tolist())
+    def build(memory: CometMemory, host: HostCounts, seg: Segment, close: list[bool], global_memory: bool,
+              full_width: bool = False) -> "_StepPlan":
+        device = memory.kv_k.device
+        prefix = [m + r for m, r in zip(host.mem_len, host.open_rows)]
+        closing = [b for b, c in enumerate(close) if c]
         return _StepPlan(
-            any_closing=any(close),
-            all_closing=all(close),
-            has_global=has_global,
-            closing_idx=torch.tensor([b for b, c in enumerate(close) if c], dtype=torch.long,
-                                     device=prefix_lens.device),
-            all_global=all(g or (c and global_memory) for g, c in zip(has_global, close)),
-            new_rows=_RowScatter.build(prefix_lens, seg.q_lens, seg.num_rows, memory.kv_k.shape[2],
-                                       "the open chunk's rows"),
-            comp_rows=_RowScatter.build(memory.pending, seg.comp_count, seg.comp_rows.shape[1],
-                                        memory.pending_k.shape[2], "pending compression rows"),
-            # (the whole buffer needs no look at the lengths: one host sync fewer per step)
-            width=memory.kv_k.shape[2] if full_width else max((prefix_lens + seg.q_lens).tolist(), default=0),
+            any_closing=bool(closing),
+            all_closing=len(closing) == len(close),
+            has_global=host.has_global,
+            closing_idx=upload(torch.tensor(closing, dtype=torch.long), device) if closing else None,
+            all_global=all(g or (c and global_memory) for g, c in zip(host.has_global, close)),
+            new_rows=_RowScatter.build(prefix, seg.q_lens_list, memory.kv_k.shape[2], "the open chunk's rows", device),
+            comp_rows=_RowScatter.build(host.pending, seg.comp_counts, memory.pending_k.shape[2],
+                                        "pending compression rows", device),
+            # (the whole buffer: one recording serves every decode step, whatever its key count)
+            width=memory.kv_k.shape[2] if full_width else max(p + q for p, q in zip(prefix, seg.q_lens_list)),
         )
+
+
+def _counts_after(host: HostCounts, seg: Segment, take: Sequence[int], global_memory: bool, G: int,
+                  C: int) -> HostCounts:
+    """The memory's counters after a streaming step, worked out on the host the way the
+    step's bookkeeping and its layers' FIFO pushes work them out on the device (G = num_global,
+    C = the FIFO's capacity)."""
+    rows = []
+    for b, closes in enumerate(seg.closing_list):
+        g, m, f = host.has_global[b], host.mem_len[b], host.fifo_len[b]
+        r = host.open_rows[b] + seg.q_lens_list[b]
+        o = host.open_text[b] + take[b]
+        p = host.pending[b] + seg.comp_counts[b]
+        if closes:  # the chunk's compression rows go into the FIFO, which keeps the newest C
+            g, f = g or global_memory, min(f + p, C)
+            m, r, o, p = G * g + f, 0, 0, 0
+        rows.append((g, m, r, o, p, f))
+    return HostCounts(*(tuple(column) for column in zip(*rows)))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import CometConfig
+from .transfer import upload
 
 TEXT, COMPRESSION, READOUT, PAD = 0, 1, 2, -1
 
@@ -40,9 +41,10 @@ class Segment:
     comp_count: Tensor
     readout_rows: Tensor
     closing: Tensor
-    # Host copies of closing and comp_count, for the decisions a step makes before it
-    # queues device work (reading the tensors back would make the host wait on the device).
+    # Host copies, for the decisions a step makes before it queues device work (reading
+    # the tensors back would make the host wait on the device).
     closing_list: tuple[bool, ...] = ()
+    q_lens_list: tuple[int, ...] = ()
     comp_counts: tuple[int, ...] = ()
 
     @property
@@ -82,19 +84,22 @@ def plan_segment(
                 kind.append(READOUT), token.append(0), slot.append(j)
         kinds.append(kind), tokens.append(token), slots.append(slot)
         text_rows.append(tr), comp_rows.append(cr), readout_rows.append(rr)
-    to = dict(device=device)
+    host = {
+        "kind": _pad(kinds, PAD), "token": _pad(tokens, 0), "slot": _pad(slots, 0),
+        "q_lens": torch.tensor([len(k) for k in kinds], dtype=torch.long),
+        "text_rows": _pad(text_rows, 0), "text_count": torch.tensor([len(r) for r in text_rows], dtype=torch.long),
+        "comp_rows": _pad(comp_rows, 0), "comp_count": torch.tensor([len(r) for r in comp_rows], dtype=torch.long),
+        "readout_rows": _pad(readout_rows, 0, cfg.num_global), "closing": torch.tensor(close, dtype=torch.long),
+    }
+    # one copy to the device for all of them (each copy of its own would be a host-device sync)
+    flat = upload(torch.cat([t.flatten() for t in host.values()]), device)
+    parts = flat.split([t.numel() for t in host.values()])
+    dev = {name: part.view(t.shape) for (name, t), part in zip(host.items(), parts)}
+    dev["closing"] = dev["closing"].bool()
     return Segment(
-        kind=_pad(kinds, PAD).to(**to),
-        token=_pad(tokens, 0).to(**to),
-        slot=_pad(slots, 0).to(**to),
-        q_lens=torch.tensor([len(k) for k in kinds], dtype=torch.long, device=device),
-        text_rows=_pad(text_rows, 0).to(**to),
-        text_count=torch.tensor([len(r) for r in text_rows], dtype=torch.long, device=device),
-        comp_rows=_pad(comp_rows, 0).to(**to),
-        comp_count=torch.tensor([len(r) for r in comp_rows], dtype=torch.long, device=device),
-        readout_rows=_pad(readout_rows, 0, cfg.num_global).to(**to),
-        closing=torch.tensor(close, dtype=torch.bool, device=device),
+        **dev,
         closing_list=tuple(bool(c) for c in close),
+        q_lens_list=tuple(len(k) for k in kinds),
         comp_counts=tuple(len(r) for r in comp_rows),
     )
 

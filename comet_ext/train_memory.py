@@ -24,6 +24,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from . import ops
+from .transfer import upload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +98,8 @@ class FifoWindow:
         heads, lengths = self.layout()
         mask = [n if b in samples else 0 for b, n in enumerate(lengths)]
         dev = self.pieces[0].k.device
-        k, v = FifoWindow.view(self.tensors(), torch.tensor(heads, device=dev), torch.tensor(mask, device=dev),
-                               self.capacity)
+        heads_t, mask_t = upload(torch.tensor([heads, mask], dtype=torch.long), dev)
+        k, v = FifoWindow.view(self.tensors(), heads_t, mask_t, self.capacity)
         rows = max(mask)
         piece = FifoPiece(k[:, :rows], v[:, :rows], tuple(mask))
         pushed = tuple(dataclasses.replace(p, counts=tuple(0 if b in samples else n for b, n in enumerate(p.counts)))
@@ -167,8 +168,8 @@ class TrainMemory:
         B, C = self.fifo.batch, self.fifo.capacity
         heads, lengths = self.fifo.layout()
         dev = self.state.device
-        length = torch.tensor(lengths, dtype=torch.long, device=dev)
-        fifo = FifoWindow.view(self.fifo.tensors(), torch.tensor(heads, dtype=torch.long, device=dev), length, C)
+        heads_t, length = upload(torch.tensor([heads, lengths], dtype=torch.long), dev)
+        fifo = FifoWindow.view(self.fifo.tensors(), heads_t, length, C)
         if fifo is None:
             zeros = self.state.new_zeros(B, C, kv_heads, head_dim)
             fifo = (zeros, zeros.clone())

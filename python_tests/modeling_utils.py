@@ -40,3 +40,37 @@ def tiny_comet(family: str = "llama", seed: int = 0, **comet) -> CometForCausalL
             base = 1.0 if name.endswith("norm.weight") else 0.0
             p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+# Calls that make the host wait for the device when their tensor lives on one: a value read
+# back, a nonzero's size, a copy to the host, a tensor made from host values on a device.
+_HOST_READS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy",
+               "masked_select"}
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Counts, under the mode, the calls in comet_ext that would make the host wait for a GPU:
+    {(call, the comet_ext function:line that made it): count}. On the CPU nothing waits, so this
+    counts what the code asks for, not what it costs; a plain `.to(device)` copy is not seen
+    (test_cuda counts real syncs on a GPU with torch.cuda.set_sync_debug_mode)."""
+
+    def __init__(self):
+        super().__init__()
+        import collections
+
+        self.counts = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in _HOST_READS or (name in ("tensor", "as_tensor") and kwargs.get("device") is not None):
+            import traceback
+
+            frames = [f for f in traceback.extract_stack()[:-1] if "/comet_ext/" in f.filename]
+            if frames:
+                self.counts[(name, f"{frames[-1].name}:{frames[-1].lineno}")] += 1
+        return func(*args, **kwargs)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())

@@ -7,7 +7,8 @@ import warnings
 
 import pytest
 import torch
-from modeling_utils import VOCAB, tiny_comet
+from conftest import HAS_CUDA
+from modeling_utils import VOCAB, HostReads, tiny_comet
 from transformers import GenerationConfig
 from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
@@ -99,6 +100,76 @@ def test_eos_goes_into_the_memory_so_the_next_turn_follows_the_transcript(model)
         assert torch.equal(getattr(memory, field), getattr(transcript, field)), field
     next_turn = model.generate(question, memory=memory, max_new_tokens=5)
     assert torch.equal(next_turn, model.generate(question, memory=transcript, max_new_tokens=5))
+
+
+@pytest.mark.parametrize("settings", [dict(), dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8,
+                                                     repetition_penalty=1.3, min_new_tokens=40)])
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_a_decode_step_does_not_wait_on_the_device(model, settings, with_eos):
+    """A decode step (pick the token, read it: through every layer, closing chunks as they
+    fill) asks the device for nothing, so on a GPU the host queues the next step while the
+    device runs this one; with EOS ids it reads back one thing, which samples are still
+    alive (as HF's generate does). Counted as the difference between 40 and 20 new tokens
+    of a left-padded batch, chunks closing on the way."""
+    prompt, mask = ids(2, 6, seed=11), torch.ones(2, 6, dtype=torch.long)
+    mask[0, :2] = 0
+    kwargs = dict(settings, attention_mask=mask)
+    eos = None
+    if with_eos:  # an id the free run never produces: both runs go their full length
+        free = model.generate(prompt, max_new_tokens=40, generator=torch.Generator().manual_seed(0), **kwargs)
+        eos = next(t for t in range(VOCAB) if t not in free.flatten().tolist())
+    reads = []
+    for n in (20, 40):
+        counter = HostReads()
+        with counter:
+            out = model.generate(prompt, max_new_tokens=n, eos_token_id=eos,
+                                 generator=torch.Generator().manual_seed(0), **kwargs)
+        assert out.shape == (2, 6 + n)
+        reads.append(counter.counts)
+    assert reads[0], "the counter saw no host read at all: the count would prove nothing"
+    per_step = reads[1].copy()
+    per_step.subtract(reads[0])
+    per_step = {k: v / 20 for k, v in per_step.items() if v}
+    if with_eos:
+        assert list(per_step.values()) == [1.0] and next(iter(per_step))[0] == "tolist", per_step
+    else:
+        assert per_step == {}, f"host reads per decode step: {per_step}"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "cuda_graphs"])
+@pytest.mark.parametrize("with_eos", [False, True])
+def test_a_decode_step_does_not_sync_the_gpu(graphs, with_eos):
+    """What test_a_decode_step_does_not_wait_on_the_device counts on the CPU, measured on a
+    GPU: torch's sync debug mode sees no host-device synchronisation in a decode step
+    (copies of host values included), one per step with EOS ids. The difference between 48
+    and 24 new tokens, chunks closing on the way, after warm-up runs that made every
+    recording."""
+    model = tiny_comet("qwen3").cuda()
+    if graphs:
+        model.use_cuda_graphs(capacity=32)
+    prompt = ids(2, 6, seed=11).cuda()
+    eos = None
+    if with_eos:  # an id the free run never produces: every run goes its full length
+        free = model.generate(prompt, max_new_tokens=48)
+        eos = next(t for t in range(VOCAB) if t not in free.flatten().tolist())
+
+    def syncs(n: int) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                out = model.generate(prompt, max_new_tokens=n, eos_token_id=eos)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        assert out.shape == (2, 6 + n)
+        return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+
+    syncs(48), syncs(48)
+    few, many = syncs(24), syncs(48)
+    assert few, "the sync debug mode saw nothing: the count would prove nothing"
+    assert len(many) - len(few) == (24 if with_eos else 0), many
 
 
 def test_streamer_gets_the_prompt_then_each_token_then_end(model):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from modeling_utils import FAMILIES, VOCAB, naive_forward, tiny_base, tiny_comet
+from modeling_utils import FAMILIES, VOCAB, HostReads, naive_forward, tiny_base, tiny_comet
 
 from comet_ext.config import CometConfig
 from comet_ext.memory import CometMemory
@@ -94,36 +94,62 @@ def _deep_tiny(layers: int) -> CometForCausalLM:
     return CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=layers), cfg)
 
 
-def _host_syncs(fn) -> int:
-    """Ops that make the host wait for the device (a value read back, a nonzero's size)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    counts = {e.key: e.count for e in prof.key_averages()}
-    return counts.get("aten::_local_scalar_dense", 0) + counts.get("aten::nonzero", 0)
-
-
-def test_streaming_host_syncs_do_not_grow_with_depth():
-    """read() works out once per step what its layers need (closing samples, row positions,
-    key widths), so a step waits on the device a fixed number of times however deep the
-    model: on a GPU a wait per layer would stall the launch queue at every layer."""
-    syncs = []
+def test_streaming_host_syncs_do_not_grow_with_depth_or_length():
+    """read() plans every step on the host, from the memory's host counters (written by the
+    step before) and host values of its arguments: it waits on the device a fixed number of
+    times per call (checking input_ids and the mask), however deep the model and however many
+    chunks it reads. On a GPU a wait per layer or per chunk would stall the launch queue."""
+    reads = {}
     for layers in (2, 5):
         model = _deep_tiny(layers).eval()
         x = ids(2, 80, seed=5)
         mask = torch.ones_like(x)
         mask[1, 57:] = 0  # ragged: the second sample ends mid-chunk
         memory = model.read(x[:, :16], progress=False)
-        syncs.append(_host_syncs(lambda: model.read(x[:, 16:], memory, attention_mask=mask[:, 16:],
-                                                     progress=False)))
-    assert syncs[0] > 0, "the profiler saw no synchronising op at all: the count would prove nothing"
-    assert syncs[1] == syncs[0], f"host syncs per read: {syncs[0]} with 2 layers, {syncs[1]} with 5"
+        for end in (20, 80):  # part of one chunk; four chunks
+            counter = HostReads()
+            with counter:
+                model.read(x[:, 16:end], memory.clone(), attention_mask=mask[:, 16:end], progress=False)
+            reads[layers, end] = counter.counts
+    assert reads[2, 20], "the counter saw no host read at all: the count would prove nothing"
+    assert len({frozenset(c.items()) for c in reads.values()}) == 1, f"host reads per read differ: {reads}"
+    # input_ids' range, the mask to the host, its lengths as a list (a host tensor already)
+    assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["_check_ids", "_lengths", "read"]
 
 
-@pytest.mark.parametrize("recompute", [True, False])
-def test_training_host_syncs_do_not_grow_with_depth(recompute):
+def test_host_counters_follow_the_device_counters():
+    """The memory's host counters, kept by each step without reading the device, equal the
+    device's counters after every kind of step (ragged batches, closing and open chunks,
+    cuts, FIFO eviction, the global-memory ablation); counters changed behind the model's
+    back are read back, not trusted."""
+    seen = []
+    for global_memory in (True, False):
+        model = _deep_tiny(2).eval()
+        x = ids(3, 90, seed=7)
+        mask = torch.ones_like(x)
+        mask[1, 61:] = 0
+        mask[2, 5:] = 0
+        memory = model.new_memory(3)
+        for a, b, end in ((0, 7, False), (7, 30, True), (30, 31, False), (31, 90, False)):
+            model.read(x[:, a:b], memory, attention_mask=mask[:, a:b], progress=False, end_chunk=end,
+                       global_memory=global_memory)
+            kept = memory.host_counts()
+            memory._host = None  # read them back from the device
+            assert memory.host_counts() == kept, (global_memory, a, b)
+            seen.append(kept)
+    # the steps covered: global rows, a full FIFO (temp_budget 6) evicting, a chunk cut by end_chunk
+    assert any(any(c.has_global) for c in seen) and any(6 in c.fifo_len for c in seen)
+    assert seen[1].open_text[:2] == (0, 0) and seen[1].open_text[2] == 5
+    memory.open_text.zero_()
+    assert memory.host_counts().open_text == (0, 0, 0)
+
+
+@pytest.mark.parametrize("recompute,return_logits", [(True, True), (False, True), (True, False)])
+def test_training_host_syncs_do_not_grow_with_depth(recompute, return_logits):
     """The training forward and backward branch on host copies of what the plan knows
-    (which samples have global rows, FIFO lengths, compression counts): the host waits on
-    the device a fixed number of times per batch however deep the model."""
+    (which samples have global rows, FIFO lengths, compression counts) and queue their
+    index tensors without waiting: the host waits on the device a fixed number of times
+    per batch however deep the model and however many chunks."""
     syncs = []
     for layers in (2, 5):
         model = _deep_tiny(layers).train()
@@ -132,11 +158,18 @@ def test_training_host_syncs_do_not_grow_with_depth(recompute):
         mask[1, 41:] = 0
 
         def step():
-            model(x, labels=x.masked_fill(mask == 0, -100), attention_mask=mask, recompute=recompute).loss.backward()
+            model(x, labels=x.masked_fill(mask == 0, -100), attention_mask=mask, recompute=recompute,
+                  return_logits=return_logits).loss.backward()
 
-        syncs.append(_host_syncs(step))
-    assert syncs[0] > 0, "the profiler saw no synchronising op at all: the count would prove nothing"
-    assert syncs[1] == syncs[0], f"host syncs per training step: {syncs[0]} with 2 layers, {syncs[1]} with 5"
+        counter = HostReads()
+        with counter:
+            step()
+        syncs.append(counter.counts)
+    assert syncs[0], "the counter saw no host read at all: the count would prove nothing"
+    assert syncs[1] == syncs[0], f"host reads per training step: {syncs[0]} with 2 layers, {syncs[1]} with 5"
+    # input_ids' range, the mask, its lengths as a list (a host tensor); which chunks have labels
+    expected = ["_check_ids", "_lengths", "_plan_chunks"] + ([] if return_logits else ["_chunk_targets"])
+    assert sorted(where.split(":")[0] for _, where in syncs[0].elements()) == sorted(expected), syncs[0]
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -130,4 +130,8 @@ def test_recomputation_keeps_only_new_information_per_chunk():
     rows = 32 + comp + 4  # text, compression and readout rows
     layer_inputs = B * rows * d * L * 4
     new_information = layer_inputs + B * (4 * d + 2 * comp * kv) * L * 4  # + state + FIFO piece k / v
+    # + the chunk's row plan (segments.plan_segment: one int64 buffer, kept whole by the index
+    # views autograd saves): kind / token / slot per row, text / compression / readout row
+    # indices and 4 counts per sample
+    new_information += B * (3 * rows + 32 + comp + 4 + 4) * 8
     assert layer_inputs < per_chunk <= 1.05 * new_information
