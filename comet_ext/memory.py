@@ -92,14 +92,25 @@ class CometMemory:
     tokens: Tensor
     signature: dict = dataclasses.field(default_factory=dict)
     # (HostCounts, the counters' identity and version when they were taken): see host_counts
-    _host: Optional[tuple] = dataclasses.field(default=None, repr=False, compare=False)
+    _host: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        # The host copy is trusted while the counters' versions stand still; inference
+        # tensors keep no version, so the counters are always normal tensors (in-place
+        # writes to them under inference mode still count).
+        for f in _COUNTERS:
+            t = getattr(self, f)
+            if t.is_inference():
+                with torch.inference_mode(False):
+                    setattr(self, f, t.clone())
 
     def _counters_key(self) -> tuple:
-        # An in-place write bumps a tensor's version (inference tensors keep none: their
-        # address alone is checked), so counters changed by anything but the step that
-        # recorded them are read back, never trusted stale.
-        tensors = (self.has_global, self.mem_len, self.open_rows, self.open_text, self.pending, self.fifo_len)
-        return tuple((t.data_ptr(), None if t.is_inference() else t._version) for t in tensors)
+        # Every in-place write bumps a tensor's version (comet::fifo_push's too, see ops.py), so
+        # counters written by anything but the step that recorded them are read back, never
+        # trusted stale. A write that bypasses autograd's bookkeeping (.data, numpy views, a
+        # CUDA graph replay) is not seen: the model's steps record their counters after
+        # their replays.
+        return tuple((t.data_ptr(), t._version) for t in (getattr(self, f) for f in _COUNTERS))
 
     def host_counts(self) -> HostCounts:
         """The per-sample counters on the host. Read back from the device (one host-device
@@ -196,9 +207,12 @@ class CometMemory:
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CometMemory":
         """The memory on `device`, its floating buffers (state, keys, values) cast to
         `dtype`: what a model in another dtype reads (the counters stay int64). Like
-        Tensor.to, buffers already on that device and in that dtype are shared, not copied."""
+        Tensor.to, a memory already on that device and in that dtype is shared, not copied;
+        a copy shares no buffer with self (reading into one would corrupt the other)."""
         def move(t: Tensor) -> Tensor:
             return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else None)
 
-        return self._with_host_counts(
-            CometMemory(**{f: move(getattr(self, f)) for f in _FIELDS}, signature=dict(self.signature)))
+        moved = {f: move(getattr(self, f)) for f in _FIELDS}
+        if any(t is not getattr(self, f) for f, t in moved.items()):
+            moved = {f: t.clone() if t is getattr(self, f) else t for f, t in moved.items()}
+        return self._with_host_counts(CometMemory(**moved, signature=dict(self.signature)))

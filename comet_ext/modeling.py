@@ -1105,12 +1105,13 @@ class _RowScatter:
         if any(s + c > capacity for s, c in zip(start, counts)):
             raise RuntimeError(f"comet_ext internal error: {what} overflow their buffer ({capacity} rows): "
                                f"start {list(start)}, rows {list(counts)}")
-        pairs = [(b, j) for b, c in enumerate(counts) for j in range(c)]
-        if not pairs:
+        if not any(counts):
             return None
-        b, j = zip(*pairs)
-        pos = [start[i] + jj for i, jj in pairs]
-        b, j, pos = upload(torch.tensor([b, j, pos], dtype=torch.long), device)
+        counts_t = torch.tensor(counts, dtype=torch.long)  # host tensors: a chunk step has thousands of rows
+        b = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+        j = torch.arange(b.numel()) - torch.repeat_interleave(counts_t.cumsum(0) - counts_t, counts_t)
+        pos = torch.tensor(start, dtype=torch.long)[b] + j
+        b, j, pos = upload(torch.stack([b, j, pos]), device)
         return _RowScatter(b, j, pos)
 
     def apply(self, buf: Tensor, rows: Tensor) -> None:

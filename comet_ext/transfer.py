@@ -18,6 +18,6 @@ def upload(host: Tensor, device: torch.device | str) -> Tensor:
     device = torch.device(device)
     if device.type == "cpu":
         return host
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
+    if device.type != "cuda":  # pinned memory and its lifetime tracking are CUDA's
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -204,4 +204,7 @@ def test_a_memory_of_another_dtype_is_refused_by_read_and_cast_by_load(tmp_path)
     loaded = CometMemory.load(tmp_path / "mem.safetensors", model)
     assert loaded.kv_k.dtype == loaded.state.dtype == torch.bfloat16 and loaded.tokens.dtype == torch.long
     model.read(ids(1, 4), loaded)
+    before = memory.clone()
     model.read(ids(1, 4), memory.to(dtype=torch.bfloat16))
+    for a, b in zip(memory.buffers(), before.buffers()):  # the cast copy shares no buffer, counters included
+        assert torch.equal(a, b)

@@ -144,32 +144,45 @@ def test_a_decode_step_does_not_sync_the_gpu(graphs, with_eos):
     """What test_a_decode_step_does_not_wait_on_the_device counts on the CPU, measured on a
     GPU: torch's sync debug mode sees no host-device synchronisation in a decode step
     (copies of host values included), one per step with EOS ids. The difference between 48
-    and 24 new tokens, chunks closing on the way, after warm-up runs that made every
-    recording."""
+    and 24 new tokens, chunks closing on the way, decoding from one memory restored in place
+    each time (so that, with CUDA graphs, the warm-up runs recorded every step shape and the
+    measured runs replay them)."""
     model = tiny_comet("qwen3").cuda()
     if graphs:
         model.use_cuda_graphs(capacity=32)
     prompt = ids(2, 6, seed=11).cuda()
+    memory = model.read(ids(2, 40, seed=12).cuda(), progress=False)
+    snapshot = memory.clone()
+
+    def decode(n: int, eos=None):
+        for t, saved in zip(memory.buffers(), snapshot.buffers()):
+            t.copy_(saved)
+        return model.generate(prompt, memory=memory, max_new_tokens=n, eos_token_id=eos)
+
     eos = None
     if with_eos:  # an id the free run never produces: every run goes its full length
-        free = model.generate(prompt, max_new_tokens=48)
-        eos = next(t for t in range(VOCAB) if t not in free.flatten().tolist())
+        eos = next(t for t in range(VOCAB) if t not in decode(48).flatten().tolist())
 
     def syncs(n: int) -> list[str]:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                out = model.generate(prompt, max_new_tokens=n, eos_token_id=eos)
+                out = decode(n, eos)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         assert out.shape == (2, 6 + n)
+        assert not [w for w in caught if "StepGraphs" in str(w.message)], "a step could not be recorded"
         return [str(w.message) for w in caught if "synchroniz" in str(w.message)]
 
     syncs(48), syncs(48)
-    few, many = syncs(24), syncs(48)
+    few = syncs(24)
+    replays = model._step_graphs.replays if graphs else 0
+    many = syncs(48)
     assert few, "the sync debug mode saw nothing: the count would prove nothing"
     assert len(many) - len(few) == (24 if with_eos else 0), many
+    if graphs:  # every step of the run replayed a recording: the prompt's, 48 decode steps
+        assert model._step_graphs.replays - replays >= 49
 
 
 def test_streamer_gets_the_prompt_then_each_token_then_end(model):

@@ -6,6 +6,7 @@ import pytest
 import torch
 from modeling_utils import FAMILIES, VOCAB, HostReads, naive_forward, tiny_base, tiny_comet
 
+from comet_ext import ops
 from comet_ext.config import CometConfig
 from comet_ext.memory import CometMemory
 from comet_ext.modeling import CometForCausalLM
@@ -117,31 +118,47 @@ def test_streaming_host_syncs_do_not_grow_with_depth_or_length():
     assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["_check_ids", "_lengths", "read"]
 
 
-def test_host_counters_follow_the_device_counters():
+@pytest.mark.parametrize("comet", [dict(), dict(temp_budget=2), dict(temp_stride=-1)],
+                         ids=["fifo", "fifo_smaller_than_a_chunk", "no_fifo"])
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_host_counters_follow_the_device_counters(comet, inference_mode):
     """The memory's host counters, kept by each step without reading the device, equal the
     device's counters after every kind of step (ragged batches, closing and open chunks,
-    cuts, FIFO eviction, the global-memory ablation); counters changed behind the model's
-    back are read back, not trusted."""
+    cuts, FIFO eviction, the global-memory ablation, decoding with EOS); counters changed
+    behind the model's back are read back, not trusted, under inference mode too."""
+    cfg = CometConfig(**{**dict(chunk_size=16, num_global=4, temp_stride=4, temp_budget=6, rla_rank=2), **comet})
     seen = []
-    for global_memory in (True, False):
-        model = _deep_tiny(2).eval()
-        x = ids(3, 90, seed=7)
-        mask = torch.ones_like(x)
-        mask[1, 61:] = 0
-        mask[2, 5:] = 0
-        memory = model.new_memory(3)
-        for a, b, end in ((0, 7, False), (7, 30, True), (30, 31, False), (31, 90, False)):
-            model.read(x[:, a:b], memory, attention_mask=mask[:, a:b], progress=False, end_chunk=end,
-                       global_memory=global_memory)
-            kept = memory.host_counts()
-            memory._host = None  # read them back from the device
-            assert memory.host_counts() == kept, (global_memory, a, b)
-            seen.append(kept)
-    # the steps covered: global rows, a full FIFO (temp_budget 6) evicting, a chunk cut by end_chunk
-    assert any(any(c.has_global) for c in seen) and any(6 in c.fifo_len for c in seen)
-    assert seen[1].open_text[:2] == (0, 0) and seen[1].open_text[2] == 5
-    memory.open_text.zero_()
-    assert memory.host_counts().open_text == (0, 0, 0)
+    with torch.inference_mode(inference_mode):
+        for global_memory in (True, False):
+            model = CometForCausalLM.from_base(tiny_base("qwen3", num_hidden_layers=2), cfg).eval()
+            x = ids(3, 90, seed=7)
+            mask = torch.ones_like(x)
+            mask[1, 61:] = 0
+            mask[2, 5:] = 0
+            memory = model.new_memory(3)
+            for a, b, end in ((0, 7, False), (7, 30, True), (30, 31, False), (31, 90, False), (90, 90, False)):
+                if b > a:
+                    model.read(x[:, a:b], memory, attention_mask=mask[:, a:b], progress=False, end_chunk=end,
+                               global_memory=global_memory)
+                else:  # decoding, a sample stopping at its EOS
+                    free = model.generate(x[:, :1], memory=memory.clone(), max_new_tokens=20,
+                                          global_memory=global_memory)
+                    model.generate(x[:, :1], memory=memory, max_new_tokens=20, eos_token_id=int(free[0, 9]),
+                                   global_memory=global_memory)
+                kept = memory.host_counts()
+                memory._host = None  # read them back from the device
+                assert memory.host_counts() == kept, (global_memory, a, b)
+                seen.append(kept)
+        fifo = cfg.fifo_capacity
+        # the steps covered: global rows, a full FIFO evicting, a chunk cut by end_chunk
+        assert any(any(c.has_global) for c in seen) and (fifo == 0 or any(fifo in c.fifo_len for c in seen))
+        assert seen[1].open_text[:2] == (0, 0) and seen[1].open_text[2] == 5
+        memory.open_text.zero_()
+        assert memory.host_counts().open_text == (0, 0, 0)
+        if fifo:  # an in-place op of ours counts as a write too
+            ops.fifo_push(memory.fifo_k[0], memory.fifo_head[0], memory.fifo_len[0], memory.fifo_k[0, :, :1],
+                          torch.ones(3, dtype=torch.long))
+            assert memory.host_counts().fifo_len == tuple(min(n + 1, fifo) for n in kept.fifo_len)
 
 
 @pytest.mark.parametrize("recompute,return_logits", [(True, True), (False, True), (True, False)])
