@@ -13,8 +13,9 @@ from torch import Tensor
 
 
 def upload(host: Tensor, device: torch.device | str) -> Tensor:
-    """host (a CPU tensor, never written after this call) on `device`, queued without a
-    host-device synchronisation. On the CPU, host itself."""
+    """host (a CPU tensor) on `device`, queued without a host-device synchronisation (on
+    CUDA: host is first copied into pinned memory, so the caller may reuse it at once). On
+    the CPU, host itself."""
     device = torch.device(device)
     if device.type == "cpu":
         return host
