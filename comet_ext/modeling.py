@@ -572,18 +572,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
             bar = tqdm(total=sum(lengths), unit="tok", desc="comet read")
         boundaries = self._boundary_positions(input_ids, boundary_ids)
-        last = self._read_steps(memory, input_ids, lengths, global_memory, boundaries, end_chunk, bar)
+        last = self._read_steps(memory, input_ids, lengths, global_memory, boundaries, end_chunk, bar,
+                                want_last=return_last_hidden)
         if bar is not None:
             bar.close()
         return (memory, last) if return_last_hidden else memory
 
     def _read_steps(self, memory: CometMemory, input_ids: Tensor, lengths: list[int], global_memory: bool = True,
-                    boundaries: Optional[list[list[int]]] = None, end_chunk: bool = False, bar=None) -> Tensor:
+                    boundaries: Optional[list[list[int]]] = None, end_chunk: bool = False, bar=None,
+                    want_last: bool = True) -> Tensor:
         """read's loop, on checked arguments: the first lengths[b] tokens of input_ids (B, T)
         into each sample's open chunk, a step at a time. -> the final hidden state of each
-        sample's last token read (B, d), zeros where it read none. The host decides every
-        step from host values (lengths, the memory's host counters): nothing here waits on
-        the device."""
+        sample's last token read (B, d), zeros where it read none (and everywhere unless
+        want_last). The host decides every step from host values (lengths, the memory's host
+        counters): nothing here waits on the device."""
         B, T = input_ids.shape
         done = [0] * B
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
@@ -606,9 +608,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 idx = upload(torch.tensor(done), self.device).unsqueeze(1) + torch.arange(width, device=self.device)
                 tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
             hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
-            has = seg.text_count > 0
-            rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
-            last = torch.where(has.unsqueeze(1), hidden[torch.arange(B, device=self.device), rows], last)
+            if want_last:
+                has = seg.text_count > 0
+                rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
+                last = torch.where(has.unsqueeze(1), hidden[torch.arange(B, device=self.device), rows], last)
             done = [d + t for d, t in zip(done, take)]
             if bar is not None:
                 bar.update(sum(take))
