@@ -19,7 +19,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from build_env import real_toolkit_root, wheel_cuda_includes  # noqa: E402
+from build_env import real_toolkit_root, source_digest, wheel_cuda_includes  # noqa: E402
 import cpu_flags  # noqa: E402
 
 try:
@@ -92,6 +92,7 @@ def _write_build_info():
         f"CPU_ARCH = {cpu.arch!r}\n"
         f"CPU_FEATURES = {tuple(cpu.features)!r}  # checked against the running CPU at import\n"
         f"OPENMP = {cpu.openmp!r}\n"
+        f"SOURCE_DIGEST = {source_digest(ROOT)!r}  # tools/build_env.py source_digest of the tree built\n"
     )
     path = os.path.join(ROOT, "comet_ext", "_build_info.py")
     tmp = path + ".tmp"

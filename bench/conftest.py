@@ -12,12 +12,20 @@ import pytest
 import torch
 
 import comet_ext  # noqa: F401  (loads the op library)
-from report import BANDWIDTH_MODES
+from report import BANDWIDTH_MODES, StaleBuild, measured_build
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # The device the benchmarks run on: `COMET_BENCH_DEVICE=cuda pytest bench/...` on a GPU.
 DEVICE = os.environ.get("COMET_BENCH_DEVICE", "cpu")
 ON_GPU = DEVICE.startswith("cuda")
+
+
+def pytest_configure(config):
+    """Refuses to time a comet_ext that is not this tree's code (report.measured_build)."""
+    try:
+        measured_build()
+    except StaleBuild as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 def run_case(benchmark, fn, *, op, provider, mode, case, rounds=5, setup=None, **extra):

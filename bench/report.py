@@ -47,9 +47,62 @@ def _kernels_target() -> str:
     return f", CPU kernels for {arch}" if arch else ""
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class StaleBuild(SystemExit):
+    """The comet_ext a benchmark imports was not built from this tree."""
+
+
+_CHECKED: list[str] = []
+
+
+def measured_build() -> str:
+    """The folder holding the comet_ext package this process imports, checked to be this tree's
+    code: its _C built from this tree's sources (the digest setup.py records), and, when it is
+    an installed copy, the same Python files. Benchmark children import the same package
+    (bench/child.py). A stale build would otherwise be timed and recorded under this tree's
+    commit (a `pip install .` left from an earlier commit shadows the tree from bench/).
+    Raises StaleBuild (a SystemExit saying how to rebuild) when it is not."""
+    if _CHECKED:
+        return _CHECKED[0]
+    import filecmp
+    import sys
+
+    import comet_ext
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        from build_env import source_digest
+    finally:
+        sys.path.pop(0)
+    package = os.path.dirname(os.path.abspath(comet_ext.__file__))
+    built, tree = comet_ext.build_info().get("source_digest"), source_digest(ROOT)
+    if built != tree:
+        why = f"its _C was built from other sources (digest {built or 'not recorded'}, this tree's {tree})"
+    elif os.path.realpath(package) == os.path.realpath(os.path.join(ROOT, "comet_ext")):
+        why = None
+    else:
+        ours = os.path.join(ROOT, "comet_ext")
+        names = sorted(n for n in os.listdir(ours) if n.endswith(".py") and n != "_build_info.py")
+        differ = [n for n in names if not os.path.exists(os.path.join(package, n))
+                  or not filecmp.cmp(os.path.join(ours, n), os.path.join(package, n), shallow=False)]
+        why = f"its Python files differ from this tree's: {', '.join(differ)}" if differ else None
+    if why:
+        raise StaleBuild(
+            f"bench: the comet_ext imported here ({package}) is not this tree's code: {why}. Its timings "
+            f"would be recorded under this tree's commit. Build the tree in place and put it first "
+            f"(`python setup.py build_ext --inplace`, then PYTHONPATH={ROOT}), or install it again "
+            f"(`pip install --no-build-isolation .`).")
+    _CHECKED.append(os.path.dirname(package))
+    return _CHECKED[0]
+
+
 def commit() -> str:
     """The commit measured: $COMET_COMMIT when the caller names it (the device tool's copy of the
-    tree carries a stale .git), else git's HEAD, marked when the tracked code differs from it."""
+    tree carries a stale .git), else git's HEAD, marked when the tracked code differs from it.
+    Checks first that the comet_ext measured is this tree's (measured_build)."""
+    measured_build()
     if os.environ.get("COMET_COMMIT"):
         return os.environ["COMET_COMMIT"]
     try:

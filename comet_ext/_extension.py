@@ -60,8 +60,9 @@ def load() -> None:
 
 def build_info() -> dict:
     """What the installed extension was built with: torch version, CUDA kernels and their archs,
-    the CPU kernels' target, the ISA extensions it needs, and whether they are threaded (OpenMP)."""
+    the CPU kernels' target, the ISA extensions it needs, whether they are threaded (OpenMP), and
+    the digest of the sources it was built from (tools/build_env.py source_digest)."""
     info = importlib.import_module("comet_ext._build_info")
     return {"torch": info.TORCH_VERSION, "cuda": info.WITH_CUDA, "cuda_arch_list": info.CUDA_ARCH_LIST,
             "cpu_arch": getattr(info, "CPU_ARCH", None), "cpu_features": getattr(info, "CPU_FEATURES", None),
-            "openmp": getattr(info, "OPENMP", None)}
+            "openmp": getattr(info, "OPENMP", None), "source_digest": getattr(info, "SOURCE_DIGEST", None)}

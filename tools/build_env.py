@@ -67,6 +67,34 @@ def wheel_library(name: str) -> str | None:
     return None
 
 
+# What the compiled extension is made from: its sources and the build scripts that pick
+# its flags. Two trees with the same digest build the same _C (for one torch and compiler).
+_BUILD_INPUTS = ("csrc", "setup.py", "tools/build_env.py", "tools/cpu_flags.py")
+
+
+def source_digest(root: str) -> str:
+    """sha256 (first 16 hex digits) over the paths and contents of _BUILD_INPUTS under root.
+    setup.py records it in comet_ext/_build_info.py; the benchmarks compare it with the tree's
+    to refuse to time a stale build under the tree's commit."""
+    import hashlib
+
+    files = []
+    for entry in _BUILD_INPUTS:
+        path = os.path.join(root, entry)
+        if os.path.isdir(path):
+            for folder, dirs, names in os.walk(path):
+                dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+                files += [os.path.join(folder, n) for n in sorted(names)]
+        elif os.path.exists(path):
+            files.append(path)
+    h = hashlib.sha256()
+    for f in files:
+        h.update(os.path.relpath(f, root).replace(os.sep, "/").encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(fh.read() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cmake_args() -> list[str]:
     import torch
 
