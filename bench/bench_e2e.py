@@ -12,6 +12,10 @@ measurements (prefill_s, decode_tok_s, extra_mb, ...) go into the benchmark's
 extra_info, and its timed round is the whole point (its process and model
 build included), so read the ratios from extra_info, not from the timing column.
 
+CoMeT's read also marks the end of each of its steps (a chunk each), so that the table can
+compare a chunk's cost at 64k, 256k and 1M tokens within one read, one process: the
+ratio of two points also holds whatever the shared machine's speed did between them.
+
 Every (method, length) point runs in a fresh process (peak memory is per
 process: CUDA peak allocated on GPU, peak RSS on CPU). Models have random
 weights built from configs (no download): "tiny" (hidden 256, 2 layers, 4/2
@@ -116,11 +120,33 @@ with torch.no_grad():
         # which is what "linear time" keeps flat (the average also holds the FIFO's fill-up).
         cs = model.comet_config.chunk_size
         tail = min(T // 2, 4 * cs) // cs * cs or T
+        # Every streaming step's end is marked (a CUDA event on a GPU: no wait), so that a chunk's
+        # cost at different depths of one read compares within one process, free of the drift
+        # between processes that the points' own times carry.
+        def mark():
+            if not device.startswith("cuda"):
+                return time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        marks, step = [(0, mark())], model._stream_step
+        def marked_step(memory, tokens, take, *args, **kwargs):
+            out = step(memory, tokens, take, *args, **kwargs)
+            marks.append((marks[-1][0] + take[0], mark()))
+            return out
+        model._stream_step = marked_step
         sync(); start = time.perf_counter()
         memory = model.read(ids[:, :T - tail], progress=False) if T > tail else None
         sync(); mid = time.perf_counter()
         memory = model.read(ids[:, T - tail:], memory=memory, progress=False)
         sync(); end = time.perf_counter()
+        del model._stream_step
+        ms = [(b[0], (b[1] - a[1]) * 1e3 if isinstance(b[1], float) else a[1].elapsed_time(b[1]))
+              for a, b in zip(marks, marks[1:])]
+        def chunk_ms_before(depth):  # the median of the 24 steps (whole chunks) ending at or before depth
+            window = sorted(t for end_, t in ms if depth - 24 * cs < end_ <= depth)
+            return window[len(window) // 2]
+        result["chunk_ms_at"] = {str(d): chunk_ms_before(d) for d in (65536, 262144, 1048576) if d <= T}
         result["prefill_s"] = end - start
         result["tail_tokens"] = tail
         result["tail_us_per_token"] = (end - mid) / tail * 1e6
@@ -382,6 +408,14 @@ def main() -> None:
             summary.append(f"- CoMeT time per token once the FIFO is full (it fills in the first {fill} tokens), "
                            f"last chunks {full['tokens']} -> {last['tokens']}: "
                            f"{last['tail_us_per_token'] / full['tail_us_per_token']:.2f}x")
+        # Within one read, one process: a chunk at each depth against the first chunks after the
+        # FIFO has filled (16k-64k tokens at the defaults); the ratio of two points above also
+        # holds the drift of a shared machine between their processes.
+        at = last.get("chunk_ms_at", {})
+        if "65536" in at and len(at) > 1:
+            summary.append(f"- CoMeT time per chunk within the {last['tokens']}-token read (one process; the median of "
+                           "the 24 chunks up to each depth, against those up to 65536, after the FIFO has filled): "
+                           + ", ".join(f"{d} {at[d] / at['65536']:.2f}x" for d in at if d != "65536"))
     full_fit = fit_power_law([r for r in rows if r["method"] == "full" and r.get("status") == "ok"])
     for length in lengths:
         c, f_ = get("comet", length), get("full", length)
