@@ -1,11 +1,19 @@
-"""What the CPU kernels' build target (COMET_CPU_ARCH) costs or buys: the op library built
-once per target into its own copy of the source tree, then the same op cases timed in
-fresh processes, the targets taking turns round after round; ratios against the
-compiler's default target (portable), from the same run.
+"""What a CPU kernel build costs or buys: the op library built once per variant into its own
+copy of the source tree, then the same op cases timed in fresh processes, the variants taking
+turns round after round; ratios against the first variant, from the same run.
+
+Variants are build targets (COMET_CPU_ARCH) of this tree, against the compiler's default
+target (portable):
 
     python bench/bench_cpu_arch.py --out bench/results/cpu_arch
 
-Writes OUT.json and OUT.md. Needs git (the copies are the tracked + untracked files).
+or, with --commits, earlier commits against this tree (each at the default target, auto):
+what a change to the kernels bought, measured in one run.
+
+    python bench/bench_cpu_arch.py --commits 84eb04f --out bench/results/cpu_exp
+
+Writes OUT.json and OUT.md. Needs git (the copies are the tracked + untracked files, or a
+commit's tracked files).
 """
 from __future__ import annotations
 
@@ -76,6 +84,15 @@ def copy_tree(dest: str) -> None:
         shutil.copy2(os.path.join(ROOT, rel), os.path.join(dest, rel))
 
 
+def export_commit(rev: str, dest: str) -> None:
+    """The tracked files of commit rev into dest."""
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, capture_output=True, check=False)
+    if archive.returncode != 0:
+        sys.exit(f"git archive {rev} failed: {archive.stderr.decode(errors='replace')[-500:]}")
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
+
+
 def build(tree: str, target: str) -> None:
     env = dict(os.environ, COMET_CUDA="0", COMET_CPU_ARCH=target)
     res = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
@@ -88,20 +105,34 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--targets", nargs="+", default=["portable", "auto", "native"],
                     help="COMET_CPU_ARCH values; the first is the baseline")
+    ap.add_argument("--commits", nargs="+", metavar="REV",
+                    help="compare these commits (the first the baseline) with this tree, all at COMET_CPU_ARCH=auto, "
+                         "instead of build targets")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", required=True, help="path prefix of the .json / .md written")
     args = ap.parse_args()
-    ms: dict[str, dict[str, list[float]]] = {t: {} for t in args.targets}
+    # variant name -> (commit to export, or None for this tree; COMET_CPU_ARCH)
+    if args.commits:
+        revs = [subprocess.run(["git", "rev-parse", "--short", r], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.strip() for r in args.commits]
+        variants = {**{r: (r, "auto") for r in revs}, "this tree": (None, "auto")}
+    else:
+        variants = {t: (None, t) for t in args.targets}
+    names = list(variants)
+    ms: dict[str, dict[str, list[float]]] = {t: {} for t in names}
     builds = {}
     with tempfile.TemporaryDirectory() as tmp:
         trees = {}
-        for t in args.targets:
-            trees[t] = os.path.join(tmp, t)
-            copy_tree(trees[t])
-            print(f"building for COMET_CPU_ARCH={t} ...", flush=True)
-            build(trees[t], t)
+        for i, (t, (rev, target)) in enumerate(variants.items()):
+            trees[t] = os.path.join(tmp, str(i))
+            if rev:
+                export_commit(rev, trees[t])
+            else:
+                copy_tree(trees[t])
+            print(f"building {t} for COMET_CPU_ARCH={target} ...", flush=True)
+            build(trees[t], target)
         for rnd in range(args.rounds):
-            for t in args.targets:  # turns, so that drift on a shared machine hits every target alike
+            for t in names:  # turns, so that drift on a shared machine hits every variant alike
                 res = run_child(TIMING, trees[t])
                 if res.returncode != 0:
                     sys.exit(f"timing {t} failed:\n{res.stderr[-3000:]}")
@@ -111,28 +142,38 @@ def main() -> None:
                     ms[t].setdefault(case, []).append(v)
                 print(f"round {rnd + 1}/{args.rounds} {t}: done", flush=True)
     med = {t: {c: statistics.median(v) for c, v in cases.items()} for t, cases in ms.items()}
-    base = args.targets[0]
+    base = names[0]
     atomic_write(args.out + ".json", lambda p: write_json(
-        p, {"targets": args.targets, "builds": builds, "ms": ms, "median_ms": med}))
-    label = {t: f"{t} ({builds[t]['cpu_arch']})" if builds[t]["cpu_arch"] != t else t for t in args.targets}
+        p, {"variants": {t: {"commit": rev, "cpu_arch": target} for t, (rev, target) in variants.items()},
+            "builds": builds, "ms": ms, "median_ms": med}))
+    if args.commits:
+        label = {t: f"{t} ({builds[t]['cpu_arch']})" for t in names}
+        title, flag, against = ("CPU kernels: earlier commits vs this tree", f"--commits {' '.join(args.commits)} ",
+                                f"than {base}")
+    else:
+        label = {t: f"{t} ({builds[t]['cpu_arch']})" if builds[t]["cpu_arch"] != t else t for t in names}
+        title, flag, against = ("CPU kernels: build target (COMET_CPU_ARCH) vs speed", "",
+                                "than the compiler's default target")
     lines = [
-        "# CPU kernels: build target (COMET_CPU_ARCH) vs speed", "",
+        f"# {title}", "",
         f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine(kernels_target=False)}",  # each column is its own target
+        f"- machine: {machine(kernels_target=False)}",  # each column is its own build
         f"- commit: {commit()}",
-        f"- command: `python bench/bench_cpu_arch.py --rounds {args.rounds} --out {os.path.relpath(args.out, ROOT)}`",
-        f"- speedup = {base} median / target median, the median of {args.rounds} rounds in which the "
-        "targets take turns (> 1: faster than the compiler's default target)",
+        f"- command: `python bench/bench_cpu_arch.py {flag}--rounds {args.rounds} "
+        f"--out {os.path.relpath(args.out, ROOT)}`",
+        f"- speedup = {base} median / variant median, the median of {args.rounds} rounds in which the "
+        f"variants take turns (> 1: faster {against})",
         "",
-        f"| case | {base} (ms) | " + " | ".join(f"{label[t]}" for t in args.targets[1:]) + " |",
-        "|---|---|" + "---|" * (len(args.targets) - 1),
+        f"| case | {label[base]} (ms) | " + " | ".join(f"{label[t]}" for t in names[1:]) + " |",
+        "|---|---|" + "---|" * (len(names) - 1),
     ]
     for case in med[base]:
-        cells = [f"{med[base][case] / med[t][case]:.2f}x" for t in args.targets[1:]]
+        cells = [f"{med[base][case] / med[t][case]:.2f}x" for t in names[1:]]
         lines.append(f"| {case} | {med[base][case]:.2f} | " + " | ".join(cells) + " |")
-    lines += ["", "ISA extensions each target lets the compiler use (checked against the CPU at import):", ""]
-    lines += [f"- {label[t]}: {', '.join(builds[t]['cpu_features']) or 'none beyond the default'}"
-              for t in args.targets]
+    if not args.commits:
+        lines += ["", "ISA extensions each target lets the compiler use (checked against the CPU at import):", ""]
+        lines += [f"- {label[t]}: {', '.join(builds[t]['cpu_features']) or 'none beyond the default'}"
+                  for t in names]
     atomic_write(args.out + ".md", lambda p: write_text(p, "\n".join(lines) + "\n"))
     print("\n".join(lines))
 
