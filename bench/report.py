@@ -100,14 +100,16 @@ def measured_build() -> str:
 
 def commit() -> str:
     """The commit measured: $COMET_COMMIT when the caller names it (the device tool's copy of the
-    tree carries a stale .git), else git's HEAD, marked when the tracked code differs from it.
+    tree carries a stale .git), else git's HEAD, marked when the tracked code (not results, not
+    markdown) differs from it.
     Checks first that the comet_ext measured is this tree's (measured_build)."""
     measured_build()
     if os.environ.get("COMET_COMMIT"):
         return os.environ["COMET_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results",
+                                ":!*.md"],  # prose changes nothing measured
                                capture_output=True, text=True)
     except OSError:  # no git at all
         return "unknown"
