@@ -7,7 +7,6 @@
 #include <ATen/native/CPUBlas.h>
 
 #include <algorithm>
-#include <bit>
 
 #include <cmath>
 #include <cstdint>
@@ -44,8 +43,10 @@ inline float exp_scalar(float x) {
   p = std::fma(p, r, 1.6666665459e-1f);
   p = std::fma(p, r, 5.0000001201e-1f);
   p = std::fma(p * r, r, r) + 1.0f;
-  const int32_t e = std::max(static_cast<int32_t>(n) + 127, 0);  // 2^n, or +0 below the range
-  return p * std::bit_cast<float>(e << 23);
+  const int32_t bits = std::max(static_cast<int32_t>(n) + 127, 0) << 23;  // 2^n, or +0 below the range
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));  // (not std::bit_cast: GCC 10 lacks it)
+  return p * scale;
 }
 inline double exp_scalar(double x) { return std::exp(x); }
 
