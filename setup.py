@@ -57,7 +57,7 @@ debug = os.environ.get("DEBUG", "0") == "1"
 cpu = cpu_flags.choose()
 # -fno-trapping-math: the kernels never read the floating-point exception flags, and GCC will
 # not vectorise a loop whose clamps (x < lo ? lo : x) it would rather branch around than
-# evaluate in every lane (cpu_utils.h exp_scalar: 1 lane instead of 8). Values are unchanged.
+# evaluate in every lane (cpu_utils.h exp_scalar ran 1 lane wide instead of 8). Values are unchanged.
 cxx = ["-std=c++20", "-Wall", "-Wextra", "-Wno-unused-parameter", "-fno-trapping-math", *cpu.compile]
 cxx += ["-O0", "-g"] if debug else ["-O3", "-DNDEBUG"]
 nvcc = ["-O0", "-g", "-G"] if debug else ["-O3", "-DNDEBUG"]
