@@ -219,3 +219,26 @@ def test_long_keys_tiles_agree_with_oracle():
     oracle = run_both(q.double(), k.double(), v.double())[1]
     for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, oracle):
         assert_close_fp32(name, a, b)
+
+
+@pytest.mark.parametrize("queries", [1, 64])  # the decode path (S^T from key rows) and the prefill path (K^T)
+def test_cpu_softmax_exp_is_accurate_over_the_float_range(queries):
+    """The CPU kernel's vectorised exp (csrc/cpu/cpu_utils.h exp_scalar), read through the op:
+    q = e0 and key j = s_j * e0 give score s_j exactly (scale 1), and one-hot values give key
+    j's weight in output column j. Relative to the weight of a score-0 key (exp(0) = 1), that is
+    exp(s_j) up to two roundings (normalising and dividing): within 3 float ulp of the float64
+    exp over scores from -80 to 0. A score far below the float range weighs exactly 0."""
+    g = torch.Generator().manual_seed(0)
+    B, K = 32, 128
+    s = -80 * torch.rand(B, K, generator=g)
+    s[:, 0], s[:, 1] = 0.0, -1000.0
+    q = torch.zeros(B, queries, 1, K)
+    q[..., 0] = 1
+    k = torch.zeros(B, K, 1, K)
+    k[:, :, 0, 0] = s
+    v = torch.eye(K).expand(B, K, K).unsqueeze(2).contiguous()
+    out, _ = ops.prefix_attention(q, k, v, 1.0)
+    w = out[:, -1, 0].double()  # bottom-right causal: the last query row sees all K keys
+    assert (w[:, 1] == 0).all()
+    rel = (w[:, 2:] / w[:, :1]) / s[:, 2:].double().exp() - 1
+    assert rel.abs().max() <= 3 * 2.0**-24, rel.abs().max()
