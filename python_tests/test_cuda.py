@@ -155,6 +155,25 @@ def test_rla_and_gated_update_cuda_match_cpu(dtype, d, r):
         assert_flash_rule(name, ours, yardstick, ref64)
 
 
+def test_row_kernels_refuse_a_hidden_size_past_the_shared_memory_limit():
+    """The block-per-row kernels hold whole fp32 rows in shared memory (gated_update: 2 rows
+    forward, 3 backward): a hidden size past what the GPU gives one block is a RuntimeError naming
+    the op and d, not a bare launch failure; one that fits still runs."""
+    limit = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
+    d = limit // 40 * 4  # 4-byte rows: 2 rows fit (0.8 x limit), 3 do not (1.2 x limit)
+    dev = dict(dtype=torch.bfloat16, device="cuda")
+    readout = torch.randn(1, 2, d, **dev, requires_grad=True)
+    w, g = torch.ones(d, **dev), torch.zeros(1, 2 * d, **dev)
+    down, up = torch.zeros(4, d, **dev), torch.zeros(d, 4, **dev)
+    new_state, memory = ops.gated_update(readout, None, w, g, down, up)
+    torch.testing.assert_close(new_state, ref.gated_update(readout.detach(), None, w, g, down, up)[0])
+    with pytest.raises(RuntimeError, match=f"gated_update_backward: hidden size d={d} in BFloat16 needs"):
+        (new_state.float().sum() + memory.float().sum()).backward()
+    f64 = dict(dtype=torch.float64, device="cuda")  # rla's one row, of 8-byte elements: 1.6 x limit
+    with pytest.raises(RuntimeError, match=f"rla: hidden size d={2 * d} in Double needs"):
+        ops.rla(torch.randn(2, 2 * d, **f64), torch.zeros(4, 2 * d, **f64), torch.zeros(2 * d, 4, **f64))
+
+
 @pytest.mark.parametrize("H, D, dtype", [(2, 8, torch.float32), (1, 6, torch.float32), (2, 16, torch.bfloat16)],
                          ids=["16-byte-packs", "element-wise", "bf16-packs"])
 def test_fifo_cuda_matches_cpu_including_gradients(H, D, dtype):
