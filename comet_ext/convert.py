@@ -14,6 +14,10 @@ global beacons' rows; the vocabulary (and lm_head) keep their resized size, so
 logits match the reference model's column for column.
 
     python -m comet_ext.convert REFERENCE_FOLDER OUTPUT_FOLDER
+
+OUTPUT_FOLDER must be new or empty, and outside REFERENCE_FOLDER: the converted model is
+written to a temporary folder beside it and renamed into place, so nothing is overwritten
+and no older weight files end up next to the new ones.
 """
 from __future__ import annotations
 
@@ -25,12 +29,48 @@ import re
 import torch
 from safetensors.torch import load_file
 
+from .atomic import atomic_folder
+
 REFERENCE_FIELDS = ("chunk_size", "placeholder_id", "temp_beacon_id", "temp_beacon_stride", "temp_mem_budget",
                     "global_beacon_ids")
+# the reference's integer fields (placeholder_id is not used by the conversion)
+INT_FIELDS = ("chunk_size", "temp_beacon_id", "temp_beacon_stride", "temp_mem_budget")
 
 
 def is_reference_config(config: dict) -> bool:
     return "global_beacon_ids" in config
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_reference_config(config: dict, path: str) -> None:
+    """Refuses a reference config (read from path) whose CoMeT fields are missing or not ints."""
+    for name in INT_FIELDS + ("global_beacon_ids",):
+        if name not in config:
+            raise ValueError(f"convert: {path!r} lacks the reference field {name!r}")
+    for name in INT_FIELDS:
+        if not _is_int(config[name]):
+            raise ValueError(f"convert: {name} in {path!r} must be an int, got {config[name]!r}")
+    ids = config["global_beacon_ids"]
+    if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+        raise ValueError(f"convert: global_beacon_ids in {path!r} must be a non-empty list of ints, got {ids!r}")
+
+
+def check_beacon_ids(config: dict, vocab: int, path: str) -> None:
+    """Refuses beacon ids that are not rows of the resized embedding (vocab rows)."""
+    for name, ids in (("temp_beacon_id", [config["temp_beacon_id"]]), ("global_beacon_ids", config["global_beacon_ids"])):
+        for i in ids:
+            if not 0 <= i < vocab:
+                raise ValueError(f"convert: {name} in {path!r} holds the id {i}, outside the vocabulary [0, {vocab}) "
+                                 "of model.embed_tokens.weight")
+
+
+def weights_file(folder: str) -> str:
+    """The file that says where a reference checkpoint's weights are: its index, if sharded."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    return index if os.path.isfile(index) else os.path.join(folder, "model.safetensors")
 
 
 def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
@@ -38,21 +78,46 @@ def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
     index = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
     else:
-        files = ["model.safetensors"]
+        weight_map, files = {}, ["model.safetensors"]
     state = {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"reference checkpoint {folder!r} lacks {name}")
-        state.update(load_file(path))
+        shard = load_file(path)
+        lacking = sorted(k for k, v in weight_map.items() if v == name and k not in shard)
+        if lacking:
+            raise ValueError(f"convert: the reference checkpoint lacks the weights {lacking[:8]} (expected in {path!r})")
+        state.update(shard)
     return state
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(inner_layer|global_memory_net|temp_memory_net)\.(.+)$")
 _TEMP = {"0.weight": "norm.weight", "1.down_proj.weight": "rla.down_proj.weight",
          "1.up_proj.weight": "rla.up_proj.weight"}
+_OURS = re.compile(r"^(base\.model\.layers|memory_layers)\.(\d+)\.(.+)$")
+
+
+def reference_key(key: str) -> str:
+    """A CometForCausalLM state-dict key -> its name in a reference checkpoint (convert_state's inverse)."""
+    m = _OURS.match(key)
+    if m is None:
+        return key[len("base."):] if key.startswith("base.") else key
+    modules, i, rest = m.groups()
+    if modules == "base.model.layers":
+        return f"model.layers.{i}.inner_layer.{rest}"
+    for ref, ours in _TEMP.items():
+        rest = rest.replace(f"temp_memory_net.{ours}", f"temp_memory_net.{ref}")
+    return f"model.layers.{i}.{rest}"
+
+
+def _weight(state: dict[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"convert: the reference checkpoint lacks the weight {key!r} (expected in {where!r})")
+    return state[key]
 
 
 def convert_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
@@ -84,8 +149,8 @@ def comet_config_of(config: dict, state: dict[str, torch.Tensor]):
     from .config import CometConfig
 
     down = state["model.layers.0.global_memory_net.o_proj.down_proj.weight"]
-    return CometConfig(chunk_size=int(config["chunk_size"]), num_global=len(config["global_beacon_ids"]),
-                       temp_stride=int(config["temp_beacon_stride"]), temp_budget=int(config["temp_mem_budget"]),
+    return CometConfig(chunk_size=config["chunk_size"], num_global=len(config["global_beacon_ids"]),
+                       temp_stride=config["temp_beacon_stride"], temp_budget=config["temp_mem_budget"],
                        rla_rank=int(down.shape[0]))
 
 
@@ -105,19 +170,32 @@ def load_reference(folder: str, dtype=None):
 
     from .modeling import CometForCausalLM
 
-    with open(os.path.join(folder, "config.json")) as f:
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path) as f:
         config = json.load(f)
     if not is_reference_config(config):
         raise ValueError(f"{folder!r} is not a reference-implementation checkpoint (no global_beacon_ids)")
+    check_reference_config(config, config_path)
     state = load_reference_state(folder)
+    where = weights_file(folder)
+    check_beacon_ids(config, _weight(state, "model.embed_tokens.weight", where).shape[0], config_path)
+    _weight(state, "model.layers.0.global_memory_net.o_proj.down_proj.weight", where)
     base_config = base_config_of(config)
     base = AutoModelForCausalLM.from_config(base_config, dtype=dtype or torch.float32)
-    model = CometForCausalLM(base, comet_config_of(config, state))
+    try:
+        comet_config = comet_config_of(config, state)
+    except ValueError as e:
+        raise ValueError(f"convert: {config_path!r} does not give a valid CoMeT memory: {e}") from None
+    model = CometForCausalLM(base, comet_config)
     converted = convert_state(state, config)
     missing, unexpected = model.load_state_dict(converted, strict=False)
-    missing = [k for k in missing if not (k == "base.lm_head.weight" and getattr(base_config, "tie_word_embeddings", False))]
-    if missing or unexpected:
-        raise ValueError(f"convert: the reference weights do not fit: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    missing = [reference_key(k) for k in missing
+               if not (k == "base.lm_head.weight" and getattr(base_config, "tie_word_embeddings", False))]
+    if missing:
+        raise ValueError(f"convert: the reference checkpoint lacks the weights {missing[:8]} (expected in {where!r})")
+    if unexpected:
+        raise ValueError(f"convert: the reference checkpoint {where!r} holds weights the model does not have: "
+                         f"{[reference_key(k) for k in unexpected[:8]]}")
     if getattr(base_config, "tie_word_embeddings", False):
         base.tie_weights()
     return model.to(dtype) if dtype is not None else model
@@ -126,10 +204,16 @@ def load_reference(folder: str, dtype=None):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description="Convert a reference-implementation CoMeT checkpoint to comet_ext's format")
     ap.add_argument("reference", help="folder of the reference checkpoint (config.json + safetensors)")
-    ap.add_argument("output", help="folder to write the converted model to")
+    ap.add_argument("output", help="new or empty folder to write the converted model to")
     args = ap.parse_args(argv)
+    reference, output = os.path.realpath(args.reference), os.path.realpath(args.output)
+    if os.path.commonpath([reference, output]) == reference:
+        ap.error(f"output {args.output!r} is the reference folder or inside it; give a new folder outside it")
+    if os.path.lexists(output) and not (os.path.isdir(output) and not os.listdir(output)):
+        ap.error(f"output {args.output!r} is not empty (or not a folder); give a new or empty folder, so that no "
+                 "file of yours is overwritten and no older weights end up beside the converted ones")
     model = load_reference(args.reference)
-    model.save_pretrained(args.output)
+    atomic_folder(output, model.save_pretrained)  # written beside it, then renamed into place
     print(f"converted {args.reference} -> {args.output} ({model.comet_config})")
 
 

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from modeling_utils import naive_forward, tiny_base
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from comet_ext.config import CometConfig
 from comet_ext.convert import main as convert_main
@@ -88,3 +89,118 @@ def test_convert_cli_writes_our_format(tmp_path):
     ours = CometForCausalLM.from_pretrained(tmp_path / "ours")
     x = torch.randint(0, 97, (1, 30))
     torch.testing.assert_close(ours(x).logits, model(x).logits, rtol=0, atol=0)
+
+
+@pytest.fixture(scope="module")
+def reference_model() -> CometForCausalLM:
+    return qwen3_with_beacon_vocab()
+
+
+def edited_reference(model, folder, config_edit=None, drop=(), shards: int = 1):
+    """A reference checkpoint in folder, its config edited and the weights `drop` left out
+    of the safetensors files (the index, if any, still lists them)."""
+    folder.mkdir()
+    write_reference_checkpoint(model, folder, shards)
+    if config_edit is not None:
+        config = json.loads((folder / "config.json").read_text())
+        config_edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    for path in folder.glob("*.safetensors"):
+        state = load_file(path)
+        if any(k in state for k in drop):
+            save_file({k: v for k, v in state.items() if k not in drop}, path)
+    return folder
+
+
+@pytest.mark.parametrize("field", ["chunk_size", "temp_beacon_id", "temp_beacon_stride", "temp_mem_budget"])
+def test_a_missing_reference_field_is_named(tmp_path, reference_model, field):
+    folder = edited_reference(reference_model, tmp_path / "ref", lambda c: c.pop(field))
+    with pytest.raises(ValueError, match=rf"config\.json' lacks the reference field '{field}'"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("key", ["model.embed_tokens.weight",
+                                 "model.layers.0.global_memory_net.o_proj.down_proj.weight",
+                                 "model.layers.1.global_memory_net.norm.weight",
+                                 "model.layers.1.temp_memory_net.0.weight",
+                                 "model.layers.0.inner_layer.mlp.up_proj.weight"])
+def test_a_missing_weight_is_named_with_its_file(tmp_path, reference_model, key):
+    folder = edited_reference(reference_model, tmp_path / "ref", drop=[key])
+    with pytest.raises(ValueError, match=rf"lacks the weight.*'{re.escape(key)}'.*model\.safetensors'"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+def test_a_weight_missing_from_its_shard_names_the_shard(tmp_path, reference_model):
+    key = "model.embed_tokens.weight"
+    folder = edited_reference(reference_model, tmp_path / "ref", drop=[key], shards=3)
+    shard = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"][key]
+    with pytest.raises(ValueError, match=rf"lacks the weight.*'{re.escape(key)}'.*{re.escape(shard)}"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field, value, bad", [("temp_beacon_id", 1000, 1000), ("temp_beacon_id", -1, -1),
+                                               ("global_beacon_ids", [99, 100, 101, 500], 500),
+                                               ("global_beacon_ids", [99, 100, 101, -1], -1)])
+def test_a_beacon_id_outside_the_vocabulary_is_refused(tmp_path, reference_model, field, value, bad):
+    folder = edited_reference(reference_model, tmp_path / "ref", lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=rf"{field}.*holds the id {bad}, outside the vocabulary \[0, {VOCAB}\)"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("field, value", [("temp_beacon_stride", 4.7), ("temp_beacon_stride", 4.0),
+                                          ("temp_mem_budget", "6"), ("chunk_size", True),
+                                          ("temp_beacon_id", 98.0), ("global_beacon_ids", [99, 100, "101", 102]),
+                                          ("global_beacon_ids", []), ("global_beacon_ids", 99)])
+def test_a_reference_field_that_is_not_an_int_is_refused(tmp_path, reference_model, field, value):
+    folder = edited_reference(reference_model, tmp_path / "ref", lambda c: c.update({field: value}))
+    with pytest.raises(ValueError, match=rf"{field} in '.*config\.json' must be .*int.*got {re.escape(repr(value))}"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+def test_a_reference_field_out_of_range_is_refused_naming_the_file(tmp_path, reference_model):
+    folder = edited_reference(reference_model, tmp_path / "ref", lambda c: c.update(chunk_size=0))
+    with pytest.raises(ValueError, match=r"config\.json.*chunk_size must be >= 1, got 0"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+def folder_bytes(folder) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("where", ["same", "symlink", "inside", "trailing_slash"])
+@pytest.mark.parametrize("shards", [1, 3])
+def test_convert_cli_refuses_to_write_into_the_reference(tmp_path, reference_model, capsys, where, shards):
+    ref = edited_reference(reference_model, tmp_path / "ref", shards=shards)
+    before = folder_bytes(ref)
+    output = {"same": ref, "inside": ref / "converted", "trailing_slash": f"{ref}/"}.get(where)
+    if where == "symlink":
+        output = tmp_path / "link"
+        output.symlink_to(ref, target_is_directory=True)
+    with pytest.raises(SystemExit):
+        convert_main([str(ref), str(output)])
+    assert "is the reference folder or inside it" in capsys.readouterr().err
+    assert folder_bytes(ref) == before
+
+
+@pytest.mark.parametrize("leftover", ["model-00001-of-00003.safetensors", "model.safetensors.index.json",
+                                      "pytorch_model.bin", "notes.txt"])
+def test_convert_cli_refuses_a_non_empty_output_folder(tmp_path, reference_model, capsys, leftover):
+    ref = edited_reference(reference_model, tmp_path / "ref")
+    (tmp_path / "ours").mkdir()
+    (tmp_path / "ours" / leftover).write_bytes(b"user data")
+    with pytest.raises(SystemExit):
+        convert_main([str(ref), str(tmp_path / "ours")])
+    assert "is not empty" in capsys.readouterr().err
+    assert folder_bytes(tmp_path / "ours") == {leftover: b"user data"}
+
+
+def test_convert_cli_into_an_empty_folder_leaves_nothing_else_behind(tmp_path, reference_model):
+    ref = edited_reference(reference_model, tmp_path / "ref")
+    (tmp_path / "ours").mkdir()
+    convert_main([str(ref), str(tmp_path / "ours")])
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == ["config.json", "generation_config.json",
+                                                                     "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "ref"]  # no temporary folder left
+    x = torch.randint(0, 97, (1, 20))
+    torch.testing.assert_close(CometForCausalLM.from_pretrained(tmp_path / "ours")(x).logits,
+                               reference_model(x).logits, rtol=0, atol=0)
