@@ -80,6 +80,40 @@ def test_drop_in_attention_matches_sdpa_for_prefill_and_decode(family):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "left-padded"])
+def test_drop_in_attention_with_a_static_cache_matches_sdpa(padded):
+    """A static cache holds key slots past the last query that are not written yet: the mask
+    function's shorter mask keeps the kernel off them (they were read as keys before)."""
+    comet_ext.register()
+    base = tiny_base("llama")
+    x = ids(2, 9, seed=5)
+    mask = torch.ones_like(x)
+    if padded:
+        mask[0, :3] = 0
+    runs = {}
+    for impl in ("sdpa", "comet"):
+        base.set_attn_implementation(impl)
+        runs[impl] = base.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0,
+                                   cache_implementation="static", output_logits=True,
+                                   return_dict_in_generate=True)
+    assert torch.equal(runs["sdpa"].sequences, runs["comet"].sequences)
+    for a, b in zip(runs["sdpa"].logits, runs["comet"].logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_in_attention_refuses_packed_sequences():
+    """position_ids that restart inside a row (packed sequences, no cache) ask HF for a
+    block-diagonal mask that the kernel does not apply: refused, not silently attended across."""
+    comet_ext.register()
+    for family, extra in (("llama", {}), ("mistral", {"sliding_window": 8})):
+        base = tiny_base(family, **extra)
+        base.set_attn_implementation("comet")
+        x, packed = ids(1, 8, seed=6), torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
+        with pytest.raises(NotImplementedError, match="packed into one row"):
+            base(x, position_ids=packed, use_cache=False)
+        base(x, position_ids=torch.arange(8).unsqueeze(0), use_cache=False)  # one sequence: fine
+
+
 def test_drop_in_attention_prefill_with_right_padding_matches_sdpa():
     comet_ext.register()
     base = tiny_base("llama")
