@@ -94,7 +94,9 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
         warnings.warn(f"generate: the model's generation_config sets {ignored}, which CoMeT's decoding does not "
                       "implement; ignored (pass them explicitly to get an error instead)", UserWarning, stacklevel=3)
     value = {k: asked.get(k, model_set.get(k, d)) for k, d in DEFAULTS.items()}
-    value.update({k: DEFAULTS[k] for k, v in kwargs.items() if v is None and k in DEFAULTS})  # None unsets, as in HF
+    # a keyword passed as None unsets the field, as in HF: its default, except top_k, whose filter
+    # HF then leaves out (top_k=None keeps every token; an unset top_k in a GenerationConfig is 50)
+    value.update({k: 0 if k == "top_k" else DEFAULTS[k] for k, v in kwargs.items() if v is None and k in DEFAULTS})
     # max_new_tokens wins over max_length, as in HF; without either, HF's 20 new tokens
     max_new = value["max_new_tokens"]
     if max_new is None and value["max_length"] is not None:

@@ -680,11 +680,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         prompt = input_ids.to(self.device).long()
         valid = (attention_mask.to(self.device).bool() if attention_mask is not None
                  else torch.ones_like(prompt, dtype=torch.bool))
-        prompt = torch.where(valid, prompt, torch.full_like(prompt, s.pad))  # padding stays where it was, as in HF
         seen = None
         if s.repetition_penalty != 1.0:  # how often each token is in the prompt and the output, per sample
             seen = torch.zeros(B, vocab, dtype=torch.int32, device=self.device)
-            seen.scatter_add_(1, prompt, valid.int())
+            seen.scatter_add_(1, torch.where(valid, prompt, 0), valid.int())  # padding ids may be anything
         if streamer is not None:
             streamer.put(prompt.cpu())
         eos = upload(torch.tensor(s.eos, dtype=torch.long), self.device)

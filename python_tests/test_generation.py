@@ -76,6 +76,15 @@ def test_a_keyword_set_to_none_unsets_the_models_default(model):
         model.generation_config.eos_token_id = None
 
 
+def test_top_k_none_keeps_every_token_as_in_hf(model):
+    """top_k=None as a keyword leaves HF's top-k filter out; unset, HF's default of 50 applies."""
+    prompt, kw = ids(1, 5, seed=3), dict(do_sample=True, max_new_tokens=1, return_dict_in_generate=True,
+                                         output_scores=True)
+    assert VOCAB > 50
+    assert int(torch.isfinite(model.generate(prompt, **kw).scores[0]).sum()) == 50
+    assert int(torch.isfinite(model.generate(prompt, top_k=None, **kw).scores[0]).sum()) == VOCAB
+
+
 def test_min_new_tokens_holds_eos_back(model):
     prompt = ids(1, 5, seed=4)
     first = int(model.generate(prompt, max_new_tokens=1)[0, 5])
@@ -254,8 +263,9 @@ def test_left_padded_batches_generate_as_each_sample_alone(model):
     mask = torch.zeros(2, 6, dtype=torch.long)
     for b, p in enumerate(prompts):
         batch[b, 6 - p.shape[1]:], mask[b, 6 - p.shape[1]:] = p[0], 1
+    batch[1, :3] = 7  # what the padding holds is the caller's: returned as given, as HF does
     out, memory = model.generate(batch, attention_mask=mask, max_new_tokens=5, pad_token_id=1, return_memory=True)
-    assert torch.equal(out[1, :3], torch.ones(3, dtype=torch.long))  # the padding, as pad_token_id
+    assert torch.equal(out[:, :6], batch)
     for b, p in enumerate(prompts):
         alone, own = model.generate(p, max_new_tokens=5, return_memory=True)
         assert torch.equal(out[b, 6:], alone[0, p.shape[1]:])
