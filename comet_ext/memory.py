@@ -95,10 +95,12 @@ class CometMemory:
     _host: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        # The host copy is trusted while the counters' versions stand still; inference
-        # tensors keep no version, so the counters are always normal tensors (in-place
-        # writes to them under inference mode still count).
-        for f in _COUNTERS:
+        # Every buffer is a normal tensor, never an inference tensor: steps write them in place,
+        # which torch refuses for inference tensors outside inference mode (a memory read under
+        # torch.inference_mode() could not be continued after it). Normal tensors take in-place
+        # writes under inference mode too, and keep their versions, which the host copy of the
+        # counters is checked against (see _counters_key).
+        for f in _FIELDS:
             t = getattr(self, f)
             if t.is_inference():
                 with torch.inference_mode(False):
@@ -140,9 +142,33 @@ class CometMemory:
 
     def select(self, index: Tensor) -> "CometMemory":
         """The memory of the samples in `index` (e.g. beam reordering, dropping finished samples)."""
+        index = self._sample_index(index)
         per_layer = {"state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v"}
         parts = {f: getattr(self, f)[:, index] if f in per_layer else getattr(self, f)[index] for f in _FIELDS}
         return CometMemory(**parts, signature=dict(self.signature))
+
+    def _sample_index(self, index) -> Tensor:
+        """select's index as sample numbers (n,) on the memory's device: an int, a slice, a
+        sequence or tensor of ints, or a boolean mask (B,). Indexing with it copies, so the
+        selection shares no storage with this memory (a slice would give views)."""
+        B = self.batch_size
+        if isinstance(index, slice):
+            index = range(B)[index]
+        if isinstance(index, int) and not isinstance(index, bool):
+            index = [index]
+        index = torch.as_tensor(index, device=self.state.device)
+        if index.dtype == torch.bool:
+            if index.shape != (B,):
+                raise ValueError(f"select: a boolean index must have one entry per sample, shape ({B},); "
+                                 f"got {tuple(index.shape)}")
+            index = index.nonzero().flatten()
+        if index.dim() != 1 or index.is_floating_point() or index.is_complex():
+            raise ValueError(f"select: index must be sample numbers (an int, a slice, or a 1-D sequence of ints) "
+                             f"or a boolean mask; got dtype {index.dtype}, shape {tuple(index.shape)}")
+        index = index.long()
+        if index.numel() and not bool(((index >= -B) & (index < B)).all()):
+            raise ValueError(f"select: index {index.tolist()} holds sample numbers outside [-{B}, {B})")
+        return index
 
     def clone(self) -> "CometMemory":
         return self._with_host_counts(

@@ -314,16 +314,18 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         def zeros(*shape):
             return torch.zeros(*shape, dtype=torch.long, **kw)
 
-        memory = CometMemory(
-            state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
-            kv_k=kv(self._kv_rows()), kv_v=kv(self._kv_rows()),
-            fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
-            pending_k=kv(max_compression_rows(cc)), pending_v=kv(max_compression_rows(cc)),
-            has_global=torch.zeros(batch_size, dtype=torch.bool, **kw),
-            mem_len=zeros(batch_size), open_rows=zeros(batch_size), open_text=zeros(batch_size),
-            pending=zeros(batch_size), tokens=zeros(batch_size),
-            signature=self.memory_signature(),
-        )
+        # made outside inference mode, even under it: steps write the buffers in place, also after it
+        with torch.inference_mode(False):
+            memory = CometMemory(
+                state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
+                kv_k=kv(self._kv_rows()), kv_v=kv(self._kv_rows()),
+                fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
+                pending_k=kv(max_compression_rows(cc)), pending_v=kv(max_compression_rows(cc)),
+                has_global=torch.zeros(batch_size, dtype=torch.bool, **kw),
+                mem_len=zeros(batch_size), open_rows=zeros(batch_size), open_text=zeros(batch_size),
+                pending=zeros(batch_size), tokens=zeros(batch_size),
+                signature=self.memory_signature(),
+            )
         memory.record_host_counts(HostCounts.empty(batch_size))
         return memory
 

@@ -118,6 +118,46 @@ def test_streaming_host_syncs_do_not_grow_with_depth_or_length():
     assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["_check_ids", "_lengths", "read"]
 
 
+def test_a_memory_read_under_inference_mode_continues_after_it():
+    """A memory read under torch.inference_mode() holds normal tensors: reading on and
+    generating from it outside the block works, and equals doing it all outside."""
+    model = _deep_tiny(2).eval()
+    x = ids(1, 50, seed=8)
+    with torch.inference_mode():
+        memory = model.read(x[:, :20], progress=False)
+    assert not any(t.is_inference() for t in memory.buffers())
+    model.read(x[:, 20:], memory, progress=False)
+    plain = model.read(x, progress=False)
+    assert torch.equal(model.generate(x[:, :2], memory=memory, max_new_tokens=4),
+                       model.generate(x[:, :2], memory=plain, max_new_tokens=4))
+    with torch.inference_mode():  # a copy made under it too
+        assert not any(t.is_inference() for t in plain.clone().buffers())
+
+
+@pytest.mark.parametrize("index", [[2, 0], torch.tensor([2, 0]), torch.tensor([True, False, True]), slice(0, 2), 1, -1],
+                         ids=["list", "tensor", "mask", "slice", "int", "negative-int"])
+def test_memory_select_copies_the_chosen_samples(index):
+    """select takes sample numbers in every usual form, keeps the batch dimension, and shares
+    no storage with the original: reading into the selection leaves the original as it was."""
+    model = _deep_tiny(2).eval()
+    x = ids(3, 30, seed=9)
+    memory = model.read(x, progress=False)
+    chosen = list(range(3))[index] if isinstance(index, (slice, int)) else (
+        [0, 2] if isinstance(index, torch.Tensor) and index.dtype == torch.bool else [int(i) for i in index])
+    chosen = chosen if isinstance(chosen, list) else [chosen]
+    before = memory.clone()
+    part = memory.select(index)
+    assert part.batch_size == len(chosen)
+    for a, b in zip(part.buffers(), before.select(torch.tensor(chosen)).buffers()):
+        assert torch.equal(a, b)
+    model.read(ids(len(chosen), 20, seed=10), part, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(memory.buffers(), before.buffers()))
+    with pytest.raises(ValueError, match=r"outside \[-3, 3\)"):
+        memory.select([3])
+    with pytest.raises(ValueError, match="one entry per sample"):
+        memory.select(torch.tensor([True, False]))
+
+
 @pytest.mark.parametrize("comet", [dict(), dict(temp_budget=2), dict(temp_stride=-1)],
                          ids=["fifo", "fifo_smaller_than_a_chunk", "no_fifo"])
 @pytest.mark.parametrize("inference_mode", [False, True])
