@@ -7,6 +7,7 @@ loss is taken.
 """
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -79,8 +80,11 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
-        prompt = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=m["role"] == "assistant",
-                                               tokenize=True) if i or m["role"] == "assistant" else []
+        if i:
+            prompt = tokenizer.apply_chat_template(list(messages[:i]), add_generation_prompt=m["role"] == "assistant",
+                                                   tokenize=True)
+        else:
+            prompt = _first_turn_prompt(m, tokenizer) if m["role"] == "assistant" else []
         full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
         prompt, full = _ids(prompt), _ids(full)
         if full[: len(ids)] != ids:
@@ -91,6 +95,19 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
     return Sample(ids, labels)
 
 
+def _first_turn_prompt(message: dict, tokenizer) -> list[int]:
+    """Tokens the template puts before the content of a conversation's first message (a default
+    system block, the turn's header...): the labels of an assistant turn start after them. For
+    later turns that is the conversation so far with a generation prompt, but transformers 5
+    refuses to render an empty one; so this renders the message with a marker for its content
+    and tokenizes the text before the marker."""
+    marker = "COMET_CONTENT_MARKER"  # text no template adds, and with no whitespace a template would strip
+    text = tokenizer.apply_chat_template([{**message, "content": marker}], tokenize=False)
+    if marker not in text:
+        raise ValueError("the chat template does not render a message's content as it is")
+    return _ids(tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
+
+
 def _ids(x) -> list[int]:
     if isinstance(x, dict) or hasattr(x, "keys"):
         x = x["input_ids"]
@@ -99,15 +116,19 @@ def _ids(x) -> list[int]:
 
 def read_chat_jsonl(path: str | os.PathLike, tokenizer, max_tokens: Optional[int] = None,
                     on_error: str = "skip") -> tuple[list[Sample], list[str]]:
-    """Reads the reference format: one JSON object per line with `uniq_id` and
-    `messages` (ChatML roles). Returns the samples and a list of problems, each
-    naming its line. on_error="skip" drops bad lines (logged), "raise" stops at the
-    first with a ValueError."""
+    """Reads the reference format: one JSON object per line (UTF-8, a leading BOM
+    allowed) with `uniq_id` and `messages` (ChatML roles). Returns the samples and a
+    list of problems, each naming its line (a line that is not UTF-8 is one).
+    on_error="skip" drops bad lines (logged), "raise" stops at the first with a
+    ValueError."""
     if on_error not in ("skip", "raise"):
         raise ValueError(f"read_chat_jsonl: on_error must be 'skip' or 'raise', got {on_error!r}")
     samples, problems = [], []
-    with open(path, encoding="utf-8") as f:
+    # read as bytes and decode line by line: a line that is not UTF-8 is one bad line, not a failed file
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
+            if lineno == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)  # some editors start a UTF-8 file with one
             if not line.strip():
                 continue
             try:
@@ -123,7 +144,11 @@ def read_chat_jsonl(path: str | os.PathLike, tokenizer, max_tokens: Optional[int
     return samples, problems
 
 
-def _chat_line(line: str, tokenizer, max_tokens: Optional[int]) -> Sample:
+def _chat_line(raw: bytes, tokenizer, max_tokens: Optional[int]) -> Sample:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}: {e.reason})") from None
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -136,6 +161,10 @@ def _chat_line(line: str, tokenizer, max_tokens: Optional[int]) -> Sample:
     for m in messages:
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise ValueError("every message needs a string 'role' and 'content'")
+        try:  # JSON may escape a lone surrogate ("\\ud800"): valid JSON, but no text a tokenizer takes
+            m["role"].encode("utf-8"), m["content"].encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a message holds a lone surrogate ({e.object[e.start]!a}): not Unicode text") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn: nothing to learn")
     sample = chat_sample(messages, tokenizer)
@@ -207,6 +236,10 @@ def synthetic_recall(n: int, length: int, vocab: int, key_len: int = 4, seed: in
     the memory can predict the final key. Token 0 is the marker, 1 the separator."""
     import numpy as np
 
+    shortest = 2 * key_len + 3  # separator, key, separator, marker, key: no filler
+    if length < shortest:
+        raise ValueError(f"synthetic_recall: length must be >= {shortest} (2 * key_len + 3, for key_len={key_len}), "
+                         f"got {length}")
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):

@@ -16,6 +16,8 @@ own seeded generator, so a plan is a pure function of (seed, step).
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Optional, Sequence
 
 import numpy as np
@@ -98,13 +100,21 @@ class ChunkPlanner:
         unknown = set(self.mix) - set(STRATEGIES)
         if unknown:
             raise ValueError(f"ChunkPlanner.mix has unknown strategies {sorted(unknown)}; known: {STRATEGIES}")
-        if any(p < 0 for p in self.mix.values()) or sum(self.mix.values()) <= 0:
+        for name, p in self.mix.items():
+            # a NaN passes `p < 0`: plan() would then drop it silently, or fail in numpy if it is alone
+            if not isinstance(p, numbers.Real) or not math.isfinite(p) or p < 0:
+                raise ValueError(f"ChunkPlanner.mix[{name!r}] must be a finite weight >= 0, got {p!r}")
+        if sum(self.mix.values()) <= 0:
             raise ValueError(f"ChunkPlanner.mix must have non-negative weights with a positive sum, got {self.mix}")
 
     def plan(self, T: int, step: int, tokens: Optional[Sequence[int]] = None) -> tuple[str, list[int]]:
-        """(strategy, sizes) for a sequence of T tokens at a given training step."""
+        """(strategy, sizes) for a sequence of T tokens at a given training step; `tokens`, where
+        given, are its T token ids (`semantic` cuts after the boundary ids among them)."""
         if T < 1:
             raise ValueError(f"ChunkPlanner.plan: the sequence must have at least one token, got {T}")
+        # `semantic` sizes its chunks from the tokens: of another length, they would not sum to T
+        if tokens is not None and len(tokens) != T:
+            raise ValueError(f"ChunkPlanner.plan: tokens has {len(tokens)} ids, expected the sequence's T={T}")
         rng = np.random.default_rng([self.seed, step])
         mix = dict(self.mix)
         if not self.boundary_ids or tokens is None:

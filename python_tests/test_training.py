@@ -8,7 +8,7 @@ import pytest
 import torch
 from modeling_utils import tiny_comet
 
-from comet_ext.data import (IGNORE, Sample, byte_tokenizer, chat_sample, collate, pack, read_chat_jsonl,
+from comet_ext.data import (CHATML, IGNORE, Sample, byte_tokenizer, chat_sample, collate, pack, read_chat_jsonl,
                             synthetic_recall, text_sample, token_sample)
 from comet_ext.planner import ChunkPlanner, fixed, random_sizes, right_aligned, semantic, uniform
 from comet_ext.training import TrainConfig, Trainer, lr_factor, memory_parameter_names
@@ -59,6 +59,23 @@ def test_planner_is_a_function_of_seed_and_step():
         ChunkPlanner(16, mix={"clever": 1.0})
 
 
+def test_planner_rejects_tokens_of_another_length():
+    """`semantic` cuts the tokens it is given: they must be the sequence's T tokens."""
+    p = ChunkPlanner(4, mix={"semantic": 1.0}, boundary_ids=[1])
+    with pytest.raises(ValueError, match=r"tokens has 3 ids.*T=10"):
+        p.plan(10, 0, tokens=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"tokens has 10 ids.*T=3"):
+        p.plan(3, 0, tokens=[2] * 10)
+    assert p.plan(10, 0, tokens=[2] * 10) == ("semantic", [4, 4, 2])
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), -0.5])
+@pytest.mark.parametrize("others", [{}, {"fixed": 1.0}])
+def test_planner_rejects_non_finite_or_negative_weights(weight, others):
+    with pytest.raises(ValueError, match=r"mix\['random'\] must be a finite weight >= 0"):
+        ChunkPlanner(16, mix={**others, "random": weight})
+
+
 # --------------------------------------------------------------------------- data
 
 
@@ -86,6 +103,49 @@ def test_bad_jsonl_lines_are_reported_with_line_numbers(tmp_path):
     assert "empty conversation" in problems[2] and "longer than the limit" in problems[3]
     with pytest.raises(ValueError, match=r"data.jsonl:2: malformed JSON"):
         read_chat_jsonl(path, tok, max_tokens=200, on_error="raise")
+
+
+def test_chat_may_start_with_the_assistant():
+    """The first turn's prompt is the text the template puts before its content (here a default
+    system block and the assistant header), found without rendering an empty conversation."""
+    tok = byte_tokenizer()
+    chat = [{"role": "assistant", "content": "first"}, {"role": "user", "content": "q"},
+            {"role": "assistant", "content": "a"}]
+    s = chat_sample(chat, tok)
+    learned = tok.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE])
+    assert tok.decode(s.input_ids).startswith("<|im_start|>assistant\nfirst<|im_end|>\n")
+    assert learned == "first<|im_end|>\na<|im_end|>\n"
+    tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n{% endif %}"
+                         + CHATML)
+    s = chat_sample(chat, tok)
+    learned = tok.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE])
+    assert tok.decode(s.input_ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>assistant\nfirst")
+    assert learned == "first<|im_end|>\na<|im_end|>\n"
+
+
+def test_jsonl_lines_that_are_not_unicode_are_reported_and_a_bom_is_accepted(tmp_path):
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    path = tmp_path / "data.jsonl"
+    answer = b', {"role": "assistant", "content": "x"}]}\n'
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n"  # a BOM before the first line
+                     + b'{"messages": [{"role": "user", "content": "caf\xe9"}' + answer  # Latin-1, not UTF-8
+                     + b'{"messages": [{"role": "user", "content": "\\ud800"}' + answer  # a lone surrogate
+                     + good.encode() + b"\n")
+    tok = byte_tokenizer()
+    samples, problems = read_chat_jsonl(path, tok)
+    assert len(samples) == 2 and [p.split(":")[1] for p in problems] == ["2", "3"]
+    assert "not UTF-8" in problems[0] and "surrogate" in problems[1]
+    with pytest.raises(ValueError, match=r"data.jsonl:2: not UTF-8"):
+        read_chat_jsonl(path, tok, on_error="raise")
+    path.write_bytes(b"\xef\xbb\xbf" + good.encode() + b"\n" + good.encode() + b"\n")
+    assert read_chat_jsonl(path, tok, on_error="raise")[0] == samples
+
+
+def test_synthetic_recall_has_the_requested_length_or_refuses_it():
+    assert [len(s) for s in synthetic_recall(3, 11, vocab=50)] == [11] * 3  # no filler
+    assert [len(s) for s in synthetic_recall(3, 12, vocab=50, key_len=2)] == [12] * 3
+    with pytest.raises(ValueError, match=r"length must be >= 11 .*got 5"):
+        synthetic_recall(1, 5, vocab=50)
 
 
 def test_text_tokens_packing_and_collation():
