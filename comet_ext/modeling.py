@@ -146,6 +146,28 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ construction
 
+    @property
+    def comet_config(self) -> CometConfig:
+        """The CoMeT settings. Those that shape no weight (chunk_size, temp_stride, temp_budget,
+        gate_snap) may be replaced on a built model, e.g. with `dataclasses.replace`; num_global
+        and rla_rank are the weights' own (resize_global_memory changes num_global)."""
+        return self._comet_config
+
+    @comet_config.setter
+    def comet_config(self, value: CometConfig) -> None:
+        if not isinstance(value, CometConfig):
+            raise ValueError(f"comet_config must be a CometConfig, got {type(value).__name__}")
+        if "readout_embedding" in self._parameters:  # built: the weights fix the sizes
+            weights = {"num_global": self.readout_embedding.shape[0],
+                       "rla_rank": self.memory_layers[0].global_memory_net.o_proj.down_proj.weight.shape[0]}
+            differ = {k: (getattr(value, k), n) for k, n in weights.items() if getattr(value, k) != n}
+            if differ:
+                raise ValueError(
+                    "comet_config: " + ", ".join(f"{k}={new} does not fit the model's weights ({k} {n})"
+                                                 for k, (new, n) in differ.items())
+                    + "; use resize_global_memory(n) for a model with n global slots, a new model for another rank")
+        self._comet_config = value
+
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
         """Initialises the CoMeT modules: RLAs start as the identity (up = 0), the gate

@@ -457,6 +457,26 @@ def test_read_and_generate_refuse_a_memory_of_another_model(other, signed):
         model.generate(ids(1, 8, seed=18), memory=memory.clone(), max_new_tokens=2)
 
 
+def test_comet_config_replaced_only_where_it_shapes_no_weight(tmp_path):
+    """gate_snap, chunk_size... may change on a built model (and save); num_global and rla_rank
+    are the weights' sizes: a config that contradicts them is refused when assigned, instead of
+    a checkpoint that does not load or a read that fails deep inside."""
+    import dataclasses
+
+    model = tiny_comet("llama")
+    model.comet_config = dataclasses.replace(model.comet_config, gate_snap=0.9, chunk_size=24)
+    model.save_pretrained(tmp_path / "m")
+    assert CometForCausalLM.from_pretrained(tmp_path / "m").comet_config == model.comet_config
+    G, r = model.comet_config.num_global, model.comet_config.rla_rank
+    with pytest.raises(ValueError, match=rf"num_global={G + 1} does not fit the model's weights \(num_global {G}\)"):
+        model.comet_config = dataclasses.replace(model.comet_config, num_global=G + 1)
+    with pytest.raises(ValueError, match=rf"rla_rank={r + 1} does not fit"):
+        model.comet_config = dataclasses.replace(model.comet_config, rla_rank=r + 1)
+    with pytest.raises(ValueError, match="must be a CometConfig"):
+        model.comet_config = {"gate_snap": 0.5}
+    assert model.comet_config.num_global == G and model.comet_config.gate_snap == 0.9
+
+
 def test_resize_global_memory(tmp_path):
     model = tiny_comet("qwen3", seed=4)
     old = model.readout_embedding.detach().clone()
