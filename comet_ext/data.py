@@ -88,7 +88,11 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
         full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
         prompt, full = _ids(prompt), _ids(full)
         if full[: len(ids)] != ids:
-            raise ValueError("the chat template does not extend a conversation's tokens turn by turn")
+            raise ValueError(
+                f"the chat template does not extend the conversation's tokens turn by turn: with message {i} "
+                f"({m['role']}) after them, the messages before it render differently (Qwen3's template, for "
+                "one, drops the empty <think> block of an assistant turn once a user turn follows). Labels are "
+                "placed turn by turn, so set tokenizer.chat_template to a template that only appends")
         start = len(prompt) if m["role"] == "assistant" else len(ids)
         labels += [IGNORE] * (start - len(ids)) + (full[start:] if m["role"] == "assistant" else [IGNORE] * (len(full) - start))
         ids = full

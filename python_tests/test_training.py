@@ -105,6 +105,22 @@ def test_bad_jsonl_lines_are_reported_with_line_numbers(tmp_path):
         read_chat_jsonl(path, tok, max_tokens=200, on_error="raise")
 
 
+def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_turn():
+    """A template that renders the last assistant turn differently from earlier ones (as Qwen3's
+    adds an empty <think> block to the last one only) does not extend the tokens turn by turn:
+    the labels could not be placed, and the error says where and why."""
+    tok = byte_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    one_turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert tok.decode(chat_sample(one_turn, tok).input_ids).endswith("<think></think>a<|im_end|>\n")
+    with pytest.raises(ValueError, match=r"message 2 \(user\) after them, the messages before it render differently"):
+        chat_sample(one_turn + [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}], tok)
+
+
 def test_chat_may_start_with_the_assistant():
     """The first turn's prompt is the text the template puts before its content (here a default
     system block and the assistant header), found without rendering an empty conversation."""
