@@ -92,7 +92,8 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
                 f"the chat template does not extend the conversation's tokens turn by turn: with message {i} "
                 f"({m['role']}) after them, the messages before it render differently (Qwen3's template, for "
                 "one, drops the empty <think> block of an assistant turn once a user turn follows). Labels are "
-                "placed turn by turn, so set tokenizer.chat_template to a template that only appends")
+                "placed turn by turn, so set tokenizer.chat_template to a template that only appends, e.g. "
+                "comet_ext.data.CHATML for ChatML models such as Qwen's")
         start = len(prompt) if m["role"] == "assistant" else len(ids)
         labels += [IGNORE] * (start - len(ids)) + (full[start:] if m["role"] == "assistant" else [IGNORE] * (len(full) - start))
         ids = full
