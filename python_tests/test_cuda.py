@@ -93,6 +93,20 @@ def test_prefix_attention_ignores_nan_in_padding_rows_cuda(mma_kernels):
     assert out[1, 70:].abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_prefix_attention_rows_past_q_lens_stay_zero_beside_a_nan_key_cuda(mma_kernels, dtype):
+    """A NaN in a key the valid rows see poisons them, while the padding rows of the same tile
+    (which see no key) are still zeros, as on the CPU, not 0 * NaN."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(1, 64, h, 64, generator=gen).to(dtype) for h in (2, 1, 1))
+    v[0, 0, 0, 3] = float("nan")
+    ql, kl = torch.tensor([32]), torch.tensor([64])
+    cpu = ops.prefix_attention(q, k, v, None, ql, kl)[0]
+    cuda = ops.prefix_attention(q.cuda(), k.cuda(), v.cuda(), None, ql.cuda(), kl.cuda())[0].cpu()
+    assert cpu[0, :32].isnan().any(-1).all() and cpu[0, 32:].abs().max().item() == 0.0
+    assert torch.equal(cuda.isnan(), cpu.isnan()) and cuda[0, 32:].abs().max().item() == 0.0
+
+
 @pytest.mark.parametrize("dtype, N, K, D, key", [(torch.float32, 70, 150, 64, 115), (torch.bfloat16, 70, 150, 128, 115),
                                                   (torch.bfloat16, 1, 3000, 128, 1000)],
                          ids=["fp32", "bf16", "bf16-split-keys"])
@@ -241,6 +255,18 @@ def test_fifo_cuda_normalises_a_head_outside_the_ring():
     cuda = _fifo_round_trip("cuda", buffer, rows, torch.tensor([-1, 1 - C]).cuda(), length.cuda(), counts.cuda())
     for a, b in zip(cpu, cuda):
         torch.testing.assert_close(b, a)
+
+
+def test_prefix_attention_cuda_refuses_a_batch_beyond_the_grid_limit():
+    """Samples run along the attention kernels' grid.z (at most 65535 blocks): a larger batch is a
+    clear error naming the batch, forward and backward, not a launch failure."""
+    q = torch.zeros(70_000, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="prefix_attention: batch of 70000 exceeds the 65535"):
+        ops.prefix_attention(q, q, q)
+    out, lse = (torch.zeros(70_000, 1, 1, 64, device="cuda", dtype=torch.bfloat16),
+                torch.zeros(70_000, 1, 1, device="cuda"))
+    with pytest.raises(RuntimeError, match="prefix_attention_backward: batch of 70000 exceeds the 65535"):
+        torch.ops.comet.prefix_attention_backward(out, lse, q, q, q, out, lse, 0.125, None, None)
 
 
 def test_fifo_cuda_batch_beyond_the_grid_y_limit():

@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "common.h"
+
 namespace comet::cuda {
 
 constexpr int kWarp = 32;
@@ -52,6 +54,27 @@ __device__ __forceinline__ void block_sum(T (&v)[N], T* scratch) {
 
 inline int num_sms() {
   return at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory on the current device, or refuses the call
+// naming the op, what asked for that much (`what...`: the size that sets it) and this GPU's limit:
+// past it the launch would fail with a bare "invalid argument".
+template <typename... What>
+void allow_smem(const void* kernel, size_t bytes, const char* op, const What&... what) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  COMET_CHECK(bytes <= prop->sharedMemPerBlockOptin, op, what..., " needs ", bytes,
+              " bytes of shared memory per block on CUDA; this GPU (", prop->name, ", sm_", prop->major,
+              prop->minor, ") gives at most ", prop->sharedMemPerBlockOptin, " (the CPU kernel has no such limit)");
+  if (bytes > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(bytes)));
+}
+
+// CUDA allows at most 65535 blocks along a grid's y and z: a kernel that puts heads or samples
+// there is refused past it with a message naming the op and the dimension.
+inline void check_grid_yz(const char* op, const char* name, int64_t blocks) {
+  COMET_CHECK(blocks <= 65535, op, name, " of ", blocks, " exceeds the 65535 CUDA blocks this kernel "
+              "launches along a grid dimension; split it into parts of at most 65535");
 }
 
 }  // namespace comet::cuda

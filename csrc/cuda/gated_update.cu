@@ -213,7 +213,8 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
     }
     const size_t smem = row_smem<acc_t>(d, 2, r, 1);
     auto kernel = gated_forward_kernel<scalar_t, acc_t>;
-    set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "gated_update", d, readout.scalar_type());
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, "gated_update", "hidden size d=", d, " in ",
+               readout.scalar_type());
     kernel<<<row_grid(M), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         R.data_ptr<scalar_t>(), S.defined() ? S.data_ptr<scalar_t>() : nullptr,
         w.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
@@ -250,8 +251,8 @@ gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& g
       using acc_t = at::opmath_type<scalar_t>;
       const size_t smem = row_smem<acc_t>(d, 3, r, 2);
       auto kernel = gated_backward_kernel<scalar_t, acc_t>;
-      set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "gated_update_backward", d,
-                     readout.scalar_type());
+      allow_smem(reinterpret_cast<const void*>(kernel), smem, "gated_update_backward", "hidden size d=", d,
+                 " in ", readout.scalar_type());
       kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
           has_state ? S.data_ptr<scalar_t>() : nullptr, w.data_ptr<scalar_t>(),

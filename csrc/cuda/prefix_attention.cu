@@ -337,10 +337,15 @@ Problem problem_of(const at::Tensor& q, const at::Tensor& k, const at::Tensor& q
           ql.defined() ? ql.data_ptr<int64_t>() : nullptr, kl.defined() ? kl.data_ptr<int64_t>() : nullptr};
 }
 
-void check_cuda_head_dim(const char* op, const at::Tensor& q) {
+// What the CUDA kernels take beyond the op's own checks: head dims (the CUDA-core kernels keep
+// rows of D in shared memory, allow_smem refuses what this GPU cannot hold), and the grid's y / z,
+// which carry heads (query heads: at least the key heads) and samples.
+void check_cuda_shape(const char* op, const at::Tensor& q) {
   const int64_t limit = q.scalar_type() == at::kDouble ? 128 : 256;
   COMET_CHECK(q.size(3) <= limit, op, "head_dim ", q.size(3), " is not supported on CUDA for ",
               q.scalar_type(), " (at most ", limit, ")");
+  check_grid_yz(op, "batch", q.size(0));
+  check_grid_yz(op, "query heads", q.size(2));
 }
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -349,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q, co
                                                          const c10::optional<at::Tensor>& k_lens) {
   const char* op = "prefix_attention";
   check_attention_args(op, q, k, v, scale, q_lens, k_lens);
-  check_cuda_head_dim(op, q);
+  check_cuda_shape(op, q);
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({B, Hq, N}, q.options().dtype(acc_dtype(q.scalar_type())));
@@ -366,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> prefix_attention_cuda(const at::Tensor& q, co
     head_dim_switch(D, [&](auto cols) {
       auto kernel = forward_kernel<scalar_t, acc_t, decltype(cols)::value>;
       const size_t smem = sizeof(acc_t) * (kRows * D + 2 * kKeys * (D + 1));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      allow_smem(reinterpret_cast<const void*>(kernel), smem, op, "head_dim ", D, " in ", q.scalar_type());
       const dim3 grid((N + kRows - 1) / kRows, Hq, B);
       kernel<<<grid, kWarps * kWarp, smem, at::cuda::getCurrentCUDAStream()>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
@@ -385,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cuda(
   const char* op = "prefix_attention_backward";
   check_attention_args(op, q, k, v, scale, q_lens, k_lens);
   check_attention_backward_args(op, grad_out, grad_lse, q, out, lse);
-  check_cuda_head_dim(op, q);
+  check_cuda_shape(op, q);
   const int64_t B = q.size(0), N = q.size(1), Hq = q.size(2), D = q.size(3), K = k.size(1), Hkv = k.size(2);
   const auto acc = acc_dtype(q.scalar_type());
   if (q.numel() == 0 || K == 0)
@@ -409,7 +414,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cuda(
     head_dim_switch(D, [&](auto cols) {
       auto kernel = backward_dq_kernel<scalar_t, acc_t, decltype(cols)::value>;
       const size_t smem = sizeof(acc_t) * (2 * kRows * D + 2 * kKeys * (D + 1));
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+      allow_smem(reinterpret_cast<const void*>(kernel), smem, op, "head_dim ", D, " in ", q.scalar_type());
       kernel<<<dim3((N + kRows - 1) / kRows, Hq, B), kWarps * kWarp, smem, stream>>>(
           q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
           grad_out.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),
@@ -419,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward_cuda(
     });
     auto kernel = backward_dkdv_kernel<scalar_t, acc_t>;
     const size_t smem = sizeof(acc_t) * (2 * kKeys * (D + 1) + 2 * kKeys * D + 2 * D);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, op, "head_dim ", D, " in ", q.scalar_type());
     kernel<<<dim3((K + kKeys - 1) / kKeys, Hkv, B), kWarp, smem, stream>>>(
         q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), v.data_ptr<scalar_t>(),
         grad_out.data_ptr<scalar_t>(), lse_c.data_ptr<acc_t>(), delta.data_ptr<acc_t>(),

@@ -26,6 +26,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -265,13 +266,14 @@ __global__ void __launch_bounds__(kThreads)
     if (i >= p.N) continue;
     // l == 0: the row saw no key. l is NaN when a score was (NaN in q or a visible key): NaN
     // then reaches out and lse, as on the CPU, instead of passing for a row that saw nothing.
+    // A row that saw nothing writes zeros, not o * 0: its tile's P.V may hold 0 * NaN.
     const bool seen = i < ql && l[r] != 0.f;
     const float inv = seen ? 1.f / l[r] : 0.f;
     uint16_t* orow = out + ((b * p.N + i) * p.Hq + h) * D;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn)
       *reinterpret_cast<uint32_t*>(orow + dn * 8 + 2 * t) =
-          Bits<T>::pack(o[dn][2 * r] * inv, o[dn][2 * r + 1] * inv);
+          Bits<T>::pack(seen ? o[dn][2 * r] * inv : 0.f, seen ? o[dn][2 * r + 1] * inv : 0.f);
     if (t == 0) lse[(b * p.Hq + h) * p.N + i] = seen ? m[r] * kLn2 + logf(l[r]) : neg_inf;
   }
 }
@@ -904,10 +906,6 @@ void mma_dispatch(const at::Tensor& q, const F& f) {
   else by_dim(at::Half{});
 }
 
-void allow_smem(const void* kernel, size_t bytes) {
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-}
-
 // Which generation of tensor-core kernels runs: COMET_MMA_KERNELS=v2 picks mma_forward_v2_kernel and
 // mma_backward_v2_kernel; unset or "v1" the first ones — the default until v2 has passed a GPU
 // check (bench/device_check.sh runs the CUDA tests and the benchmarks with both).
@@ -929,13 +927,31 @@ int key_splits(int64_t blocks, int64_t key_tiles) {
   return int(std::max<int64_t>(1, std::min<int64_t>({want, key_tiles / 4, 64})));
 }
 
+// Whether this build's tensor-core kernels hold real code for `device`. An sm_80+ GPU
+// running a build whose arch list stops below 8.0 ("7.5+PTX") gets them JIT-compiled from the
+// compute_75 PTX, where their bodies are a trap: such a build takes the CUDA-core kernels.
+bool mma_kernels_compiled_for(c10::DeviceIndex device) {
+  static std::atomic<int8_t> known[64] = {};  // per device: 0 not asked yet, 1 no, 2 yes
+  if (device < 0 || device >= 64) return false;
+  int8_t v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    const c10::cuda::CUDAGuard guard(device);
+    cudaFuncAttributes attributes;
+    C10_CUDA_CHECK(cudaFuncGetAttributes(
+        &attributes, reinterpret_cast<const void*>(mma_forward_kernel<at::BFloat16, 128>)));
+    v = attributes.ptxVersion >= 80 ? 2 : 1;
+    known[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
+}
+
 }  // namespace
 
 bool mma_attention_supports(const at::Tensor& q) {
   const auto dtype = q.scalar_type();
   const int64_t D = q.size(3);
   return (dtype == at::kBFloat16 || dtype == at::kHalf) && (D == 64 || D == 80 || D == 96 || D == 128) &&
-         at::cuda::getDeviceProperties(q.device().index())->major >= 8;
+         at::cuda::getDeviceProperties(q.device().index())->major >= 8 && mma_kernels_compiled_for(q.device().index());
 }
 
 void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale,
@@ -952,7 +968,7 @@ void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const
     if (!v2) {
       auto kernel = mma_forward_kernel<T, D>;
       const size_t smem = sizeof(uint16_t) * 3 * kTile * (D + kPad);
-      allow_smem(reinterpret_cast<const void*>(kernel), smem);
+      allow_smem(reinterpret_cast<const void*>(kernel), smem, "prefix_attention", "head_dim ", D);
       kernel<<<dim3(tiles_q, Hq, B), kThreads, smem, stream>>>(
           bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(), row_strides(q), row_strides(k),
           row_strides(v), p, static_cast<float>(scale));
@@ -967,7 +983,7 @@ void mma_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in, const
     }
     auto kernel = mma_forward_v2_kernel<T, D>;
     const size_t smem = sizeof(uint16_t) * 4 * kTile * (D + kPad);  // two stages of K and V tiles
-    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, "prefix_attention", "head_dim ", D);
     kernel<<<dim3(tiles_q * splits, Hq, B), kThreads, smem, stream>>>(
         bits(q), bits(k), bits(v), bits_mut(out), lse.data_ptr<float>(),
         splits > 1 ? part_out.data_ptr<float>() : nullptr, splits > 1 ? part_lse.data_ptr<float>() : nullptr,
@@ -999,7 +1015,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mma_attention_backward(
     constexpr int Dc = decltype(dim)::value;
     auto kernel = v2 ? mma_backward_v2_kernel<T, Dc> : mma_backward_kernel<T, Dc>;
     const size_t smem = BackwardSmem<Dc>::kBytes;
-    allow_smem(reinterpret_cast<const void*>(kernel), smem);
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, "prefix_attention_backward", "head_dim ", Dc);
     kernel<<<dim3((K + kTile - 1) / kTile, Hkv, B), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         bits(q), bits(k), bits(v), bits(dout), lse.data_ptr<float>(), delta.data_ptr<float>(),
         dq_acc.data_ptr<float>(), bits_mut(dk), bits_mut(dv), row_strides(q), row_strides(k), row_strides(v),

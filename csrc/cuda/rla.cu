@@ -145,7 +145,8 @@ at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tenso
     }
     const size_t smem = row_smem<acc_t>(d, 1, r, 1);
     auto kernel = rla_forward_kernel<scalar_t, acc_t>;
-    set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "rla", d, x.scalar_type());
+    allow_smem(reinterpret_cast<const void*>(kernel), smem, "rla", "hidden size d=", d, " in ",
+               x.scalar_type());
     kernel<<<row_grid(M), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
         x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),
         w.defined() ? w.data_ptr<scalar_t>() : nullptr, y.data_ptr<scalar_t>(), M, d, r, x.stride(0),
@@ -175,7 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
       using acc_t = at::opmath_type<scalar_t>;
       const size_t smem = row_smem<acc_t>(d, 1, r, 2);
       auto kernel = rla_backward_kernel<scalar_t, acc_t>;
-      set_smem_limit(reinterpret_cast<const void*>(kernel), smem, "rla_backward", d, x.scalar_type());
+      allow_smem(reinterpret_cast<const void*>(kernel), smem, "rla_backward", "hidden size d=", d, " in ",
+                 x.scalar_type());
       kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
           uw.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<scalar_t>() : nullptr,

@@ -75,19 +75,4 @@ inline int row_grid(int64_t rows) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(rows, 4 * num_sms())));
 }
 
-// Lets kernel take `bytes` of dynamic shared memory. The block-per-row kernels hold whole rows
-// there, so a hidden size past what this GPU gives one block is refused here, naming the op and
-// d, rather than failing the launch with a bare "invalid argument".
-inline void set_smem_limit(const void* kernel, size_t bytes, const char* op, int64_t d,
-                           at::ScalarType dtype) {
-  const auto* prop = at::cuda::getCurrentDeviceProperties();
-  TORCH_CHECK(bytes <= prop->sharedMemPerBlockOptin, op, ": hidden size d=", d, " in ", dtype,
-              " needs ", bytes, " bytes of shared memory per block on CUDA; this GPU (sm_", prop->major,
-              prop->minor, ") gives at most ", prop->sharedMemPerBlockOptin,
-              " (the CPU kernel has no such limit)");
-  if (bytes > 48 * 1024)
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-}
-
 }  // namespace comet::cuda
