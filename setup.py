@@ -4,7 +4,7 @@ C++ CPU kernels are always built; the CUDA kernels are added when torch has
 CUDA and a CUDA toolkit (nvcc) is found. Environment variables:
 
   COMET_CUDA=0|1            force the CUDA sources off / on (default: auto)
-  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0+PTX")
+  TORCH_CUDA_ARCH_LIST      GPU archs (default "8.0;9.0+PTX", plus the build machine's GPUs older than 8.0)
   COMET_CPU_ARCH=auto|native|portable|<march>
                             the CPU kernels' target (tools/cpu_flags.py; default auto:
                             AVX2 + FMA on x86-64, checked against the CPU at import)
@@ -19,7 +19,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from build_env import real_toolkit_root, source_digest, wheel_cuda_includes  # noqa: E402
+from build_env import default_cuda_archs, real_toolkit_root, source_digest, wheel_cuda_includes  # noqa: E402
 import cpu_flags  # noqa: E402
 
 try:
@@ -48,7 +48,9 @@ if cuda_home:
     # Must be set before torch.utils.cpp_extension is imported: it reads it once.
     os.environ["CUDA_HOME"] = cuda_home
 WITH_CUDA = _want_cuda(cuda_home)
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+if WITH_CUDA and "TORCH_CUDA_ARCH_LIST" not in os.environ:
+    gpus = range(torch.cuda.device_count()) if torch.cuda.is_available() else ()
+    os.environ["TORCH_CUDA_ARCH_LIST"] = default_cuda_archs(torch.cuda.get_device_capability(i) for i in gpus)
 
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 

@@ -91,3 +91,15 @@ def test_library_built_for_an_absent_cpu_extension_raises_clear_import_error():
     assert "IMPORT_ERROR: comet_ext._C was built for CPUs with no_such_isa (COMET_CPU_ARCH=native" in res.stdout, \
         res.stdout + res.stderr
     assert "COMET_CPU_ARCH=portable" in res.stdout and "--no-build-isolation" in res.stdout
+
+
+def test_default_cuda_archs_add_the_build_machines_older_gpus():
+    """Unset, TORCH_CUDA_ARCH_LIST builds sm_80 code (every 8.x GPU runs it) and sm_90 with PTX
+    (newer GPUs compile it at load); a build machine's GPU that none of those run on (a T4, 7.5)
+    is added, so building on it gives a library that runs there."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
+    from build_env import default_cuda_archs
+
+    assert default_cuda_archs([]) == "8.0;9.0+PTX"  # no GPU on the build machine (a login node)
+    assert default_cuda_archs([(8, 6), (9, 0), (12, 0)]) == "8.0;9.0+PTX"  # covered: 8.0 code, 9.0 PTX
+    assert default_cuda_archs([(7, 5), (7, 5), (8, 0)]) == "7.5;8.0;9.0+PTX"

@@ -17,6 +17,15 @@ import shutil
 import sys
 
 
+def default_cuda_archs(capabilities) -> str:
+    """TORCH_CUDA_ARCH_LIST when the user sets none: sm_80 code (it runs on every 8.x GPU), sm_90
+    code and its PTX (which newer GPUs compile when the library loads), and the build machine's
+    own GPUs that none of these run on (a T4's 7.5). capabilities: (major, minor) per visible GPU;
+    a build machine without one (a cluster's login node) gets the first two only."""
+    older = sorted({f"{major}.{minor}" for major, minor in capabilities if major < 8})
+    return ";".join([*older, "8.0", "9.0+PTX"])
+
+
 def real_toolkit_root() -> str | None:
     """Toolkit root holding bin/nvcc and include/cuda_runtime.h, or None.
 
