@@ -62,7 +62,7 @@ def kv_projection(layer: nn.Module, family: Family, rows: Tensor) -> tuple[Tenso
     ever needed for. -> k, v (B, M, Hkv, D)."""
     attn = layer.self_attn
     h = layer.input_layernorm(rows)
-    shape = (*rows.shape[:2], -1, attn.head_dim)
+    shape = (*rows.shape[:2], attn.config.num_key_value_heads, attn.head_dim)
     k = attn.k_proj(h).view(shape)
     if family.qk_norm:
         k = attn.k_norm(k)
@@ -113,16 +113,17 @@ def layer_step(
     attn = layer.self_attn
     B, N, _ = x.shape
     h = layer.input_layernorm(x)
-    shape = (B, N, -1, attn.head_dim)
-    q = attn.q_proj(h).view(shape)
-    k = attn.k_proj(h).view(shape)
-    v = attn.v_proj(h).view(shape)
+    # head counts spelled out, not -1: a chunk may have no new rows (a batch padded past its samples)
+    q = attn.q_proj(h).view(B, N, attn.config.num_attention_heads, attn.head_dim)
+    kv_shape = (B, N, attn.config.num_key_value_heads, attn.head_dim)
+    k = attn.k_proj(h).view(kv_shape)
+    v = attn.v_proj(h).view(kv_shape)
     if family.qk_norm:
         q, k = attn.q_norm(q), attn.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys = pack_keys(prefix_k, prefix_lens, k, q_lens, prefix_full)
     values = pack_keys(prefix_v, prefix_lens, v, q_lens, prefix_full)
     out, _ = ops.prefix_attention(q, keys, values, attn.scaling, q_lens, prefix_lens + q_lens)
-    x = x + attn.o_proj(out.reshape(B, N, -1))
+    x = x + attn.o_proj(out.flatten(2))
     x = x + layer.mlp(layer.post_attention_layernorm(x))
     return x, k, v

@@ -573,6 +573,30 @@ def test_training_forward_with_padding_equals_samples_alone():
     torch.testing.assert_close(batch[1:2, :23], model(x[1:2, :23]).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("return_logits", [True, False])
+def test_a_batch_padded_past_its_samples_trains_as_the_cropped_batch(return_logits):
+    """Padding to a multiple (HF collators) leaves whole chunks with no token of any sample:
+    they carry no rows and change nothing (a zero-row chunk used to crash the layer step)."""
+    model = tiny_comet("qwen3").train()
+    x = ids(2, 40, seed=13)
+    mask = torch.ones_like(x)
+    mask[0, 30:], mask[1, 20:] = 0, 0  # the third chunk of 16 holds padding only
+    labels = x.masked_fill(mask == 0, -100)
+    runs = []
+    for T in (40, 30):
+        model.zero_grad()
+        out = model(x[:, :T], labels=labels[:, :T], attention_mask=mask[:, :T], return_logits=return_logits)
+        out.loss.backward()
+        runs.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (padded, g_padded), (cropped, g_cropped) = runs
+    torch.testing.assert_close(padded.loss, cropped.loss, rtol=1e-6, atol=1e-6)
+    if return_logits:
+        torch.testing.assert_close(padded.logits[:, :30], cropped.logits, rtol=1e-5, atol=1e-5)
+    assert g_padded.keys() == g_cropped.keys() and len(g_padded) > 10
+    for name in g_padded:
+        torch.testing.assert_close(g_padded[name], g_cropped[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_recomputation_gives_identical_gradients():
     model = tiny_comet("llama").train()
     x = ids(2, 50, seed=10)
