@@ -30,6 +30,13 @@ def apply_lora(model, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
         raise ImportError("apply_lora needs peft: pip install peft") from e
     if rank < 1:
         raise ValueError(f"apply_lora: rank must be >= 1, got {rank}")
+    if model.comet_lora is not None or lora_parameters(model):
+        # peft would add a second adapter beside the first and re-initialise the weights it
+        # shares: the trained adapters would be lost
+        raise ValueError(f"apply_lora: the model already has LoRA adapters ({model.comet_lora}); train them as "
+                         "they are, or merge_lora(model) first to fold them into the weights")
+    # merge_lora gives each base weight back the trainability it had here
+    model._lora_frozen_base = {n for n, p in model.base.named_parameters() if not p.requires_grad}
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                         bias="none")
     inject_adapter_in_model(config, model.base.model)
@@ -41,7 +48,8 @@ def apply_lora(model, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
 
 
 def merge_lora(model) -> None:
-    """Folds every LoRA adapter into its base weight and removes the adapter modules."""
+    """Folds every LoRA adapter into its base weight and removes the adapter modules. Base
+    weights become trainable again, but for those frozen before apply_lora."""
     from peft.tuners.lora import LoraLayer
 
     for parent in list(model.base.model.modules()):
@@ -49,9 +57,11 @@ def merge_lora(model) -> None:
             if isinstance(child, LoraLayer):
                 child.merge()
                 setattr(parent, child_name, child.get_base_layer())
-    for p in model.base.parameters():
-        p.requires_grad_(True)
+    frozen = getattr(model, "_lora_frozen_base", set())  # what the user had frozen before apply_lora
+    for name, p in model.base.named_parameters():
+        p.requires_grad_(name not in frozen)
     model.comet_lora = None
+    model._lora_frozen_base = set()
 
 
 def lora_parameters(model) -> list[nn.Parameter]:

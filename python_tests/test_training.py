@@ -252,3 +252,25 @@ def test_lora_trains_adapters_and_memory_and_merges_back():
     frozen = [n for n in base_before if "embed" in n]
     for n in frozen:  # frozen base weights did not move
         torch.testing.assert_close(dict(model.base.named_parameters())[n], base_before[n])
+
+
+def test_lora_cannot_be_applied_twice_and_merge_keeps_what_was_frozen():
+    """A second apply_lora would reset the trained adapters (peft re-initialises them): refused.
+    merge_lora gives the base weights back the trainability they had before apply_lora."""
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora, lora_parameters, merge_lora
+
+    model = tiny_comet("llama")
+    model.base.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice
+    apply_lora(model, rank=2)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_()
+    trained = [p.detach().clone() for p in lora_parameters(model)]
+    with pytest.raises(ValueError, match="already has LoRA adapters"):
+        apply_lora(model, rank=2)
+    assert all(torch.equal(a, b) for a, b in zip(lora_parameters(model), trained))
+    merge_lora(model)
+    assert not model.base.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in model.base.named_parameters() if "embed_tokens" not in n)
+    apply_lora(model, rank=2)  # merged: adapters may come again
