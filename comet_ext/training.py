@@ -253,13 +253,15 @@ class Trainer:
         def fill(tmp: str) -> None:
             self.model.save_pretrained(os.path.join(tmp, "model"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step, "history": self.history}, os.path.join(tmp, "trainer.pt"))
+                        "step": self.step, "history": self.history, "rng": _rng_state()},
+                       os.path.join(tmp, "trainer.pt"))
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(self.cfg), f, indent=1)
         atomic_folder(folder, fill)
 
     def load_checkpoint(self, folder: str) -> None:
-        """Restores the model weights, optimizer, scheduler and data position."""
+        """Restores the model weights, optimizer, scheduler, data position and torch's random
+        number generators (CPU and CUDA)."""
         from .modeling import CometForCausalLM
 
         path = os.path.join(folder, "trainer.pt")
@@ -271,3 +273,17 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
+        if "rng" in state:  # what dropout (LoRA's, the model's) draws next; older checkpoints lack it
+            _set_rng_state(state["rng"])
+
+
+def _rng_state() -> dict:
+    """torch's generator states: the CPU one and each CUDA device's (dropout draws from them)."""
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]][: torch.cuda.device_count()])

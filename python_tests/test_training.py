@@ -221,6 +221,29 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert got == expected
 
 
+def test_resume_is_exact_with_dropout(tmp_path):
+    """A checkpoint carries torch's random state: with LoRA dropout the resumed run draws the
+    same masks as the uninterrupted one, whatever the resuming process's generator held."""
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora
+
+    def trainer(seed):
+        model = tiny_comet("llama", seed=seed)
+        apply_lora(model, rank=2, dropout=0.3)
+        return _trainer(model, 4)
+
+    torch.manual_seed(0)
+    expected = [h["loss"] for h in trainer(0).train()]
+    torch.manual_seed(0)
+    first = trainer(0)
+    first.train(steps=2)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    torch.manual_seed(123)
+    resumed = trainer(3)
+    resumed.load_checkpoint(str(tmp_path / "ckpt"))
+    assert [h["loss"] for h in resumed.train()] == expected
+
+
 def test_periodic_checkpoints_are_complete_folders(tmp_path):
     tr = _trainer(tiny_comet("llama"), 4, checkpoint_every=2, checkpoint_dir=str(tmp_path))
     tr.train()
