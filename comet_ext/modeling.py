@@ -822,9 +822,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is False:
             raise ValueError("forward: return_dict=False is not supported; the output is a CometOutput (a ModelOutput, "
                              "which also indexes like a tuple)")
-        if labels is not None and labels.shape != getattr(input_ids, "shape", None):
-            raise ValueError(f"forward: labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(getattr(input_ids, 'shape', ()))}")
+        if labels is not None:
+            labels = self._check_labels(labels, input_ids)
         recompute = self._recompute if recompute is None else recompute
         if self.training and getattr(self.config, "attention_dropout", 0.0):
             raise NotImplementedError(f"forward: CoMeT's attention does not implement attention dropout (the "
@@ -851,10 +850,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             return CometOutput(logits=None, loss=loss)
         logits = self._text_logits(hidden, segs, sizes)
         loss = None
-        if labels is not None:
+        if labels is not None:  # the mean over labelled tokens; 0 where there is none, as the chunked loss
+            count = (labels[:, 1:] != -100).sum().clamp(min=1)
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100)
+                ignore_index=-100, reduction="sum") / count
         return CometOutput(logits=logits, loss=loss)
 
     def _chunk_targets(self, labels: Tensor, sizes: Sequence[int], first: int) -> list[Optional[Tensor]]:
@@ -1037,6 +1037,21 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
         return input_ids.to(self.device).long()
+
+    def _check_labels(self, labels, input_ids) -> Tensor:
+        """labels (B, T) as int64 on the model's device: token ids of the vocabulary, or -100
+        (ignored), as HF's losses take them."""
+        if not isinstance(labels, Tensor) or labels.shape != getattr(input_ids, "shape", None):
+            raise ValueError(f"forward: labels {tuple(getattr(labels, 'shape', ()))} must be a tensor of the shape "
+                             f"of input_ids {tuple(getattr(input_ids, 'shape', ()))}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"forward: labels must be integer token ids (or -100), got dtype {labels.dtype}")
+        vocab = self.base.get_input_embeddings().num_embeddings
+        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
+        if labels.numel() and bool(bad.any()):
+            raise ValueError(f"forward: labels must be token ids in [0, {vocab}) or -100 (ignored); got "
+                             f"{sorted(set(labels[bad].tolist()))[:8]}")
+        return labels.to(self.device).long()
 
     def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> Tensor:
         if attention_mask is None:

@@ -224,8 +224,9 @@ def test_training_host_syncs_do_not_grow_with_depth(recompute, return_logits):
         syncs.append(counter.counts)
     assert syncs[0], "the counter saw no host read at all: the count would prove nothing"
     assert syncs[1] == syncs[0], f"host reads per training step: {syncs[0]} with 2 layers, {syncs[1]} with 5"
-    # input_ids' range, the mask, its lengths as a list (a host tensor); which chunks have labels
-    expected = ["_check_ids", "_lengths", "_plan_chunks"] + ([] if return_logits else ["_chunk_targets"])
+    # input_ids' and labels' ranges, the mask, its lengths as a list (a host tensor); which chunks have labels
+    expected = ["_check_ids", "_check_labels", "_lengths", "_plan_chunks"] + ([] if return_logits else
+                                                                               ["_chunk_targets"])
     assert sorted(where.split(":")[0] for _, where in syncs[0].elements()) == sorted(expected), syncs[0]
 
 
@@ -595,6 +596,26 @@ def test_a_batch_padded_past_its_samples_trains_as_the_cropped_batch(return_logi
     assert g_padded.keys() == g_cropped.keys() and len(g_padded) > 10
     for name in g_padded:
         torch.testing.assert_close(g_padded[name], g_cropped[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_training_labels_are_checked_and_both_loss_paths_agree():
+    """labels of any integer dtype train as int64; values outside the vocabulary (but -100) and
+    float labels are ValueErrors naming labels; labels that leave nothing to learn give a loss
+    of 0 on both paths (the full-logits path gave NaN, the chunked one 0)."""
+    model = tiny_comet("llama").train()
+    x = ids(2, 30, seed=14)
+    losses = [model(x, labels=x.to(dtype), return_logits=r).loss for dtype in (torch.long, torch.int32)
+              for r in (True, False)]
+    for loss in losses[1:]:
+        torch.testing.assert_close(loss, losses[0], rtol=1e-6, atol=1e-6)
+    for bad, match in ((x.float(), "integer token ids"), (x.masked_fill(x == x[0, 3], VOCAB), r"in \[0, 97\) or -100"),
+                       (x.masked_fill(x == x[0, 3], -5), r"got \[-5\]"), (x[:, :5], "shape of input_ids")):
+        with pytest.raises(ValueError, match=match):
+            model(x, labels=bad)
+    nothing = torch.full_like(x, -100)
+    for return_logits in (True, False):
+        loss = model(x, labels=nothing, return_logits=return_logits).loss
+        assert loss.item() == 0.0 and loss.requires_grad
 
 
 def test_recomputation_gives_identical_gradients():
