@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import json
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -1069,9 +1070,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         cs = self.comet_config.chunk_size
         if chunk_sizes is None:
             return [min(cs, T - s) for s in range(0, T, cs)]
-        sizes = [int(n) for n in chunk_sizes]
+        sizes = list(chunk_sizes)
+        if not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) for n in sizes):
+            raise ValueError(f"chunk_sizes must be ints, got {sizes}")
+        sizes = [int(n) for n in sizes]
         if any(n < 1 for n in sizes) or sum(sizes) != T:
             raise ValueError(f"chunk_sizes must be positive and sum to the {T} tokens of input_ids, got {sizes}")
+        if max(sizes) > cs:  # read() never streams such chunks: the model would read unlike it trained
+            raise ValueError(f"chunk_sizes must each be at most comet_config.chunk_size ({cs}), the longest chunk "
+                             f"read() streams; got {max(sizes)}")
         return sizes
 
 

@@ -536,6 +536,8 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(5, dtype=torch.long)), "shape \\(batch, tokens\\)"),
         (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[4, 4]), "sum to the 10 tokens"),
         (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[10, 0]), "must be positive"),
+        (lambda m: m(torch.zeros(1, 20, dtype=torch.long), chunk_sizes=[20]), r"at most comet_config.chunk_size \(16\)"),
+        (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[5.5, 4.5]), "must be ints"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long)), "labels"),
         (lambda m: m.read(torch.zeros(2, 4, dtype=torch.long), m.new_memory(3)), "memory holds 3 samples"),
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])),
@@ -545,8 +547,8 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 64)), "inputs_embeds"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), output_attentions=True), "output_attentions"),
     ],
-    ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "labels-shape", "memory-batch", "left-pad",
-         "mask-shape", "memory-batch-0", "inputs-embeds", "output-attentions"],
+    ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "size-over-chunk", "size-float", "labels-shape",
+         "memory-batch", "left-pad", "mask-shape", "memory-batch-0", "inputs-embeds", "output-attentions"],
 )
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
