@@ -15,6 +15,17 @@ summed over all ranks (pipeline and data) afterwards.
 
 Works with gloo (CPU) and NCCL (GPU). A failed peer surfaces as an error from
 send / recv within the process group's timeout, never as a silent hang.
+
+Two rules keep the ranks in step; neither depends on what a rank computes:
+- The wire format (shape and dtype of each tensor an edge carries) follows from
+  the model (config, dtype) and the batch size alone, whatever autocast makes of
+  the state; the ranks check at the start that they agree, and a tensor off that
+  format is an error before it is sent (gloo would take fewer bytes into a larger
+  buffer as garbage).
+- Every state sent forward has its gradient sent back, zeros where nothing
+  depends on it: each edge's send and receive leave a zero "tie" in their rank's
+  loss, so backward reaches both ends of every edge whatever requires grad and
+  wherever the labels are.
 """
 from __future__ import annotations
 
@@ -29,6 +40,16 @@ from .train_memory import TrainMemory
 # A pipeline edge carries a layer's memory as TrainMemory.to_wire's tensors; the first
 # of them carry gradients.
 _FLOAT = TrainMemory.WIRE_GRADS
+
+# What a tensor's dtype travels as: gloo and NCCL send no bool.
+_ON_WIRE = {torch.bool: torch.uint8}
+# The dtypes a wire format may name, as the codes the ranks compare at the start.
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.bool, torch.uint8, torch.int32,
+           torch.int64)
+_HEADER = 64  # int64s of an encoded wire format: its length, then the codes, then -1s
+
+# The shape and dtype of each tensor an edge carries, in order.
+WireFormat = list[tuple[torch.Size, torch.dtype]]
 
 
 def block_of(rank: int, size: int, n_chunks: int) -> range:
@@ -54,51 +75,108 @@ def _global_rank(group, rank: int) -> int:
     return dist.get_global_rank(group, rank) if group is not None else rank
 
 
+def _describe(fmt: WireFormat) -> str:
+    return ", ".join(f"{tuple(shape)} {dtype}" for shape, dtype in fmt)
+
+
+def _send(t: Tensor, fmt: tuple, peer: int, group, what: str) -> None:
+    """Sends t, which must have the wire format fmt = (shape, dtype) the peer's buffer has."""
+    shape, dtype = fmt
+    if t.shape != shape or t.dtype != dtype:
+        raise RuntimeError(f"comet_ext pipeline: {what} for rank {peer} is {tuple(t.shape)} {t.dtype}, off the wire "
+                           f"format agreed with it, {tuple(shape)} {dtype}")
+    _p2p(True, t.to(_ON_WIRE.get(dtype, dtype)).contiguous(), peer, group, what)
+
+
+def _recv(fmt: tuple, device, peer: int, group, what: str) -> Tensor:
+    shape, dtype = fmt
+    buf = torch.empty(shape, dtype=_ON_WIRE.get(dtype, dtype), device=device)
+    _p2p(False, buf, peer, group, what)
+    return buf.to(dtype)
+
+
+def _wire_format(model, B: int) -> WireFormat:
+    """What an edge carries, from the model (config, dtype) and the batch size only:
+    the same on every rank, whatever autocast or the data do."""
+    wire = model._train_memory(B).to_wire(model.config.num_key_value_heads, model._head_dim(), dtype=model.dtype)
+    return [(t.shape, t.dtype) for t in wire]
+
+
+def _encode(fmt: WireFormat) -> list[int]:
+    codes = []
+    for shape, dtype in fmt:
+        codes += [_DTYPES.index(dtype), len(shape), *shape]
+    if len(codes) >= _HEADER:
+        raise ValueError(f"comet_ext pipeline: the wire format {_describe(fmt)} does not fit its header")
+    return [len(codes), *codes] + [-1] * (_HEADER - 1 - len(codes))
+
+
+def _decode(header: list[int]) -> WireFormat:
+    codes, fmt, i = header[1:1 + header[0]], [], 0
+    while i < len(codes):
+        ndim = codes[i + 1]
+        fmt.append((torch.Size(codes[i + 2:i + 2 + ndim]), _DTYPES[codes[i]]))
+        i += 2 + ndim
+    return fmt
+
+
+def _agree_on_wire_format(fmt: WireFormat, prev: Optional[int], nxt: Optional[int], group, device) -> None:
+    """Checks that the previous rank sends what this rank's buffers take (ranks with
+    models of other dtypes or configs, or other batches, would otherwise exchange
+    garbage), then tells the next rank. Once per pipeline_loss: the format does not
+    change from layer to layer."""
+    what = "the wire format of a layer's memory state"
+    if prev is not None:
+        header = torch.empty(_HEADER, dtype=torch.long, device=device)
+        _p2p(False, header, prev, group, what)
+        theirs = header.tolist()
+        if theirs != _encode(fmt):
+            raise ValueError(f"comet_ext pipeline: rank {prev} sends a layer's memory state as "
+                             f"[{_describe(_decode(theirs))}], but this rank's wire format is [{_describe(fmt)}]: "
+                             f"every rank of a pipeline needs the same model (config and dtype) and batch")
+    if nxt is not None:
+        _p2p(True, torch.tensor(_encode(fmt), dtype=torch.long, device=device), nxt, group, what)
+
+
 class _Recv(torch.autograd.Function):
-    """Receives a layer's memory state from the previous rank; backward sends its gradient back."""
+    """Receives a layer's memory state from the previous rank: (tie, *state), where tie
+    is a zero scalar for this rank's loss. The tie makes backward always reach this
+    node, which then sends the state's gradient back (zeros for what the loss does not
+    depend on: the previous rank waits for it either way)."""
 
     @staticmethod
-    def forward(ctx, anchor: Tensor, src: int, group, *templates: Tensor):
-        ctx.src, ctx.group = src, group
-        out = []
-        for t in templates:
-            buf = torch.empty_like(t, dtype=torch.uint8 if t.dtype == torch.bool else t.dtype)
-            _p2p(False, buf, src, group, "a layer's memory state")
-            out.append(buf.bool() if t.dtype == torch.bool else buf)
+    def forward(ctx, anchor: Tensor, src: int, group, fmt: WireFormat):
+        ctx.src, ctx.group, ctx.fmt, ctx.device = src, group, fmt, anchor.device
+        out = [_recv(f, anchor.device, src, group, "a layer's memory state") for f in fmt]
         ctx.mark_non_differentiable(*out[_FLOAT:])
-        ctx.shapes = [(t.shape, t.dtype, t.device) for t in out[:_FLOAT]]
-        return tuple(out)
+        return (anchor.new_zeros(()), *out)
 
     @staticmethod
-    def backward(ctx, *grads):
-        for g, (shape, dtype, device) in zip(grads[:_FLOAT], ctx.shapes):
-            g = torch.zeros(shape, dtype=dtype, device=device) if g is None else g.contiguous()
-            _p2p(True, g, ctx.src, ctx.group, "a memory-state gradient")
-        return (None, None, None) + (None,) * len(grads)
+    def backward(ctx, _tie, *grads):
+        for g, (shape, dtype) in zip(grads[:_FLOAT], ctx.fmt):
+            g = torch.zeros(shape, dtype=dtype, device=ctx.device) if g is None else g
+            _send(g, (shape, dtype), ctx.src, ctx.group, "a memory-state gradient")
+        return None, None, None, None
 
 
 class _Send(torch.autograd.Function):
     """Sends a layer's memory state to the next rank; returns a zero scalar that ties
-    the send into this rank's graph, whose backward receives the state's gradient."""
+    the send into this rank's graph, whose backward receives the state's gradient.
+    The tie hangs off the anchor too, so backward receives that gradient even when
+    nothing on this rank needs it (the next rank sends it either way)."""
 
     @staticmethod
-    def forward(ctx, dst: int, group, *state: Tensor):
-        ctx.dst, ctx.group = dst, group
-        ctx.templates = [(t.shape, t.dtype, t.device) for t in state[:_FLOAT]]
-        ctx.n = len(state)
-        for t in state:
-            _p2p(True, (t.to(torch.uint8) if t.dtype == torch.bool else t).contiguous(), dst, group,
-                 "a layer's memory state")
-        return state[0].new_zeros(())
+    def forward(ctx, anchor: Tensor, dst: int, group, fmt: WireFormat, *state: Tensor):
+        ctx.dst, ctx.group, ctx.fmt, ctx.device, ctx.n = dst, group, fmt, anchor.device, len(state)
+        for t, f in zip(state, fmt):
+            _send(t, f, dst, group, "a layer's memory state")
+        return anchor.new_zeros(())
 
     @staticmethod
     def backward(ctx, grad):
-        grads = []
-        for shape, dtype, device in ctx.templates:
-            buf = torch.empty(shape, dtype=dtype, device=device)
-            _p2p(False, buf, ctx.dst, ctx.group, "a memory-state gradient")
-            grads.append(buf)
-        return (None, None, *grads) + (None,) * (ctx.n - _FLOAT)
+        grads = [_recv(f, ctx.device, ctx.dst, ctx.group, "a memory-state gradient") for f in ctx.fmt[:_FLOAT]]
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[4:])]
+        return (None, None, None, None, *grads) + (None,) * (ctx.n - _FLOAT)
 
 
 def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optional[Sequence[int]] = None,
@@ -114,17 +192,23 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     prev = _global_rank(group, rank - 1) if rank > 0 else None
     nxt = _global_rank(group, rank + 1) if rank < size - 1 else None
     B = input_ids.shape[0]
+    fmt = _wire_format(model, B)
+    _agree_on_wire_format(fmt, prev, nxt, group, model.device)
     hidden = {t: xs[t] for t in mine}
     # This rank's positions: logits at text position p predict labels[p + 1].
     targets = dict(zip(mine, model._chunk_targets(labels, [sizes[t] for t in mine], sum(sizes[: mine.start]))))
+    # Requires grad, so that every edge's tie does, on every rank, whatever else requires grad.
     anchor = torch.zeros((), device=model.device, requires_grad=True)
     ties, total = [], 0.0
     last = model.config.num_hidden_layers - 1
     wire = (model.config.num_key_value_heads, model._head_dim())
     for l in range(last + 1):
-        mem = model._train_memory(B)
-        if prev is not None:
-            mem = TrainMemory.from_wire(_Recv.apply(anchor, prev, group, *mem.to_wire(*wire)))
+        if prev is None:
+            mem = model._train_memory(B)
+        else:
+            tie, *state = _Recv.apply(anchor, prev, group, fmt)
+            ties.append(tie)
+            mem = TrainMemory.from_wire(state)
         for t in mine:
             target = targets[t] if l == last else None
             out, mem = model._run_train_step(l, segs[t], ropes[t], hidden[t], mem, recompute, target)
@@ -133,9 +217,10 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
             else:
                 hidden[t] = out
         if nxt is not None:
-            ties.append(_Send.apply(nxt, group, *mem.to_wire(*wire)))
+            ties.append(_Send.apply(anchor, nxt, group, fmt, *mem.to_wire(*wire, dtype=model.dtype)))
     count = (labels[:, 1:] != -100).sum().clamp(min=1).to(model.device)
     loss = total / count if isinstance(total, Tensor) else anchor * 0
+    # The ties add zero, but put every send and receive of this rank into its backward.
     return loss + sum(ties) if ties else loss
 
 

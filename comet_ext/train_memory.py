@@ -163,8 +163,13 @@ class TrainMemory:
     # FIFO values (these three carry gradients), has_global, FIFO length.
     WIRE_GRADS = 3
 
-    def to_wire(self, kv_heads: int, head_dim: int) -> list[Tensor]:
-        """state, FIFO k, FIFO v (B, C, Hkv, D) oldest first, has_global, FIFO length (B,)."""
+    def to_wire(self, kv_heads: int, head_dim: int, dtype: torch.dtype | None = None) -> list[Tensor]:
+        """state, FIFO k, FIFO v (B, C, Hkv, D) oldest first, has_global, FIFO length (B,).
+
+        dtype: the wire's float dtype, which state, k and v are cast to. A pipeline must
+        give it: under autocast a step returns some of these in bfloat16 and others in
+        float32, while the receiver's buffers have one dtype fixed in advance. The cast
+        is differentiable, so each gradient comes back in its tensor's own dtype."""
         B, C = self.fifo.batch, self.fifo.capacity
         heads, lengths = self.fifo.layout()
         dev = self.state.device
@@ -173,7 +178,10 @@ class TrainMemory:
         if fifo is None:
             zeros = self.state.new_zeros(B, C, kv_heads, head_dim)
             fifo = (zeros, zeros.clone())
-        return [self.state, fifo[0], fifo[1], self.has_global, length]
+        floats = [self.state, fifo[0], fifo[1]]
+        if dtype is not None:
+            floats = [t.to(dtype) for t in floats]
+        return [*floats, self.has_global, length]
 
     @classmethod
     def from_wire(cls, tensors: Sequence[Tensor]) -> "TrainMemory":

@@ -1,7 +1,9 @@
 """The layer-level pipeline on 2 and 4 gloo ranks equals one process: loss and every gradient."""
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import sys
 
 import pytest
@@ -14,11 +16,21 @@ from comet_ext.parallel import block_of
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _model_and_batch():
+# A short process-group timeout: a pipeline that stalls fails a test in seconds, not in
+# gloo's default 30 minutes (every wait here is for a peer's few-second share of the work).
+_TIMEOUT = datetime.timedelta(seconds=30)
+
+
+def _model_and_batch(case: str = "plain", chunk_size: int = 16):
+    """The model (chunks of at most `chunk_size` tokens) and batch the pipeline tests
+    share; `case` varies what trains:
+    "labels-on-rank-0-only": with chunks [16, 16, 16, 16, 11] on 2 ranks, rank 1's
+    chunks (tokens 48..74) have no label; "only-lm-head": nothing but lm_head trains,
+    so nothing rank 0 sends needs a gradient."""
     sys.path.insert(0, HERE)
     from modeling_utils import tiny_comet
 
-    model = tiny_comet("qwen3").train()
+    model = tiny_comet("qwen3", chunk_size=chunk_size).train()
     g = torch.Generator().manual_seed(11)
     ids = torch.randint(0, 97, (2, 75), generator=g)
     labels = ids.clone()
@@ -26,6 +38,13 @@ def _model_and_batch():
     mask = torch.ones_like(ids)
     mask[1, 61:] = 0
     labels[1, 61:] = -100
+    if case == "labels-on-rank-0-only":
+        labels[:, 35:] = -100
+    elif case == "only-lm-head":
+        for name, p in model.named_parameters():
+            p.requires_grad_("lm_head" in name)
+    else:
+        assert case == "plain", case
     return model, ids, labels, mask
 
 
@@ -38,19 +57,22 @@ def _exit_quietly() -> None:
     os._exit(0)
 
 
-def _worker(rank: int, world: int, store: str, out: str, chunk_sizes: list[int]) -> None:
+def _worker(rank: int, world: int, store: str, out: str, chunk_sizes: list[int], case: str = "plain",
+            bf16: bool = False) -> None:
     from comet_ext.parallel import all_reduce_grads, pipeline_loss
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=_TIMEOUT)
     torch.set_num_threads(1)
-    model, ids, labels, mask = _model_and_batch()
-    loss = pipeline_loss(model, ids, labels, chunk_sizes, mask, recompute=True)
+    model, ids, labels, mask = _model_and_batch(case, max(16, *chunk_sizes))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = pipeline_loss(model, ids, labels, chunk_sizes, mask, recompute=True)
     loss.backward()
     all_reduce_grads(model)
     total = loss.detach().clone()
     dist.all_reduce(total)
     if rank == 0:
-        torch.save({"loss": total, "grads": {n: p.grad for n, p in model.named_parameters()}}, out)
+        torch.save({"loss": total, "grads": {n: p.grad for n, p in model.named_parameters() if p.requires_grad}},
+                   out)
     dist.barrier()  # no rank tears gloo down while another still talks
     dist.destroy_process_group()
     _exit_quietly()
@@ -60,7 +82,8 @@ def _worker(rank: int, world: int, store: str, out: str, chunk_sizes: list[int])
                                                 (2, [40, 35])], ids=["2-ranks-5-chunks", "4-ranks-6-chunks",
                                                                      "2-ranks-2-chunks"])
 def test_pipeline_equals_one_process(tmp_path, world, chunk_sizes):
-    model, ids, labels, mask = _model_and_batch()
+    # A chunk may not be longer than comet_config.chunk_size: 2-ranks-2-chunks takes a model of 40.
+    model, ids, labels, mask = _model_and_batch("plain", max(16, *chunk_sizes))
     expected = model(ids, labels=labels, chunk_sizes=chunk_sizes, attention_mask=mask).loss
     expected.backward()
     out = str(tmp_path / "result.pt")
@@ -69,6 +92,87 @@ def test_pipeline_equals_one_process(tmp_path, world, chunk_sizes):
     torch.testing.assert_close(got["loss"], expected.detach(), rtol=1e-5, atol=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(got["grads"][name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _one_process_and_pipeline(tmp_path, case: str, bf16: bool):
+    """(loss, grads) of one process and of the 2-rank pipeline on chunks [16, 16, 16, 16, 11]."""
+    chunk_sizes = [16, 16, 16, 16, 11]
+    model, ids, labels, mask = _model_and_batch(case)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        expected = model(ids, labels=labels, chunk_sizes=chunk_sizes, attention_mask=mask, return_logits=False).loss
+    expected.backward()
+    out = str(tmp_path / "result.pt")
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out, chunk_sizes, case, bf16), nprocs=2, join=True)
+    got = torch.load(out)
+    trained = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert set(got["grads"]) == set(trained)
+    return expected.detach(), trained, got["loss"], got["grads"]
+
+
+def test_pipeline_under_bf16_autocast_equals_one_process(tmp_path):
+    """Under autocast a layer hands back part of its memory in bfloat16; the pipeline
+    still sends it in the format the receiver expects (it sent bfloat16 into float32
+    buffers: garbage values, then a gloo abort in backward)."""
+    expected, grads, loss, got = _one_process_and_pipeline(tmp_path, "plain", bf16=True)
+    # The receiving rank computes from a float32 copy of the bfloat16 rows the sender had, where
+    # one process keeps them in bfloat16: equal up to bfloat16 rounding, no more.
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-2)
+    for name, g in grads.items():
+        scale = g.abs().max().clamp(min=1e-6)
+        torch.testing.assert_close(got[name] / scale, g / scale, rtol=0, atol=3e-2, msg=name)
+
+
+@pytest.mark.parametrize("case", ["labels-on-rank-0-only", "only-lm-head"])
+def test_pipeline_with_a_side_that_needs_no_gradient_equals_one_process(tmp_path, case):
+    """Every memory state sent forward has its gradient sent back, whether the receiver's
+    loss depends on it (labels-on-rank-0-only: it did not, and rank 0 waited for a
+    gradient never sent) or the sender's state needs one (only-lm-head: it did not, and
+    rank 1 sent a gradient nobody received)."""
+    expected, grads, loss, got = _one_process_and_pipeline(tmp_path, case, bf16=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _mismatch_worker(rank: int, world: int, store: str, out: str) -> None:
+    from comet_ext.parallel import pipeline_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=10))
+    torch.set_num_threads(1)
+    model, ids, labels, mask = _model_and_batch()
+    if rank == 1:
+        model.double()  # its memory state: float64 where rank 0 sends float32
+    try:
+        pipeline_loss(model, ids, labels, [16, 16, 16, 16, 11], mask).backward()
+    except Exception as e:  # noqa: BLE001 - the point is which error, and that it comes
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(f"{type(e).__name__}: {e}")
+    _exit_quietly()
+
+
+def test_ranks_that_disagree_on_the_wire_format_stop_with_an_error(tmp_path):
+    """A receiver whose buffers differ from what the sender sends is an error naming both
+    formats (gloo took the float32 bytes into float64 buffers as garbage)."""
+    out = str(tmp_path / "error")
+    ctx = mp.start_processes(_mismatch_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
+                             start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=90)
+    assert all(p.exitcode is not None for p in ctx.processes), "a rank hung"
+    assert os.path.exists(f"{out}.1"), "the receiving rank ran on without an error"
+    message = open(f"{out}.1").read()
+    assert "wire format" in message and "torch.float32" in message and "torch.float64" in message, message
+
+
+def test_a_tensor_off_the_wire_format_is_refused_before_it_is_sent():
+    from comet_ext.parallel import _send
+
+    fmt = (torch.Size([2, 4, 8]), torch.float32)
+    with pytest.raises(RuntimeError, match=r"torch.bfloat16.*wire format.*torch.float32"):
+        _send(torch.zeros(2, 4, 8, dtype=torch.bfloat16), fmt, 1, None, "a layer's memory state")
+    with pytest.raises(RuntimeError, match=r"\(2, 4, 7\).*wire format.*\(2, 4, 8\)"):
+        _send(torch.zeros(2, 4, 7), fmt, 1, None, "a layer's memory state")
 
 
 def test_blocks_cover_the_chunks_and_refuse_too_many_ranks():
@@ -89,7 +193,7 @@ def _mesh_worker(rank: int, world: int, store: str, out: str) -> None:
     from comet_ext.planner import ChunkPlanner
     from comet_ext.training import TrainConfig, Trainer
 
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=_TIMEOUT)
     torch.set_num_threads(1)
     pipeline_group, data_group = make_mesh(2)
     model = tiny_comet("llama").train()
@@ -153,4 +257,5 @@ def test_a_failed_rank_stops_the_others_with_an_error(tmp_path):
     assert all(p.exitcode is not None for p in ctx.processes), "a rank hung"
     assert time.time() - start < 90
     assert ctx.processes[0].exitcode == 4
-    assert "comet_ext pipeline: sending a layer's memory state to rank 1 failed" in open(out).read()
+    # Its first send (the wire format, or the state itself) is what fails.
+    assert re.search(r"comet_ext pipeline: sending .*a layer's memory state.* to rank 1 failed", open(out).read())
