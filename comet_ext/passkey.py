@@ -87,6 +87,13 @@ def _layout(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], 
 
 
 @torch.no_grad()
+def answer_number(answer: str) -> str:
+    """The key an answer gives: its first number, whole ("604941" is not the key 60494), or
+    the answer itself when it holds none."""
+    match = re.search(r"\d+", answer)
+    return match.group(0) if match else answer.strip()
+
+
 def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int], progress: bool = False,
               global_memory: bool = True, boundary_ids: Optional[Sequence[int]] = None) -> list[dict]:
     """Reads one haystack per seed (its key drawn from the seed) as one batch and asks
@@ -109,8 +116,7 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
     records = []
     for seed, key, row in zip(seeds, keys, out[:, len(question):].tolist()):
         answer = tokenizer.decode(row)
-        match = re.search(r"\d{5}", answer)
-        found = match.group(0) if match else answer.strip()
+        found = answer_number(answer)
         records.append({"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
                         "correct": found == key, "seconds": seconds, "tokens_per_s": len(keys) * length / read_s,
                         "batch": len(keys), "global_memory": global_memory,
@@ -138,6 +144,7 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
     model (or one without a fingerprint), or read with other boundary_ids, in `out` is an
     error, never mixed in.
     """
+    lengths, depths = list(dict.fromkeys(lengths)), list(dict.fromkeys(depths))  # a repeated value is one cell
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "passkey_sweep.json")
     seeds = list(range(seed, seed + samples))
@@ -167,7 +174,7 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
                                  boundary_ids=boundaries)
                 cell = {"length": length, "depth": depth, "samples": samples,
                         "accuracy": sum(r["correct"] for r in runs) / samples, "runs": runs}
-                print(f"length {length:>8} depth {depth:.1f}: {cell['accuracy']:.0%} "
+                print(f"length {length:>8} depth {depth:g}: {cell['accuracy']:.0%} "
                       f"({runs[0]['seconds']:.0f} s)", flush=True)
             cells.append(cell)
             result = _grid(cells + list(done.values()), global_memory, fingerprint, boundaries)
@@ -271,9 +278,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                          "(CometForCausalLM.read(boundary_ids=...); default: fixed chunks)")
     ap.add_argument("--out", default="passkey_results")
     args = ap.parse_args(argv)
+    lengths = args.lengths if args.sweep else [args.length]
+    depths = args.depths if args.sweep else [args.depth] if args.depth is not None else []
+    if min(lengths) < 1:
+        ap.error(f"--length{'s' if args.sweep else ''}: a haystack needs at least one token, got {min(lengths)}")
+    if any(not 0 <= d <= 1 for d in depths):
+        ap.error(f"--depth{'s' if args.sweep else ''} must lie in [0, 1], got {[d for d in depths if not 0 <= d <= 1]}")
+    if args.sweep and args.samples < 1:
+        ap.error(f"--samples must be >= 1, got {args.samples}")
+    if args.sweep:
+        try:  # before the model loads: an --out that cannot be written fails now, not after a cell
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as e:
+            ap.error(f"--out: cannot create {args.out!r}: {e.strerror}")
     if not os.path.isdir(args.model):
         sys.exit(f"comet-passkey: no model folder at {args.model!r}")
-    model, tokenizer = load(args.model)
+    try:
+        model, tokenizer = load(args.model)
+    except (OSError, ValueError) as e:
+        sys.exit(f"comet-passkey: {args.model!r} holds no CoMeT model with its tokenizer: {e}")
+    try:  # the shortest haystack must hold the needle
+        build_haystack(tokenizer, min(lengths), 0.0, "00000")
+    except ValueError as e:
+        ap.error(f"--length{'s' if args.sweep else ''}: {e}")
     if args.gate_snap is not None:
         try:
             model.comet_config = dataclasses.replace(model.comet_config, gate_snap=args.gate_snap)
@@ -284,8 +311,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     # one id set per character: a subword tokenizer may merge a string of them into other tokens
     boundary_ids = sorted({i for ch in args.cut_after for i in _encode(tokenizer, ch)}) if args.cut_after else None
     if args.sweep:
-        sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
-              global_memory=not args.no_global_memory, boundary_ids=boundary_ids)
+        try:
+            sweep(model, tokenizer, args.lengths, args.depths, args.samples, args.out, args.seed,
+                  global_memory=not args.no_global_memory, boundary_ids=boundary_ids)
+        except ValueError as e:  # an --out holding another sweep: said, not a traceback
+            sys.exit(f"comet-passkey: {e}")
         return
     depth = args.depth if args.depth is not None else random.Random(args.seed).random()
     record = run_passkey(model, tokenizer, args.length, depth, args.seed, progress=not args.json,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import tempfile
 
 import torch
 
@@ -41,6 +42,18 @@ def build_model(name: str, comet: CometConfig, dtype: torch.dtype):
 
     tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
     return CometForCausalLM.from_base(name, comet, dtype=dtype), tok
+
+
+def unwritable(folder: str):
+    """Why `folder` cannot be made a folder this process writes files in (creating it, as training
+    would), or None if it can."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        return e.strerror or str(e)
+    return None
 
 
 def main() -> None:
@@ -68,11 +81,36 @@ def main() -> None:
     ap.add_argument("--pipeline", type=int, default=1, help="pipeline stages per replica (under torchrun)")
     ap.add_argument("--lora", type=int, default=0, help="LoRA rank on the base weights (0: full fine-tuning)")
     args = ap.parse_args()
+    # every argument checked before the model is built: a mistake found after training loses it
+    for name in ("steps", "batch_size", "grad_accum", "max_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.model != "tiny" and not os.path.isdir(args.model):
+        ap.error(f"--model {args.model}: no such folder (a local Hugging Face model folder, or 'tiny')")
+    if args.data != "synthetic" and not os.path.isfile(args.data):
+        ap.error(f"--data {args.data}: no such file (a chat JSONL file, or 'synthetic')")
+    if args.resume and not os.path.isfile(os.path.join(args.resume, "trainer.pt")):
+        ap.error(f"--resume {args.resume}: not a checkpoint of this script (a folder holding trainer.pt, "
+                 "e.g. OUT/checkpoints/step-0000100)")
+    try:
+        comet = CometConfig(chunk_size=args.chunk_size, num_global=args.num_global, temp_stride=args.temp_stride,
+                            temp_budget=args.temp_budget, rla_rank=args.rla_rank)
+        cfg = TrainConfig(total_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                          lr=args.lr, memory_lr_mult=args.memory_lr_mult, warmup_steps=args.warmup,
+                          bf16_autocast=args.bf16, recompute=not args.no_recompute,
+                          checkpoint_every=args.checkpoint_every,
+                          checkpoint_dir=os.path.join(args.out, "checkpoints"), seed=args.seed)
+    except ValueError as e:
+        ap.error(str(e))
+    why = unwritable(args.out)
+    if why is None and os.path.exists(os.path.join(args.out, "model")) and not os.path.isdir(
+            os.path.join(args.out, "model")):
+        why = f"{os.path.join(args.out, 'model')} is a file"
+    if why is not None:
+        ap.error(f"--out {args.out}: cannot write the model there ({why})")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(args.seed)
 
-    comet = CometConfig(chunk_size=args.chunk_size, num_global=args.num_global, temp_stride=args.temp_stride,
-                        temp_budget=args.temp_budget, rla_rank=args.rla_rank)
     model, tok = build_model(args.model, comet, torch.float32)
     if args.lora:
         from comet_ext.lora import apply_lora
@@ -98,10 +136,9 @@ def main() -> None:
     else:
         samples, problems = read_chat_jsonl(args.data, tok, max_tokens=args.max_tokens)
         logging.info("%d samples, %d lines skipped", len(samples), len(problems))
-    cfg = TrainConfig(total_steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                      memory_lr_mult=args.memory_lr_mult, warmup_steps=args.warmup, bf16_autocast=args.bf16,
-                      recompute=not args.no_recompute, checkpoint_every=args.checkpoint_every,
-                      checkpoint_dir=os.path.join(args.out, "checkpoints"), seed=args.seed)
+        if not samples:
+            ap.error(f"--data {args.data}: no usable sample in it ({len(problems)} lines skipped"
+                     + (f"; the first: {problems[0]}" if problems else "") + ")")
     planner = ChunkPlanner(args.chunk_size, min_size=max(1, args.chunk_size // 4), seed=args.seed)
     trainer = Trainer(model, samples, cfg, planner, pad_id=tok.pad_token_id or 0,
                       pipeline_group=pipeline_group, data_group=data_group)

@@ -34,6 +34,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if args.length < 1:
+        ap.error(f"--length must be >= 1, got {args.length}")
+    if args.new_tokens < 0:
+        ap.error(f"--new-tokens must be >= 0, got {args.new_tokens}")
 
     torch.manual_seed(args.seed)
     config = Qwen3Config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=2,

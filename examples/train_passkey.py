@@ -287,8 +287,9 @@ def main() -> None:
                          "pushes every gate towards keeping its slot (1) or replacing it (0)")
     ap.add_argument("--resume", action="store_true",
                     help="continue the run saved in --out (weights, optimizer, schedule, random state, curriculum, "
-                         "log) where its last save left it: give the run's command again with --resume; --steps "
-                         "counts all steps, --minutes this process's")
+                         "log) where its last save left it: give the run's command again with --resume (the model's "
+                         "shape and the learning rates cannot change); --steps counts all steps, --minutes this "
+                         "process's. Without it, an --out holding a saved run is refused")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,18 +308,29 @@ def main() -> None:
         ap.error("--min-lr-ratio anneals the learning rate over --steps: give --steps")
     if args.stop_after is not None and args.stop_after < 1:
         ap.error(f"--stop-after is a step count >= 1, got {args.stop_after}")
+    for name in ("start_stage", "batch_size", "far_batch_size", "far_tail"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.far_chunks[0] <= args.far_chunks[1]:
+        ap.error("--far-chunks MIN MAX are chunk counts with 1 <= MIN <= MAX, got "
+                 f"{args.far_chunks[0]} {args.far_chunks[1]}")
     if args.steps is None:
         args.steps = 100000  # the limit before --min-lr-ratio existed: saved runs resume with the same value
     if not 1 <= args.min_chunk <= args.chunk_size:
         ap.error(f"--min-chunk must lie in 1..--chunk-size ({args.chunk_size}), got {args.min_chunk}")
     if args.semantic_chunks > 0 and not args.cut_after:
         ap.error("--semantic-chunks needs --cut-after (the boundary characters)")
+    if not args.resume and os.path.exists(os.path.join(args.out, TRAINER_STATE)):  # before anything is written
+        ap.error(f"--out {args.out} holds a saved run ({TRAINER_STATE}): pass --resume to continue it, or another "
+                 "--out for a new run")
+    resumed = load_trainer_state(args.out) if args.resume else None
+    if resumed:
+        check_resumed_args(ap, args, resumed["args"])
     cut_ids = sorted({i for ch in args.cut_after or "" for i in tok(ch, add_special_tokens=False)["input_ids"]}) or None
     config = Qwen3Config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.hidden * 5 // 2,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
                          num_key_value_heads=args.heads, head_dim=64, max_position_embeddings=4096,
                          tie_word_embeddings=True)
-    resumed = load_trainer_state(args.out) if args.resume else None
     init_from = args.out if resumed else args.init  # a resumed run's model is its own checkpoint
     init = CometForCausalLM.from_pretrained(init_from).train() if init_from else None
     snap = args.gate_snap if args.gate_snap is not None else init.comet_config.gate_snap if init else 1.0
@@ -327,6 +339,9 @@ def main() -> None:
     if init is not None:  # the chunk size and the snap set no parameter's shape; the slots are resized
         model = init
         model.comet_config = dataclasses.replace(model.comet_config, chunk_size=args.chunk_size, gate_snap=snap)
+        if resumed and model.comet_config.num_global != args.num_global:  # (a run resumed by an older version)
+            ap.error(f"--resume: the model saved in {args.out} has {model.comet_config.num_global} global slots, "
+                     f"not --num-global {args.num_global}")
         if model.comet_config.num_global != args.num_global:
             model.resize_global_memory(args.num_global, noise=0.1,
                                        generator=torch.Generator().manual_seed(args.seed))
@@ -348,11 +363,6 @@ def main() -> None:
     last_save, passed, done = start, 0, 0  # passed: the longest stage this run has passed; done: steps run
     before = 0.0  # minutes run before a --resume
     if resumed:
-        baked = [f"--{k.replace('_', '-')} {resumed['args'][k]} (now {getattr(args, k)})"
-                 for k in ("lr", "memory_lr_mult") if resumed["args"][k] != getattr(args, k)]
-        if baked:  # the restored schedule holds the learning rates: a changed one would be ignored
-            raise SystemExit(f"--resume: the run was trained with {', '.join(baked)}; resume with the same "
-                             "learning rates, or start a new run from it with --init")
         changed = [f"--{k.replace('_', '-')} {v!r} -> {getattr(args, k)!r}" for k, v in resumed["args"].items()
                    if k not in ("resume", "minutes") and getattr(args, k, v) != v]
         if changed:
@@ -450,6 +460,32 @@ def main() -> None:
 
 
 TRAINER_STATE = "trainer_state.pt"
+# Options a --resume cannot apply. The saved weights have their shapes (--init's model had them on a
+# fresh run), the restored schedule the learning rates: a change is refused.
+FIXED_ON_RESUME = ("hidden", "layers", "heads", "num_global", "lr", "memory_lr_mult")
+# The saved random states, curriculum and weights replace what these set up: the run's own values are kept.
+KEPT_ON_RESUME = ("seed", "start_stage", "init")
+
+
+def check_resumed_args(ap: argparse.ArgumentParser, args: argparse.Namespace, saved: dict) -> None:
+    """Before a --resume builds anything: an argparse error for a changed option of FIXED_ON_RESUME
+    (it would be ignored, then recorded as if applied), and the saved values of KEPT_ON_RESUME put
+    back into `args` (noted), so that the trainer state records only options the run has applied.
+    Options a saved run's args lack (older versions) are not compared."""
+    def flag(k):
+        return "--" + k.replace("_", "-")
+    fixed = [f"{flag(k)} {saved[k]} (now {getattr(args, k)})" for k in FIXED_ON_RESUME
+             if k in saved and saved[k] != getattr(args, k)]
+    if fixed:
+        ap.error(f"--resume: the run was trained with {', '.join(fixed)}, which a resumed run cannot change "
+                 "(its saved weights and schedule have them): resume with the run's own values, or start a new "
+                 f"run from it with --init {args.out} --out NEW")
+    kept = [k for k in KEPT_ON_RESUME if k in saved and saved[k] != getattr(args, k)]
+    if kept:
+        print("--resume keeps the run's own " + "; ".join(f"{flag(k)} {saved[k]!r} (ignoring {getattr(args, k)!r})"
+                                                         for k in kept), flush=True)
+        for k in kept:
+            setattr(args, k, saved[k])
 
 
 @dataclasses.dataclass
@@ -502,9 +538,22 @@ def earlier_commands(out: str, resumed: dict) -> list:
 
 
 def keep_log_until(path: str, step: int) -> None:
-    """Drops the log lines of steps after `step` (run again after a --resume), atomically."""
+    """Drops the log lines of steps after `step` (run again after a --resume), atomically, with a
+    last line that does not parse (torn by a kill while it was written: after the last save)."""
     lines = open(path).readlines() if os.path.isfile(path) else []
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    kept = []
+    for i, line in enumerate(lines[:last + 1]):
+        if not line.strip():
+            continue
+        try:
+            logged = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == last:
+                break
+            raise SystemExit(f"--resume: line {i + 1} of {path} is not a step's record: {line.strip()[:80]!r}")
+        if logged <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
 
     def write(p):
         with open(p, "w") as f:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -333,10 +334,14 @@ def test_phased_haystack_is_build_haystack_at_phase_0_and_checks_its_arguments(t
             phased_haystack(tok, **args)
 
 
+# a tiny run (in this process, no --threads: it would set this process's torch threads)
+_TINY = ["--hidden", "64", "--layers", "1", "--heads", "1", "--batch-size", "2", "--max-chunks", "2",
+         "--advance-at", "0", "--seed", "3"]
+
+
 def _run_train_passkey(out, *extra, steps):
     path = os.path.join(os.path.dirname(__file__), "..", "examples", "train_passkey.py")
-    tiny = ["--hidden", "64", "--layers", "1", "--heads", "1", "--batch-size", "2", "--max-chunks", "2",
-            "--advance-at", "0", "--threads", "1", "--seed", "3", "--steps", str(steps), "--out", str(out)]
+    tiny = _TINY + ["--threads", "1", "--steps", str(steps), "--out", str(out)]
     return subprocess.run([sys.executable, path, *tiny, *extra], capture_output=True, text=True, timeout=300)
 
 
@@ -385,6 +390,88 @@ def test_train_passkey_refuses_an_annealing_without_its_length(monkeypatch, caps
     with pytest.raises(SystemExit):
         main()
     assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--start-stage", "0"], "--start-stage must be >= 1, got 0"),
+    (["--start-stage", "-2"], "--start-stage must be >= 1, got -2"),
+    (["--far-chunks", "0", "4"], "--far-chunks MIN MAX are chunk counts with 1 <= MIN <= MAX, got 0 4"),
+    (["--far-chunks", "8", "4"], "--far-chunks MIN MAX are chunk counts with 1 <= MIN <= MAX, got 8 4"),
+    (["--far-tail", "0"], "--far-tail must be >= 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["--far-batch-size", "0"], "--far-batch-size must be >= 1, got 0"),
+])
+def test_train_passkey_refuses_a_count_below_1(monkeypatch, capsys, tmp_path, argv, message):
+    """A stage, batch or chunk count below 1 is an argparse error naming the option, before
+    anything is built or written (it failed steps later: randrange, log(0), an empty batch)."""
+    main = _train_passkey().main
+    monkeypatch.setattr(sys, "argv", ["train_passkey.py", *_TINY, "--steps", "2", "--out", str(tmp_path / "run"),
+                                      *argv])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_train_passkey_refuses_a_fresh_run_over_a_saved_one(monkeypatch, capsys, tmp_path):
+    """Without --resume, an --out holding a saved run (trainer_state.pt) is refused before anything
+    is written: a new run would cut the old log while the old trainer state stayed for a --resume."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trainer_state.pt").write_bytes(b"a saved run")
+    (run / "train_log.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    monkeypatch.setattr(sys, "argv", ["train_passkey.py", *_TINY, "--steps", "2", "--out", str(run)])
+    with pytest.raises(SystemExit) as stop:
+        _train_passkey().main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds a saved run (trainer_state.pt): pass --resume" in err, err
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_train_passkey_resume_refuses_what_it_cannot_apply_and_drops_a_torn_log_line(monkeypatch, capsys,
+                                                                                      tmp_path):
+    """--resume with another model shape (or learning rate) is an argparse error naming the option,
+    the saved run untouched (it trained the saved shape, then recorded the new one; --num-global
+    crashed); --seed / --start-stage / --init are the run's own, kept and recorded as such; a torn
+    last log line (a kill while writing it) is dropped, not a JSONDecodeError."""
+    run = tmp_path / "run"
+    first = _run_train_passkey(run, steps=2)
+    assert first.returncode == 0, first.stderr
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    main = _train_passkey().main
+    for option, value, saved in (("--hidden", "128", "64"), ("--layers", "2", "1"), ("--heads", "2", "1"),
+                                 ("--num-global", "8", "16"), ("--memory-lr-mult", "3.0", "2.0")):
+        monkeypatch.setattr(sys, "argv", ["train_passkey.py", *_TINY, "--steps", "3", "--out", str(run), "--resume",
+                                          option, value])
+        with pytest.raises(SystemExit) as stop:
+            main()
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"trained with {option} {saved} (now {value})" in err, (option, err)
+        assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before, option
+
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write('{"step": 3, "chunks": 1, "sta')  # killed while writing step 3's line, before its save
+    second = _run_train_passkey(run, "--resume", "--seed", "9", "--start-stage", "2", steps=3)
+    assert second.returncode == 0, second.stderr
+    assert "keeps the run's own --seed 3 (ignoring 9); --start-stage 1 (ignoring 2)" in second.stdout
+    assert [json.loads(line)["step"] for line in (run / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
+    saved = torch.load(run / "trainer_state.pt", weights_only=True)["args"]
+    assert (saved["seed"], saved["start_stage"], saved["hidden"], saved["num_global"]) == (3, 1, 64, 16)
+
+
+def test_keep_log_until_drops_a_torn_last_line_and_stops_at_a_bad_one_before_it(tmp_path):
+    keep_log_until = _train_passkey().keep_log_until
+    path = tmp_path / "train_log.jsonl"
+    lines = [json.dumps({"step": s}) + "\n" for s in (1, 2, 3)]
+    path.write_text("".join(lines) + '{"step": 4, "lo')
+    keep_log_until(str(path), 2)
+    assert path.read_text() == "".join(lines[:2])
+    path.write_text("".join(lines) + "\n\n")  # blank lines after the last record
+    keep_log_until(str(path), 3)
+    assert path.read_text() == "".join(lines)
+    path.write_text(lines[0] + '{"step": 2, "lo\n' + lines[2])  # not torn by a kill: something else
+    with pytest.raises(SystemExit, match="line 2 of .* is not a step's record"):
+        keep_log_until(str(path), 3)
 
 
 def test_train_passkey_stop_after_repeats_the_first_steps_of_the_annealed_run(tmp_path):
@@ -449,3 +536,37 @@ def test_gate_entropy_is_the_binary_entropy_of_the_gates_the_update_uses(tok, re
     h.backward()
     grads = [m.global_memory_net.g_proj.weight.grad for m in trained.memory_layers]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
+
+
+def test_an_answer_counts_by_its_first_whole_number():
+    from comet_ext.passkey import answer_number
+
+    assert answer_number(" 60494.") == "60494"
+    assert answer_number(" 604941") == "604941"  # six digits are not the key's five
+    assert answer_number("key 12 then 60494") == "12"
+    assert answer_number(" none ") == "none"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--length", "0"], "--length: a haystack needs at least one token"),
+    (["--length", "5"], "shorter than the needle"),
+    (["--depth", "1.5"], r"--depth must lie in \[0, 1\]"),
+    (["--sweep", "--samples", "0"], "--samples must be >= 1"),
+    (["--sweep", "--depths", "0.5", "-0.1"], r"--depths must lie in \[0, 1\], got \[-0.1\]"),
+])
+def test_passkey_cli_refuses_bad_arguments_before_reading(argv, message, capsys):
+    from comet_ext.passkey import main
+
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and re.search(message, capsys.readouterr().err)
+
+
+def test_sweep_labels_depths_as_given_and_runs_a_repeated_value_once(tmp_path, capsys):
+    from comet_ext.passkey import main
+
+    main(["--sweep", "--samples", "1", "--lengths", "512", "512", "--depths", "0.25", "0.25", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "depth 0.25:" in printed and printed.count("length") == 1
+    with open(tmp_path / "passkey_sweep.json") as f:
+        assert [(c["length"], c["depth"]) for c in json.load(f)["cells"]] == [(512, 0.25)]
