@@ -140,8 +140,10 @@ class CometMemory:
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size() for f in _FIELDS)
 
-    def select(self, index: Tensor) -> "CometMemory":
-        """The memory of the samples in `index` (e.g. beam reordering, dropping finished samples)."""
+    def select(self, index) -> "CometMemory":
+        """A copy holding the samples in `index` (an int, a slice, a sequence or tensor of sample
+        numbers, or a boolean mask (B,)), in its order: e.g. beam reordering, dropping finished
+        samples."""
         index = self._sample_index(index)
         per_layer = {"state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v"}
         parts = {f: getattr(self, f)[:, index] if f in per_layer else getattr(self, f)[index] for f in _FIELDS}
