@@ -4,7 +4,8 @@ Each function computes, in the most obvious way, what the kernel of the same
 name in ``comet_ext.ops`` computes: fp32 accumulation (fp64 for fp64 inputs)
 unless ``upcast=False``, which runs the same math in the input dtype (the
 low-precision baseline of the FlashAttention tolerance rule). Autograd through
-these functions is the gradient oracle. Imported only by tests and benchmarks.
+these functions is the gradient oracle. Imported only by tests, benchmarks and
+examples/ops_demo.py (which shows the ops against it), never by the package.
 """
 from __future__ import annotations
 
