@@ -29,8 +29,21 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _grad(g: Optional[Tensor], like: Tensor) -> Tensor:
-    """Autograd may hand us None (unused output) or an expanded view: make it dense."""
-    return torch.zeros_like(like) if g is None else g.contiguous()
+    """Autograd may hand us None (unused output) or an expanded view: make it dense. An empty
+    expanded view stays strided under .contiguous() (it counts as contiguous), which the
+    kernels' stride checks refuse: that one becomes a fresh empty tensor."""
+    if g is None or g.numel() == 0:
+        return torch.zeros_like(like, memory_format=torch.contiguous_format)
+    return g.contiguous()
+
+
+def _first_order_only(op: str) -> None:
+    """Backward kernels have no backward of their own: a backward under create_graph=True (grad
+    mode on) would differentiate through them as constants and give silently wrong second
+    derivatives, so it is refused."""
+    if torch.is_grad_enabled():
+        raise NotImplementedError(f"comet::{op}: double backward (create_graph=True) is not supported; its "
+                                  "backward kernel has no derivative of its own")
 
 
 def _none_if_empty(t: Tensor, present: bool) -> Optional[Tensor]:
@@ -83,6 +96,7 @@ def prefix_attention(
 @torch.library.register_fake("comet::prefix_attention")
 def _(q, k, v, scale, q_lens=None, k_lens=None):
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
+    torch._check(q.shape[2] > 0 and k.shape[2] > 0, lambda: "q_heads and kv_heads must be positive")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "q_heads must be a multiple of kv_heads")
     B, N, Hq, _ = q.shape
     out = q.new_empty(q.shape)
@@ -103,6 +117,7 @@ def _attention_setup(ctx, inputs, output):
 
 
 def _attention_backward(ctx, grad_out, grad_lse):
+    _first_order_only("prefix_attention")
     q, k, v, out, lse, q_lens, k_lens = ctx.saved_tensors
     dq, dk, dv = _ops.prefix_attention_backward.default(
         _grad(grad_out, out), _grad(grad_lse, lse), q, k, v, out, lse, ctx.scale, q_lens, k_lens
@@ -163,6 +178,7 @@ def _rla_setup(ctx, inputs, output):
 
 
 def _rla_backward(ctx, grad_y):
+    _first_order_only("rla")
     x, down, up, norm_weight = ctx.saved_tensors
     dx, ddown, dup, dw = _ops.rla_backward.default(
         _grad(grad_y, x), x, down, up, norm_weight, ctx.eps
@@ -241,6 +257,7 @@ def _gated_setup(ctx, inputs, output):
 
 
 def _gated_backward(ctx, grad_new_state, grad_memory):
+    _first_order_only("gated_update")
     readout, state, norm_weight, gate_weight, down, up = ctx.saved_tensors
     dr, ds, dw, dg, ddown, dup = _ops.gated_update_backward.default(
         _grad(grad_new_state, readout),
@@ -354,6 +371,7 @@ def _push_setup(ctx, inputs, output):
 
 
 def _push_backward(ctx, grad_buffer, grad_head, grad_length):
+    _first_order_only("fifo_push_functional")
     head, length, counts = ctx.saved_tensors
     if grad_buffer is None:
         return None, None, None, None, None
@@ -374,6 +392,7 @@ def _view_setup(ctx, inputs, output):
 
 
 def _view_backward(ctx, grad_view):
+    _first_order_only("fifo_view")
     head, length, cos, sin = ctx.saved_tensors
     if any(ctx.needs_input_grad[3:]):
         raise NotImplementedError(

@@ -499,3 +499,36 @@ def test_nan_in_a_late_value_stays_out_of_earlier_query_tiles():
     out, _ = ops.prefix_attention(q, k, v)
     assert out[0, n - 1, :, 3].isnan().all()  # the NaN feature of the value it sees
     assert torch.isfinite(out[0, :128]).all()
+
+
+def test_backward_through_empty_inputs_gives_empty_gradients():
+    """`.sum()` hands backward an expanded gradient; an empty one stays strided under
+    .contiguous(), which the kernels' stride checks refused."""
+    q = torch.randn(B, 0, HQ, D, requires_grad=True)
+    k, v = (torch.randn(B, K, HKV, D, requires_grad=True) for _ in range(2))
+    ops.prefix_attention(q, k, v)[0].sum().backward()
+    assert q.grad.shape == q.shape and not k.grad.any() and not v.grad.any()
+    x = torch.randn(0, HID, requires_grad=True)
+    down, up = torch.randn(R, HID, requires_grad=True), torch.randn(HID, R, requires_grad=True)
+    ops.rla(x, down, up).sum().backward()
+    assert x.grad.shape == (0, HID) and not down.grad.any() and not up.grad.any()
+    readout = torch.randn(0, 3, HID, requires_grad=True)
+    new_state, memory = ops.gated_update(readout, None, torch.ones(HID), torch.zeros(1, 2 * HID), down, up)
+    (new_state.sum() + memory.sum()).backward()
+    assert readout.grad.shape == readout.shape
+
+
+def test_double_backward_is_refused_not_silently_wrong():
+    """The backward kernels have no derivative of their own: a second-order gradient through
+    them would treat them as constants (zeros where the reference has values)."""
+    x = torch.randn(M, HID, dtype=torch.float64, requires_grad=True)
+    down, up = torch.randn(R, HID, dtype=torch.float64), torch.randn(HID, R, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="comet::rla: double backward"):
+        torch.autograd.grad(ops.rla(x, down, up).pow(2).sum(), x, create_graph=True)
+    q = torch.randn(B, N, HQ, D, requires_grad=True)
+    k = torch.randn(B, K, HKV, D)
+    with pytest.raises(NotImplementedError, match="comet::prefix_attention: double backward"):
+        torch.autograd.grad(ops.prefix_attention(q, k, k)[0].pow(2).sum(), q, create_graph=True)
+    (g,) = torch.autograd.grad(ops.rla(x, down, up).pow(2).sum(), x)  # first order: fine
+    (expected,) = torch.autograd.grad(ref.rla(x, down, up).pow(2).sum(), x)
+    torch.testing.assert_close(g, expected)
