@@ -100,6 +100,17 @@ if [ -f "$OUT/gpu_ops_mma_v2.json" ]; then
     --title "prefix_attention with the v2 tensor-core kernels" --out "$OUT/gpu_ops_mma_v2.md" \
     > /dev/null 2>&1 || log "report (mma v2) failed"
 fi
+# The two-pass rla / gated_update backwards are opt-in (COMET_ROW_KERNELS=v2) until they have passed
+# here: cuda_tests ran them (test_cuda.py runs both generations); this times them.
+COMET_ROW_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_row_v2 60 "$PY" -m pytest bench/bench_rla.py \
+  bench/bench_gated_update.py -q -p no:cacheprovider --benchmark-only \
+  --benchmark-json="$OUT/gpu_ops_row_v2.json" -k "fwd+bwd and bf16"
+if [ -f "$OUT/gpu_ops_row_v2.json" ]; then
+  "$PY" bench/report.py "$OUT/gpu_ops_row_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "COMET_ROW_KERNELS=v2 bash bench/device_check.sh" \
+    --title "rla / gated_update with the v2 (two-pass) backwards" --out "$OUT/gpu_ops_row_v2.md" \
+    > /dev/null 2>&1 || log "report (row v2) failed"
+fi
 if command -v compute-sanitizer > /dev/null; then
   # (the long-key-range cases at head dims below 128 repeat the D128 one's code paths: left out for time)
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \

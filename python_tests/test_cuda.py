@@ -19,6 +19,13 @@ def mma_kernels(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=["v1", "v2"])
+def row_kernels(request, monkeypatch):
+    """Runs the test with each generation of rla / gated_update backward (COMET_ROW_KERNELS picks one)."""
+    monkeypatch.setenv("COMET_ROW_KERNELS", request.param)
+    return request.param
+
+
 def _pair(*shape, dtype, seed=0, scale=1.0):
     t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
     return t.to(dtype), t.to(dtype).cuda()
@@ -150,12 +157,13 @@ def _rla_and_gated_update(args, device):
 @pytest.mark.parametrize("d, r", [(1000, 8), (4096, 8), (24, 3), (1001, 8), (64, 20)],
                          ids=["warp-rows", "warp-rows-16-vectors", "warp-rows-short", "block-rows-odd-d",
                               "block-rows-rank-20"])
-def test_rla_and_gated_update_cuda_match_cpu(dtype, d, r):
+def test_rla_and_gated_update_cuda_match_cpu(row_kernels, dtype, d, r):
     """The CUDA kernels' error against the fp64 result is at most twice the CPU kernels'
     (FlashAttention's rule, with the CPU kernel as the same-dtype yardstick): the two sum
     d products in different orders, so bitwise agreement is not expected. The shapes take
     both forwards: a warp per row (d a multiple of a 16-byte vector, rank <= 16) and a block
-    per row (the rest)."""
+    per row (the rest); and both backwards (v2 for ranks up to 16, the rank-20 case runs v1
+    under either setting), v2 over two ranges of rows and ragged column blocks."""
     gen = torch.Generator().manual_seed(1)
     x, s = torch.randn(3, 40, d, generator=gen), torch.randn(3, 40, d, generator=gen)
     dn, up = torch.randn(r, d, generator=gen) * 0.03, torch.randn(d, r, generator=gen) * 0.3
@@ -167,6 +175,62 @@ def test_rla_and_gated_update_cuda_match_cpu(dtype, d, r):
         f"grad {n}" for n in ("x", "state", "weight", "gate", "down", "up")]
     for name, ours, yardstick, ref64 in zip(names, cuda, cpu, exact):
         assert_flash_rule(name, ours, yardstick, ref64)
+
+
+def _rla_gated_inputs(M, d, r, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x, s = torch.randn(M, d, generator=gen), torch.randn(M, d, generator=gen)
+    dn, up = torch.randn(r, d, generator=gen) * 0.3, torch.randn(d, r, generator=gen) * 0.3
+    w, g = torch.randn(d, generator=gen) * 0.1 + 1, torch.randn(1, 2 * d, generator=gen) * 0.05
+    return [t.to(dtype).cuda().requires_grad_() for t in (x, s, w, g, dn, up)]
+
+
+@pytest.mark.parametrize("r", [3, 9], ids=["rank-bucket-4", "rank-bucket-16"])
+def test_row_backward_v2_gradcheck_cuda(monkeypatch, r):
+    """fp64 gradcheck of the two-pass backwards: rla with and without its norm, gated_update with
+    and without a state, over 70 rows (two ranges of rows) and 40 columns."""
+    monkeypatch.setenv("COMET_ROW_KERNELS", "v2")
+    x, s, w, g, dn, up = _rla_gated_inputs(70, 40, r, torch.float64, seed=r)
+    check = dict(eps=1e-6, atol=1e-6, rtol=1e-5)
+    assert torch.autograd.gradcheck(lambda *a: ops.rla(*a, 1e-6), (x, dn, up, w), **check)
+    assert torch.autograd.gradcheck(lambda *a: ops.rla(*a, None, 1e-6), (x, dn, up), **check)
+    x3, s3 = (t.detach().view(2, 35, 40).clone().requires_grad_() for t in (x, s))
+    assert torch.autograd.gradcheck(ops.gated_update, (x3, s3, w, g, dn, up), **check)
+    assert torch.autograd.gradcheck(ops.gated_update, (x3, None, w, g, dn, up), **check)
+
+
+@pytest.mark.parametrize("gate_snap", [1.0, 0.6])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_row_backward_v2_matches_v1_and_the_reference_cuda(monkeypatch, dtype, gate_snap):
+    """5000 rows of 300 columns (many ranges, a ragged column block), rank 8: the v2 gradients
+    keep the flash rule against the fp64 reference's autograd, with v1 as the same-dtype
+    yardstick; a snap below 1 passes the gradient straight through as the reference does."""
+    x, s, w, g, dn, up = _rla_gated_inputs(5000, 300, 8, dtype, seed=7)
+
+    def grads(kernels):
+        monkeypatch.setenv("COMET_ROW_KERNELS", kernels)
+        ins = [t.detach().clone().requires_grad_() for t in (x, s, w, g, dn, up)]
+        xi, si, wi, gi, dni, upi = ins
+        y = ops.rla(xi, dni, upi, wi)
+        new, mem = ops.gated_update(xi.view(10, 500, 300), si.view(10, 500, 300), wi, gi, dni, upi, gate_snap=gate_snap)
+        (y.float().square().sum() + new.float().sum() + mem.float().square().sum()).backward()
+        return [t.grad.cpu() for t in ins]
+
+    xe, se, we, ge, dne, upe = (t.detach().cpu().double().requires_grad_() for t in (x, s, w, g, dn, up))
+    y = ref.rla(xe, dne, upe, we)
+    new, mem = ref.gated_update(xe.view(10, 500, 300), se.view(10, 500, 300), we, ge, dne, upe, gate_snap=gate_snap)
+    (y.square().sum() + new.sum() + mem.square().sum()).backward()
+    exact = [t.grad for t in (xe, se, we, ge, dne, upe)]
+    for name, ours, yardstick, e in zip(("x", "state", "weight", "gate", "down", "up"), grads("v2"), grads("v1"),
+                                        exact):
+        assert_flash_rule(f"grad {name}", ours, yardstick, e)
+
+
+def test_row_kernels_choice_is_checked(monkeypatch):
+    monkeypatch.setenv("COMET_ROW_KERNELS", "fastest")
+    x, s, w, g, dn, up = _rla_gated_inputs(4, 16, 2, torch.float32, seed=0)
+    with pytest.raises(RuntimeError, match="COMET_ROW_KERNELS must be 'v1' or 'v2'"):
+        ops.rla(x, dn, up, w).sum().backward()
 
 
 def test_row_kernels_refuse_a_hidden_size_past_the_shared_memory_limit():

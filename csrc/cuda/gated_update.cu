@@ -4,9 +4,11 @@
 // and the backward passes the gradient straight through it. The forward runs a warp per row with the row in registers
 // (row_warp.cuh) where it can, else — and the backward always — a block per row at a
 // time. Weight gradients go to per-block partial slices summed afterwards.
+// COMET_ROW_KERNELS=v2 runs the two-pass backward instead (row_cols.cuh).
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/row_cols.cuh"
 #include "cuda/row_kernels.cuh"
 #include "cuda/row_warp.cuh"
 
@@ -176,6 +178,137 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// v2 backward, pass 1, a warp per row: the row's table entry [h | dh | rstd, g, dz, k3], with
+// h = D s' and dh = Uᵀ d(memory); g the unsnapped gate, dz = d(gate logit) (straight through
+// the snap; 0 without a state); k3 = rstd³/d · Σ_i dc_i w_i x_i, the RMSNorm backward's row
+// term. Three sweeps over the row: (rstd, dh); (gate, dz, k3); h. dc = (1 - g_s) v + dz gate_c
+// with v = d s' is linear in dz, so k3 comes from two sums of the second sweep.
+template <typename scalar_t, typename acc_t, int R>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    gated_backward_stats_kernel(const scalar_t* __restrict__ GS, const scalar_t* __restrict__ GM,
+                                const scalar_t* __restrict__ Rd, const scalar_t* __restrict__ S,
+                                const scalar_t* __restrict__ w, const scalar_t* __restrict__ gate,
+                                const scalar_t* __restrict__ down, const scalar_t* __restrict__ up,
+                                acc_t* __restrict__ stats,  // (M, kStatsWidth<R>)
+                                int64_t M, int64_t d, int64_t r, acc_t eps, acc_t gate_snap) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= M) return;
+  const scalar_t* rr = Rd + row * d;
+  const scalar_t* sr = S != nullptr ? S + row * d : nullptr;
+  const scalar_t* gsr = GS + row * d;
+  const scalar_t* gmr = GM + row * d;
+  acc_t ss = 0, dh[R] = {};
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const acc_t x = static_cast<acc_t>(rr[i]), gm = static_cast<acc_t>(gmr[i]);
+    ss += x * x;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k >= r) break;
+      dh[k] += static_cast<acc_t>(up[i * r + k]) * gm;
+    }
+  }
+  const acc_t rstd = rsqrt(warp_sum(ss) / d + eps);
+  warp_sum_all(dh);
+  // z: the gate logit; dg = Σ v (s - c); p_v = Σ v w x, p_g = Σ gate_c w x (k3's two parts)
+  acc_t z = 0, dg = 0, p_v = 0, p_g = 0;
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const acc_t x = static_cast<acc_t>(rr[i]), wx = static_cast<acc_t>(w[i]) * x;
+    acc_t v = static_cast<acc_t>(gsr[i]) + static_cast<acc_t>(gmr[i]);
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k >= r) break;
+      v += static_cast<acc_t>(down[k * d + i]) * dh[k];
+    }
+    p_v += v * wx;
+    if (sr != nullptr) {
+      const acc_t c = wx * rstd, s = static_cast<acc_t>(sr[i]), gc = static_cast<acc_t>(gate[i]);
+      z += gc * c + static_cast<acc_t>(gate[d + i]) * s;
+      dg += v * (s - c);
+      p_g += gc * wx;
+    }
+  }
+  acc_t g = 0, dz = 0, k3 = warp_sum(p_v);
+  if (sr != nullptr) {
+    g = sigmoid(warp_sum(z));
+    dz = warp_sum(dg) * g * (acc_t(1) - g);
+    k3 = (acc_t(1) - snapped(g, gate_snap)) * k3 + dz * warp_sum(p_g);
+  }
+  k3 *= rstd * rstd * rstd / d;
+  const acc_t gs = snapped(g, gate_snap);
+  acc_t h[R] = {};
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const acc_t c = static_cast<acc_t>(rr[i]) * rstd * static_cast<acc_t>(w[i]);
+    const acc_t sn = sr != nullptr ? gs * static_cast<acc_t>(sr[i]) + (acc_t(1) - gs) * c : c;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k >= r) break;
+      h[k] += static_cast<acc_t>(down[k * d + i]) * sn;
+    }
+  }
+  warp_sum_all(h);
+  if (lane == 0) store_stats(stats + row * kStatsWidth<R>, h, dh, rstd, g, dz, k3);
+}
+
+// v2 backward, pass 2, a thread per column i over rows [y·rows, (y+1)·rows): dR and dS from the
+// table, and the column's weight-gradient sums over the range into partial y.
+template <typename scalar_t, typename acc_t, int R>
+__global__ void __launch_bounds__(kColThreads)
+    gated_backward_cols_kernel(const scalar_t* __restrict__ GS, const scalar_t* __restrict__ GM,
+                               const scalar_t* __restrict__ Rd, const scalar_t* __restrict__ S,
+                               const scalar_t* __restrict__ w, const scalar_t* __restrict__ gate,
+                               const scalar_t* __restrict__ down, const acc_t* __restrict__ stats,
+                               scalar_t* __restrict__ dR, scalar_t* __restrict__ dS,
+                               acc_t* __restrict__ d_w,     // (ranges, d) partials
+                               acc_t* __restrict__ d_gate,  // (ranges, 2d) partials
+                               acc_t* __restrict__ d_down,  // (ranges, r, d) partials
+                               acc_t* __restrict__ d_up_t,  // (ranges, r, d) partials
+                               int64_t M, int64_t d, int64_t r, int64_t rows, acc_t gate_snap) {
+  const int64_t i = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
+  if (i >= d) return;  // no barriers in this kernel
+  const int64_t range = blockIdx.y, last = std::min(M, (range + 1) * rows);
+  acc_t dcol[R];
+  load_column(down, r, d, i, dcol);
+  const acc_t wi = static_cast<acc_t>(w[i]);
+  const acc_t gate_c = static_cast<acc_t>(gate[i]), gate_s = static_cast<acc_t>(gate[d + i]);
+  acc_t a_down[R] = {}, a_up[R] = {}, a_w = 0, a_gc = 0, a_gs = 0;
+  for (int64_t m = range * rows; m < last; ++m) {
+    RowStats<acc_t, R> st;  // a = h, b = dh, e = (rstd, g, dz, k3)
+    st.load(stats + m * kStatsWidth<R>);
+    const acc_t rstd = st.e[0], gs = snapped(st.e[1], gate_snap), dz = st.e[2];
+    const acc_t x = static_cast<acc_t>(Rd[m * d + i]), gm = static_cast<acc_t>(GM[m * d + i]);
+    const acc_t c = x * rstd * wi;
+    acc_t v = static_cast<acc_t>(GS[m * d + i]) + gm;  // d s'
+#pragma unroll
+    for (int k = 0; k < R; ++k) v += dcol[k] * st.b[k];  // b is zero past r
+    acc_t sn = c, dc = v;
+    if (S != nullptr) {
+      const acc_t s = static_cast<acc_t>(S[m * d + i]);
+      sn = gs * s + (acc_t(1) - gs) * c;
+      dS[m * d + i] = static_cast<scalar_t>(gs * v + dz * gate_s);
+      dc = (acc_t(1) - gs) * v + dz * gate_c;
+      a_gc += dz * c;
+      a_gs += dz * s;
+    }
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      a_up[k] += gm * st.a[k];
+      a_down[k] += st.b[k] * sn;
+    }
+    a_w += dc * x * rstd;
+    dR[m * d + i] = static_cast<scalar_t>(dc * wi * rstd - x * st.e[3]);
+  }
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k >= r) break;
+    d_down[(range * r + k) * d + i] = a_down[k];
+    d_up_t[(range * r + k) * d + i] = a_up[k];
+  }
+  d_w[range * d + i] = a_w;
+  d_gate[range * 2 * d + i] = a_gc;
+  d_gate[range * 2 * d + d + i] = a_gs;
+}
+
 std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
                                                      const c10::optional<at::Tensor>& state,
                                                      const at::Tensor& norm_weight,
@@ -225,6 +358,32 @@ std::tuple<at::Tensor, at::Tensor> gated_update_cuda(const at::Tensor& readout,
   return {new_state, memory};
 }
 
+// The v2 backward (row_cols.cuh) into partials of `ranges` slices; r <= kMaxColRank.
+template <typename scalar_t, typename acc_t>
+void gated_backward_v2(const at::Tensor& GS, const at::Tensor& GM, const at::Tensor& R, const at::Tensor& S,
+                       const at::Tensor& w, const at::Tensor& gw, const at::Tensor& dw, const at::Tensor& uw,
+                       double eps, double gate_snap, const ColLaunch& launch, at::Tensor& dR, at::Tensor& dS,
+                       at::Tensor& d_w, at::Tensor& d_gate, at::Tensor& d_down, at::Tensor& d_up_t) {
+  const int64_t d = R.size(-1), M = R.numel() / d, r = dw.size(0);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const scalar_t* sp = S.defined() ? S.data_ptr<scalar_t>() : nullptr;
+  dispatch_rank_bucket(rank_bucket(r), [&](auto bucket) {
+    constexpr int Rk = decltype(bucket)::value;
+    at::Tensor stats = at::empty({M, kStatsWidth<Rk>}, R.options().dtype(acc_dtype(R.scalar_type())));
+    gated_backward_stats_kernel<scalar_t, acc_t, Rk><<<warp_row_grid(M), kRowWarps * kWarp, 0, stream>>>(
+        GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), sp, w.data_ptr<scalar_t>(),
+        gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), M, d,
+        r, static_cast<acc_t>(eps), static_cast<acc_t>(gate_snap));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    gated_backward_cols_kernel<scalar_t, acc_t, Rk><<<launch.grid, kColThreads, 0, stream>>>(
+        GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), sp, w.data_ptr<scalar_t>(),
+        gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), dR.data_ptr<scalar_t>(),
+        sp != nullptr ? dS.data_ptr<scalar_t>() : nullptr, d_w.data_ptr<acc_t>(), d_gate.data_ptr<acc_t>(),
+        d_down.data_ptr<acc_t>(), d_up_t.data_ptr<acc_t>(), M, d, r, launch.rows, static_cast<acc_t>(gate_snap));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& grad_memory,
                            const at::Tensor& readout, const c10::optional<at::Tensor>& state,
@@ -236,12 +395,16 @@ gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& g
   const int64_t M = readout.size(0) * readout.size(1), d = readout.size(2), r = down.size(0);
   const bool has_state = state.has_value();
   const auto acc_opts = readout.options().dtype(acc_dtype(readout.scalar_type()));
-  const c10::cuda::CUDAGuard guard(readout.device());  // before row_grid: it asks this device for its SMs
-  const int grid = row_grid(M);
+  const c10::cuda::CUDAGuard guard(readout.device());  // before row_grid / col_launch: they ask this device for its SMs
+  const bool v2 = M > 0 && rank_bucket(r) > 0 && row_v2();
+  const ColLaunch launch = v2 ? col_launch(M, d) : ColLaunch{};
+  // v1 adds into its per-block partials (zeros); v2 writes every partial once
+  const int64_t parts = v2 ? launch.ranges : row_grid(M);
+  const auto make = [&](at::IntArrayRef size) { return v2 ? at::empty(size, acc_opts) : at::zeros(size, acc_opts); };
   at::Tensor dR = at::empty(readout.sizes(), readout.options());
   at::Tensor dS = has_state ? at::empty(readout.sizes(), readout.options()) : at::empty({0}, readout.options());
-  at::Tensor d_w = at::zeros({grid, d}, acc_opts), d_gate = at::zeros({grid, 2 * d}, acc_opts);
-  at::Tensor d_down = at::zeros({grid, r, d}, acc_opts), d_up_t = at::zeros({grid, r, d}, acc_opts);
+  at::Tensor d_w = make({parts, d}), d_gate = make({parts, 2 * d});
+  at::Tensor d_down = make({parts, r, d}), d_up_t = make({parts, r, d});
   if (M > 0) {
     const at::Tensor R = readout.contiguous(), GS = grad_new_state.contiguous(), GM = grad_memory.contiguous();
     const at::Tensor S = has_state ? state->contiguous() : at::Tensor();
@@ -249,11 +412,16 @@ gated_update_backward_cuda(const at::Tensor& grad_new_state, const at::Tensor& g
     const at::Tensor dw = down.contiguous(), uw = up.contiguous();
     COMET_DISPATCH_FLOATING(readout.scalar_type(), "gated_update_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (v2) {
+        gated_backward_v2<scalar_t, acc_t>(GS, GM, R, S, w, gw, dw, uw, eps, gate_snap, launch, dR, dS, d_w, d_gate,
+                                           d_down, d_up_t);
+        return;
+      }
       const size_t smem = row_smem<acc_t>(d, 3, r, 2);
       auto kernel = gated_backward_kernel<scalar_t, acc_t>;
       allow_smem(reinterpret_cast<const void*>(kernel), smem, "gated_update_backward", "hidden size d=", d,
                  " in ", readout.scalar_type());
-      kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      kernel<<<static_cast<unsigned>(parts), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(),
           has_state ? S.data_ptr<scalar_t>() : nullptr, w.data_ptr<scalar_t>(),
           gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(),

@@ -3,9 +3,11 @@
 // backward always — one block per row at a time (a grid-stride loop over rows) with
 // the row's n in shared memory and the low-rank products as block reductions. Weight
 // gradients go to per-block partial slices (no atomics, deterministic) summed afterwards.
+// COMET_ROW_KERNELS=v2 runs the two-pass backward instead (row_cols.cuh).
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cuda/row_cols.cuh"
 #include "cuda/row_kernels.cuh"
 #include "cuda/row_warp.cuh"
 
@@ -117,6 +119,108 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
+// v2 backward, pass 1, a warp per row: the row's table entry [h | dh | rstd, c, 0, 0], with
+// h = D n, dh = Uᵀ dy and c = rstd³/d · Σ_i dn_i w_i x_i (the RMSNorm backward's row term,
+// dn = dy + Dᵀ dh); without a norm rstd = 1 and c = 0.
+template <typename scalar_t, typename acc_t, int R>
+__global__ void __launch_bounds__(kRowWarps * kWarp)
+    rla_backward_stats_kernel(const scalar_t* __restrict__ gy,    // (M, d), row stride gs
+                              const scalar_t* __restrict__ x,     // (M, d), row stride xs
+                              const scalar_t* __restrict__ down,  // (r, d)
+                              const scalar_t* __restrict__ up,    // (d, r)
+                              const scalar_t* __restrict__ w,     // (d,) or null
+                              acc_t* __restrict__ stats,          // (M, kStatsWidth<R>)
+                              int64_t M, int64_t d, int64_t r, int64_t xs, int64_t gs, acc_t eps) {
+  const int lane = threadIdx.x % kWarp;
+  const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
+  if (row >= M) return;
+  const scalar_t* xr = x + row * xs;
+  const scalar_t* gr = gy + row * gs;
+  acc_t rstd = 1;
+  if (w != nullptr) {
+    acc_t ss = 0;
+    for (int64_t i = lane; i < d; i += kWarp) ss += static_cast<acc_t>(xr[i]) * static_cast<acc_t>(xr[i]);
+    rstd = rsqrt(warp_sum(ss) / d + eps);
+  }
+  acc_t h[R] = {}, dh[R] = {};
+  for (int64_t i = lane; i < d; i += kWarp) {
+    const acc_t n = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
+    const acc_t g = static_cast<acc_t>(gr[i]);
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      if (k >= r) break;
+      h[k] += static_cast<acc_t>(down[k * d + i]) * n;
+      dh[k] += static_cast<acc_t>(up[i * r + k]) * g;
+    }
+  }
+  warp_sum_all(h);
+  warp_sum_all(dh);
+  acc_t c = 0;
+  if (w != nullptr) {
+    for (int64_t i = lane; i < d; i += kWarp) {
+      acc_t dn = static_cast<acc_t>(gr[i]);
+#pragma unroll
+      for (int k = 0; k < R; ++k) {
+        if (k >= r) break;
+        dn += static_cast<acc_t>(down[k * d + i]) * dh[k];
+      }
+      c += dn * static_cast<acc_t>(w[i]) * static_cast<acc_t>(xr[i]);
+    }
+    c = warp_sum(c) * rstd * rstd * rstd / d;
+  }
+  if (lane == 0) store_stats(stats + row * kStatsWidth<R>, h, dh, rstd, c, acc_t(0), acc_t(0));
+}
+
+// v2 backward, pass 2, a thread per column i over rows [y·rows, (y+1)·rows): dx from the table,
+// and the column's weight-gradient sums over the range into partial y.
+template <typename scalar_t, typename acc_t, int R>
+__global__ void __launch_bounds__(kColThreads)
+    rla_backward_cols_kernel(const scalar_t* __restrict__ gy,    // (M, d), row stride gs
+                             const scalar_t* __restrict__ x,     // (M, d), row stride xs
+                             const scalar_t* __restrict__ down,  // (r, d)
+                             const scalar_t* __restrict__ w,     // (d,) or null
+                             const acc_t* __restrict__ stats,    // (M, kStatsWidth<R>)
+                             scalar_t* __restrict__ dx,          // (M, d)
+                             acc_t* __restrict__ d_down,         // (ranges, r, d) partials
+                             acc_t* __restrict__ d_up_t,         // (ranges, r, d) partials
+                             acc_t* __restrict__ d_w,            // (ranges, d) partials or null
+                             int64_t M, int64_t d, int64_t r, int64_t xs, int64_t gs, int64_t rows) {
+  const int64_t i = int64_t(blockIdx.x) * kColThreads + threadIdx.x;
+  if (i >= d) return;  // no barriers in this kernel
+  const int64_t range = blockIdx.y, last = std::min(M, (range + 1) * rows);
+  acc_t dcol[R];
+  load_column(down, r, d, i, dcol);
+  const acc_t wi = w != nullptr ? static_cast<acc_t>(w[i]) : acc_t(1);
+  acc_t a_down[R] = {}, a_up[R] = {}, a_w = 0;
+  for (int64_t m = range * rows; m < last; ++m) {
+    RowStats<acc_t, R> st;  // a = h, b = dh, e = (rstd, c)
+    st.load(stats + m * kStatsWidth<R>);
+    const acc_t g = static_cast<acc_t>(gy[m * gs + i]), xv = static_cast<acc_t>(x[m * xs + i]);
+    acc_t dn = g;
+#pragma unroll
+    for (int k = 0; k < R; ++k) dn += dcol[k] * st.b[k];  // b is zero past r
+    const acc_t n = w != nullptr ? xv * st.e[0] * wi : xv;
+#pragma unroll
+    for (int k = 0; k < R; ++k) {
+      a_down[k] += st.b[k] * n;
+      a_up[k] += g * st.a[k];
+    }
+    if (w != nullptr) {
+      a_w += dn * xv * st.e[0];
+      dx[m * d + i] = static_cast<scalar_t>(dn * wi * st.e[0] - xv * st.e[1]);
+    } else {
+      dx[m * d + i] = static_cast<scalar_t>(dn);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < R; ++k) {
+    if (k >= r) break;
+    d_down[(range * r + k) * d + i] = a_down[k];
+    d_up_t[(range * r + k) * d + i] = a_up[k];
+  }
+  if (d_w != nullptr) d_w[range * d + i] = a_w;
+}
+
 at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
                     const c10::optional<at::Tensor>& norm_weight, double eps) {
   check_rla_args("rla", x, down, up, norm_weight, eps);
@@ -156,6 +260,29 @@ at::Tensor rla_cuda(const at::Tensor& x, const at::Tensor& down, const at::Tenso
   return y;
 }
 
+// The v2 backward (row_cols.cuh) into partials of `ranges` slices; r <= kMaxColRank.
+template <typename scalar_t, typename acc_t>
+void rla_backward_v2(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& dw, const at::Tensor& uw,
+                     const at::Tensor& w, double eps, const ColLaunch& launch, at::Tensor& dx, at::Tensor& d_down,
+                     at::Tensor& d_up_t, at::Tensor& d_w) {
+  const int64_t M = x.size(0), d = x.size(1), r = dw.size(0);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_rank_bucket(rank_bucket(r), [&](auto bucket) {
+    constexpr int R = decltype(bucket)::value;
+    at::Tensor stats = at::empty({M, kStatsWidth<R>}, x.options().dtype(acc_dtype(x.scalar_type())));
+    const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
+    rla_backward_stats_kernel<scalar_t, acc_t, R><<<warp_row_grid(M), kRowWarps * kWarp, 0, stream>>>(
+        grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(), wp,
+        stats.data_ptr<acc_t>(), M, d, r, x.stride(0), grad_y.stride(0), static_cast<acc_t>(eps));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    rla_backward_cols_kernel<scalar_t, acc_t, R><<<launch.grid, kColThreads, 0, stream>>>(
+        grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), wp, stats.data_ptr<acc_t>(),
+        dx.data_ptr<scalar_t>(), d_down.data_ptr<acc_t>(), d_up_t.data_ptr<acc_t>(),
+        w.defined() ? d_w.data_ptr<acc_t>() : nullptr, M, d, r, x.stride(0), grad_y.stride(0), launch.rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
     const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& down, const at::Tensor& up,
     const c10::optional<at::Tensor>& norm_weight, double eps) {
@@ -163,22 +290,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rla_backward_cuda(
   const int64_t M = x.size(0), d = x.size(1), r = down.size(0);
   const bool has_norm = norm_weight.has_value();
   const auto acc = acc_dtype(x.scalar_type());
-  const c10::cuda::CUDAGuard guard(x.device());  // before row_grid: it asks this device for its SMs
-  const int grid = row_grid(M);
+  const c10::cuda::CUDAGuard guard(x.device());  // before row_grid / col_launch: they ask this device for its SMs
+  const bool v2 = M > 0 && rank_bucket(r) > 0 && row_v2();
+  const ColLaunch launch = v2 ? col_launch(M, d) : ColLaunch{};
+  // v1 adds into its per-block partials (zeros); v2 writes every partial once
+  const int64_t parts = v2 ? launch.ranges : row_grid(M);
+  const auto make = [&](at::IntArrayRef size) {
+    return v2 ? at::empty(size, x.options().dtype(acc)) : at::zeros(size, x.options().dtype(acc));
+  };
   at::Tensor dx = at::empty({M, d}, x.options());
-  at::Tensor d_down = at::zeros({grid, r, d}, x.options().dtype(acc));
-  at::Tensor d_up_t = at::zeros({grid, r, d}, x.options().dtype(acc));
-  at::Tensor d_w = at::zeros({grid, has_norm ? d : 0}, x.options().dtype(acc));
+  at::Tensor d_down = make({parts, r, d}), d_up_t = make({parts, r, d}), d_w = make({parts, has_norm ? d : 0});
   if (M > 0) {
     const at::Tensor dw = down.contiguous(), uw = up.contiguous();
     const at::Tensor w = has_norm ? norm_weight->contiguous() : at::Tensor();
     COMET_DISPATCH_FLOATING(x.scalar_type(), "rla_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      if (v2) {
+        rla_backward_v2<scalar_t, acc_t>(grad_y, x, dw, uw, w, eps, launch, dx, d_down, d_up_t, d_w);
+        return;
+      }
       const size_t smem = row_smem<acc_t>(d, 1, r, 2);
       auto kernel = rla_backward_kernel<scalar_t, acc_t>;
       allow_smem(reinterpret_cast<const void*>(kernel), smem, "rla_backward", "hidden size d=", d, " in ",
                  x.scalar_type());
-      kernel<<<grid, kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      kernel<<<static_cast<unsigned>(parts), kRowThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
           grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
           uw.data_ptr<scalar_t>(), w.defined() ? w.data_ptr<scalar_t>() : nullptr,
           dx.data_ptr<scalar_t>(), d_down.data_ptr<acc_t>(), d_up_t.data_ptr<acc_t>(),
