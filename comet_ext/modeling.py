@@ -447,14 +447,16 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int],
                      global_memory: bool = True, cut: Optional[list[bool]] = None) -> tuple[Tensor, Segment]:
-        """Appends `take[b]` tokens (tokens (B, max take)) to each sample's open chunk,
-        through every layer, closing chunks that fill up, and those with cut[b] set after their
-        tokens. -> (final hidden (B, N, d), segment).
+        """Appends `take[b]` tokens (tokens (B, max take), B x 0 when no sample takes one) to
+        each sample's open chunk, through every layer, closing chunks that fill up, and those
+        with cut[b] set after their tokens. A sample that takes none but has cut[b] set closes
+        the chunk it has open with the closing rows alone (segments.plan_segment); a chunk with
+        no text never closes. -> (final hidden (B, N, d), segment).
         global_memory=False: closing chunks leave the (empty) global memory empty."""
         cc = self.comet_config
         host = memory.host_counts()
         cut = cut if cut is not None else [False] * len(take)
-        close = [t > 0 and (o + t >= cc.chunk_size or c) for o, t, c in zip(host.open_text, take, cut)]
+        close = [o + t > 0 and (o + t >= cc.chunk_size or c) for o, t, c in zip(host.open_text, take, cut)]
         seg = plan_segment(cc, host.open_text, take, close, self.device)
         x = self._embed(seg, tokens)
         prefix_lens = memory.mem_len + memory.open_rows
@@ -573,7 +575,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
         end_chunk=True closes each sample's chunk after its last token of this call, full
         or not (a document ends here): the next `read` or `generate` starts a chunk of its
-        own, as `chunk_sizes=[..., rest]` ends one in the training forward.
+        own, as `chunk_sizes=[..., rest]` ends one in the training forward. A sample with no
+        token in this call (all padding, or T = 0) closes the chunk it has open from earlier
+        calls, as if those tokens had been read with end_chunk=True; with none open, nothing
+        happens. `read(ids[:, :0], memory, end_chunk=True)` so closes every open chunk.
 
         A tqdm progress bar appears for inputs over 8 chunks unless progress=False.
         Returns the memory (and, with return_last_hidden, the final hidden state of
@@ -583,7 +588,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         chunks do not write the global memory, so only the FIFO carries
         information across chunks. It needs a memory with no global rows yet.
         """
-        input_ids = self._check_ids(input_ids)
+        input_ids = self._check_ids(input_ids, allow_no_tokens=True)
         B, T = input_ids.shape
         lengths = self._lengths(attention_mask, B, T).tolist()
         memory = memory if memory is not None else self.new_memory(B)
@@ -616,16 +621,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         cs = self.comet_config.chunk_size
         while True:
-            room = [cs - o for o in memory.host_counts().open_text]
+            open_text = memory.host_counts().open_text
+            room = [cs - o for o in open_text]
             left = [n - d for n, d in zip(lengths, done)]
             take = [min(n, r) for n, r in zip(left, room)]
-            if max(take) <= 0:
-                break
             cut = [False] * B
             if boundaries is not None:
                 take, cut = _cut_at_boundaries(boundaries, done, left, room)
             if end_chunk:
-                cut = [c or 0 < t == n for c, t, n in zip(cut, take, left)]
+                # The chunk closes in the step that takes the sample's last token. A sample with
+                # none left (none in this call) closes the chunk it has open in the first step,
+                # appending only the closing rows; one whose chunk is closed has nothing to close.
+                cut = [c or (t == n and o + t > 0) for c, t, n, o in zip(cut, take, left, open_text)]
+            if not any(take) and not any(cut):
+                break
             width = max(take)
             if min(done) == max(done):  # every sample at the same offset: a slice, no index copy
                 tokens = input_ids[:, done[0]:done[0] + width]
@@ -633,7 +642,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 idx = upload(torch.tensor(done), self.device).unsqueeze(1) + torch.arange(width, device=self.device)
                 tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
             hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
-            if want_last:
+            if want_last and seg.text_rows.shape[1]:  # (a step of closing rows alone has no text row)
                 has = seg.text_count > 0
                 rows = (seg.text_rows.gather(1, (seg.text_count - 1).clamp(min=0).unsqueeze(1))).squeeze(1)
                 last = torch.where(has.unsqueeze(1), hidden[torch.arange(B, device=self.device), rows], last)
@@ -695,6 +704,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         vocab = self.base.get_input_embeddings().num_embeddings
         s = generation.resolve(self.generation_config, generation_config, kwargs,
                                getattr(input_ids, "shape", (0, 0))[-1], vocab)
+        # (read takes a call of no tokens, to close chunks; decoding needs a prompt token to follow)
+        if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
+            raise ValueError(f"generate: input_ids is empty: shape {tuple(input_ids.shape)}; every sample needs at "
+                             f"least one prompt token")
         if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().any(1).all()):
             raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
                              f"{(~attention_mask.bool().any(1)).nonzero().flatten().tolist()} are all zeros")
@@ -1027,12 +1040,16 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ input checks
 
-    def _check_ids(self, input_ids) -> Tensor:
+    def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
+        """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
+        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk)."""
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be an int64 tensor of shape (batch, tokens), got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        if input_ids.shape[0] == 0 or (input_ids.shape[1] == 0 and not allow_no_tokens):
             raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            return input_ids.to(self.device).long()
         vocab = self.base.get_input_embeddings().num_embeddings
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
         if lo < 0 or hi >= vocab:

@@ -1,10 +1,12 @@
-"""Row layout of a piece of a chunk (DESIGN.md §1): which rows are text,
+"""Row layout of a piece of a chunk (docs/model.md, "Rows"): which rows are text,
 compression or readout tokens, and where their outputs are gathered.
 
 A *segment* is what one step appends to each sample's open chunk: `take[b]`
 text tokens, a compression token after every `temp_stride` text tokens of the
 chunk, and — if the sample's chunk closes in this step — a compression token
-after a final partial group and the `num_global` readout tokens.
+after a final partial group and the `num_global` readout tokens. With
+`take[b] = 0` and a closing chunk, the segment is those closing rows alone: how
+`read(..., end_chunk=True)` closes the open chunk of a sample that reads no token.
 """
 from __future__ import annotations
 
@@ -63,7 +65,8 @@ def plan_segment(
     """Lays out the rows each sample appends to its open chunk.
 
     open_text[b]: text tokens already in sample b's open chunk; take[b]: text
-    tokens appended now; close[b]: the chunk closes after them.
+    tokens appended now (0 too); close[b]: the chunk closes after them (a chunk
+    that closes holds text: open_text[b] + take[b] > 0).
     """
     stride = cfg.temp_stride if cfg.uses_temp_memory else 0
     kinds, tokens, slots, text_rows, comp_rows, readout_rows = [], [], [], [], [], []
