@@ -12,9 +12,18 @@ over the 2D mask (B, Sk); each sample's real tokens must form one contiguous run
 (left or right padding), which is shifted to the front for the kernel. A static
 cache (`cache_implementation="static"`) has key slots past the last query not
 written yet: the mask function then hands over a mask of the written slots only,
-(B, n) with n < Sk, and the attention reads the first n keys. A mask other than
-causal + padding (packed sequences in one row, found from position_ids; a custom
-mask function) is refused, not silently ignored.
+(B, n) with n < Sk, and the attention reads the first n keys.
+
+Packed sequences (several sequences in one row, as DataCollatorWithFlattening or
+padding-free training make them): HF finds them from position_ids that restart
+and folds them into the mask function it hands to `comet_mask` (causal AND same
+sequence); `comet_mask` reads them back by probing that function and hands over
+an int64 (B, S) tensor of sequence ids instead of the bool padding mask (1, 2, ...
+along each row, 0 for padding). FlashAttention-style `cu_seq_lens_q` /
+`cu_seq_lens_k` kwargs reach the attention function directly and are read the
+same way. Each (row, sequence) becomes one sample of the kernel's batch. Prefill
+only: HF detects packing only without a KV cache. Other masks (a custom mask
+function, a bidirectional or block overlay) are refused, not silently ignored.
 """
 from __future__ import annotations
 
@@ -51,40 +60,61 @@ def _query_end(q_length: Optional[int], kwargs: dict) -> Optional[int]:
     return int(queries[-1]) + 1 if queries is not None and queries.numel() else None
 
 
-def _check_plain_causal(batch_size: int, mask_function, queries: Optional[Tensor], kv_offset: int,
-                        window: Optional[int]) -> None:
-    """A NotImplementedError when HF's mask function is more than causal (within a sliding window
-    of `window` keys, if given): the kernel applies the causal part itself and would silently drop
-    the rest. Probe: each query must see the oldest key that causality and the window allow;
-    with packed sequences a query near the start of a later sequence does not."""
-    if queries is None or not queries.numel():
-        return
+def _sequence_ids(batch_size: int, mask_function, queries: Tensor, kv_offset: int, kv_length: int,
+                  window: Optional[int]) -> Optional[Tensor]:
+    """Reads HF's mask function where it is not plain `causal_mask_function` (a sliding window of
+    `window` keys, packed sequences, a custom mask), by probing it at O(B * S) points for the S
+    queries at absolute positions `queries`. Returns None where it is causal (within the window),
+    int64 (B, S) sequence ids (1, 2, ... along each row) where it is causal within sequences packed
+    into each row, and raises NotImplementedError otherwise: the kernel applies the causal part
+    itself and would silently drop the rest. A query starts a sequence where it does not see the key
+    just before it; each query must then see itself and the oldest key of its sequence that the
+    window allows, and neither the key before its sequence nor the key after itself. Probes tell
+    HF's masks apart; they are not a proof for any function."""
+    kv_end = kv_offset + kv_length
     b = torch.arange(batch_size, device=queries.device).view(-1, 1)
-    oldest = queries - window + 1 if window else torch.zeros_like(queries)
-    oldest = oldest.clamp(min=kv_offset).view(1, -1)
-    seen = mask_function(b, torch.zeros_like(b), queries.view(1, -1), oldest)
-    if not bool(torch.as_tensor(seen).all()):
+    q = queries.view(1, -1)
+
+    def sees(keys: Tensor) -> Tensor:  # (B, S) bool: does each query see its key in `keys`
+        seen = mask_function(b, torch.zeros_like(b), q, keys.clamp(kv_offset, kv_end - 1))
+        return torch.as_tensor(seen, device=q.device).expand(batch_size, q.shape[1])
+
+    starts = ~sees(q - 1) & (q > kv_offset)
+    first = torch.where(starts, q, kv_offset).cummax(1).values  # each query's sequence starts here
+    oldest = first if window is None else torch.maximum(first, q - window + 1)
+    ok = (sees(q).all() & sees(oldest).all() & ~(sees(first - 1) & (first > kv_offset)).any()
+          & ~(sees(q + 1) & (q + 1 < kv_end)).any())
+    ok, packed, whole = torch.stack([ok, starts.any(), queries[0] == kv_offset]).tolist()
+    if not ok:
         raise NotImplementedError(
-            "comet attention implements causal attention with padding masks only; this call asked for "
-            "another mask (several sequences packed into one row, found from position_ids, or a custom "
-            "mask function). Pad the sequences into a batch with an attention_mask instead")
+            "comet attention implements causal attention with padding masks or packed sequences only; this call "
+            "asked for another mask (a custom mask function, a bidirectional or block overlay)")
+    if not packed:
+        return None
+    if not whole or queries.numel() != kv_length:  # the sequences of the cached keys are not known
+        raise NotImplementedError("comet attention takes packed sequences (position_ids that restart within a row) "
+                                  "only for a prefill without a KV cache")
+    return 1 + starts.long().cumsum(1)
 
 
 def comet_mask(batch_size: int, q_length: Optional[int] = None, *, kv_length: int,
                attention_mask: Optional[Tensor] = None, kv_offset: int = 0, mask_function=None,
                **kwargs) -> Optional[Tensor]:
     """The mask HF hands to `comet_attention`: None when nothing is padded, else the
-    2D padding mask (B, n) of real tokens among the first n = kv_length key slots, or
+    2D bool padding mask (B, n) of real tokens among the first n = kv_length key slots, or
     fewer: with a static cache the slots after the last query are not written yet and
-    n stops there. Registered with transformers' AttentionMaskInterface: without it
-    the attention function would silently receive no mask at all (the causal part is
-    the kernel's). Early transformers 5 releases (5.0 among them) pass cache_position
+    n stops there. For packed sequences, the int64 (B, kv_length) sequence ids of
+    `_sequence_ids`, 0 for padding. Registered with transformers' AttentionMaskInterface:
+    without it the attention function would silently receive no mask at all (the causal
+    part is the kernel's). Early transformers 5 releases (5.0 among them) pass cache_position
     instead of q_length / q_offset: it lands in kwargs."""
     from transformers.masking_utils import causal_mask_function
 
-    if mask_function is not None and mask_function is not causal_mask_function:
-        _check_plain_causal(batch_size, mask_function, _query_positions(q_length, kwargs), kv_offset,
-                            kwargs.get("local_size"))
+    queries = _query_positions(q_length, kwargs)
+    if mask_function not in (None, causal_mask_function) and queries is not None and queries.numel():
+        ids = _sequence_ids(batch_size, mask_function, queries, kv_offset, kv_length, kwargs.get("local_size"))
+        if ids is not None:  # packed: padding (HF passes none with packing; a caller may) is sequence 0
+            return ids if attention_mask is None else ids * attention_mask[:, -kv_length:].bool()
     end = _query_end(q_length, kwargs)
     written = kv_length if end is None else min(kv_length, end - kv_offset)
     if written < kv_length:  # a static cache: the mask's length tells the attention where keys end
@@ -114,29 +144,84 @@ def _runs(valid: Tensor) -> tuple[Tensor, Tensor]:
     return start, count
 
 
+def _cu_seq_ids(cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int, device) -> Tensor:
+    """FlashAttention-style `cu_seq_lens_q` / `cu_seq_lens_k` ((n + 1,) offsets of n sequences
+    in the B * S tokens, flattened) as (B, S) sequence ids; 0 for tokens outside them."""
+    if cu_q is None or cu_k is None or (cu_q is not cu_k and not torch.equal(cu_q, cu_k)):
+        raise NotImplementedError("comet attention takes cu_seq_lens_q / cu_seq_lens_k for packed self-attention "
+                                  "only: both given, and equal")
+    cu = cu_q.to(device=device, dtype=torch.long)
+    t = torch.arange(B * S, device=device)
+    ids = torch.searchsorted(cu[1:], t, right=True) + 1
+    return torch.where((t >= cu[0]) & (t < cu[-1]), ids, 0).view(B, S)
+
+
+def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float], seq: Tensor,
+                        window: Optional[int]) -> Tensor:
+    """Causal attention within each sequence: q (B, S, Hq, D), k / v (B, S, Hkv, D), seq (B, S)
+    ids where each run of equal nonzero ids along a row is one sequence (0: padding, skipped;
+    its rows of the output are zeros). Every sequence becomes one sample of the kernel's batch
+    (n sequences, padded to the longest, L): gathered in, attended, scattered back to (B, S, Hq, D)."""
+    row, col = seq.nonzero(as_tuple=True)  # the real tokens (T,), in row-major order
+    if not row.numel():
+        return q.new_zeros(q.shape)
+    ids = seq[row, col]
+    new = torch.ones_like(ids, dtype=torch.bool)  # each sequence's first token
+    new[1:] = (ids[1:] != ids[:-1]) | (row[1:] != row[:-1])
+    sample = new.cumsum(0) - 1  # (T,) the kernel sample of each token
+    first = new.nonzero().squeeze(1)  # (n,) the first token of each sample
+    lens = torch.diff(first, append=first.new_tensor([ids.numel()]))
+    pos = torch.arange(ids.numel(), device=q.device) - first[sample]  # (T,) place within its sample
+    n, L = lens.numel(), int(lens.max())
+    if window is not None and L > window:
+        raise NotImplementedError(f"comet attention does not implement sliding-window attention: a packed sequence "
+                                  f"of {L} tokens exceeds the model's sliding_window {window}")
+
+    def pack(t: Tensor) -> Tensor:  # (B, S, H, D) -> (n, L, H, D), zeros past each sample's length
+        return t.new_zeros(n, L, *t.shape[2:]).index_put((sample, pos), t[row, col])
+
+    out, _ = ops.prefix_attention(pack(q), pack(k), pack(v), scaling, lens, lens)
+    return q.new_zeros(q.shape).index_put((row, col), out[sample, pos])
+
+
 def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                     attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                     **kwargs) -> tuple[Tensor, None]:
-    """HF attention-interface function backed by comet::prefix_attention."""
+    """HF attention-interface function backed by comet::prefix_attention. attention_mask is
+    `comet_mask`'s: None, a bool (B, n) padding mask, or int64 (B, S) ids of packed sequences."""
     if dropout:
         raise NotImplementedError("comet attention does not implement attention dropout; set attention_dropout=0")
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise ValueError(f"comet attention expects the 2D mask of its mask function, got shape "
+                         f"{tuple(attention_mask.shape)}; was the model created before comet_ext.register()?")
     window = kwargs.get("sliding_window")
-    if window is not None and key.shape[2] > window:  # inside the window a sliding mask masks nothing
-        raise NotImplementedError(f"comet attention does not implement sliding-window attention: "
-                                  f"{key.shape[2]} keys exceed the model's sliding_window {window}")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    B, S, Sk = q.shape[0], q.shape[1], k.shape[1]
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    has_ids = attention_mask is not None and attention_mask.dtype != torch.bool  # comet_mask's packed sequences
+    if cu_q is not None or cu_k is not None or has_ids:
+        if Sk != S:
+            raise NotImplementedError(f"comet attention takes packed sequences only for a prefill without a KV cache "
+                                      f"(as many keys as queries); got {S} queries over {Sk} keys")
+        seq = attention_mask
+        if cu_q is not None or cu_k is not None:  # as in FlashAttention, these win over position_ids
+            cu_ids = _cu_seq_ids(cu_q, cu_k, B, S, q.device)
+            seq = cu_ids if seq is None else cu_ids * (seq != 0)  # a padding mask still drops its tokens
+        if seq.shape != (B, S):
+            raise ValueError(f"comet attention expects ({B}, {S}) sequence ids, got shape {tuple(seq.shape)}")
+        return _attend_by_sequence(q, k, v, scaling, seq, window), None
+    if window is not None and Sk > window:  # inside the window a sliding mask masks nothing
+        raise NotImplementedError(f"comet attention does not implement sliding-window attention: "
+                                  f"{Sk} keys exceed the model's sliding_window {window}")
     if attention_mask is None:
         out, _ = ops.prefix_attention(q, k, v, scaling)
         return out, None
-    if attention_mask.dim() != 2:
-        raise ValueError(f"comet attention expects the 2D padding mask of its mask function, got shape "
-                         f"{tuple(attention_mask.shape)}; was the model created before comet_ext.register()?")
-    if attention_mask.shape[1] < k.shape[1]:  # a static cache: the slots past the mask are not written yet
+    if attention_mask.shape[1] < Sk:  # a static cache: the slots past the mask are not written yet
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]
         if bool(attention_mask.all()):
             out, _ = ops.prefix_attention(q, k, v, scaling)
             return out, None
-    B, S, Sk = q.shape[0], q.shape[1], k.shape[1]
+    Sk = k.shape[1]
     k_start, k_len = _runs(attention_mask[:, -Sk:].bool())
     window = Sk - S  # absolute position of the first query
     q_first = (k_start - window).clamp(min=0)

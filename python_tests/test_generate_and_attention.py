@@ -101,19 +101,6 @@ def test_drop_in_attention_with_a_static_cache_matches_sdpa(padded):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_drop_in_attention_refuses_packed_sequences():
-    """position_ids that restart inside a row (packed sequences, no cache) ask HF for a
-    block-diagonal mask that the kernel does not apply: refused, not silently attended across."""
-    comet_ext.register()
-    for family, extra in (("llama", {}), ("mistral", {"sliding_window": 8})):
-        base = tiny_base(family, **extra)
-        base.set_attn_implementation("comet")
-        x, packed = ids(1, 8, seed=6), torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4]])
-        with pytest.raises(NotImplementedError, match="packed into one row"):
-            base(x, position_ids=packed, use_cache=False)
-        base(x, position_ids=torch.arange(8).unsqueeze(0), use_cache=False)  # one sequence: fine
-
-
 def test_drop_in_attention_prefill_with_right_padding_matches_sdpa():
     comet_ext.register()
     base = tiny_base("llama")

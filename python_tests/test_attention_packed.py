@@ -1,0 +1,188 @@
+"""attn_implementation="comet" on packed sequences: several sequences in one row, told apart by
+position_ids that restart (HF's mask function) or by FlashAttention-style cu_seq_lens_q / _k."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from modeling_utils import VOCAB, tiny_base
+from transformers.masking_utils import (and_masks, bidirectional_mask_function, causal_mask_function, or_masks,
+                                        packed_sequence_mask_function)
+
+import comet_ext
+from comet_ext.attention import comet_attention, comet_mask
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+PAD = -1  # a trailing pad token at position 0: to HF, a one-token sequence of its own
+
+# Two rows of 13 tokens with different splits into odd lengths; PAD entries are trailing padding.
+LAYOUTS = {
+    "unpadded": [[3, 5, 5], [7, 1, 5]],
+    "padded": [[3, 5, PAD, PAD, PAD, PAD, PAD], [7, 5, PAD]],
+}
+
+
+@pytest.fixture(autouse=True)
+def _register():
+    comet_ext.register()
+
+
+def packed(layout, seed=0):
+    """input_ids and position_ids (B, S) of a layout, and the (row, start, length) of each real sequence."""
+    pos = [torch.cat([torch.arange(1 if n == PAD else n) for n in row]) for row in layout]
+    x = torch.randint(0, VOCAB, (len(layout), pos[0].numel()), generator=torch.Generator().manual_seed(seed))
+    seqs = []
+    for r, row in enumerate(layout):
+        start = 0
+        for n in row:
+            if n != PAD:
+                seqs.append((r, start, n))
+            start += 1 if n == PAD else n
+    return x, torch.stack(pos), seqs
+
+
+def logits(model, impl, input_ids, **kw):
+    model.set_attn_implementation(impl)
+    return model(input_ids, use_cache=False, **kw).logits
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_forward_matches_sdpa_eager_and_each_sequence_alone(family, layout):
+    model = tiny_base(family)
+    x, pos, seqs = packed(LAYOUTS[layout])
+    out = logits(model, "comet", x, position_ids=pos)
+    torch.testing.assert_close(out, logits(model, "sdpa", x, position_ids=pos), **TOL)
+    torch.testing.assert_close(out, logits(model, "eager", x, position_ids=pos), **TOL)
+    for r, start, n in seqs:
+        alone = logits(model, "sdpa", x[r:r + 1, start:start + n])[0]
+        torch.testing.assert_close(out[r, start:start + n], alone, **TOL)
+    # the packing matters: read as one sequence per row, the later sequences differ
+    assert not torch.allclose(out, logits(model, "comet", x), **TOL)
+
+
+def test_packed_gqa_model_matches_sdpa():
+    model = tiny_base("qwen3", num_attention_heads=6, num_key_value_heads=2, head_dim=8)
+    x, pos, _ = packed([[2, 9, 4], [6, 6, 3]], seed=1)
+    torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
+                               logits(model, "sdpa", x, position_ids=pos), **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_parameter_gradients_match_sdpa(family):
+    model = tiny_base(family).train()
+    x, pos, _ = packed(LAYOUTS["padded"], seed=2)
+    grads = {}
+    for impl in ("sdpa", "comet"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(x, position_ids=pos, labels=x, use_cache=False).loss.backward()
+        grads[impl] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    for name, g in grads["sdpa"].items():
+        torch.testing.assert_close(grads["comet"][name], g, **TOL, msg=name)
+
+
+def test_packed_sliding_window_takes_sequences_that_fit_it():
+    """A sliding window masks nothing inside a sequence no longer than it, however long the row."""
+    model = tiny_base("mistral", sliding_window=6)
+    x, pos, _ = packed([[4, 6, 3]], seed=3)
+    torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
+                               logits(model, "sdpa", x, position_ids=pos), **TOL)
+    x, pos, _ = packed([[4, 7, 2]], seed=3)
+    with pytest.raises(NotImplementedError, match="packed sequence of 7 tokens exceeds the model's sliding_window 6"):
+        logits(model, "comet", x, position_ids=pos)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DataCollatorWithFlattening"), reason="no DataCollatorWithFlattening")
+def test_data_collator_with_flattening():
+    """The collator's position_ids (sdpa sees them too), and its FlashAttention kwargs alone:
+    cu_seq_lens_q / _k are honoured, not ignored (sdpa ignores them and attends across)."""
+    model = tiny_base("llama")
+    g = torch.Generator().manual_seed(4)
+    lengths = [5, 3, 7]
+    features = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for n in lengths]
+    batch = transformers.DataCollatorWithFlattening()(features)
+    assert batch["input_ids"].shape == (1, sum(lengths))
+    out = logits(model, "comet", **batch)
+    torch.testing.assert_close(out, logits(model, "sdpa", **batch), **TOL)
+
+    flash = transformers.DataCollatorWithFlattening(return_flash_attn_kwargs=True, return_position_ids=False)(features)
+    assert "position_ids" not in flash and "cu_seq_lens_q" in flash
+    out_cu = logits(model, "comet", **flash)
+    start = 0
+    for n in lengths:  # alone at the same positions (no position_ids: they run on along the row)
+        alone = logits(model, "sdpa", flash["input_ids"][:, start:start + n],
+                       position_ids=torch.arange(start, start + n).unsqueeze(0))
+        torch.testing.assert_close(out_cu[0, start:start + n], alone[0], **TOL)
+        start += n
+    assert not torch.allclose(out_cu, logits(model, "sdpa", **flash), **TOL)
+
+
+def test_cu_seq_lens_are_refused_where_they_cannot_hold():
+    q = torch.randn(1, 2, 6, 8)
+    kv = torch.randn(1, 2, 9, 8)
+    cu = torch.tensor([0, 2, 6], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="without a KV cache"):
+        comet_attention(None, q, kv, kv, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    with pytest.raises(NotImplementedError, match="both given, and equal"):
+        comet_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6]))
+
+
+def test_attention_over_sequence_ids_with_padding_holes_and_gqa_matches_a_reference():
+    """Sequence ids straight into the attention function: 0 marks padding (its output rows are
+    zeros), wherever it sits; 6 query heads over 2 key heads. Outputs and q / k / v gradients."""
+    seq = torch.tensor([[1, 1, 0, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 0, 0, 0], [0, 3, 3, 7, 7, 7, 7, 7]])
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 6, 8, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(3, 2, 8, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    out, _ = comet_attention(None, q, k, v, seq, scaling=0.3)
+
+    i = torch.arange(8)
+    sees = (seq[:, :, None] == seq[:, None, :]) & (seq[:, None, :] != 0) & (i[None, :, None] >= i[None, None, :])
+    scores = (q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.3).masked_fill(~sees[:, None], float("-inf"))
+    ref = (scores.softmax(-1).nan_to_num() @ v.repeat_interleave(3, 1)).transpose(1, 2)
+    ref = ref * (seq != 0)[:, :, None, None]
+    torch.testing.assert_close(out, ref)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+def _packed_function(ids):
+    return and_masks(causal_mask_function, packed_sequence_mask_function(torch.tensor(ids)))
+
+
+@pytest.mark.parametrize("conv", ["cache_position", "q_offset"])
+def test_mask_function_hands_over_sequence_ids_in_both_calling_conventions(conv):
+    # transformers 5.0 calls a mask interface with cache_position; later 5.x with q_length / q_offset
+    where = dict(cache_position=torch.arange(7)) if conv == "cache_position" else dict(q_length=7, q_offset=0)
+    fn = _packed_function([[0, 0, 1, 1, 1, 2, 2], [0, 0, 0, 0, 0, 0, 1]])
+    ids = comet_mask(batch_size=2, kv_length=7, kv_offset=0, mask_function=fn, **where)
+    assert ids.dtype == torch.long
+    assert ids.tolist() == [[1, 1, 2, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1, 2]]
+    # one sequence per row: plain causal, no mask
+    assert comet_mask(batch_size=2, kv_length=7, kv_offset=0, mask_function=_packed_function([[0] * 7] * 2),
+                      **where) is None
+
+
+def _prefix_lm(b, h, q, kv):  # the first 3 tokens see each other, as an image block or a prefix LM would
+    return (q < 3) & (kv < 3)
+
+
+@pytest.mark.parametrize("mask_function", [
+    bidirectional_mask_function,
+    or_masks(causal_mask_function, _prefix_lm),
+    and_masks(causal_mask_function, lambda b, h, q, kv: kv != 0),
+    and_masks(_packed_function([[0, 0, 1, 1, 1, 1]]), lambda b, h, q, kv: kv != 3),
+], ids=["bidirectional", "causal-or-block", "causal-without-key-0", "packed-without-key-3"])
+def test_a_mask_neither_causal_nor_packed_is_refused(mask_function):
+    with pytest.raises(NotImplementedError, match="asked for another mask"):
+        comet_mask(batch_size=1, q_length=6, q_offset=0, kv_length=6, kv_offset=0, mask_function=mask_function)
+
+
+def test_packed_sequences_with_cached_keys_are_refused():
+    # queries 4..7 over keys 0..7: the sequences of the cached keys are not the kernel's to know
+    fn = _packed_function([[0, 0, 0, 0, 0, 1, 1, 1]])
+    with pytest.raises(NotImplementedError, match="only for a prefill without a KV cache"):
+        comet_mask(batch_size=1, q_length=4, q_offset=4, kv_length=8, kv_offset=0, mask_function=fn)
