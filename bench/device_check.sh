@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (DESIGN.md §7): on a CUDA machine with no network, build the
+# The GPU check (docs/architecture.md, "Benchmarks"): on a CUDA machine with no network, build the
 # extension from source, run the CUDA tests, run the op tests again under
 # compute-sanitizer (memcheck; racecheck on the attention kernels at a small
 # shape), run the op benchmarks and the end-to-end benchmark on the GPU, and

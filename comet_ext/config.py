@@ -1,4 +1,4 @@
-"""CometConfig: the CoMeT memory's sizes (DESIGN.md §1), validated."""
+"""CometConfig: the CoMeT memory's sizes (docs/model.md, "What is computed"), validated."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Import of reference-implementation checkpoints (MemQwen3ForCausalLM, DESIGN.md §5).
+"""Import of reference-implementation checkpoints (MemQwen3ForCausalLM; usage: README.md).
 
 A reference checkpoint is a decoder whose vocabulary was resized to hold the
 beacon tokens, with per-layer keys

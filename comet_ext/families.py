@@ -1,4 +1,5 @@
-"""Per-family layer steps of the fast CoMeT formulation (DESIGN.md §2).
+"""Per-family layer steps of the fast CoMeT formulation (docs/model.md, "Memory rows only give
+keys and values").
 
 A supported decoder has the standard layout `embed_tokens / layers[i].{
 input_layernorm, self_attn.{q,k,v,o}_proj[, q_norm, k_norm],

@@ -4,7 +4,7 @@ One chunk through one layer (`_layer_segment`) is the unit everything is built
 from. Streaming (`read`, `generate`) runs it chunk-outer, layer-inner on a
 `CometMemory` updated in place; the training forward runs it layer-outer,
 chunk-inner on functional state so gradients flow through the memories. Both
-follow DESIGN.md §1 exactly, computed the fast way of §2: memory rows only
+follow docs/model.md exactly, computed its fast way: memory rows only
 contribute keys / values.
 
 Shapes: B batch, T text tokens, N rows of a segment, d hidden, G = num_global,

@@ -201,7 +201,7 @@ def gated_update(
     eps: Optional[float] = None,
     gate_snap: float = 1.0,
 ) -> tuple[Tensor, Tensor]:
-    """One layer's global-memory update (DESIGN.md §1), fused.
+    """One layer's global-memory update (docs/model.md, "What is computed"), fused.
 
     ``c = RMSNorm(readout) * norm_weight``; with a state,
     ``g = sigmoid(gate_weight . [c ; state])`` (one scalar per slot) and

@@ -1,4 +1,4 @@
-"""Layer-level pipeline over torch.distributed (DESIGN.md §1, "layer-order freedom").
+"""Layer-level pipeline over torch.distributed (docs/model.md, "Layer-order freedom").
 
 The chunks of a sequence are split into contiguous blocks, one per rank of a
 pipeline group. For each layer l, rank k receives layer l's memory state (as it

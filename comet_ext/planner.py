@@ -1,5 +1,5 @@
-"""Chunk planner: how a training sequence is cut into chunks (DESIGN.md §1,
-"chunk sizes randomised per sample"). Strategies of the reference setup:
+"""Chunk planner: how a training sequence is cut into chunks, with sizes randomised per
+sample as in the reference setup (README.md, "Fine-tuning"). Strategies of the reference setup:
 
 - fixed: chunk_size each, the last one partial;
 - right_aligned: the first chunk partial, the others full (the end of the

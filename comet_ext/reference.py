@@ -118,7 +118,8 @@ def gated_update(
     gate_snap: float = 1.0,
     upcast: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """Global-memory update (DESIGN.md §1): returns (new state, RLA(new state)), (B, n, d).
+    """Global-memory update (docs/model.md, "What is computed"): returns (new state,
+    RLA(new state)), (B, n, d).
 
     A gate above ``gate_snap`` blends as exactly 1; its gradient passes straight through."""
     eps = torch.finfo(readout.dtype).eps if eps is None else eps

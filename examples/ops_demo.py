@@ -3,7 +3,7 @@
 Stands in for the model (which arrives with the HF integration): random
 "layer outputs" play the role of the readout and compression rows, and each
 chunk attends over [global memory ; FIFO ; chunk] exactly as a CoMeT layer
-does (DESIGN.md §1-2), with ragged per-sample lengths. Every step is checked
+does (docs/model.md), with ragged per-sample lengths. Every step is checked
 against comet_ext.reference, and the attention is timed against torch SDPA.
 
     python examples/ops_demo.py

@@ -3,9 +3,9 @@
 Each row of ``BAD_CALLS`` builds small CPU tensors, makes one malformed call
 and states the exception it must raise (RuntimeError for the C++ ``TORCH_CHECK``
 argument checks, ValueError for the Python-side ones) and a regex the message
-must match. The regexes name the offending argument, as DESIGN.md §4 asks of
-every check ("a message that names the argument, the expected and the actual
-value").
+must match. The regexes name the offending argument, as docs/architecture.md
+("One op, one name") asks of every check ("a message that names the argument, the
+expected and the actual value").
 
 ``MORE_BAD_CALLS`` holds calls that once slipped through (strided rows, or
 Python-side errors that did not name the argument).
