@@ -204,7 +204,8 @@ def test_row_backward_v2_gradcheck_cuda(monkeypatch, r):
 def test_row_backward_v2_matches_v1_and_the_reference_cuda(monkeypatch, dtype, gate_snap):
     """5000 rows of 300 columns (many ranges, a ragged column block), rank 8: the v2 gradients
     keep the flash rule against the fp64 reference's autograd, with v1 as the same-dtype
-    yardstick; a snap below 1 passes the gradient straight through as the reference does."""
+    yardstick; a snap below 1 passes the gradient straight through as the reference does. eps is
+    given: the op's default follows the dtype (bf16: 2^-7), the fp64 reference's would not."""
     x, s, w, g, dn, up = _rla_gated_inputs(5000, 300, 8, dtype, seed=7)
 
     def grads(kernels):
@@ -212,18 +213,50 @@ def test_row_backward_v2_matches_v1_and_the_reference_cuda(monkeypatch, dtype, g
         ins = [t.detach().clone().requires_grad_() for t in (x, s, w, g, dn, up)]
         xi, si, wi, gi, dni, upi = ins
         y = ops.rla(xi, dni, upi, wi)
-        new, mem = ops.gated_update(xi.view(10, 500, 300), si.view(10, 500, 300), wi, gi, dni, upi, gate_snap=gate_snap)
+        new, mem = ops.gated_update(xi.view(10, 500, 300), si.view(10, 500, 300), wi, gi, dni, upi, eps=1e-6,
+                                     gate_snap=gate_snap)
         (y.float().square().sum() + new.float().sum() + mem.float().square().sum()).backward()
         return [t.grad.cpu() for t in ins]
 
     xe, se, we, ge, dne, upe = (t.detach().cpu().double().requires_grad_() for t in (x, s, w, g, dn, up))
     y = ref.rla(xe, dne, upe, we)
-    new, mem = ref.gated_update(xe.view(10, 500, 300), se.view(10, 500, 300), we, ge, dne, upe, gate_snap=gate_snap)
+    new, mem = ref.gated_update(xe.view(10, 500, 300), se.view(10, 500, 300), we, ge, dne, upe, eps=1e-6,
+                               gate_snap=gate_snap)
     (y.square().sum() + new.sum() + mem.square().sum()).backward()
     exact = [t.grad for t in (xe, se, we, ge, dne, upe)]
     for name, ours, yardstick, e in zip(("x", "state", "weight", "gate", "down", "up"), grads("v2"), grads("v1"),
                                         exact):
         assert_flash_rule(f"grad {name}", ours, yardstick, e)
+
+
+@pytest.mark.parametrize("r", [1, 4, 5, 16, 17])
+def test_row_backward_v2_matches_v1_fp64_at_rank_bucket_edges_cuda(monkeypatch, r):
+    """fp64: the v2 gradients equal v1's to rounding at the rank buckets' edges (17 runs v1 under
+    either setting), for rla on x with a row stride past d (with and without the norm) and
+    gated_update with snapped gates and without a state; 1 row, and 131 rows (three ranges, the
+    last ragged) of 300 columns (a ragged column block)."""
+    def grads(kernels, M):
+        monkeypatch.setenv("COMET_ROW_KERNELS", kernels)
+        gen = torch.Generator().manual_seed(M + r)
+        d = 300
+        big = torch.randn(M, d + 9, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+        s = torch.randn(1, M, d, generator=gen, dtype=torch.float64).cuda().requires_grad_()
+        w = (torch.randn(d, generator=gen, dtype=torch.float64) * 0.1 + 1).cuda().requires_grad_()
+        gate = (torch.randn(1, 2 * d, generator=gen, dtype=torch.float64) * 0.1).cuda().requires_grad_()
+        dn = (torch.randn(r, d, generator=gen, dtype=torch.float64) * 0.3).cuda().requires_grad_()
+        up = (torch.randn(d, r, generator=gen, dtype=torch.float64) * 0.3).cuda().requires_grad_()
+        outs = torch.randn(5, M, d, generator=gen, dtype=torch.float64).cuda()
+        x = big[:, 4:4 + d]  # row stride d + 9
+        loss = (ops.rla(x, dn, up, w, 1e-6) * outs[0]).sum() + (ops.rla(x, dn, up) * outs[1]).sum()
+        new, mem = ops.gated_update(x.view(1, M, d), s, w, gate, dn, up, eps=1e-6, gate_snap=0.6)
+        first, fmem = ops.gated_update(x.view(1, M, d), None, w, gate, dn, up, eps=1e-6)
+        loss = loss + (new * outs[2]).sum() + (mem * outs[3]).sum() + (first * outs[4]).sum() + fmem.square().sum()
+        loss.backward()
+        return [t.grad.cpu() for t in (big, s, w, gate, dn, up)]
+
+    for M in (1, 131):
+        for name, v2, v1 in zip(("x", "state", "weight", "gate", "down", "up"), grads("v2", M), grads("v1", M)):
+            torch.testing.assert_close(v2, v1, rtol=1e-10, atol=1e-10 * v1.abs().max().item(), msg=f"M={M} {name}")
 
 
 def test_row_kernels_choice_is_checked(monkeypatch):

@@ -181,19 +181,22 @@ __global__ void __launch_bounds__(kRowThreads)
 // v2 backward, pass 1, a warp per row: the row's table entry [h | dh | rstd, g, dz, k3], with
 // h = D s' and dh = Uᵀ d(memory); g the unsnapped gate, dz = d(gate logit) (straight through
 // the snap; 0 without a state); k3 = rstd³/d · Σ_i dc_i w_i x_i, the RMSNorm backward's row
-// term. Three sweeps over the row: (rstd, dh); (gate, dz, k3); h. dc = (1 - g_s) v + dz gate_c
-// with v = d s' is linear in dz, so k3 comes from two sums of the second sweep.
+// term. Two sweeps over the row: (rstd, dh); (gate, dz, k3, h). dc = (1 - g_s) v + dz gate_c
+// with v = d s' is linear in dz, so k3 comes from two sums of the second sweep, and h =
+// g_s·D s + (1 - g_s)·D c from two more (a convex blend: nothing cancels). U comes transposed
+// (r, d): its reads coalesce like D's.
 template <typename scalar_t, typename acc_t, int R>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     gated_backward_stats_kernel(const scalar_t* __restrict__ GS, const scalar_t* __restrict__ GM,
                                 const scalar_t* __restrict__ Rd, const scalar_t* __restrict__ S,
                                 const scalar_t* __restrict__ w, const scalar_t* __restrict__ gate,
-                                const scalar_t* __restrict__ down, const scalar_t* __restrict__ up,
-                                acc_t* __restrict__ stats,  // (M, kStatsWidth<R>)
+                                const scalar_t* __restrict__ down,
+                                const scalar_t* __restrict__ up_t,  // (r, d): up transposed
+                                acc_t* __restrict__ stats,          // (M, kStatsWidth<R>)
                                 int64_t M, int64_t d, int64_t r, acc_t eps, acc_t gate_snap) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
-  if (row >= M) return;
+  if (row >= M) return;  // whole warps: the shuffles below see all 32 lanes
   const scalar_t* rr = Rd + row * d;
   const scalar_t* sr = S != nullptr ? S + row * d : nullptr;
   const scalar_t* gsr = GS + row * d;
@@ -205,48 +208,49 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (k >= r) break;
-      dh[k] += static_cast<acc_t>(up[i * r + k]) * gm;
+      dh[k] += static_cast<acc_t>(up_t[k * d + i]) * gm;
     }
   }
   const acc_t rstd = rsqrt(warp_sum(ss) / d + eps);
   warp_sum_all(dh);
-  // z: the gate logit; dg = Σ v (s - c); p_v = Σ v w x, p_g = Σ gate_c w x (k3's two parts)
-  acc_t z = 0, dg = 0, p_v = 0, p_g = 0;
+  // z: the gate logit; dg = Σ v (s - c); p_v = Σ v w x, p_g = Σ gate_c w x (k3's two parts);
+  // h_s = D s, h_c = D c (h's two parts)
+  acc_t z = 0, dg = 0, p_v = 0, p_g = 0, h_s[R] = {}, h_c[R] = {};
   for (int64_t i = lane; i < d; i += kWarp) {
-    const acc_t x = static_cast<acc_t>(rr[i]), wx = static_cast<acc_t>(w[i]) * x;
+    const acc_t x = static_cast<acc_t>(rr[i]), wx = static_cast<acc_t>(w[i]) * x, c = wx * rstd;
     acc_t v = static_cast<acc_t>(gsr[i]) + static_cast<acc_t>(gmr[i]);
+    const acc_t s = sr != nullptr ? static_cast<acc_t>(sr[i]) : acc_t(0);
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (k >= r) break;
-      v += static_cast<acc_t>(down[k * d + i]) * dh[k];
+      const acc_t dk = static_cast<acc_t>(down[k * d + i]);
+      v += dk * dh[k];
+      h_c[k] += dk * c;
+      if (sr != nullptr) h_s[k] += dk * s;
     }
     p_v += v * wx;
     if (sr != nullptr) {
-      const acc_t c = wx * rstd, s = static_cast<acc_t>(sr[i]), gc = static_cast<acc_t>(gate[i]);
+      const acc_t gc = static_cast<acc_t>(gate[i]);
       z += gc * c + static_cast<acc_t>(gate[d + i]) * s;
       dg += v * (s - c);
       p_g += gc * wx;
     }
   }
-  acc_t g = 0, dz = 0, k3 = warp_sum(p_v);
+  warp_sum_all(h_c);
+  acc_t g = 0, dz = 0, k3 = warp_sum(p_v), h[R];
   if (sr != nullptr) {
+    warp_sum_all(h_s);
     g = sigmoid(warp_sum(z));
     dz = warp_sum(dg) * g * (acc_t(1) - g);
-    k3 = (acc_t(1) - snapped(g, gate_snap)) * k3 + dz * warp_sum(p_g);
+    const acc_t gs = snapped(g, gate_snap);
+    k3 = (acc_t(1) - gs) * k3 + dz * warp_sum(p_g);
+#pragma unroll
+    for (int k = 0; k < R; ++k) h[k] = gs * h_s[k] + (acc_t(1) - gs) * h_c[k];  // zero past r
+  } else {
+#pragma unroll
+    for (int k = 0; k < R; ++k) h[k] = h_c[k];
   }
   k3 *= rstd * rstd * rstd / d;
-  const acc_t gs = snapped(g, gate_snap);
-  acc_t h[R] = {};
-  for (int64_t i = lane; i < d; i += kWarp) {
-    const acc_t c = static_cast<acc_t>(rr[i]) * rstd * static_cast<acc_t>(w[i]);
-    const acc_t sn = sr != nullptr ? gs * static_cast<acc_t>(sr[i]) + (acc_t(1) - gs) * c : c;
-#pragma unroll
-    for (int k = 0; k < R; ++k) {
-      if (k >= r) break;
-      h[k] += static_cast<acc_t>(down[k * d + i]) * sn;
-    }
-  }
-  warp_sum_all(h);
   if (lane == 0) store_stats(stats + row * kStatsWidth<R>, h, dh, rstd, g, dz, k3);
 }
 
@@ -367,12 +371,13 @@ void gated_backward_v2(const at::Tensor& GS, const at::Tensor& GM, const at::Ten
   const int64_t d = R.size(-1), M = R.numel() / d, r = dw.size(0);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const scalar_t* sp = S.defined() ? S.data_ptr<scalar_t>() : nullptr;
+  const at::Tensor ut = uw.t().contiguous();  // (r, d): pass 1 reads it along d, coalesced
   dispatch_rank_bucket(rank_bucket(r), [&](auto bucket) {
     constexpr int Rk = decltype(bucket)::value;
     at::Tensor stats = at::empty({M, kStatsWidth<Rk>}, R.options().dtype(acc_dtype(R.scalar_type())));
     gated_backward_stats_kernel<scalar_t, acc_t, Rk><<<warp_row_grid(M), kRowWarps * kWarp, 0, stream>>>(
         GS.data_ptr<scalar_t>(), GM.data_ptr<scalar_t>(), R.data_ptr<scalar_t>(), sp, w.data_ptr<scalar_t>(),
-        gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), M, d,
+        gw.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), ut.data_ptr<scalar_t>(), stats.data_ptr<acc_t>(), M, d,
         r, static_cast<acc_t>(eps), static_cast<acc_t>(gate_snap));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     gated_backward_cols_kernel<scalar_t, acc_t, Rk><<<launch.grid, kColThreads, 0, stream>>>(

@@ -121,52 +121,47 @@ __global__ void __launch_bounds__(kRowThreads)
 
 // v2 backward, pass 1, a warp per row: the row's table entry [h | dh | rstd, c, 0, 0], with
 // h = D n, dh = Uᵀ dy and c = rstd³/d · Σ_i dn_i w_i x_i (the RMSNorm backward's row term,
-// dn = dy + Dᵀ dh); without a norm rstd = 1 and c = 0.
+// dn = dy + Dᵀ dh); without a norm rstd = 1 and c = 0. One sweep over the row: n = rstd·w·x
+// makes h = rstd·h' with h' = D(w·x), and Σ_i dn_i w_i x_i = Σ_i dy_i w_i x_i + Σ_k dh_k h'_k, so
+// nothing waits for rstd or dh. U comes transposed (r, d): its reads coalesce like D's.
 template <typename scalar_t, typename acc_t, int R>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     rla_backward_stats_kernel(const scalar_t* __restrict__ gy,    // (M, d), row stride gs
                               const scalar_t* __restrict__ x,     // (M, d), row stride xs
                               const scalar_t* __restrict__ down,  // (r, d)
-                              const scalar_t* __restrict__ up,    // (d, r)
+                              const scalar_t* __restrict__ up_t,  // (r, d): up transposed
                               const scalar_t* __restrict__ w,     // (d,) or null
                               acc_t* __restrict__ stats,          // (M, kStatsWidth<R>)
                               int64_t M, int64_t d, int64_t r, int64_t xs, int64_t gs, acc_t eps) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = int64_t(blockIdx.x) * kRowWarps + threadIdx.x / kWarp;
-  if (row >= M) return;
+  if (row >= M) return;  // whole warps: the shuffles below see all 32 lanes
   const scalar_t* xr = x + row * xs;
   const scalar_t* gr = gy + row * gs;
-  acc_t rstd = 1;
-  if (w != nullptr) {
-    acc_t ss = 0;
-    for (int64_t i = lane; i < d; i += kWarp) ss += static_cast<acc_t>(xr[i]) * static_cast<acc_t>(xr[i]);
-    rstd = rsqrt(warp_sum(ss) / d + eps);
-  }
-  acc_t h[R] = {}, dh[R] = {};
+  acc_t ss = 0, p = 0, h[R] = {}, dh[R] = {};  // h holds h' = D(w x) until rstd is known
   for (int64_t i = lane; i < d; i += kWarp) {
-    const acc_t n = static_cast<acc_t>(xr[i]) * (w != nullptr ? rstd * static_cast<acc_t>(w[i]) : acc_t(1));
-    const acc_t g = static_cast<acc_t>(gr[i]);
+    const acc_t xv = static_cast<acc_t>(xr[i]), g = static_cast<acc_t>(gr[i]);
+    const acc_t wx = w != nullptr ? static_cast<acc_t>(w[i]) * xv : xv;
+    ss += xv * xv;
+    p += g * wx;
 #pragma unroll
     for (int k = 0; k < R; ++k) {
       if (k >= r) break;
-      h[k] += static_cast<acc_t>(down[k * d + i]) * n;
-      dh[k] += static_cast<acc_t>(up[i * r + k]) * g;
+      h[k] += static_cast<acc_t>(down[k * d + i]) * wx;
+      dh[k] += static_cast<acc_t>(up_t[k * d + i]) * g;
     }
   }
   warp_sum_all(h);
   warp_sum_all(dh);
-  acc_t c = 0;
+  acc_t rstd = 1, c = 0;
   if (w != nullptr) {
-    for (int64_t i = lane; i < d; i += kWarp) {
-      acc_t dn = static_cast<acc_t>(gr[i]);
+    rstd = rsqrt(warp_sum(ss) / d + eps);
+    acc_t q = warp_sum(p);
 #pragma unroll
-      for (int k = 0; k < R; ++k) {
-        if (k >= r) break;
-        dn += static_cast<acc_t>(down[k * d + i]) * dh[k];
-      }
-      c += dn * static_cast<acc_t>(w[i]) * static_cast<acc_t>(xr[i]);
-    }
-    c = warp_sum(c) * rstd * rstd * rstd / d;
+    for (int k = 0; k < R; ++k) q += dh[k] * h[k];  // zero past r
+    c = q * rstd * rstd * rstd / d;
+#pragma unroll
+    for (int k = 0; k < R; ++k) h[k] *= rstd;
   }
   if (lane == 0) store_stats(stats + row * kStatsWidth<R>, h, dh, rstd, c, acc_t(0), acc_t(0));
 }
@@ -267,12 +262,13 @@ void rla_backward_v2(const at::Tensor& grad_y, const at::Tensor& x, const at::Te
                      at::Tensor& d_up_t, at::Tensor& d_w) {
   const int64_t M = x.size(0), d = x.size(1), r = dw.size(0);
   const auto stream = at::cuda::getCurrentCUDAStream();
+  const at::Tensor ut = uw.t().contiguous();  // (r, d): pass 1 reads it along d, coalesced
   dispatch_rank_bucket(rank_bucket(r), [&](auto bucket) {
     constexpr int R = decltype(bucket)::value;
     at::Tensor stats = at::empty({M, kStatsWidth<R>}, x.options().dtype(acc_dtype(x.scalar_type())));
     const scalar_t* wp = w.defined() ? w.data_ptr<scalar_t>() : nullptr;
     rla_backward_stats_kernel<scalar_t, acc_t, R><<<warp_row_grid(M), kRowWarps * kWarp, 0, stream>>>(
-        grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), uw.data_ptr<scalar_t>(), wp,
+        grad_y.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(), ut.data_ptr<scalar_t>(), wp,
         stats.data_ptr<acc_t>(), M, d, r, x.stride(0), grad_y.stride(0), static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     rla_backward_cols_kernel<scalar_t, acc_t, R><<<launch.grid, kColThreads, 0, stream>>>(

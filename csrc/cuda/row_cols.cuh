@@ -65,9 +65,13 @@ struct RowStats {
   __device__ __forceinline__ void load(const acc_t* __restrict__ row) {
     acc_t v[kStatsWidth<R>];
     if constexpr (std::is_same_v<acc_t, float>) {
+      // 16-byte loads (the table's rows are 16-byte aligned), unpacked by component: v itself is
+      // a 4-byte-aligned local array, no float4 may be stored through it (-G keeps it in memory)
 #pragma unroll
-      for (int j = 0; j < kStatsWidth<R>; j += 4)
-        *reinterpret_cast<float4*>(v + j) = __ldg(reinterpret_cast<const float4*>(row + j));
+      for (int j = 0; j < kStatsWidth<R>; j += 4) {
+        const float4 q = __ldg(reinterpret_cast<const float4*>(row + j));
+        v[j] = q.x, v[j + 1] = q.y, v[j + 2] = q.z, v[j + 3] = q.w;
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < kStatsWidth<R>; ++j) v[j] = row[j];
