@@ -35,6 +35,22 @@ log = logging.getLogger("comet_ext.training")
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Settings of `Trainer`.
+
+    total_steps: optimizer steps; batch_size samples per micro-batch, grad_accum micro-batches
+    per step (per data replica). lr: the base model's learning rate; the memory modules and the
+    compression / readout embeddings train at lr * memory_lr_mult (the reference's 5x). AdamW
+    with weight_decay and betas; linear warmup over warmup_steps, then cosine decay to
+    lr * min_lr_ratio; gradients clipped to a total norm of max_grad_norm (> 0; float("inf"):
+    not clipped, the norm still logged). bf16_autocast: the forward under
+    torch.autocast(bfloat16). recompute: activation recomputation per (layer, chunk).
+    train_base=False trains only what `memory_parameter_names` lists: every other parameter is
+    frozen, LoRA adapters included (apply_lora's adapters train only with train_base=True).
+    checkpoint_every steps (0: never) into checkpoint_dir, resumable exactly (RNG included).
+    log_every: steps between log lines (0: none; `Trainer.history` gets every step). seed: the
+    order of the samples (the ChunkPlanner draws chunk sizes from its own seed).
+    """
+
     total_steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
@@ -60,6 +76,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0 or self.memory_lr_mult <= 0:
             raise ValueError(f"TrainConfig: lr ({self.lr}) and memory_lr_mult ({self.memory_lr_mult}) must be > 0")
+        if not self.max_grad_norm > 0:  # clip_grad_norm_ to 0 would zero every gradient: no training at all
+            raise ValueError(f"TrainConfig.max_grad_norm must be > 0 (float('inf') for no clipping), "
+                             f"got {self.max_grad_norm}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("TrainConfig: checkpoint_every needs a checkpoint_dir")
 

@@ -200,6 +200,20 @@ def test_memory_modules_get_five_times_the_learning_rate():
     assert lr_factor(100, cfg) == pytest.approx(0.1)
 
 
+def test_max_grad_norm_must_be_positive_and_inf_does_not_clip():
+    """clip_grad_norm_ to 0 would zero every gradient (a run that trains nothing): refused;
+    float("inf") leaves the gradients as they are and still logs their norm."""
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
+            TrainConfig(max_grad_norm=bad)
+    torch.manual_seed(0)
+    model = tiny_comet("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    history = _trainer(model, 1, max_grad_norm=float("inf")).train()
+    assert history[0]["grad_norm"] > 0 and np.isfinite(history[0]["grad_norm"])
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_short_training_run_lowers_the_loss():
     torch.manual_seed(0)
     tr = _trainer(tiny_comet("qwen3"), 30)
