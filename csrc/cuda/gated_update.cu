@@ -276,6 +276,11 @@ __global__ void __launch_bounds__(kColThreads)
   const acc_t wi = static_cast<acc_t>(w[i]);
   const acc_t gate_c = static_cast<acc_t>(gate[i]), gate_s = static_cast<acc_t>(gate[d + i]);
   acc_t a_down[R] = {}, a_up[R] = {}, a_w = 0, a_gc = 0, a_gs = 0;
+  // unrolled: the loads of the next rows issue before this row's sums need them (more bytes in
+  // flight per warp; the rows are independent but for the accumulators). Not in fp64, where
+  // the doubled accumulators would spill.
+  constexpr int kUnroll = sizeof(acc_t) == 4 ? 4 : 1;
+#pragma unroll kUnroll
   for (int64_t m = range * rows; m < last; ++m) {
     RowStats<acc_t, R> st;  // a = h, b = dh, e = (rstd, g, dz, k3)
     st.load(stats + m * kStatsWidth<R>);

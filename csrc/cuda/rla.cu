@@ -187,6 +187,11 @@ __global__ void __launch_bounds__(kColThreads)
   load_column(down, r, d, i, dcol);
   const acc_t wi = w != nullptr ? static_cast<acc_t>(w[i]) : acc_t(1);
   acc_t a_down[R] = {}, a_up[R] = {}, a_w = 0;
+  // unrolled: the loads of the next rows issue before this row's sums need them (more bytes in
+  // flight per warp; the rows are independent but for the accumulators). Not in fp64, where
+  // the doubled accumulators would spill.
+  constexpr int kUnroll = sizeof(acc_t) == 4 ? 4 : 1;
+#pragma unroll kUnroll
   for (int64_t m = range * rows; m < last; ++m) {
     RowStats<acc_t, R> st;  // a = h, b = dh, e = (rstd, c)
     st.load(stats + m * kStatsWidth<R>);
