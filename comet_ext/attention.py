@@ -20,17 +20,27 @@ and folds them into the mask function it hands to `comet_mask` (causal AND same
 sequence); `comet_mask` reads them back by probing that function and hands over
 an int64 (B, S) tensor of sequence ids instead of the bool padding mask (1, 2, ...
 along each row, 0 for padding). FlashAttention-style `cu_seq_lens_q` /
-`cu_seq_lens_k` kwargs reach the attention function directly and are read the
-same way. Each (row, sequence) becomes one sample of the kernel's batch. Prefill
-only: HF detects packing only without a KV cache. Other masks (a custom mask
-function, a bidirectional or block overlay) are refused, not silently ignored.
+`cu_seq_lens_k` kwargs reach the attention function directly and win over
+position_ids; as in FlashAttention's varlen call they are offsets into the B * S
+tokens flattened (a sequence may run on into the next row). Each sequence becomes
+one sample of the kernel's batch, padded to the longest (memory grows with the
+number of sequences times the longest). Where the tokens go (the layout) takes
+host reads of device values; HF hands every decoder layer the same mask tensor,
+so the layout is computed once per forward and cached on that tensor (or on
+cu_seq_lens_q), weakly, and recomputed after an in-place edit. The output is in
+the kernel's dtype (autocast's under autocast). Under torch.compile the layout's
+data-dependent sizes break the graph (fullgraph=True refuses). Prefill only: HF
+detects packing only without a KV cache. Other masks (a custom mask function, a
+bidirectional or block overlay) are refused, not silently ignored.
 """
 from __future__ import annotations
 
-from typing import Optional
+import weakref
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import ops
 
@@ -77,7 +87,7 @@ def _sequence_ids(batch_size: int, mask_function, queries: Tensor, kv_offset: in
 
     def sees(keys: Tensor) -> Tensor:  # (B, S) bool: does each query see its key in `keys`
         seen = mask_function(b, torch.zeros_like(b), q, keys.clamp(kv_offset, kv_end - 1))
-        return torch.as_tensor(seen, device=q.device).expand(batch_size, q.shape[1])
+        return torch.as_tensor(seen).to(q.device).expand(batch_size, q.shape[1])  # a tensor on q's device: no copy
 
     starts = ~sees(q - 1) & (q > kv_offset)
     first = torch.where(starts, q, kv_offset).cummax(1).values  # each query's sequence starts here
@@ -156,23 +166,94 @@ def _cu_seq_ids(cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int, 
     return torch.where((t >= cu[0]) & (t < cu[-1]), ids, 0).view(B, S)
 
 
-def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float], seq: Tensor,
-                        window: Optional[int]) -> Tensor:
-    """Causal attention within each sequence: q (B, S, Hq, D), k / v (B, S, Hkv, D), seq (B, S)
-    ids where each run of equal nonzero ids along a row is one sequence (0: padding, skipped;
-    its rows of the output are zeros). Every sequence becomes one sample of the kernel's batch
-    (n sequences, padded to the longest, L): gathered in, attended, scattered back to (B, S, Hq, D)."""
+class _Layout(NamedTuple):
+    """Where the T real tokens of packed sequences sit: token t at (row[t], col[t]) of the callers'
+    (B, S) and at (sample[t], pos[t]) of the kernel's batch of n samples padded to the longest, L;
+    lens (n,) the samples' lengths."""
+    row: Tensor
+    col: Tensor
+    sample: Tensor
+    pos: Tensor
+    lens: Tensor
+    n: int
+    L: int
+
+
+def _layout(seq: Tensor, rows_split: bool = True) -> _Layout:
+    """The layout of (B, S) sequence ids where each run of equal nonzero ids is one sequence (0:
+    padding, in no sample), along a row, or with `rows_split=False` along the flattened B * S
+    tokens (FlashAttention's varlen reading of cu_seq_lens: a sequence may run on into the next
+    row). Reads the device three times (two nonzero's sizes, the longest)."""
     row, col = seq.nonzero(as_tuple=True)  # the real tokens (T,), in row-major order
-    if not row.numel():
-        return q.new_zeros(q.shape)
     ids = seq[row, col]
     new = torch.ones_like(ids, dtype=torch.bool)  # each sequence's first token
-    new[1:] = (ids[1:] != ids[:-1]) | (row[1:] != row[:-1])
+    new[1:] = ids[1:] != ids[:-1]
+    if rows_split:
+        new[1:] |= row[1:] != row[:-1]
     sample = new.cumsum(0) - 1  # (T,) the kernel sample of each token
     first = new.nonzero().squeeze(1)  # (n,) the first token of each sample
     lens = torch.diff(first, append=first.new_tensor([ids.numel()]))
-    pos = torch.arange(ids.numel(), device=q.device) - first[sample]  # (T,) place within its sample
-    n, L = lens.numel(), int(lens.max())
+    pos = torch.arange(ids.numel(), device=seq.device) - first[sample]  # (T,) place within its sample
+    return _Layout(row, col, sample, pos, lens, lens.numel(), int(lens.max()) if lens.numel() else 0)
+
+
+def _packed_ids(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int,
+                device) -> Tensor:
+    """The (B, S) sequence ids of a packed call: comet_mask's, or cu_seq_lens_q / _k's (as in
+    FlashAttention these win over position_ids) without the tokens a padding mask drops."""
+    seq = mask
+    if cu_q is not None or cu_k is not None:
+        cu_ids = _cu_seq_ids(cu_q, cu_k, B, S, device)
+        seq = cu_ids if seq is None else cu_ids * (seq.to(device) != 0)
+    if seq.shape != (B, S):
+        raise ValueError(f"comet attention expects ({B}, {S}) sequence ids, got shape {tuple(seq.shape)}")
+    return seq.to(device)
+
+
+# HF hands every decoder layer of one forward the same mask tensor (and the same cu_seq_lens), so
+# the layout is computed once per forward: cached on that tensor, weakly (the entry goes with it),
+# the newest _MAX_LAYOUTS only (cu_seq_lens of batches a caller keeps would keep theirs otherwise).
+_LAYOUTS = WeakIdKeyDictionary()
+_MAX_LAYOUTS = 8
+
+
+def _packed_layout(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int,
+                   device) -> _Layout:
+    """`_layout` of `_packed_ids`, cached. An entry holds for the same source tensors (the same
+    objects, by weak reference), unchanged since (their `_version`: an in-place edit is a miss),
+    and the same B, S and device. Not cached while torch.compile traces (it graph-breaks on the
+    layout's data-dependent sizes and runs it eagerly) nor for inference tensors, which keep no
+    version counter."""
+    sources = (mask, cu_q, cu_k)
+
+    def compute() -> _Layout:
+        return _layout(_packed_ids(mask, cu_q, cu_k, B, S, device), rows_split=cu_q is None and cu_k is None)
+
+    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in sources):
+        return compute()
+    key = next(t for t in sources if t is not None)
+    stamp = (B, S, torch.device(device), *(None if t is None else t._version for t in sources))
+    hit = _LAYOUTS.get(key)
+    if hit is not None and hit[0] == stamp and all(
+            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[1], sources)):
+        return hit[2]
+    layout = compute()
+    _LAYOUTS.pop(key, None)  # re-entered as the newest
+    while len(_LAYOUTS) >= _MAX_LAYOUTS:
+        _LAYOUTS.pop(next(iter(_LAYOUTS.keys())))
+    _LAYOUTS[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in sources), layout)
+    return layout
+
+
+def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float], layout: _Layout,
+                        window: Optional[int]) -> Tensor:
+    """Causal attention within each sequence of `layout`: q (B, S, Hq, D), k / v (B, S, Hkv, D).
+    Every sequence becomes one sample of the kernel's batch (n sequences, padded to the longest,
+    L): gathered in, attended, scattered back to (B, S, Hq, D) in the kernel's output dtype (the
+    autocast dtype under autocast); rows of no sequence (padding) are zeros."""
+    row, col, sample, pos, lens, n, L = layout
+    if not n:
+        return q.new_zeros(q.shape)
     if window is not None and L > window:
         raise NotImplementedError(f"comet attention does not implement sliding-window attention: a packed sequence "
                                   f"of {L} tokens exceeds the model's sliding_window {window}")
@@ -181,7 +262,7 @@ def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float
         return t.new_zeros(n, L, *t.shape[2:]).index_put((sample, pos), t[row, col])
 
     out, _ = ops.prefix_attention(pack(q), pack(k), pack(v), scaling, lens, lens)
-    return q.new_zeros(q.shape).index_put((row, col), out[sample, pos])
+    return out.new_zeros(*q.shape[:2], *out.shape[2:]).index_put((row, col), out[sample, pos])
 
 
 def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -203,13 +284,8 @@ def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
         if Sk != S:
             raise NotImplementedError(f"comet attention takes packed sequences only for a prefill without a KV cache "
                                       f"(as many keys as queries); got {S} queries over {Sk} keys")
-        seq = attention_mask
-        if cu_q is not None or cu_k is not None:  # as in FlashAttention, these win over position_ids
-            cu_ids = _cu_seq_ids(cu_q, cu_k, B, S, q.device)
-            seq = cu_ids if seq is None else cu_ids * (seq != 0)  # a padding mask still drops its tokens
-        if seq.shape != (B, S):
-            raise ValueError(f"comet attention expects ({B}, {S}) sequence ids, got shape {tuple(seq.shape)}")
-        return _attend_by_sequence(q, k, v, scaling, seq, window), None
+        layout = _packed_layout(attention_mask, cu_q, cu_k, B, S, q.device)
+        return _attend_by_sequence(q, k, v, scaling, layout, window), None
     if window is not None and Sk > window:  # inside the window a sliding mask masks nothing
         raise NotImplementedError(f"comet attention does not implement sliding-window attention: "
                                   f"{Sk} keys exceed the model's sliding_window {window}")

@@ -10,6 +10,7 @@ from transformers.masking_utils import (and_masks, bidirectional_mask_function, 
                                         packed_sequence_mask_function)
 
 import comet_ext
+from comet_ext import attention
 from comet_ext.attention import comet_attention, comet_mask
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -186,3 +187,194 @@ def test_packed_sequences_with_cached_keys_are_refused():
     fn = _packed_function([[0, 0, 0, 0, 0, 1, 1, 1]])
     with pytest.raises(NotImplementedError, match="only for a prefill without a KV cache"):
         comet_mask(batch_size=1, q_length=4, q_offset=4, kv_length=8, kv_offset=0, mask_function=fn)
+
+
+# ---------------------------------------------------------------- review: the cases a user meets
+
+@pytest.mark.parametrize("pos", [
+    [[0, 0, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]],  # left padding (pads at position 0: sequences of 1)
+    [[0, 1, 2, 3, 4, 5, 6, 7], [0, 1, 2, 0, 1, 0, 1, 2]],  # one row one sequence, the other three
+    [[5, 6, 7, 8, 9, 10, 11, 12], [0, 0, 1, 2, 3, 4, 5, 0]],  # one sequence not from 0; sequences of 1 at both ends
+    [[0] * 8, [0] * 8],  # every token a sequence of its own
+    [[3, 4, 5, 9, 10, 11, 0, 1], [0, 1, 1, 2, 3, 3, 4, 5]],  # restarts that are not at 0, repeated positions
+], ids=["left-padded", "one-and-three", "ends-of-one", "all-ones", "odd-restarts"])
+def test_packed_rows_of_every_shape_match_sdpa_and_eager(pos):
+    model = tiny_base("llama")
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(6))
+    pos = torch.tensor(pos)
+    out = logits(model, "comet", x, position_ids=pos)
+    torch.testing.assert_close(out, logits(model, "sdpa", x, position_ids=pos), **TOL)
+    torch.testing.assert_close(out, logits(model, "eager", x, position_ids=pos), **TOL)
+
+
+def test_an_attention_mask_beside_packed_position_ids_is_read_as_hf_reads_it():
+    """With an attention_mask HF does not look for packed sequences (no implementation does):
+    the rows are read as one sequence each behind their padding, as sdpa reads them."""
+    model = tiny_base("llama")
+    x = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(7))
+    pos = torch.tensor([[0, 0, 0, 1, 2, 0, 1, 2], [0, 1, 2, 3, 0, 1, 0, 1]])
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    out = logits(model, "comet", x, position_ids=pos, attention_mask=mask)
+    real = mask.bool()
+    torch.testing.assert_close(out[real], logits(model, "sdpa", x, position_ids=pos, attention_mask=mask)[real], **TOL)
+
+
+def test_packed_forward_and_backward_under_bf16_autocast_match_sdpa():
+    """Under autocast the kernel computes in bf16 while HF's rotary embedding hands it fp32
+    queries and keys: the output is bf16, as sdpa's is, and the gradients reach the weights."""
+    x, pos, _ = packed(LAYOUTS["padded"], seed=8)
+    res = {}
+    for impl in ("sdpa", "comet"):
+        model = tiny_base("llama").train()
+        model.set_attn_implementation(impl)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x, position_ids=pos, labels=x, use_cache=False)
+        out.loss.backward()
+        res[impl] = out.logits.float(), out.loss, model.model.layers[0].self_attn.q_proj.weight.grad
+    for got, want in zip(res["comet"], res["sdpa"]):
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.skipif(not hasattr(transformers, "DataCollatorWithFlattening"), reason="no DataCollatorWithFlattening")
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_trainer_with_the_flattening_collator_matches_sdpa_eager_and_each_sequence_alone(tmp_path, bf16):
+    """transformers.Trainer end to end on packed batches (bf16: under autocast): the loss of every
+    step is sdpa's (and eager's), and before training it is the loss of each sequence alone."""
+    g = torch.Generator().manual_seed(9)
+    data = [{"input_ids": torch.randint(0, VOCAB, (n,), generator=g).tolist()} for n in (5, 3, 7, 1, 6, 2, 9, 4)]
+    model = tiny_base("llama")
+    seqs = [torch.tensor([f["input_ids"]]) for f in data if len(f["input_ids"]) > 1]
+    alone = sum(model(s, labels=s).loss * (s.shape[1] - 1) for s in seqs) / sum(s.shape[1] - 1 for s in seqs)
+    losses = {}
+    for impl in ("comet", "sdpa") if bf16 else ("comet", "sdpa", "eager"):
+        model = tiny_base("llama")
+        model.set_attn_implementation(impl)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / impl), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+            per_device_eval_batch_size=len(data), use_cpu=True, bf16=bf16, report_to=[], save_strategy="no",
+            logging_steps=1, disable_tqdm=True, seed=0)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                                       data_collator=transformers.DataCollatorWithFlattening())
+        before = trainer.evaluate()["eval_loss"]  # one batch of all the sequences, packed into one row
+        trainer.train()
+        losses[impl] = torch.tensor([before] + [h["loss"] for h in trainer.state.log_history if "loss" in h])
+    tol = dict(rtol=0.02, atol=0.02) if bf16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(losses["comet"][0], alone.detach(), **tol)
+    for impl in losses:
+        torch.testing.assert_close(losses["comet"], losses[impl], **tol, msg=impl)
+    assert losses["comet"].numel() == 4 and not torch.allclose(losses["comet"][1], losses["comet"][-1])
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_the_layout_is_read_from_the_device_once_per_forward_not_once_per_layer(how):
+    """Every decoder layer gets the same mask (and cu_seq_lens) tensor: the layout's host reads
+    (nonzero's sizes, the longest sequence) happen once per forward, whatever the depth."""
+    from modeling_utils import HostReads
+
+    x, pos, _ = packed(LAYOUTS["padded"], seed=10)
+    reads = {}
+    for layers in (1, 4):
+        if how == "position_ids":
+            kw = dict(position_ids=pos)
+        else:  # the 26 tokens of both rows, flattened; new tensors, as a new batch would bring
+            cu = torch.tensor([0, 4, 13, 20, 26], dtype=torch.int32)
+            kw = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone())
+        model = tiny_base("llama", num_hidden_layers=layers)
+        model.set_attn_implementation("comet")
+        with HostReads() as counter:
+            model(x, use_cache=False, **kw)
+        reads[layers] = counter.counts
+    assert reads[4] == reads[1] and 0 < sum(reads[4].values()) <= 4, reads
+
+
+def test_a_mask_changed_in_place_or_replaced_is_read_again():
+    """The cached layout is keyed on the tensor object and its version counter: an in-place
+    edit of the mask or of cu_seq_lens is seen, a new tensor at a recycled address too, and the
+    cache keeps no mask alive."""
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+
+    def attend(*args, **kw):
+        return comet_attention(None, q, k, v, *args, **kw)[0]
+
+    def fresh(*args, **kw):  # the same call on copies no cache can know
+        return attend(*(None if a is None else a.clone() for a in args), **{n: t.clone() for n, t in kw.items()})
+
+    seq = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2]])
+    before = attend(seq)
+    torch.testing.assert_close(before, fresh(seq))
+    seq[0, 3:] = 1  # in place: row 0 is one sequence now
+    after = attend(seq)
+    torch.testing.assert_close(after, fresh(seq))
+    assert not torch.allclose(before[0], after[0])
+    seq[:, 1:].zero_()  # through a view: every row a sequence of one token
+    torch.testing.assert_close(attend(seq), fresh(seq))
+
+    cu = torch.tensor([0, 3, 6, 12])
+    before = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    cu[1] = 5
+    after = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(after, fresh(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu))
+    assert not torch.allclose(before, after)
+
+    gone = weakref.ref(seq)
+    del seq
+    gc.collect()
+    assert gone() is None
+    for _ in range(20):  # new masks, some where the last one lived (a recycled id())
+        seq = 1 + (torch.rand(2, 6, generator=g) < 0.3).cumsum(1)
+        torch.testing.assert_close(attend(seq), fresh(seq))
+        del seq
+    kept = [torch.tensor([[1, 1, 2, 2, 2, 2]] * 2) for _ in range(20)]  # masks a caller keeps: a bounded cache
+    for seq in kept:
+        attend(seq)
+    assert len(attention._LAYOUTS) <= attention._MAX_LAYOUTS
+
+
+def test_cu_seq_lens_count_the_flattened_tokens_so_a_sequence_may_run_on_into_the_next_row():
+    """As FlashAttention's varlen call reads them, cu_seq_lens are offsets into the B * S tokens
+    flattened: a sequence across the end of a row is one sequence, not two."""
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 6, 6, 8, generator=g)
+    k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(2))
+    cu = torch.tensor([0, 4, 9, 12], dtype=torch.int32)  # tokens 4..8: the last 2 of row 0, the first 3 of row 1
+    out, _ = comet_attention(None, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+    def flat(t):  # (2, H, 6, D) -> (1, H, 12, D)
+        return t.transpose(0, 1).reshape(1, t.shape[1], 12, t.shape[3])
+
+    ref, _ = comet_attention(None, flat(q), flat(k), flat(v), None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(out, ref.view(2, 6, 6, 8))
+
+
+def test_torch_compile_graph_breaks_on_packed_sequences_and_stays_right():
+    """The layout's sizes are data: torch.compile breaks the graph there (fullgraph=True refuses
+    loudly) and the compiled model computes what the eager one does, forward and backward."""
+    torch._dynamo.reset()
+    try:
+        model = tiny_base("llama", num_hidden_layers=1).train()
+        x, pos, _ = packed(LAYOUTS["padded"], seed=13)
+        model.set_attn_implementation("sdpa")
+        want = model(x, position_ids=pos, labels=x, use_cache=False)
+        want_grad = torch.autograd.grad(want.loss, model.model.embed_tokens.weight)[0]
+        model.set_attn_implementation("comet")
+        got = torch.compile(model, backend="eager")(x, position_ids=pos, labels=x, use_cache=False)
+        torch.testing.assert_close(got.logits, want.logits, **TOL)
+        torch.testing.assert_close(torch.autograd.grad(got.loss, model.model.embed_tokens.weight)[0], want_grad, **TOL)
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="tolist|nonzero|data-dependent|graph break"):
+            torch.compile(model, backend="eager", fullgraph=True)(x, position_ids=pos, use_cache=False)
+    finally:
+        torch._dynamo.reset()
+
+
+def test_packed_forward_under_inference_mode_matches_sdpa():
+    """Inference tensors keep no version counter: their layouts are computed, not cached."""
+    model = tiny_base("qwen3")
+    x, pos, _ = packed(LAYOUTS["unpadded"], seed=14)
+    with torch.inference_mode():
+        torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
+                                   logits(model, "sdpa", x, position_ids=pos), **TOL)
