@@ -81,36 +81,27 @@ step cuda_tests 150 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider 
   --junitxml="$OUT/cuda_tests.xml"
 cuda_tests_rc=$?
 step gpu_reference 60 "$PY" bench/gpu_reference.py --json "$OUT/gpu_reference.json"
-COMET_BENCH_DEVICE=cuda step bench 150 "$PY" -m pytest bench/bench_prefix_attention.py bench/bench_rla.py \
-  bench/bench_gated_update.py bench/bench_fifo.py -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/gpu_ops.json" -k "not reference or not B4"
-if [ -f "$OUT/gpu_ops.json" ]; then
-  "$PY" bench/report.py "$OUT/gpu_ops.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "bash bench/device_check.sh" --title "comet_ext GPU op benchmarks" --out "$OUT/gpu_ops.md" \
-    > /dev/null 2>&1 || log "report failed"
-fi
-# The v2 tensor-core kernels are opt-in (COMET_MMA_KERNELS=v2) until they have passed here:
-# cuda_tests ran them (test_cuda.py runs both generations); this times them.
-COMET_MMA_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_mma_v2 90 "$PY" -m pytest \
-  bench/bench_prefix_attention.py -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/gpu_ops_mma_v2.json" -k "bf16 and not reference"
-if [ -f "$OUT/gpu_ops_mma_v2.json" ]; then
-  "$PY" bench/report.py "$OUT/gpu_ops_mma_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "COMET_MMA_KERNELS=v2 bash bench/device_check.sh" \
-    --title "prefix_attention with the v2 tensor-core kernels" --out "$OUT/gpu_ops_mma_v2.md" \
-    > /dev/null 2>&1 || log "report (mma v2) failed"
-fi
-# The two-pass rla / gated_update backwards are opt-in (COMET_ROW_KERNELS=v2) until they have passed
-# here: cuda_tests ran them (test_cuda.py runs both generations); this times them.
-COMET_ROW_KERNELS=v2 COMET_BENCH_DEVICE=cuda step bench_row_v2 60 "$PY" -m pytest bench/bench_rla.py \
-  bench/bench_gated_update.py -q -p no:cacheprovider --benchmark-only \
-  --benchmark-json="$OUT/gpu_ops_row_v2.json" -k "fwd+bwd and bf16"
-if [ -f "$OUT/gpu_ops_row_v2.json" ]; then
-  "$PY" bench/report.py "$OUT/gpu_ops_row_v2.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "COMET_ROW_KERNELS=v2 bash bench/device_check.sh" \
-    --title "rla / gated_update with the v2 (two-pass) backwards" --out "$OUT/gpu_ops_row_v2.md" \
-    > /dev/null 2>&1 || log "report (row v2) failed"
-fi
+# bench NAME LIMIT_SECONDS TITLE PYTEST_ARGS...: times op benchmarks into $OUT/NAME.json and their
+# table of ratios into $OUT/NAME.md (environment variables set before the call reach both).
+bench() {
+  local name=$1 limit=$2 title=$3; shift 3
+  COMET_BENCH_DEVICE=cuda step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT/$name.json" "$@"
+  local rc=$?
+  [ -f "$OUT/$name.json" ] && { "$PY" bench/report.py "$OUT/$name.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "$(env | grep -E '^COMET_(MMA|ROW)_KERNELS=' | tr '\n' ' ')bash bench/device_check.sh" \
+    --title "$title" --out "$OUT/$name.md" > /dev/null 2>&1 || log "report ($name) failed"; }
+  return $rc
+}
+bench gpu_ops 150 "comet_ext GPU op benchmarks" bench/bench_prefix_attention.py bench/bench_rla.py \
+  bench/bench_gated_update.py bench/bench_fifo.py -k "not reference or not B4"
+# The v2 tensor-core kernels and the two-pass rla / gated_update backwards are opt-in
+# (COMET_MMA_KERNELS=v2, COMET_ROW_KERNELS=v2) until they have passed here: cuda_tests ran them
+# (test_cuda.py runs both generations of each); these time them.
+COMET_MMA_KERNELS=v2 bench gpu_ops_mma_v2 90 "prefix_attention with the v2 tensor-core kernels" \
+  bench/bench_prefix_attention.py -k "bf16 and not reference"
+COMET_ROW_KERNELS=v2 bench gpu_ops_row_v2 60 "rla / gated_update with the v2 (two-pass) backwards" \
+  bench/bench_rla.py bench/bench_gated_update.py -k "fwd+bwd and bf16"
 if command -v compute-sanitizer > /dev/null; then
   # (the long-key-range cases at head dims below 128 repeat the D128 one's code paths: left out for time)
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
@@ -153,7 +144,8 @@ if [ "${COMET_E2E:-1}" = "1" ]; then
       --commit "$(commit_of)" > /dev/null 2>&1 || log "e2e tables from the log failed"
   fi
 fi
-{ echo; [ -f "$OUT/gpu_ops.md" ] && tail -n +2 "$OUT/gpu_ops.md"
-  echo; [ -f "$OUT/e2e_gpu.md" ] && tail -n +2 "$OUT/e2e_gpu.md"; } >> "$summary"
+for table in gpu_ops gpu_ops_mma_v2 gpu_ops_row_v2 e2e_gpu; do
+  [ -f "$OUT/$table.md" ] && { echo; tail -n +2 "$OUT/$table.md"; } >> "$summary"
+done
 cat "$summary"
 exit $status
