@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <type_traits>
 
 #include "checks.h"
@@ -52,8 +53,11 @@ __device__ __forceinline__ int64_t ring_slot(int64_t head, int64_t i, int64_t C)
   return ((head % C) + C + i % C) % C;
 }
 
-// A grid of (x, samples) blocks; the kernels stride over samples past grid.y's limit.
+// A grid of (x, samples) blocks; the kernels stride over samples past grid.y's limit. x (rows
+// per sample: pushed rows or the capacity) is one block each, up to grid.x's 2^31 - 1.
 dim3 per_sample_grid(int64_t x, int64_t B) {
+  TORCH_CHECK(x <= std::numeric_limits<int>::max(), "comet_ext: ", x,
+              " rows per sample are too many for one FIFO launch (at most 2^31 - 1)");
   return dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::min(B, kMaxGridY)));
 }
 
