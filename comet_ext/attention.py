@@ -23,11 +23,14 @@ along each row, 0 for padding). FlashAttention-style `cu_seq_lens_q` /
 `cu_seq_lens_k` kwargs reach the attention function directly and win over
 position_ids; as in FlashAttention's varlen call they are offsets into the B * S
 tokens flattened (a sequence may run on into the next row). Each sequence becomes
-one sample of the kernel's batch, padded to the longest (memory grows with the
-number of sequences times the longest). Where the tokens go (the layout) takes
-host reads of device values; HF hands every decoder layer the same mask tensor,
-so the layout is computed once per forward and cached on that tensor (or on
-cu_seq_lens_q), weakly, and recomputed after an in-place edit. The output is in
+one sample of a kernel batch: the sequences are grouped by length into power-of-two
+buckets (lengths in (2^(j-1), 2^j]), one kernel call per non-empty bucket, padded
+to that bucket's longest, so the padded rows stay under twice the real tokens
+however uneven the lengths, for about log2(longest) calls per layer. Where the
+tokens go (the layout, buckets included) takes host reads of device values; HF
+hands every decoder layer the same mask tensor, so the layout is computed once
+per forward and cached on that tensor (or on cu_seq_lens_q), weakly, and
+recomputed after an in-place edit. The output is in
 the kernel's dtype (autocast's under autocast). Under torch.compile the layout's
 data-dependent sizes break the graph (fullgraph=True refuses). Prefill only: HF
 detects packing only without a KV cache. Other masks (a custom mask function, a
@@ -166,16 +169,27 @@ def _cu_seq_ids(cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int, 
     return torch.where((t >= cu[0]) & (t < cu[-1]), ids, 0).view(B, S)
 
 
+# Length buckets: a sequence of n tokens goes to bucket ceil(log2(n)) (lengths in (2^(j-1), 2^j]),
+# one kernel call per non-empty bucket, padded to that bucket's longest. Every sequence is more than
+# half its bucket's longest, so the padded rows stay under 2x the real tokens, for about log2 of the
+# longest calls. One batch padded to the longest of all would take (sequences x longest) rows: 32x
+# the tokens for one 4096-token sequence beside 63 of 64 tokens. _BUCKETS bounds the bucket index
+# (lengths up to 2^62).
+_BUCKETS = 63
+
+
 class _Layout(NamedTuple):
     """Where the T real tokens of packed sequences sit: token t at (row[t], col[t]) of the callers'
-    (B, S) and at (sample[t], pos[t]) of the kernel's batch of n samples padded to the longest, L;
-    lens (n,) the samples' lengths."""
+    (B, S), and at flat row dest[t] (T,) of the kernel calls' padded batches laid end to end. The
+    j-th call (the j-th non-empty length bucket, shortest first) takes a batch of sizes[j] =
+    (n_j, L_j): n_j sequences padded to the bucket's longest, L_j, the n_j * L_j flat rows after
+    the earlier calls', its sequence i at rows i * L_j + 0 .. len - 1 of those; lens[j] (n_j,) the
+    lengths of its sequences, in that order. L the longest sequence (0: no real token)."""
     row: Tensor
     col: Tensor
-    sample: Tensor
-    pos: Tensor
-    lens: Tensor
-    n: int
+    dest: Tensor
+    lens: tuple[Tensor, ...]
+    sizes: tuple[tuple[int, int], ...]
     L: int
 
 
@@ -183,18 +197,33 @@ def _layout(seq: Tensor, rows_split: bool = True) -> _Layout:
     """The layout of (B, S) sequence ids where each run of equal nonzero ids is one sequence (0:
     padding, in no sample), along a row, or with `rows_split=False` along the flattened B * S
     tokens (FlashAttention's varlen reading of cu_seq_lens: a sequence may run on into the next
-    row). Reads the device three times (two nonzero's sizes, the longest)."""
+    row). Reads the device three times (two nonzero's sizes, the buckets' sizes)."""
+    device = seq.device
     row, col = seq.nonzero(as_tuple=True)  # the real tokens (T,), in row-major order
     ids = seq[row, col]
     new = torch.ones_like(ids, dtype=torch.bool)  # each sequence's first token
     new[1:] = ids[1:] != ids[:-1]
     if rows_split:
         new[1:] |= row[1:] != row[:-1]
-    sample = new.cumsum(0) - 1  # (T,) the kernel sample of each token
-    first = new.nonzero().squeeze(1)  # (n,) the first token of each sample
-    lens = torch.diff(first, append=first.new_tensor([ids.numel()]))
-    pos = torch.arange(ids.numel(), device=seq.device) - first[sample]  # (T,) place within its sample
-    return _Layout(row, col, sample, pos, lens, lens.numel(), int(lens.max()) if lens.numel() else 0)
+    sample = new.cumsum(0) - 1  # (T,) the sequence of each token
+    first = new.nonzero().squeeze(1)  # (n,) the first token of each sequence
+    lens = torch.diff(first, append=first.new_tensor([ids.numel()]))  # (n,)
+    pos = torch.arange(ids.numel(), device=device) - first[sample]  # (T,) place within its sequence
+    # (n,) bucket ceil(log2(len)): the index of the first power of two >= len, in integers (exact)
+    bucket = torch.searchsorted(1 << torch.arange(_BUCKETS, device=device), lens)
+    count = torch.zeros(_BUCKETS, dtype=torch.long, device=device).index_add_(0, bucket, torch.ones_like(lens))
+    longest = torch.zeros_like(count).scatter_reduce_(0, bucket, lens, "amax")
+    # Each sequence's slot in its bucket: its rank in the sequences sorted by bucket, less the
+    # bucket's first rank (any order within a bucket would do; stable keeps it deterministic).
+    order = torch.argsort(bucket, stable=True)  # (n,) the sequences, bucket by bucket
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=device))
+    slot = rank - (count.cumsum(0) - count)[bucket]
+    rows = count * longest  # (_BUCKETS,) each bucket's padded rows; their starts in the flat batches:
+    start = (rows.cumsum(0) - rows)[bucket] + slot * longest[bucket]  # (n,) each sequence's first row
+    dest = start[sample] + pos
+    sizes = [(n, L) for n, L in zip(*torch.stack([count, longest]).tolist()) if n]  # the one read of sizes
+    lens = lens[order].split([n for n, _ in sizes])
+    return _Layout(row, col, dest, tuple(lens), tuple(sizes), max((L for _, L in sizes), default=0))
 
 
 def _packed_ids(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int,
@@ -248,21 +277,28 @@ def _packed_layout(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optiona
 def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float], layout: _Layout,
                         window: Optional[int]) -> Tensor:
     """Causal attention within each sequence of `layout`: q (B, S, Hq, D), k / v (B, S, Hkv, D).
-    Every sequence becomes one sample of the kernel's batch (n sequences, padded to the longest,
-    L): gathered in, attended, scattered back to (B, S, Hq, D) in the kernel's output dtype (the
+    The sequences are attended by length bucket (see `_Layout`): one kernel call per non-empty
+    bucket, on a batch of (n_j, L_j, H, D), its sequences padded to the bucket's longest, L_j.
+    Gathered in, attended, scattered back to (B, S, Hq, D) in the kernel's output dtype (the
     autocast dtype under autocast); rows of no sequence (padding) are zeros."""
-    row, col, sample, pos, lens, n, L = layout
-    if not n:
+    row, col, dest, lens, sizes, L = layout
+    if not sizes:
         return q.new_zeros(q.shape)
     if window is not None and L > window:
         raise NotImplementedError(f"comet attention does not implement sliding-window attention: a packed sequence "
                                   f"of {L} tokens exceeds the model's sliding_window {window}")
+    flat = [n * Lj for n, Lj in sizes]
 
-    def pack(t: Tensor) -> Tensor:  # (B, S, H, D) -> (n, L, H, D), zeros past each sample's length
-        return t.new_zeros(n, L, *t.shape[2:]).index_put((sample, pos), t[row, col])
+    def pack(t: Tensor) -> list[Tensor]:  # (B, S, H, D) -> [(n_j, L_j, H, D)], zeros past each length
+        # index_put_ into a fresh buffer autograd does not need (no clone of it); the buckets are
+        # views of it, so every token is gathered once.
+        buf = t.new_zeros(sum(flat), *t.shape[2:]).index_put_((dest,), t[row, col])
+        return [b.view(n, Lj, *t.shape[2:]) for b, (n, Lj) in zip(buf.split(flat), sizes)]
 
-    out, _ = ops.prefix_attention(pack(q), pack(k), pack(v), scaling, lens, lens)
-    return out.new_zeros(*q.shape[:2], *out.shape[2:]).index_put((row, col), out[sample, pos])
+    outs = [ops.prefix_attention(qj, kj, vj, scaling, lj, lj)[0]
+            for qj, kj, vj, lj in zip(pack(q), pack(k), pack(v), lens)]
+    out = torch.cat([o.flatten(0, 1) for o in outs]) if len(outs) > 1 else outs[0].flatten(0, 1)  # dest's rows
+    return out.new_zeros(*q.shape[:2], *out.shape[1:]).index_put_((row, col), out[dest])
 
 
 def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,

@@ -378,3 +378,170 @@ def test_packed_forward_under_inference_mode_matches_sdpa():
     with torch.inference_mode():
         torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
                                    logits(model, "sdpa", x, position_ids=pos), **TOL)
+
+
+# ---------------------------------------------------------------- length buckets: uneven lengths
+
+def _bucket(n):  # ceil(log2(n)): lengths in (2^(j-1), 2^j] share bucket j
+    return (n - 1).bit_length()
+
+
+def _recorded_calls(monkeypatch):
+    """Records the (batch, rows) of q in every prefix_attention call the attention function makes."""
+    import types
+
+    calls = []
+    real = attention.ops.prefix_attention
+
+    def record(q, k, v, *args):
+        calls.append(tuple(q.shape[:2]))
+        return real(q, k, v, *args)
+
+    monkeypatch.setattr(attention, "ops", types.SimpleNamespace(prefix_attention=record))
+    return calls
+
+
+def _ids(rows):
+    """(B, S) sequence ids of rows of lengths; a negative length is that many padding tokens (id 0)."""
+    return torch.stack([torch.cat([torch.full((abs(n),), i + 1 if n > 0 else 0) for i, n in enumerate(r)])
+                        for r in rows])
+
+
+def _causal_alone(q, k, v, scaling):  # q (1, Hq, n, D), k / v (1, Hkv, n, D): one sequence, plain causal
+    rep = q.shape[1] // k.shape[1]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True, scale=scaling).transpose(1, 2)
+
+
+@pytest.mark.parametrize("how", ["ids", "cu_seq_lens"])
+def test_very_uneven_lengths_pad_to_under_twice_the_tokens_in_one_call_per_bucket(monkeypatch, how):
+    """One 4096-token sequence beside 63 of 64 tokens and short ones (8192 tokens): padded to the
+    longest they were 70 x 4096 = 287k kernel rows (35x); by length bucket each call pads only to
+    its bucket's longest, the rows stay under 2x the tokens, and the output is each sequence's alone."""
+    lengths = [64] * 30 + [4096, 1, 17] + [64] * 33 + [3, 36, 2, 5]
+    assert sum(lengths) == 8192
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(1, 2, 8192, 8, generator=g)
+    k, v = (torch.randn(1, 1, 8192, 8, generator=g) for _ in range(2))
+    calls = _recorded_calls(monkeypatch)
+    if how == "ids":
+        out, _ = comet_attention(None, q, k, v, _ids([lengths]), scaling=0.4)
+    else:
+        cu = torch.tensor([0] + lengths).cumsum(0).int()
+        out, _ = comet_attention(None, q, k, v, None, scaling=0.4, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+
+    assert sum(n * L for n, L in calls) < 2 * sum(lengths)  # 8220 rows
+    assert len(calls) == len({_bucket(n) for n in lengths})  # 7: one per non-empty bucket, shortest first
+    assert calls == [(1, 1), (1, 2), (1, 3), (1, 5), (1, 17), (64, 64), (1, 4096)]
+    start = 0
+    for n in lengths:
+        s = slice(start, start + n)
+        torch.testing.assert_close(out[0, s], _causal_alone(q[:, :, s], k[:, :, s], v[:, :, s], 0.4)[0], **TOL)
+        start += n
+
+
+SPLITS = {  # rows of 92 tokens; negative: padding tokens
+    "ascending-descending": [[1, 2, 3, 5, 17, 64], [64, 17, 5, 3, 2, 1]],
+    "mixed": [[3, 1, 64, 2, 17, 5], [17, 17, 17, 17, 17, 5, 2]],
+    "one-long-all-ones": [[92], [1] * 92],
+    "bucket-edges": [[33, 31, 16, 9, 2, 1], [32, 32, 8, 8, 4, 4, 2, 2]],
+    "padded": [[5, -3, 64, 17, -2, 1], [-4, 2, 3, 65, 18]],
+}
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_uneven_splits_match_a_reference_and_each_sequence_alone_with_gradients(monkeypatch, split):
+    """Sequences of lengths across many buckets, straight into the attention function (GQA, fp64):
+    outputs and q / k / v gradients are a dense reference's, each sequence's output is its own
+    attention alone, padding rows are zeros, one kernel call per bucket, and cu_seq_lens agree."""
+    rows = SPLITS[split]
+    seq = _ids(rows)
+    S = seq.shape[1]
+    g = torch.Generator().manual_seed(16)
+    q = torch.randn(2, 6, S, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, S, 8, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    calls = _recorded_calls(monkeypatch)
+    out, _ = comet_attention(None, q, k, v, seq, scaling=0.3)
+    lengths = [n for r in rows for n in r if n > 0]
+    assert len(calls) == len({_bucket(n) for n in lengths})
+    assert sum(n * L for n, L in calls) < 2 * sum(lengths)
+
+    i = torch.arange(S)
+    sees = (seq[:, :, None] == seq[:, None, :]) & (seq[:, None, :] != 0) & (i[None, :, None] >= i[None, None, :])
+    scores = (q @ k.repeat_interleave(3, 1).transpose(-1, -2) * 0.3).masked_fill(~sees[:, None], float("-inf"))
+    ref = (scores.softmax(-1).nan_to_num() @ v.repeat_interleave(3, 1)).transpose(1, 2)
+    ref = ref * (seq != 0)[:, :, None, None]
+    torch.testing.assert_close(out, ref)
+    assert not out[seq == 0].any()
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        for r, row in enumerate(rows):
+            start = 0
+            for n in row:
+                s = slice(start, start + abs(n))
+                if n > 0:
+                    alone = _causal_alone(q[r:r + 1, :, s], k[r:r + 1, :, s], v[r:r + 1, :, s], 0.3)[0]
+                    torch.testing.assert_close(out[r, s], alone)
+                start += abs(n)
+        if min(n for r in rows for n in r) > 0:  # the same sequences as cu_seq_lens of the flattened rows
+            cu = torch.tensor([0] + lengths).cumsum(0)
+            torch.testing.assert_close(comet_attention(None, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu,
+                                                       cu_seq_lens_k=cu)[0], out)
+
+
+@pytest.mark.parametrize("split", ["ascending-descending", "bucket-edges", "padded"])
+def test_uneven_packed_model_matches_sdpa_and_each_sequence_alone_forward_and_backward(split):
+    """A model on rows of uneven packed sequences (position_ids that restart): logits are sdpa's
+    and each sequence's alone, and so are the parameter gradients of the loss."""
+    layout = [[n if n > 0 else PAD for n in r for _ in range(1 if n > 0 else -n)] for r in SPLITS[split]]
+    x, pos, seqs = packed(layout, seed=17)
+    model = tiny_base("llama").train()
+    res = {}
+    for impl in ("sdpa", "comet"):
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        out = model(x, position_ids=pos, labels=x, use_cache=False)
+        out.loss.backward()
+        res[impl] = out.logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+    torch.testing.assert_close(res["comet"][0], res["sdpa"][0], **TOL)
+    for name, grad in res["sdpa"][1].items():
+        torch.testing.assert_close(res["comet"][1][name], grad, **TOL, msg=name)
+    model.eval()
+    with torch.no_grad():
+        for r, start, n in seqs:
+            alone = logits(model, "sdpa", x[r:r + 1, start:start + n])[0]
+            torch.testing.assert_close(res["comet"][0][r, start:start + n], alone, **TOL)
+
+
+def test_the_layout_places_each_sequence_at_the_front_of_a_row_of_its_bucket():
+    """_layout on random lengths: buckets shortest first, every sequence's length in (L_j / 2, L_j]
+    of its bucket (so padding < 2x the tokens), lens[j]'s longest is L_j, and dest puts each token
+    at its place in its own row of its bucket's batch, one token a row."""
+    g = torch.Generator().manual_seed(18)
+    lengths = (2 ** (torch.rand(300, generator=g) * 10)).long().tolist()  # 1 .. 1023, log-uniform
+    seq = torch.cat([torch.full((n,), i + 1) for i, n in enumerate(lengths)]).view(1, -1)
+    lay = attention._layout(seq)
+    T = sum(lengths)
+    assert lay.row.numel() == T and lay.L == max(lengths)
+    assert [lj.numel() for lj in lay.lens] == [n for n, _ in lay.sizes]
+    assert sorted(torch.cat(lay.lens).tolist()) == sorted(lengths)
+    bucket_of = [_bucket(L) for _, L in lay.sizes]
+    assert bucket_of == sorted(set(bucket_of)) == sorted({_bucket(n) for n in lengths})
+    for (n, L), lj in zip(lay.sizes, lay.lens):
+        assert int(lj.max()) == L and all(_bucket(x) == _bucket(L) for x in lj.tolist())
+    padded = sum(n * L for n, L in lay.sizes)
+    assert padded < 2 * T
+    assert lay.dest.unique().numel() == T and int(lay.dest.max()) < padded
+    # the flat rows back to (bucket row, place): each sequence's tokens in order from place 0
+    flat = torch.full((padded,), -1)
+    flat[lay.dest] = seq[lay.row, lay.col]
+    at = 0
+    for (n, L), lj in zip(lay.sizes, lay.lens):
+        block = flat[at:at + n * L].view(n, L)
+        for b, m in enumerate(lj.tolist()):
+            assert (block[b, :m] == block[b, 0]).all() and (block[b, m:] == -1).all()
+            assert lengths[int(block[b, 0]) - 1] == m
+        at += n * L
