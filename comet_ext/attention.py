@@ -38,6 +38,7 @@ bidirectional or block overlay) are refused, not silently ignored.
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import NamedTuple, Optional
 
@@ -164,6 +165,11 @@ def _cu_seq_ids(cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int, 
         raise NotImplementedError("comet attention takes cu_seq_lens_q / cu_seq_lens_k for packed self-attention "
                                   "only: both given, and equal")
     cu = cu_q.to(device=device, dtype=torch.long)
+    # Offsets that are not 0, ..., <= B * S, non-decreasing would attend the wrong tokens silently
+    # (one host read, once per forward: the layout is cached).
+    if cu.dim() != 1 or cu.numel() < 1 or bool((cu[0] != 0) | (cu[-1] > B * S) | (cu.diff() < 0).any()):
+        raise ValueError(f"comet attention: cu_seq_lens_q / cu_seq_lens_k must be 1D offsets 0 = c_0 <= c_1 <= "
+                         f"... <= {B * S} (the batch's {B} x {S} tokens, flattened); got {cu_q.tolist()}")
     t = torch.arange(B * S, device=device)
     ids = torch.searchsorted(cu[1:], t, right=True) + 1
     return torch.where((t >= cu[0]) & (t < cu[-1]), ids, 0).view(B, S)
@@ -243,6 +249,7 @@ def _packed_ids(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[T
 # the layout is computed once per forward: cached on that tensor, weakly (the entry goes with it),
 # the newest _MAX_LAYOUTS only (cu_seq_lens of batches a caller keeps would keep theirs otherwise).
 _LAYOUTS = WeakIdKeyDictionary()
+_LAYOUTS_LOCK = threading.Lock()
 _MAX_LAYOUTS = 8
 
 
@@ -267,10 +274,11 @@ def _packed_layout(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optiona
             (r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[1], sources)):
         return hit[2]
     layout = compute()
-    _LAYOUTS.pop(key, None)  # re-entered as the newest
-    while len(_LAYOUTS) >= _MAX_LAYOUTS:
-        _LAYOUTS.pop(next(iter(_LAYOUTS.keys())))
-    _LAYOUTS[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in sources), layout)
+    with _LAYOUTS_LOCK:  # replicas of nn.DataParallel run their layers in threads of one process
+        _LAYOUTS.pop(key, None)  # re-entered as the newest
+        while len(_LAYOUTS) >= _MAX_LAYOUTS:
+            _LAYOUTS.pop(next(iter(_LAYOUTS.keys())), None)
+        _LAYOUTS[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in sources), layout)
     return layout
 
 
@@ -335,9 +343,9 @@ def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
             return out, None
     Sk = k.shape[1]
     k_start, k_len = _runs(attention_mask[:, -Sk:].bool())
-    window = Sk - S  # absolute position of the first query
-    q_first = (k_start - window).clamp(min=0)
-    q_len = (k_start + k_len - window - q_first).clamp(min=0, max=S)
+    q_offset = Sk - S  # the first query's place among the keys
+    q_first = (k_start - q_offset).clamp(min=0)
+    q_len = (k_start + k_len - q_offset - q_first).clamp(min=0, max=S)
     rows = torch.arange(max(S, Sk), device=q.device).unsqueeze(0)
 
     def shift(t: Tensor, first: Tensor, n: int) -> Tensor:

@@ -48,7 +48,8 @@ class TrainConfig:
     frozen, LoRA adapters included (apply_lora's adapters train only with train_base=True).
     checkpoint_every steps (0: never) into checkpoint_dir, resumable exactly (RNG included).
     log_every: steps between log lines (0: none; `Trainer.history` gets every step). seed: the
-    order of the samples (the ChunkPlanner draws chunk sizes from its own seed).
+    order of the samples (the ChunkPlanner draws chunk sizes from its own seed). progress: a tqdm
+    bar over the steps.
     """
 
     total_steps: int = 1000

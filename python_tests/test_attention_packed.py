@@ -127,6 +127,13 @@ def test_cu_seq_lens_are_refused_where_they_cannot_hold():
         comet_attention(None, q, kv, kv, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     with pytest.raises(NotImplementedError, match="both given, and equal"):
         comet_attention(None, q, q, q, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 3, 6]))
+    for bad in ([0, 4, 2], [1, 6], [0, 3, 7], [[0, 6]]):  # decreasing, not from 0, past the 6 tokens, 2D
+        bad = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(ValueError, match="cu_seq_lens_q / cu_seq_lens_k must be 1D offsets"):
+            comet_attention(None, q, q, q, None, cu_seq_lens_q=bad, cu_seq_lens_k=bad)
+    short = torch.tensor([0, 2, 4], dtype=torch.int32)  # stops short of the 6 tokens: the rest is padding
+    out, _ = comet_attention(None, q, q, q, None, cu_seq_lens_q=short, cu_seq_lens_k=short)
+    assert out[0, 4:].abs().max().item() == 0.0
 
 
 def test_attention_over_sequence_ids_with_padding_holes_and_gqa_matches_a_reference():

@@ -400,8 +400,8 @@ def test_prefix_attention_score_space_beyond_2_to_the_31(mma_kernels):
 
 def _packed_attention(device):
     """Outputs and q / k / v gradients of the drop-in attention on packed sequences: row 0 holds
-    sequences of 1, 3, 40 and 56 tokens, row 1 of 70 and 20 and 10 padding tokens (three length
-    buckets, so three kernel calls), fp32, GQA, HF's (B, heads, S, D) layout."""
+    sequences of 1, 3, 40 and 56 tokens, row 1 of 70 and 20 and 10 padding tokens (five length
+    buckets: 1 | 3 | 20 | 40, 56 | 70, so five kernel calls), fp32, GQA, HF's (B, heads, S, D) layout."""
     from comet_ext.attention import comet_attention
 
     gen = torch.Generator().manual_seed(21)
