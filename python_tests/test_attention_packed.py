@@ -275,7 +275,9 @@ def test_trainer_with_the_flattening_collator_matches_sdpa_eager_and_each_sequen
 @pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
 def test_the_layout_is_read_from_the_device_once_per_forward_not_once_per_layer(how):
     """Every decoder layer gets the same mask (and cu_seq_lens) tensor: the layout's host reads
-    (nonzero's sizes, the longest sequence) happen once per forward, whatever the depth."""
+    (nonzero's sizes, the buckets' sizes; the check of cu_seq_lens; the mask probe, and under
+    transformers 5.0 the query end from cache_position) happen once per forward, whatever the
+    depth: at most 5."""
     from modeling_utils import HostReads
 
     x, pos, _ = packed(LAYOUTS["padded"], seed=10)
@@ -291,7 +293,7 @@ def test_the_layout_is_read_from_the_device_once_per_forward_not_once_per_layer(
         with HostReads() as counter:
             model(x, use_cache=False, **kw)
         reads[layers] = counter.counts
-    assert reads[4] == reads[1] and 0 < sum(reads[4].values()) <= 4, reads
+    assert reads[4] == reads[1] and 0 < sum(reads[4].values()) <= 5, reads
 
 
 def test_a_mask_changed_in_place_or_replaced_is_read_again():
