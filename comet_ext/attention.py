@@ -190,13 +190,17 @@ class _Layout(NamedTuple):
     j-th call (the j-th non-empty length bucket, shortest first) takes a batch of sizes[j] =
     (n_j, L_j): n_j sequences padded to the bucket's longest, L_j, the n_j * L_j flat rows after
     the earlier calls', its sequence i at rows i * L_j + 0 .. len - 1 of those; lens[j] (n_j,) the
-    lengths of its sequences, in that order. L the longest sequence (0: no real token)."""
+    lengths of its sequences, in that order."""
     row: Tensor
     col: Tensor
     dest: Tensor
     lens: tuple[Tensor, ...]
     sizes: tuple[tuple[int, int], ...]
-    L: int
+
+    @property
+    def L(self) -> int:
+        """The longest sequence (0: no real token)."""
+        return max((L for _, L in self.sizes), default=0)
 
 
 def _layout(seq: Tensor, rows_split: bool = True) -> _Layout:
@@ -229,7 +233,7 @@ def _layout(seq: Tensor, rows_split: bool = True) -> _Layout:
     dest = start[sample] + pos
     sizes = [(n, L) for n, L in zip(*torch.stack([count, longest]).tolist()) if n]  # the one read of sizes
     lens = lens[order].split([n for n, _ in sizes])
-    return _Layout(row, col, dest, tuple(lens), tuple(sizes), max((L for _, L in sizes), default=0))
+    return _Layout(row, col, dest, tuple(lens), tuple(sizes))
 
 
 def _packed_ids(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int,
@@ -289,7 +293,8 @@ def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float
     bucket, on a batch of (n_j, L_j, H, D), its sequences padded to the bucket's longest, L_j.
     Gathered in, attended, scattered back to (B, S, Hq, D) in the kernel's output dtype (the
     autocast dtype under autocast); rows of no sequence (padding) are zeros."""
-    row, col, dest, lens, sizes, L = layout
+    row, col, dest, lens, sizes = layout
+    L = layout.L
     if not sizes:
         return q.new_zeros(q.shape)
     if window is not None and L > window:
