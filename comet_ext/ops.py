@@ -333,7 +333,8 @@ def fifo_view(
 
     With ``cos`` / ``sin`` tables of shape (>= C, D) and a (B, C, H, D) buffer
     (e.g. the cached pre-RoPE keys), row i gets HF rotate-half RoPE with table
-    row i. Differentiable with respect to buffer; the tables are constants.
+    row i, computed in float32 (float64 for a float64 buffer, tables included).
+    Differentiable with respect to buffer; the tables are constants.
     """
     return _ops.fifo_view.default(buffer, head, length, cos, sin)
 

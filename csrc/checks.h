@@ -250,9 +250,10 @@ inline std::pair<at::Tensor, at::Tensor> check_rope_tables(const char* op,
     check_float(*t, op, name);
     check_same_device(*t, buffer, op, name, "buffer");
   }
-  // Tables are kept in float32, as HF rotary embeddings compute them, whatever the data dtype.
-  return {cos->narrow(0, 0, C).to(at::kFloat).contiguous(),
-          sin->narrow(0, 0, C).to(at::kFloat).contiguous()};
+  // Tables are read in the data's accumulation type (float32 for every dtype but
+  // float64, as HF rotary embeddings compute them), so float64 keeps its precision.
+  const auto acc = buffer.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {cos->narrow(0, 0, C).to(acc).contiguous(), sin->narrow(0, 0, C).to(acc).contiguous()};
 }
 
 // fifo_view / fifo_view_backward: the ring state and the optional RoPE tables.

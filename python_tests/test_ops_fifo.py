@@ -133,6 +133,25 @@ def test_view_grad_matches_oracle():
     assert_close_fp32("grad buffer", grads[0], grads[1], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", VIEW_DEVICES)
+def test_view_keeps_fp64_tables_in_fp64(device):
+    """float64 data reads float64 tables as given: rounding them to float32 (as the kernels
+    once did) is an error of about 1e-8, far above float64's rounding."""
+    buffer, head, length = (t.to(device) for t in _ring(C=6, feat=(3, 8)))
+    pos = torch.arange(6, dtype=torch.float64).view(-1, 1) + 0.1  # angles not exact in float32
+    emb = torch.cat([pos * torch.rand(4, dtype=torch.float64)] * 2, dim=-1)
+    cos, sin = (t.to(device) for t in (emb.cos(), emb.sin()))
+    g = torch.randn(buffer.shape, dtype=torch.float64, device=device)
+    grads = []
+    for fn in (ops.fifo_view, ref.fifo_view):
+        buf = buffer.clone().requires_grad_()
+        out = fn(buf, head, length, cos, sin)
+        (out * g).sum().backward()
+        grads.append((out.detach(), buf.grad))
+    for name, got, expected in zip(("view", "grad buffer"), grads[0], grads[1]):
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-14, msg=name)
+
+
 def test_view_rejects_grad_for_tables():
     buffer, head, length = _ring(dtype=torch.float32)
     cos, sin = rope_tables(5, 4)

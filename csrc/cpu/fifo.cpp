@@ -120,10 +120,9 @@ std::tuple<at::Tensor, at::Tensor> fifo_push_backward_cpu(const at::Tensor& grad
 // Rotate-half RoPE (as HF's apply_rotary_pos_emb) of one (H, D) row with one
 // table row; Transposed applies its transpose (the backward), which for the
 // usual tables (equal halves) is the rotation by the opposite angle.
-template <bool Transposed, typename scalar_t>
+template <bool Transposed, typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 void rope_row(const scalar_t* __restrict__ src, scalar_t* __restrict__ dst, int64_t H, int64_t D,
-              const float* __restrict__ cos, const float* __restrict__ sin) {
-  using acc_t = at::opmath_type<scalar_t>;
+              const acc_t* __restrict__ cos, const acc_t* __restrict__ sin) {
   const int64_t half = D / 2;
   for (int64_t hh = 0; hh < H; ++hh) {
     const scalar_t* x = src + hh * D;
@@ -157,6 +156,7 @@ at::Tensor view_or_scatter(const char* op, const at::Tensor& input, const at::Te
   if (out.numel() == 0) return out;
   const int64_t row = row_numel(in);
   COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // the tables' dtype (check_rope_tables)
     const scalar_t* src = in.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
     at::parallel_for(0, B * C, 64, [&](int64_t begin, int64_t end) {
@@ -170,8 +170,8 @@ at::Tensor view_or_scatter(const char* op, const at::Tensor& input, const at::Te
         const scalar_t* s = src + (Backward ? idx : slot) * row;
         scalar_t* d = dst + (Backward ? slot : idx) * row;
         if (cs.defined())
-          rope_row<Backward>(s, d, in.size(2), in.size(3), cs.data_ptr<float>() + i * in.size(3),
-                             sn.data_ptr<float>() + i * in.size(3));
+          rope_row<Backward>(s, d, in.size(2), in.size(3), cs.data_ptr<acc_t>() + i * in.size(3),
+                             sn.data_ptr<acc_t>() + i * in.size(3));
         else
           std::copy_n(s, row, d);
       }

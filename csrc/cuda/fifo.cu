@@ -113,10 +113,9 @@ __global__ void advance_kernel(int64_t* head, int64_t* length, const int64_t* co
 }
 
 // dst = RoPE(src) (Backward: its transpose) for one (H, D) row with table rows c, s (D,).
-template <bool Backward, typename scalar_t, int N>
-__device__ __forceinline__ void rope_row(scalar_t* dst, const scalar_t* src, const float* c, const float* s,
+template <bool Backward, typename scalar_t, int N, typename acc_t = at::opmath_type<scalar_t>>
+__device__ __forceinline__ void rope_row(scalar_t* dst, const scalar_t* src, const acc_t* c, const acc_t* s,
                                          int64_t row, int64_t D) {
-  using acc_t = at::opmath_type<scalar_t>;
   using P = Pack<scalar_t, N>;
   const int64_t half = D / 2;
   for (int64_t e = int64_t(threadIdx.x) * N; e < row; e += int64_t(blockDim.x) * N) {
@@ -144,8 +143,8 @@ __global__ void __launch_bounds__(kThreads)
     view_kernel(const scalar_t* __restrict__ in,   // (B, C, H, D) contiguous
                 scalar_t* __restrict__ out,        // (B, C, H, D) contiguous
                 const int64_t* __restrict__ head, const int64_t* __restrict__ length,
-                const float* __restrict__ cos,  // (C, D) or null
-                const float* __restrict__ sin,  // (C, D) or null
+                const at::opmath_type<scalar_t>* __restrict__ cos,  // (C, D) or null
+                const at::opmath_type<scalar_t>* __restrict__ sin,  // (C, D) or null
                 int64_t B, int64_t C, int64_t row, int64_t D) {
   const int64_t i = blockIdx.x;
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
@@ -229,6 +228,7 @@ at::Tensor view_or_scatter_cuda(const char* op, const at::Tensor& input, const a
   const c10::cuda::CUDAGuard guard(input.device());
   const at::Tensor hd = dense_lengths(head), len = dense_lengths(length);
   COMET_DISPATCH_FLOATING(in.scalar_type(), "fifo_view_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;  // the tables' dtype (check_rope_tables)
     // with RoPE a pack must not straddle the two halves of a head's D columns
     const int width = pack_width<scalar_t>({in.data_ptr(), out.data_ptr()},
                                            {row_numel(in), cs.defined() ? D / 2 : 0});
@@ -236,8 +236,8 @@ at::Tensor view_or_scatter_cuda(const char* op, const at::Tensor& input, const a
       view_kernel<Backward, scalar_t, decltype(w)::value>
           <<<per_sample_grid(C, B), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
               in.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), hd.data_ptr<int64_t>(),
-              len.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<float>() : nullptr,
-              sn.defined() ? sn.data_ptr<float>() : nullptr, B, C, row_numel(in), D);
+              len.data_ptr<int64_t>(), cs.defined() ? cs.data_ptr<acc_t>() : nullptr,
+              sn.defined() ? sn.data_ptr<acc_t>() : nullptr, B, C, row_numel(in), D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
