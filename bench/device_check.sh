@@ -10,8 +10,16 @@
 #   bash bench/device_check.sh [OUT_DIR]
 #
 # On a machine without a GPU it builds, says so, and exits 2.
-# The last step is the end-to-end benchmark (bench/bench_e2e.py) on a Qwen3-0.6B-shaped model
-# (COMET_E2E=0 skips it).
+# The last step is the end-to-end benchmark (bench/bench_e2e.py) on a Qwen3-0.6B-shaped model.
+# COMET_E2E=0 skips it; COMET_E2E=only runs it alone. So a lease can take the check in two calls,
+# each with its own deadline, the second reusing the first one's build:
+#
+#   COMET_E2E=0 bash bench/device_check.sh OUT_DIR_1      # build, tests, sanitizers, op benchmarks
+#   COMET_E2E=only bash bench/device_check.sh OUT_DIR_2   # the end to end (set COMET_MMA_KERNELS=v2
+#                                                         # when the first call's CUDA tests passed)
+#
+# The build step keeps an in-place build that is current (built from this tree's sources, with
+# the CUDA kernels for $TORCH_CUDA_ARCH_LIST, against this torch) instead of compiling again.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-bench/results/gpu/latest}}"
@@ -23,10 +31,13 @@ export HYPOTHESIS_PROFILE=ci
 # The GPU image is only sure to have `python3` (the one holding torch); $PYTHON overrides.
 PY="${PYTHON:-$(command -v python || command -v python3)}"
 [ -n "$PY" ] || { echo "device_check: no python or python3 on PATH" >&2; exit 1; }
+e2e_mode="${COMET_E2E:-1}"
+case "$e2e_mode" in 0|1|only) ;; *) echo "device_check: COMET_E2E must be 0, 1 or only, got '$e2e_mode'" >&2; exit 1;; esac
 status=0
 summary="$OUT/summary.md"
-# the commit measured: $COMET_COMMIT (the device tool's copy of the tree has no usable .git), else git's HEAD
-commit_of() { "$PY" -c 'import sys; sys.path.insert(0, "bench"); import report; print(report.commit())'; }
+# the commit measured: $COMET_COMMIT (the device tool's copy of the tree has no usable .git), else git's
+# HEAD; checked against the build (report.measured_build) once there is one
+commit_of() { "$PY" -c "import sys; sys.path.insert(0, 'bench'); import report; print(report.commit(${1:-}))"; }
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 # The whole check has COMET_CHECK_SECONDS (default 480): a step gets its own limit or what is
 # left before that deadline (less a reserve for the tables), and is skipped when under 20 s remain,
@@ -58,17 +69,35 @@ step() {  # step NAME LIMIT_SECONDS CMD...: run, keep its log, record pass / fai
   echo
   echo "- date: $(date -u +%Y-%m-%d)"
   # the device tool copies the working tree without .git: the caller may name the commit
-  echo "- commit: $(commit_of)"
+  echo "- commit: $(commit_of check_build=False)"
   echo "- gpu: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo none)"
   echo "- torch: $("$PY" -c 'import torch;print(torch.__version__, "CUDA", torch.version.cuda)' 2>/dev/null)"
   echo "- nvcc: $(nvcc --version 2>/dev/null | tail -n 1)"
+  echo "- steps: $(case "$e2e_mode" in 0) echo "all but the end to end (COMET_E2E=0)";;
+                    only) echo "the end to end only (COMET_E2E=only)";; *) echo all;; esac)"
   echo
   echo "| step | result | time |"
   echo "|---|---|---|"
 } > "$summary"
 
-# COMET_CUDA=1: a build that finds no CUDA toolkit fails here, not as hundreds of test failures
-COMET_CUDA=1 step build 300 "$PY" setup.py build_ext --inplace || { cat "$summary"; exit 1; }
+build_is_current() {  # the in-place _C: this tree's sources, CUDA kernels for the asked archs, this torch
+  "$PY" - <<'PYEOF' 2> /dev/null
+import os, sys, torch
+sys.path.insert(0, "tools")
+from build_env import source_digest
+import comet_ext
+info = comet_ext.build_info()
+sys.exit(0 if (info["source_digest"] == source_digest(".") and info["cuda"] and info["torch"] == torch.__version__
+               and info["cuda_arch_list"] == os.environ["TORCH_CUDA_ARCH_LIST"]) else 1)
+PYEOF
+}
+if build_is_current; then
+  log "build current (this tree's sources, CUDA, this torch): kept"
+  echo "| build | kept (current) | 0s |" >> "$summary"
+else
+  # COMET_CUDA=1: a build that finds no CUDA toolkit fails here, not as hundreds of test failures
+  COMET_CUDA=1 step build 300 "$PY" setup.py build_ext --inplace || { cat "$summary"; exit 1; }
+fi
 if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   log "no CUDA device on this machine: built the extension (CUDA kernels compiled), ran nothing on a GPU"
   echo "| gpu | **no CUDA device: nothing ran on a GPU** | |" >> "$summary"
@@ -76,6 +105,8 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
+cuda_tests_rc=skipped
+if [ "$e2e_mode" != only ]; then  # ---- the op part: tests, op benchmarks, sanitizers ----
 # --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
 step cuda_tests 150 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
   --junitxml="$OUT/cuda_tests.xml"
@@ -126,10 +157,11 @@ else
   log "compute-sanitizer not found: skipping memcheck / racecheck"
   echo "| memcheck | skipped (no compute-sanitizer) | |" >> "$summary"
 fi
+fi  # ---- end of the op part (COMET_E2E=only skips it) ----
 # End to end on a Qwen3-0.6B-shaped model (issue 6); the 1M-token CoMeT point runs first, so a
 # short lease still gets it, and its processes also profile one more chunk and 16 decoded tokens
 # (host vs device time, the top ops: e2e_gpu_profile_*.txt). COMET_E2E=0 skips it.
-if [ "${COMET_E2E:-1}" = "1" ]; then
+if [ "$e2e_mode" != 0 ]; then
   # with every CUDA test passed (both kernel generations among them) the end to end runs the v2
   # attention kernels; bench_e2e.py names the generation in its table
   if [ "$cuda_tests_rc" = "0" ] && [ -z "${COMET_MMA_KERNELS:-}" ]; then export COMET_MMA_KERNELS=v2; fi

@@ -98,12 +98,14 @@ def measured_build() -> str:
     return _CHECKED[0]
 
 
-def commit() -> str:
+def commit(check_build: bool = True) -> str:
     """The commit measured: $COMET_COMMIT when the caller names it (the device tool's copy of the
     tree carries a stale .git), else git's HEAD, marked when the tracked code (not results, not
     markdown) differs from it.
-    Checks first that the comet_ext measured is this tree's (measured_build)."""
-    measured_build()
+    Checks first that the comet_ext measured is this tree's (measured_build), unless check_build is
+    False: the tree's commit before anything is built (device_check.sh's header)."""
+    if check_build:
+        measured_build()
     if os.environ.get("COMET_COMMIT"):
         return os.environ["COMET_COMMIT"]
     try:

@@ -50,12 +50,14 @@ def test_an_up_to_date_installed_copy_is_measured(as_built, tmp_path):
     assert report.measured_build() == os.path.dirname(package)
 
 
-def test_a_c_extension_built_from_other_sources_is_refused(as_built):
+def test_a_c_extension_built_from_other_sources_is_refused(as_built, monkeypatch):
     as_built(os.path.join(ROOT, "comet_ext"), "0123456789abcdef")
     with pytest.raises(report.StaleBuild, match="built from other sources.*0123456789abcdef"):
         report.measured_build()
     with pytest.raises(report.StaleBuild):  # the label too: commit() checks before it names HEAD
         report.commit()
+    monkeypatch.setenv("COMET_COMMIT", "abc1234")  # the tree's commit, before any build (device_check)
+    assert report.commit(check_build=False) == "abc1234"
 
 
 def test_a_build_that_recorded_no_digest_is_refused(as_built):
