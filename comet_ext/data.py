@@ -76,7 +76,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
     """ChatML tokens of a conversation, labels on the assistant turns only (their
     content and closing tag). Built turn by turn, so it needs no special support
-    from the chat template."""
+    from the chat template. A template that renders earlier turns differently once
+    later ones follow (Qwen3's drops the <think> block of assistant turns before the
+    last user turn) is labelled on one rendering of the whole conversation instead
+    (`_whole_chat_sample`), which needs a fast tokenizer's character offsets."""
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
@@ -88,16 +91,70 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
         full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
         prompt, full = _ids(prompt), _ids(full)
         if full[: len(ids)] != ids:
-            raise ValueError(
+            return _whole_chat_sample(
+                messages, tokenizer,
                 f"the chat template does not extend the conversation's tokens turn by turn: with message {i} "
-                f"({m['role']}) after them, the messages before it render differently (Qwen3's template, for "
-                "one, drops the empty <think> block of an assistant turn once a user turn follows). Labels are "
-                "placed turn by turn, so set tokenizer.chat_template to a template that only appends, e.g. "
-                "comet_ext.data.CHATML for ChatML models such as Qwen's")
+                f"({m['role']}) after them, the messages before it render differently")
         start = len(prompt) if m["role"] == "assistant" else len(ids)
         labels += [IGNORE] * (start - len(ids)) + (full[start:] if m["role"] == "assistant" else [IGNORE] * (len(full) - start))
         ids = full
     return Sample(ids, labels)
+
+
+def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
+    """`chat_sample` for a template that rewrites earlier turns (`why` says where): the whole
+    conversation rendered once, each assistant turn labelled over its body as it stands there —
+    from the end of the template's assistant header (its generation prompt) through the closing
+    text it puts after a turn's content (`_assistant_frame`), found in order in the text and
+    mapped to tokens through the tokenizer's character offsets (a token is labelled when its
+    characters overlap a body). A turn whose body does not end with its message's last line is a
+    ValueError, never a guess."""
+    def refuse(problem: str) -> ValueError:
+        return ValueError(f"{why}, and {problem}. Labels could not be placed: set tokenizer.chat_template to a "
+                          "template that only appends, e.g. comet_ext.data.CHATML for ChatML models such as Qwen's")
+
+    if not getattr(tokenizer, "is_fast", False):
+        raise refuse("a slow tokenizer gives no character offsets to label one rendering of the whole conversation by")
+    header, closing = _assistant_frame(tokenizer)
+    if not header or not closing:
+        raise refuse("its assistant turns have no header or no closing text to find them by")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = _ids(enc)
+    if ids != _ids(tokenizer.apply_chat_template(list(messages), tokenize=True)):
+        raise refuse("its rendered text does not tokenize to its tokens")
+    spans, cursor = [], 0
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        begin = text.find(header, cursor)
+        end = -1 if begin < 0 else text.find(closing, begin + len(header))
+        # The body may hold more than the content (a <think> block added) or less (one moved out of
+        # it), but it ends with the content's last line.
+        last_line = m["content"].rstrip().rsplit("\n", 1)[-1]
+        if end < 0 or not text[begin + len(header):end].rstrip().endswith(last_line):
+            raise refuse(f"message {i} (assistant) was not found in one rendering of the whole conversation")
+        spans.append((begin + len(header), end + len(closing)))
+        cursor = end + len(closing)
+    labels, j = [], 0
+    for tid, (a, b) in zip(ids, enc["offset_mapping"]):
+        while j < len(spans) and spans[j][1] <= a:
+            j += 1
+        labels.append(tid if j < len(spans) and a < spans[j][1] and b > spans[j][0] else IGNORE)
+    return Sample(ids, labels)
+
+
+def _assistant_frame(tokenizer) -> tuple[str, str]:
+    """(header, closing): the text the template puts before an assistant turn's content when
+    asked for a generation prompt, and the text it puts after that content."""
+    marker = "COMET_CONTENT_MARKER"
+    question = [{"role": "user", "content": "COMET_QUESTION_MARKER"}]
+    render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw)  # noqa: E731
+    plain, asked = render(question), render(question, add_generation_prompt=True)
+    answered = render(question + [{"role": "assistant", "content": marker}])
+    if not asked.startswith(plain) or marker not in answered:
+        return "", ""
+    return asked[len(plain):], answered[answered.index(marker) + len(marker):]
 
 
 def _first_turn_prompt(message: dict, tokenizer) -> list[int]:

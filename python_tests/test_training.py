@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -105,20 +106,101 @@ def test_bad_jsonl_lines_are_reported_with_line_numbers(tmp_path):
         read_chat_jsonl(path, tok, max_tokens=200, on_error="raise")
 
 
-def test_a_template_that_rewrites_earlier_turns_is_refused_naming_the_turn():
-    """A template that renders the last assistant turn differently from earlier ones (as Qwen3's
-    adds an empty <think> block to the last one only) does not extend the tokens turn by turn:
-    the labels could not be placed, and the error says where and why."""
+# A template that rewrites earlier turns once later ones follow, as Qwen3's does (written here
+# after its behaviour): assistant turns after the last user turn carry a <think> block (empty
+# without reasoning), earlier ones lose theirs.
+THINKING_TEMPLATE = (
+    "{%- set ns = namespace(last=-1) %}"
+    "{%- for m in messages %}{%- if m['role'] == 'user' %}{%- set ns.last = loop.index0 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m['role'] == 'assistant' %}"
+    "{%- set content = m['content'] %}{%- set reasoning = '' %}"
+    "{%- if '</think>' in content %}"
+    "{%- set reasoning = content.split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    "{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- if loop.index0 > ns.last %}{{- '<think>\\n' + reasoning + '\\n</think>\\n\\n' }}{%- endif %}"
+    "{{- content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
+
+
+def _pieces(tok, *pieces: tuple[str, bool]) -> Sample:
+    """The sample of texts in order, each learned or not (the byte tokenizer has no merges, so
+    the tokens of a text are its pieces' tokens in a row)."""
+    ids, labels = [], []
+    for text, learned in pieces:
+        t = tok(text, add_special_tokens=False)["input_ids"]
+        ids += t
+        labels += t if learned else [IGNORE] * len(t)
+    return Sample(ids, labels)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_labelled_on_the_whole_conversation():
+    """Turn by turn, the second user turn changes how the first answer renders (its <think> block
+    goes); the sample is then the whole conversation rendered once, each assistant turn learned
+    over its body as it stands there: the reasoning kept in the last turn, gone in the first."""
     tok = byte_tokenizer()
-    tok.chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
-        "{% if m['role'] == 'assistant' and loop.last %}<think></think>{% endif %}"
-        "{{ m['content'] }}<|im_end|>\n{% endfor %}"
-        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    one_turn = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
-    assert tok.decode(chat_sample(one_turn, tok).input_ids).endswith("<think></think>a<|im_end|>\n")
-    with pytest.raises(ValueError, match=r"message 2 \(user\) after them, the messages before it render differently"):
-        chat_sample(one_turn + [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}], tok)
+    tok.chat_template = THINKING_TEMPLATE
+    chat = [{"role": "system", "content": "sys"}, {"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "<think>\nplan\n</think>\n\nline 1\nline 2"},
+            {"role": "user", "content": "q2"},
+            {"role": "assistant", "content": "<think>\nmore\n</think>\n\ncafé ✓"}]
+    expected = _pieces(tok, ("<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nq1<|im_end|>\n"
+                             "<|im_start|>assistant\n", False),
+                       ("line 1\nline 2<|im_end|>\n", True),
+                       ("<|im_start|>user\nq2<|im_end|>\n<|im_start|>assistant\n", False),
+                       ("<think>\nmore\n</think>\n\ncafé ✓<|im_end|>\n", True))
+    assert chat_sample(chat, tok) == expected
+    # one answer: the template only appends, the turn-by-turn sample, the same body learned
+    one = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    assert chat_sample(one, tok) == _pieces(tok, ("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n", False),
+                                            ("<think>\n\n</think>\n\na<|im_end|>\n", True))
+
+
+@pytest.mark.parametrize("template", ["chatml", "system"])
+def test_whole_conversation_labels_equal_the_turn_by_turn_ones_where_the_template_only_appends(template):
+    """The oracle of the whole-conversation path: where the template only appends, both paths
+    must give the very same sample."""
+    from comet_ext.data import _whole_chat_sample
+
+    tok = byte_tokenizer()
+    if template == "system":
+        tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
+                             "{% endif %}" + CHATML)
+    g = random.Random(7)
+    words = ["a", "café", "2+2?", "", "line\nbreak", " padded ", "<|im_end|> quoted", "✓✓"]
+    for n in range(1, 9):
+        roles = [g.choice(["user", "assistant"]) for _ in range(n - 1)] + ["assistant"]
+        chat = [{"role": r, "content": " ".join(g.choice(words) for _ in range(g.randint(0, 3)))} for r in roles]
+        assert _whole_chat_sample(chat, tok, "test") == chat_sample(chat, tok), chat
+
+
+def test_a_rewriting_template_is_refused_where_its_turns_cannot_be_found():
+    tok = byte_tokenizer()
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]
+    # earlier answers are redacted: the first answer's body does not end with its content
+    tok.chat_template = THINKING_TEMPLATE.replace("{{- content + '<|im_end|>", "{{- (content if loop.index0 > ns.last "
+                                                                          "else '[redacted]') + '<|im_end|>")
+    with pytest.raises(ValueError, match=r"message 2 \(user\) after them, the messages before it render differently, "
+                                         r"and message 1 \(assistant\) was not found"):
+        chat_sample(chat, tok)
+    tok.chat_template = THINKING_TEMPLATE
+
+    class Slow:  # what a slow tokenizer is to chat_sample: no character offsets
+        is_fast = False
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    with pytest.raises(ValueError, match="a slow tokenizer gives no character offsets.*comet_ext.data.CHATML"):
+        chat_sample(chat, Slow())
+    s = chat_sample(chat, tok)  # the fast tokenizer labels it
+    assert tok.decode([i for i, lab in zip(s.input_ids, s.labels) if lab != IGNORE]) == \
+        "a<|im_end|>\n<think>\n\n</think>\n\nb<|im_end|>\n"
 
 
 def test_chat_may_start_with_the_assistant():
