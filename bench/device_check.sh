@@ -115,33 +115,12 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 cuda_tests_rc=skipped
-if [ "$e2e_mode" != only ]; then  # ---- the op part: tests, op benchmarks, sanitizers ----
+if [ "$e2e_mode" != only ]; then  # ---- the op part: tests, sanitizers, op benchmarks ----
 # --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
 step cuda_tests 150 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
   --junitxml="$OUT/cuda_tests.xml"
 cuda_tests_rc=$?
-step gpu_reference 60 "$PY" bench/gpu_reference.py --json "$OUT/gpu_reference.json"
-# bench NAME LIMIT_SECONDS TITLE PYTEST_ARGS...: times op benchmarks into $OUT/NAME.json and their
-# table of ratios into $OUT/NAME.md (environment variables set before the call reach both).
-bench() {
-  local name=$1 limit=$2 title=$3; shift 3
-  COMET_BENCH_DEVICE=cuda step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider --benchmark-only \
-    --benchmark-json="$OUT/$name.json" "$@"
-  local rc=$?
-  [ -f "$OUT/$name.json" ] && { "$PY" bench/report.py "$OUT/$name.json" --gpu-reference "$OUT/gpu_reference.json" \
-    --command "$(env | grep -E '^COMET_(MMA|ROW)_KERNELS=' | tr '\n' ' ')bash bench/device_check.sh" \
-    --title "$title" --out "$OUT/$name.md" > /dev/null 2>&1 || log "report ($name) failed"; }
-  return $rc
-}
-bench gpu_ops 150 "comet_ext GPU op benchmarks" bench/bench_prefix_attention.py bench/bench_rla.py \
-  bench/bench_gated_update.py bench/bench_fifo.py -k "not reference or not B4"
-# The v2 tensor-core kernels and the two-pass rla / gated_update backwards are opt-in
-# (COMET_MMA_KERNELS=v2, COMET_ROW_KERNELS=v2) until they have passed here: cuda_tests ran them
-# (test_cuda.py runs both generations of each); these time them.
-COMET_MMA_KERNELS=v2 bench gpu_ops_mma_v2 90 "prefix_attention with the v2 tensor-core kernels" \
-  bench/bench_prefix_attention.py -k "bf16 and not reference"
-COMET_ROW_KERNELS=v2 bench gpu_ops_row_v2 60 "rla / gated_update with the v2 (two-pass) backwards" \
-  bench/bench_rla.py bench/bench_gated_update.py -k "fwd+bwd and bf16"
+# the sanitizers before the benchmarks: cheap, and what a cut should spare first
 if command -v compute-sanitizer > /dev/null; then
   # (the long-key-range cases at head dims below 128 repeat the D128 one's code paths: left out for time)
   step memcheck 150 compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q \
@@ -166,6 +145,28 @@ else
   log "compute-sanitizer not found: skipping memcheck / racecheck"
   echo "| memcheck | skipped (no compute-sanitizer) | |" >> "$summary"
 fi
+step gpu_reference 60 "$PY" bench/gpu_reference.py --json "$OUT/gpu_reference.json"
+# bench NAME LIMIT_SECONDS TITLE PYTEST_ARGS...: times op benchmarks into $OUT/NAME.json and their
+# table of ratios into $OUT/NAME.md (environment variables set before the call reach both).
+bench() {
+  local name=$1 limit=$2 title=$3; shift 3
+  COMET_BENCH_DEVICE=cuda step "$name" "$limit" "$PY" -m pytest -q -p no:cacheprovider --benchmark-only \
+    --benchmark-json="$OUT/$name.json" "$@"
+  local rc=$?
+  [ -f "$OUT/$name.json" ] && { "$PY" bench/report.py "$OUT/$name.json" --gpu-reference "$OUT/gpu_reference.json" \
+    --command "$(env | grep -E '^COMET_(MMA|ROW)_KERNELS=' | tr '\n' ' ')bash bench/device_check.sh" \
+    --title "$title" --out "$OUT/$name.md" > /dev/null 2>&1 || log "report ($name) failed"; }
+  return $rc
+}
+bench gpu_ops 150 "comet_ext GPU op benchmarks" bench/bench_prefix_attention.py bench/bench_rla.py \
+  bench/bench_gated_update.py bench/bench_fifo.py -k "not reference or not B4"
+# The v2 tensor-core kernels and the two-pass rla / gated_update backwards are opt-in
+# (COMET_MMA_KERNELS=v2, COMET_ROW_KERNELS=v2) until they have passed here: cuda_tests ran them
+# (test_cuda.py runs both generations of each); these time them.
+COMET_MMA_KERNELS=v2 bench gpu_ops_mma_v2 90 "prefix_attention with the v2 tensor-core kernels" \
+  bench/bench_prefix_attention.py -k "bf16 and not reference"
+COMET_ROW_KERNELS=v2 bench gpu_ops_row_v2 60 "rla / gated_update with the v2 (two-pass) backwards" \
+  bench/bench_rla.py bench/bench_gated_update.py -k "fwd+bwd and bf16"
 fi  # ---- end of the op part (COMET_E2E=only skips it) ----
 # End to end on a Qwen3-0.6B-shaped model (issue 6); the 1M-token CoMeT point runs first, so a
 # short lease still gets it, and its processes also profile one more chunk and 16 decoded tokens
