@@ -167,6 +167,23 @@ def test_imports_run_down_the_floors():
     assert not bad, "imports against docs/architecture.md's floors:\n" + "\n".join(bad)
 
 
+def test_each_module_sits_on_the_lowest_floor_its_imports_allow():
+    """As docs/architecture.md says: one floor above the highest module it imports (its listed
+    lazy upward imports aside), floor 0 when it imports none; a floor higher than that claims a
+    dependency the code does not have."""
+    floors, upward = _floors()
+    wrong = []
+    for name, edges in _graph().items():
+        if name == "__init__" or name not in floors:
+            continue
+        below = [floors[e.target] for e in edges
+                 if e.target in floors and e.target != name and not ((name, e.target) in upward and e.lazy)]
+        lowest = 1 + max(below) if below else 0
+        if floors[name] != lowest:
+            wrong.append(f"{name}: floor {floors[name]}, its imports allow {lowest}")
+    assert not wrong, "docs/architecture.md's floors:\n" + "\n".join(wrong)
+
+
 def test_listed_upward_imports_are_lazy_and_still_exist():
     floors, upward = _floors()
     graph = _graph()
