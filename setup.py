@@ -84,8 +84,10 @@ else:
     )
 
 
-def _write_build_info():
-    """Records what _C was built against, so a mismatch at import is explained."""
+def _write_build_info(package_dir: str, digest) -> None:
+    """Records what _C is built against in package_dir/_build_info.py, so a mismatch at import is
+    explained. `digest` (tools/build_env.py source_digest) is None until the build has succeeded:
+    a failed build must not leave a record that passes an older _C beside it off as this tree's."""
     info = (
         '"""Written by setup.py at build time; do not edit."""\n'
         f"TORCH_VERSION = {torch.__version__!r}\n"
@@ -94,16 +96,29 @@ def _write_build_info():
         f"CPU_ARCH = {cpu.arch!r}\n"
         f"CPU_FEATURES = {tuple(cpu.features)!r}  # checked against the running CPU at import\n"
         f"OPENMP = {cpu.openmp!r}\n"
-        f"SOURCE_DIGEST = {source_digest(ROOT)!r}  # tools/build_env.py source_digest of the tree built\n"
+        f"SOURCE_DIGEST = {digest!r}  # tools/build_env.py source_digest of the tree built; None: not built\n"
     )
-    path = os.path.join(ROOT, "comet_ext", "_build_info.py")
+    os.makedirs(package_dir, exist_ok=True)
+    path = os.path.join(package_dir, "_build_info.py")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(info)
     os.replace(tmp, path)
 
 
-_write_build_info()
+class RecordingBuildExtension(BuildExtension):
+    """build_ext that records the sources' digest once _C is built, in the tree and, for a wheel,
+    in the build's copy of the package (whichever of build_py / build_ext runs last)."""
+
+    def run(self):
+        super().run()
+        digest = source_digest(ROOT)
+        _write_build_info(os.path.join(ROOT, "comet_ext"), digest)
+        if not self.inplace:
+            _write_build_info(os.path.join(self.build_lib, "comet_ext"), digest)
+
+
+_write_build_info(os.path.join(ROOT, "comet_ext"), None)
 print(f"comet_ext: torch {torch.__version__}, CPU kernels for {cpu.arch}, CUDA kernels {'on' if WITH_CUDA else 'off'}"
       + (f" (CUDA_HOME={cuda_home}, archs {os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""))
 for note in cpu.notes:
@@ -111,6 +126,6 @@ for note in cpu.notes:
 
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension},
+    cmdclass={"build_ext": RecordingBuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -229,8 +229,8 @@ inline void check_push_args(const char* op, const at::Tensor& buffer, const at::
   check_lengths(counts, buffer.size(0), buffer, op, "counts");
 }
 
-// cos / sin: (>= C, D) tables; returns them as contiguous float32 (C, D), or
-// undefined tensors when RoPE is off.
+// cos / sin: (>= C, D) tables; returns them as contiguous (C, D) tensors in the data's
+// accumulation type (float64 for float64 data, else float32), or undefined tensors when RoPE is off.
 inline std::pair<at::Tensor, at::Tensor> check_rope_tables(const char* op,
                                                            const at::Tensor& buffer,
                                                            const c10::optional<at::Tensor>& cos,
