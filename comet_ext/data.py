@@ -105,10 +105,14 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
     """`chat_sample` for a template that rewrites earlier turns (`why` says where): the whole
     conversation rendered once, each assistant turn labelled over its body as it stands there —
     from the end of the template's assistant header (its generation prompt) through the closing
-    text it puts after a turn's content (`_assistant_frame`), found in order in the text and
-    mapped to tokens through the tokenizer's character offsets (a token is labelled when its
-    characters overlap a body). A turn whose body does not end with its message's last line is a
-    ValueError, never a guess."""
+    text it puts after a turn's content (`_assistant_frame`) — mapped to tokens through the
+    tokenizer's character offsets (a token is labelled when its characters overlap a body).
+
+    The messages are found in order: each other message's content moves the search past it (a
+    header quoted in a user turn is not a turn), and an assistant turn ends at its closing text
+    after as many of them as its content quotes. Its body must then end with its answer (the
+    content after any reasoning block, stripped): the body may hold more (a <think> block the
+    template adds) or less (one it drops). Anything else is a ValueError, never a guess."""
     def refuse(problem: str) -> ValueError:
         return ValueError(f"{why}, and {problem}. Labels could not be placed: set tokenizer.chat_template to a "
                           "template that only appends, e.g. comet_ext.data.CHATML for ChatML models such as Qwen's")
@@ -125,16 +129,27 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
         raise refuse("its rendered text does not tokenize to its tokens")
     spans, cursor = [], 0
     for i, m in enumerate(messages):
+        content = m["content"]
         if m["role"] != "assistant":
+            at = text.find(content, cursor)
+            if at < 0:
+                raise refuse(f"message {i} ({m['role']}) does not appear as it is in one rendering of the whole "
+                             "conversation")
+            cursor = at + len(content)
             continue
         begin = text.find(header, cursor)
-        end = -1 if begin < 0 else text.find(closing, begin + len(header))
-        # The body may hold more than the content (a <think> block added) or less (one moved out of
-        # it), but it ends with the content's last line.
-        last_line = m["content"].rstrip().rsplit("\n", 1)[-1]
-        if end < 0 or not text[begin + len(header):end].rstrip().endswith(last_line):
-            raise refuse(f"message {i} (assistant) was not found in one rendering of the whole conversation")
-        spans.append((begin + len(header), end + len(closing)))
+        if begin < 0:
+            raise refuse(f"message {i} (assistant) has no assistant header {header!r} after the messages before it")
+        start = end = begin + len(header)
+        for k in range(content.count(closing) + 1):
+            end = text.find(closing, end + (k > 0) * len(closing))
+            if end < 0:
+                raise refuse(f"message {i} (assistant) has no closing text {closing!r} after its content")
+        answer = content.rsplit("</think>", 1)[-1].strip()
+        if not text[start:end].rstrip().endswith(answer):
+            raise refuse(f"message {i} (assistant) renders as {_clip(text[start:end])}, which does not end with its "
+                         f"answer {_clip(answer)}")
+        spans.append((start, end + len(closing)))
         cursor = end + len(closing)
     labels, j = [], 0
     for tid, (a, b) in zip(ids, enc["offset_mapping"]):
@@ -144,17 +159,36 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
     return Sample(ids, labels)
 
 
+def _clip(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else "..." + text[-n:])
+
+
 def _assistant_frame(tokenizer) -> tuple[str, str]:
     """(header, closing): the text the template puts before an assistant turn's content when
-    asked for a generation prompt, and the text it puts after that content."""
+    asked for a generation prompt, and the text it puts after that content — what follows it both
+    where the conversation ends there and where a user turn follows (a template may end a whole
+    conversation with more, an end-of-text token)."""
     marker = "COMET_CONTENT_MARKER"
     question = [{"role": "user", "content": "COMET_QUESTION_MARKER"}]
     render = lambda msgs, **kw: tokenizer.apply_chat_template(msgs, tokenize=False, **kw)  # noqa: E731
     plain, asked = render(question), render(question, add_generation_prompt=True)
     answered = render(question + [{"role": "assistant", "content": marker}])
+    followed = render(question + [{"role": "assistant", "content": marker}] + question)
     if not asked.startswith(plain) or marker not in answered:
         return "", ""
-    return asked[len(plain):], answered[answered.index(marker) + len(marker):]
+    closing = answered[answered.index(marker) + len(marker):]
+    if marker in followed:  # (a template may hide earlier answers; the search checks each turn)
+        closing = _common_token_prefix(tokenizer, closing, followed[followed.index(marker) + len(marker):])
+    return asked[len(plain):], closing
+
+
+def _common_token_prefix(tokenizer, a: str, b: str) -> str:
+    """The text of the tokens a and b start with alike: whole tokens, so "<|end|>\n<|endoftext|>"
+    and "<|end|>\n<|user|>" share "<|end|>\n", not "<|end|>\n<|"."""
+    enc = tokenizer(a, add_special_tokens=False, return_offsets_mapping=True)
+    ta, tb = _ids(enc), _ids(tokenizer(b, add_special_tokens=False))
+    k = next((k for k, (x, y) in enumerate(zip(ta, tb)) if x != y), min(len(ta), len(tb)))
+    return a[:enc["offset_mapping"][k - 1][1]] if k else ""
 
 
 def _first_turn_prompt(message: dict, tokenizer) -> list[int]:

@@ -160,6 +160,28 @@ def test_a_template_that_rewrites_earlier_turns_is_labelled_on_the_whole_convers
                                             ("<think>\n\n</think>\n\na<|im_end|>\n", True))
 
 
+def test_whole_conversation_labels_pass_over_a_quoted_frame_and_a_closing_at_the_end():
+    """A user turn quoting the assistant header, an answer quoting the closing text, a reasoning
+    block on the answer's line, a template that ends a whole conversation with an end-of-text
+    token: each turn is still found where it is."""
+    tok = byte_tokenizer()
+    tok.chat_template = THINKING_TEMPLATE
+    chat = [{"role": "user", "content": "log:\n<|im_start|>assistant\nok"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "q"}, {"role": "assistant", "content": "x<|im_end|>\nx"},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "<think>plan</think>answer"},
+            {"role": "user", "content": "s"}, {"role": "assistant", "content": "b"}]
+    head = "<|im_start|>assistant\n"
+    expected = [("<|im_start|>user\nlog:\n<|im_start|>assistant\nok<|im_end|>\n" + head, False),
+                ("ok<|im_end|>\n", True), ("<|im_start|>user\nq<|im_end|>\n" + head, False),
+                ("x<|im_end|>\nx<|im_end|>\n", True), ("<|im_start|>user\nr<|im_end|>\n" + head, False),
+                ("answer<|im_end|>\n", True), ("<|im_start|>user\ns<|im_end|>\n" + head, False),
+                ("<think>\n\n</think>\n\nb<|im_end|>\n", True)]
+    assert chat_sample(chat, tok) == _pieces(tok, *expected)
+    tok.chat_template = THINKING_TEMPLATE + ("{% if messages[-1]['role'] == 'assistant' and not add_generation_prompt %}"
+                                             "<|endoftext|>{% endif %}")
+    assert chat_sample(chat, tok) == _pieces(tok, *expected, ("<|endoftext|>", False))
+
+
 @pytest.mark.parametrize("template", ["chatml", "system"])
 def test_whole_conversation_labels_equal_the_turn_by_turn_ones_where_the_template_only_appends(template):
     """The oracle of the whole-conversation path: where the template only appends, both paths
@@ -171,7 +193,8 @@ def test_whole_conversation_labels_equal_the_turn_by_turn_ones_where_the_templat
         tok.chat_template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nBe brief.<|im_end|>\n"
                              "{% endif %}" + CHATML)
     g = random.Random(7)
-    words = ["a", "café", "2+2?", "", "line\nbreak", " padded ", "<|im_end|> quoted", "✓✓"]
+    words = ["a", "café", "2+2?", "", "line\nbreak", " padded ", "<|im_end|> quoted", "✓✓",
+             "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_start|>user\n"]  # a turn's frame, quoted
     for n in range(1, 9):
         roles = [g.choice(["user", "assistant"]) for _ in range(n - 1)] + ["assistant"]
         chat = [{"role": r, "content": " ".join(g.choice(words) for _ in range(g.randint(0, 3)))} for r in roles]
@@ -186,7 +209,8 @@ def test_a_rewriting_template_is_refused_where_its_turns_cannot_be_found():
     tok.chat_template = THINKING_TEMPLATE.replace("{{- content + '<|im_end|>", "{{- (content if loop.index0 > ns.last "
                                                                           "else '[redacted]') + '<|im_end|>")
     with pytest.raises(ValueError, match=r"message 2 \(user\) after them, the messages before it render differently, "
-                                         r"and message 1 \(assistant\) was not found"):
+                                         r"and message 1 \(assistant\) renders as '\[redacted\]', which does not end "
+                                         r"with its answer 'a'"):
         chat_sample(chat, tok)
     tok.chat_template = THINKING_TEMPLATE
 
