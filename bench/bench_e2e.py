@@ -355,7 +355,10 @@ def main() -> None:
     def get(method, length):
         return next((r for r in rows if r["method"] == method and r["tokens"] == length), {})
 
+    # every argument that chooses or bounds a point, so the command reproduces the table
     command = (f"`python bench/bench_e2e.py --device {args.device} --model-shape {args.model_shape} "
+               f"--lengths {' '.join(map(str, args.lengths))} --full-max {args.full_max} --naive-max {args.naive_max} "
+               f"--new-tokens {args.new_tokens} --timeout {args.timeout} "
                f"{'--cuda-graphs ' if args.cuda_graphs else ''}{'--profile ' if args.profile else ''}"
                f"--out {args.out}`")
     source = (f"- points measured by {command} and rendered from the lines it printed "

@@ -32,4 +32,5 @@ def test_bench_e2e_profile_writes_tables_and_summary(tmp_path):
     assert "## read one chunk" in table and "## decode 16 tokens" in table
     assert table.count("comet::prefix_attention") == 2  # in the top ops of both tables
     md = open(out + ".md").read()
-    assert "profiled (comet, after 4096 tokens" in md and "--profile" in md
+    assert "profiled (comet, after 4096 tokens" in md
+    assert ("--lengths 4096 --full-max 0 --naive-max 0 --new-tokens 2 --timeout 600 --profile" in md), md[:600]
