@@ -109,10 +109,11 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
     tokenizer's character offsets (a token is labelled when its characters overlap a body).
 
     The messages are found in order: each other message's content moves the search past it (a
-    header quoted in a user turn is not a turn), and an assistant turn ends at its closing text
-    after as many of them as its content quotes. Its body must then end with its answer (the
-    content after any reasoning block, stripped): the body may hold more (a <think> block the
-    template adds) or less (one it drops). Anything else is a ValueError, never a guess."""
+    header quoted in a user turn is not a turn). An assistant turn ends at the one closing text,
+    past those its content quotes, after which its body ends with its answer (the content after
+    any reasoning block, stripped): the body may hold more (a <think> block the template adds)
+    or less (one it drops). What the template ends a conversation with after a last answer is
+    learned with it, as turn by turn. No such end, or several, is a ValueError, never a guess."""
     def refuse(problem: str) -> ValueError:
         return ValueError(f"{why}, and {problem}. Labels could not be placed: set tokenizer.chat_template to a "
                           "template that only appends, e.g. comet_ext.data.CHATML for ChatML models such as Qwen's")
@@ -131,32 +132,50 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
     for i, m in enumerate(messages):
         content = m["content"]
         if m["role"] != "assistant":
-            at = text.find(content, cursor)
+            shown = content.strip()  # (a template may trim it, as it may an answer)
+            at = text.find(shown, cursor)
             if at < 0:
                 raise refuse(f"message {i} ({m['role']}) does not appear as it is in one rendering of the whole "
                              "conversation")
-            cursor = at + len(content)
+            cursor = at + len(shown)
             continue
         begin = text.find(header, cursor)
         if begin < 0:
             raise refuse(f"message {i} (assistant) has no assistant header {header!r} after the messages before it")
-        start = end = begin + len(header)
-        for k in range(content.count(closing) + 1):
-            end = text.find(closing, end + (k > 0) * len(closing))
-            if end < 0:
-                raise refuse(f"message {i} (assistant) has no closing text {closing!r} after its content")
+        start = begin + len(header)
         answer = content.rsplit("</think>", 1)[-1].strip()
-        if not text[start:end].rstrip().endswith(answer):
-            raise refuse(f"message {i} (assistant) renders as {_clip(text[start:end])}, which does not end with its "
-                         f"answer {_clip(answer)}")
-        spans.append((start, end + len(closing)))
-        cursor = end + len(closing)
+        # The turn ends at the closing text after those its body quotes: its answer's at least, its
+        # whole content's at most (where the template keeps the reasoning). Exactly one of these
+        # ends must leave a body that ends with the answer (or, with none, a reasoning block).
+        ends = []
+        for _ in range(content.count(closing) + 1):
+            at = text.find(closing, ends[-1] + len(closing) if ends else start)
+            if at < 0:
+                break
+            ends.append(at)
+        fits = [e for e in ends[answer.count(closing):] if _ends_with_answer(text[start:e], answer)]
+        if len(fits) != 1:
+            body = text[start:ends[-1]] if ends else text[start:]
+            raise refuse(f"message {i} (assistant) renders as {_clip(body)}, which " + (
+                f"does not end with its answer {_clip(answer)}" if not fits else
+                f"could end at any of {len(fits)} closing texts {closing!r}, each after its answer {_clip(answer)}"))
+        spans.append((start, fits[0] + len(closing)))
+        cursor = fits[0] + len(closing)
+    if messages[-1]["role"] == "assistant":  # what the template ends a conversation with after an answer
+        spans[-1] = (spans[-1][0], len(text))  # (an end-of-text token) is learned, as turn by turn
     labels, j = [], 0
     for tid, (a, b) in zip(ids, enc["offset_mapping"]):
         while j < len(spans) and spans[j][1] <= a:
             j += 1
         labels.append(tid if j < len(spans) and a < spans[j][1] and b > spans[j][0] else IGNORE)
     return Sample(ids, labels)
+
+
+def _ends_with_answer(body: str, answer: str) -> bool:
+    """Does a rendered assistant body end with its answer? With no answer, it must be blank or
+    end with a reasoning block."""
+    body = body.rstrip()
+    return body.endswith(answer) if answer else (not body or body.endswith("</think>"))
 
 
 def _clip(text: str, n: int = 60) -> str:

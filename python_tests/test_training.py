@@ -177,9 +177,47 @@ def test_whole_conversation_labels_pass_over_a_quoted_frame_and_a_closing_at_the
                 ("answer<|im_end|>\n", True), ("<|im_start|>user\ns<|im_end|>\n" + head, False),
                 ("<think>\n\n</think>\n\nb<|im_end|>\n", True)]
     assert chat_sample(chat, tok) == _pieces(tok, *expected)
+    # what the template ends a conversation with after the last answer is learned, as turn by turn
     tok.chat_template = THINKING_TEMPLATE + ("{% if messages[-1]['role'] == 'assistant' and not add_generation_prompt %}"
                                              "<|endoftext|>{% endif %}")
-    assert chat_sample(chat, tok) == _pieces(tok, *expected, ("<|endoftext|>", False))
+    assert chat_sample(chat, tok) == _pieces(tok, *expected, ("<|endoftext|>", True))
+    assert chat_sample(chat[:2], tok) == _pieces(tok, *expected[:1], ("<think>\n\n</think>\n\nok<|im_end|>\n"
+                                                                     "<|endoftext|>", True))
+
+
+def test_whole_conversation_labels_where_the_template_trims_or_drops_reasoning_that_quotes_the_frame():
+    tok = byte_tokenizer()
+    tok.chat_template = THINKING_TEMPLATE.replace("+ m['content'] +", "+ m['content'] | trim +")
+    head, last = "<|im_start|>assistant\n", ("<|im_start|>user\nr<|im_end|>\n<|im_start|>assistant\n", False)
+    learned_b = ("<think>\n\n</think>\n\nb<|im_end|>\n", True)
+    cases = [  # (conversation, its first answer's pieces)
+        # trimmed system and user turns are still found
+        ([{"role": "system", "content": "Be brief.\n"}, {"role": "user", "content": " q"},
+          {"role": "assistant", "content": "<think>x</think>\na"}],
+         [("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nq<|im_end|>\n" + head, False),
+          ("a<|im_end|>\n", True)]),
+        # dropped reasoning that quotes the closing text: the turn ends at its answer's closing
+        ([{"role": "user", "content": "q"},
+          {"role": "assistant", "content": "<think>ChatML ends a turn with <|im_end|>\n</think>ok"}],
+         [("<|im_start|>user\nq<|im_end|>\n" + head, False), ("ok<|im_end|>\n", True)]),
+        # ... and an empty answer after it: its closing only, not the next user turn's frame
+        ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>x<|im_end|>\n</think>"}],
+         [("<|im_start|>user\nq<|im_end|>\n" + head, False), ("<|im_end|>\n", True)]),
+    ]
+    for first, pieces in cases:
+        chat = first + [{"role": "user", "content": "r"}, {"role": "assistant", "content": "b"}]
+        assert chat_sample(chat, tok) == _pieces(tok, *pieces, last, learned_b), first
+    # an empty answer whose kept reasoning forms the closing text with the template's newline: refused
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "r"}, {"role": "assistant", "content": "<think>x<|im_end|></think>"}]
+    with pytest.raises(ValueError, match=r"message 3 \(assistant\) renders as '<think>\\nx', which does not end"):
+        chat_sample(chat, tok)
+    # an empty answer after a reasoning block that quotes the closing text: either closing would do
+    from comet_ext.data import _whole_chat_sample
+
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<|im_end|>\nhelpful<think></think>"}]
+    with pytest.raises(ValueError, match=r"could end at any of 2 closing texts '<\|im_end\|>\\n', each after its answer ''"):
+        _whole_chat_sample(chat, byte_tokenizer(), "a test")
 
 
 @pytest.mark.parametrize("template", ["chatml", "system"])
