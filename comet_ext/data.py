@@ -74,12 +74,36 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
-    """ChatML tokens of a conversation, labels on the assistant turns only (their
-    content and closing tag). Built turn by turn, so it needs no special support
-    from the chat template. A template that renders earlier turns differently once
-    later ones follow (Qwen3's drops the <think> block of assistant turns before the
-    last user turn) is labelled on one rendering of the whole conversation instead
-    (`_whole_chat_sample`), which needs a fast tokenizer's character offsets."""
+    """The tokens of a conversation in the tokenizer's chat template, labels on the assistant
+    turns only (their content and closing text). With a fast tokenizer the whole conversation is
+    rendered once and labelled through its character offsets (`_whole_chat_sample`): linear in
+    its length, and it takes templates that render earlier turns differently once later ones
+    follow (Qwen3's drops the <think> block of assistant turns before the last user turn). Else,
+    or where that cannot place a turn, it is built turn by turn (`_turn_by_turn_sample`), which
+    needs no offsets but renders the conversation again for every turn and takes only templates
+    that append. Where neither can, a ValueError says why for both."""
+    whole_problem = "a slow tokenizer gives no character offsets to label one rendering of the whole conversation by"
+    if getattr(tokenizer, "is_fast", False):
+        try:
+            return _whole_chat_sample(messages, tokenizer)
+        except ValueError as e:
+            whole_problem = str(e)
+    try:
+        return _turn_by_turn_sample(messages, tokenizer)
+    except _RewritesTurns as e:
+        raise ValueError(f"{e}, and {whole_problem}. Labels could not be placed: set tokenizer.chat_template to a "
+                         "template that only appends, e.g. comet_ext.data.CHATML for ChatML models such as Qwen's"
+                         ) from None
+
+
+class _RewritesTurns(ValueError):
+    """The chat template renders earlier turns differently once later ones follow."""
+
+
+def _turn_by_turn_sample(messages: Sequence[dict], tokenizer) -> Sample:
+    """`chat_sample` built turn by turn: each turn's labels are the tokens its rendering adds to
+    the conversation before it (with the generation prompt, for an assistant turn). Needs no
+    special support from the template, only that it appends (else _RewritesTurns)."""
     ids: list[int] = []
     labels: list[int] = []
     for i, m in enumerate(messages):
@@ -91,8 +115,7 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
         full = tokenizer.apply_chat_template(list(messages[: i + 1]), tokenize=True)
         prompt, full = _ids(prompt), _ids(full)
         if full[: len(ids)] != ids:
-            return _whole_chat_sample(
-                messages, tokenizer,
+            raise _RewritesTurns(
                 f"the chat template does not extend the conversation's tokens turn by turn: with message {i} "
                 f"({m['role']}) after them, the messages before it render differently")
         start = len(prompt) if m["role"] == "assistant" else len(ids)
@@ -101,9 +124,9 @@ def chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
     return Sample(ids, labels)
 
 
-def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
-    """`chat_sample` for a template that rewrites earlier turns (`why` says where): the whole
-    conversation rendered once, each assistant turn labelled over its body as it stands there —
+def _whole_chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
+    """`chat_sample` on one rendering of the whole conversation (a fast tokenizer's): each
+    assistant turn labelled over its body as it stands there —
     from the end of the template's assistant header (its generation prompt) through the closing
     text it puts after a turn's content (`_assistant_frame`) — mapped to tokens through the
     tokenizer's character offsets (a token is labelled when its characters overlap a body).
@@ -113,21 +136,16 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
     past those its content quotes, after which its body ends with its answer (the content after
     any reasoning block, stripped): the body may hold more (a <think> block the template adds)
     or less (one it drops). What the template ends a conversation with after a last answer is
-    learned with it, as turn by turn. No such end, or several, is a ValueError, never a guess."""
-    def refuse(problem: str) -> ValueError:
-        return ValueError(f"{why}, and {problem}. Labels could not be placed: set tokenizer.chat_template to a "
-                          "template that only appends, e.g. comet_ext.data.CHATML for ChatML models such as Qwen's")
-
-    if not getattr(tokenizer, "is_fast", False):
-        raise refuse("a slow tokenizer gives no character offsets to label one rendering of the whole conversation by")
+    learned with it, as turn by turn. No such end, or several, is a ValueError saying which turn
+    and how it rendered, never a guess."""
     header, closing = _assistant_frame(tokenizer)
     if not header or not closing:
-        raise refuse("its assistant turns have no header or no closing text to find them by")
+        raise ValueError("its assistant turns have no header or no closing text to find them by")
     text = tokenizer.apply_chat_template(list(messages), tokenize=False)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = _ids(enc)
     if ids != _ids(tokenizer.apply_chat_template(list(messages), tokenize=True)):
-        raise refuse("its rendered text does not tokenize to its tokens")
+        raise ValueError("its rendered text does not tokenize to its tokens")
     spans, cursor = [], 0
     for i, m in enumerate(messages):
         content = m["content"]
@@ -135,13 +153,13 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
             shown = content.strip()  # (a template may trim it, as it may an answer)
             at = text.find(shown, cursor)
             if at < 0:
-                raise refuse(f"message {i} ({m['role']}) does not appear as it is in one rendering of the whole "
+                raise ValueError(f"message {i} ({m['role']}) does not appear as it is in one rendering of the whole "
                              "conversation")
             cursor = at + len(shown)
             continue
         begin = text.find(header, cursor)
         if begin < 0:
-            raise refuse(f"message {i} (assistant) has no assistant header {header!r} after the messages before it")
+            raise ValueError(f"message {i} (assistant) has no assistant header {header!r} after the messages before it")
         start = begin + len(header)
         answer = content.rsplit("</think>", 1)[-1].strip()
         # The turn ends at the closing text after those its body quotes: its answer's at least, its
@@ -156,7 +174,7 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer, why: str) -> Sample:
         fits = [e for e in ends[answer.count(closing):] if _ends_with_answer(text[start:e], answer)]
         if len(fits) != 1:
             body = text[start:ends[-1]] if ends else text[start:]
-            raise refuse(f"message {i} (assistant) renders as {_clip(body)}, which " + (
+            raise ValueError(f"message {i} (assistant) renders as {_clip(body)}, which " + (
                 f"does not end with its answer {_clip(answer)}" if not fits else
                 f"could end at any of {len(fits)} closing texts {closing!r}, each after its answer {_clip(answer)}"))
         spans.append((start, fits[0] + len(closing)))

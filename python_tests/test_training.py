@@ -217,14 +217,49 @@ def test_whole_conversation_labels_where_the_template_trims_or_drops_reasoning_t
 
     chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<|im_end|>\nhelpful<think></think>"}]
     with pytest.raises(ValueError, match=r"could end at any of 2 closing texts '<\|im_end\|>\\n', each after its answer ''"):
-        _whole_chat_sample(chat, byte_tokenizer(), "a test")
+        _whole_chat_sample(chat, byte_tokenizer())
+
+
+def test_chat_sample_renders_a_long_conversation_once_and_falls_back_to_turn_by_turn():
+    """A fast tokenizer labels the whole conversation on one rendering (a constant number of
+    template calls, not one per turn: a 100-turn, 100k-token chat took 2.6 s turn by turn, 0.09 s
+    so); a slow tokenizer, or a turn the single rendering cannot place, goes turn by turn."""
+    from comet_ext.data import _turn_by_turn_sample
+
+    tok = byte_tokenizer()
+    calls = []
+    render = tok.apply_chat_template
+
+    class Counting:  # the tokenizer, counting its template renderings
+        is_fast = True
+
+        def apply_chat_template(self, *a, **kw):
+            calls.append(1)
+            return render(*a, **kw)
+
+        def __call__(self, *a, **kw):
+            return tok(*a, **kw)
+
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+    chat = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(40)]
+    assert chat_sample(chat, Counting()) == _turn_by_turn_sample(chat, tok)
+    assert len(calls) <= 6, len(calls)
+    calls.clear()
+    Counting.is_fast = False  # no offsets: turn by turn, two renderings a turn
+    assert chat_sample(chat, Counting()) == _turn_by_turn_sample(chat, tok) and len(calls) >= 40
+    # an empty answer after a reasoning block quoting the closing text could end at either closing
+    # in one rendering; turn by turn (the template appends) places it
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "<|im_end|>\nhelpful<think></think>"}]
+    assert chat_sample(chat, tok) == _turn_by_turn_sample(chat, tok)
 
 
 @pytest.mark.parametrize("template", ["chatml", "system"])
 def test_whole_conversation_labels_equal_the_turn_by_turn_ones_where_the_template_only_appends(template):
     """The oracle of the whole-conversation path: where the template only appends, both paths
     must give the very same sample."""
-    from comet_ext.data import _whole_chat_sample
+    from comet_ext.data import _turn_by_turn_sample, _whole_chat_sample
 
     tok = byte_tokenizer()
     if template == "system":
@@ -236,7 +271,7 @@ def test_whole_conversation_labels_equal_the_turn_by_turn_ones_where_the_templat
     for n in range(1, 9):
         roles = [g.choice(["user", "assistant"]) for _ in range(n - 1)] + ["assistant"]
         chat = [{"role": r, "content": " ".join(g.choice(words) for _ in range(g.randint(0, 3)))} for r in roles]
-        assert _whole_chat_sample(chat, tok, "test") == chat_sample(chat, tok), chat
+        assert _whole_chat_sample(chat, tok) == _turn_by_turn_sample(chat, tok), chat
 
 
 def test_a_rewriting_template_is_refused_where_its_turns_cannot_be_found():
