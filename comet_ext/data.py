@@ -126,10 +126,10 @@ def _turn_by_turn_sample(messages: Sequence[dict], tokenizer) -> Sample:
 
 def _whole_chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
     """`chat_sample` on one rendering of the whole conversation (a fast tokenizer's): each
-    assistant turn labelled over its body as it stands there —
-    from the end of the template's assistant header (its generation prompt) through the closing
-    text it puts after a turn's content (`_assistant_frame`) — mapped to tokens through the
-    tokenizer's character offsets (a token is labelled when its characters overlap a body).
+    assistant turn labelled over its body as it stands there — from the end of the template's
+    assistant header (its generation prompt) through the closing text it puts after a turn's
+    content (`_assistant_frame`) — mapped to tokens through the tokenizer's character offsets (a
+    token is labelled when its characters overlap a body).
 
     The messages are found in order: each other message's content moves the search past it (a
     header quoted in a user turn is not a turn). An assistant turn ends at the one closing text,
@@ -153,8 +153,8 @@ def _whole_chat_sample(messages: Sequence[dict], tokenizer) -> Sample:
             shown = content.strip()  # (a template may trim it, as it may an answer)
             at = text.find(shown, cursor)
             if at < 0:
-                raise ValueError(f"message {i} ({m['role']}) does not appear as it is in one rendering of the whole "
-                             "conversation")
+                raise ValueError(f"message {i} ({m['role']}) does not appear as it is in one rendering of the "
+                                 "whole conversation")
             cursor = at + len(shown)
             continue
         begin = text.find(header, cursor)
