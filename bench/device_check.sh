@@ -46,19 +46,21 @@ log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$OUT/steps.log"; }
 # so the script itself ends, tables written, before the caller's timeout kills it.
 deadline=${COMET_CHECK_SECONDS:-480}
 reserve=40  # the end-to-end tables from its log (30 s at most), the summary
-# With the end to end in the same call (COMET_E2E=1) the steps before it stop COMET_E2E_SECONDS
-# (default 180) short of the deadline, so the end to end keeps that much however long they take.
+# With the end to end in the same call (COMET_E2E=1) the op part's steps stop COMET_E2E_SECONDS
+# (default 180) short of the deadline, so the end to end keeps that much however long they take
+# (the build, which both need, is not held to it).
 e2e_share=0
 [ "$e2e_mode" = 1 ] && e2e_share=${COMET_E2E_SECONDS:-180}
 for v in "$deadline" "$e2e_share"; do
   [[ "$v" =~ ^[0-9]+$ ]] || { echo "device_check: COMET_CHECK_SECONDS / COMET_E2E_SECONDS must be whole seconds, got '$v'" >&2; exit 1; }
 done
+held=0  # seconds the running step must leave for later ones: the end to end's share in the op part
 step() {  # step NAME LIMIT_SECONDS CMD...: run, keep its log, record pass / fail
   local name=$1 limit=$2; shift 2
-  local left=$((deadline - e2e_share - SECONDS - reserve))
+  local left=$((deadline - held - SECONDS - reserve))
   [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 20 ]; then
-    log "skip  $name (${left}s left of the check's ${deadline}s, ${e2e_share}s of them kept for the end to end)"
+    log "skip  $name (${left}s left of the check's ${deadline}s, ${held}s of them kept for the end to end)"
     echo "| $name | **skipped: out of time** | |" >> "$summary"; status=1
     return 125
   fi
@@ -115,6 +117,7 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
 fi
 
 cuda_tests_rc=skipped
+held=$e2e_share
 if [ "$e2e_mode" != only ]; then  # ---- the op part: tests, sanitizers, op benchmarks ----
 # --maxfail, not -x: one run on a lent GPU should show every failing op, not the first
 step cuda_tests 150 "$PY" -m pytest python_tests -m cuda -q -p no:cacheprovider --maxfail=30 \
@@ -176,7 +179,7 @@ if [ "$e2e_mode" != 0 ]; then
   # attention kernels; bench_e2e.py names the generation in its table
   if [ "$cuda_tests_rc" = "0" ] && [ -z "${COMET_MMA_KERNELS:-}" ]; then export COMET_MMA_KERNELS=v2; fi
   # it gets what is left of the check's time, its share included
-  e2e_share=0
+  held=0
   e2e=(--device cuda --model-shape qwen3-0.6b --lengths 1048576 262144 32768 --full-max 262144
        --naive-max 32768 --new-tokens 32 --cuda-graphs --profile --out "$OUT/e2e_gpu")
   step e2e 600 "$PY" bench/bench_e2e.py "${e2e[@]}" --timeout 150

@@ -21,9 +21,11 @@ def _check(tmp_path, **env) -> tuple[subprocess.CompletedProcess, list[tuple[str
     stub's calls (one line each)."""
     calls = tmp_path / "calls"
     stub = tmp_path / "python"
-    # every call succeeds at once; a test or benchmark run takes STUB_SLEEP seconds
+    # every call succeeds at once; a test or benchmark run takes STUB_SLEEP seconds; with STUB_STALE
+    # the build-is-current check (a script on stdin: "-") says no, so the build step runs
     stub.write_text('#!/bin/bash\necho "$*" >> "%s"\n'
-                    'case "$*" in *pytest*|*bench_e2e.py*) sleep "${STUB_SLEEP:-0}";; esac\nexit 0\n' % calls)
+                    'case "$*" in *pytest*|*bench_e2e.py*) sleep "${STUB_SLEEP:-0}";;\n'
+                    '  -) [ -n "${STUB_STALE:-}" ] && exit 1;; esac\nexit 0\n' % calls)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     sanitizer = bin_dir / "compute-sanitizer"
@@ -74,6 +76,10 @@ def test_the_end_to_end_keeps_its_share_however_long_the_op_part(tmp_path):
     run, rows, _ = _check(tmp_path / "without_share", COMET_CHECK_SECONDS="70", COMET_E2E_SECONDS="0",
                           STUB_SLEEP="4")
     assert ("cuda_tests", "ok") in rows  # without the share the op part takes the time
+    (tmp_path / "build").mkdir()  # a build to make is not held to the op part's time
+    run, rows, calls = _check(tmp_path / "build", COMET_CHECK_SECONDS="110", COMET_E2E_SECONDS="60", STUB_STALE="1")
+    assert rows[0] == ("build", "ok") and rows[-1] == ("e2e", "ok"), rows
+    assert any("setup.py build_ext --inplace" in c for c in calls)
 
 
 @pytest.mark.parametrize("env, message", [({"COMET_E2E": "yes"}, "COMET_E2E must be 0, 1 or only, got 'yes'"),
