@@ -222,8 +222,8 @@ def test_whole_conversation_labels_where_the_template_trims_or_drops_reasoning_t
 
 def test_chat_sample_renders_a_long_conversation_once_and_falls_back_to_turn_by_turn():
     """A fast tokenizer labels the whole conversation on one rendering (a constant number of
-    template calls, not one per turn: a 100-turn, 100k-token chat took 2.6 s turn by turn, 0.09 s
-    so); a slow tokenizer, or a turn the single rendering cannot place, goes turn by turn."""
+    template calls, not one per turn: bench/results/chat_labels_cpu.md); a slow tokenizer, or a
+    turn the single rendering cannot place, goes turn by turn."""
     from comet_ext.data import _turn_by_turn_sample
 
     tok = byte_tokenizer()
