@@ -30,7 +30,8 @@ however uneven the lengths, for about log2(longest) calls per layer. Where the
 tokens go (the layout, buckets included) takes host reads of device values; HF
 hands every decoder layer the same mask tensor, so the layout is computed once
 per forward and cached on that tensor (or on cu_seq_lens_q), weakly, and
-recomputed after an in-place edit. The output is in
+recomputed after an in-place edit (seen by the version counter, or for inference
+tensors, which keep none, by a content check: one host read per layer). The output is in
 the kernel's dtype (autocast's under autocast). Under torch.compile the layout's
 data-dependent sizes break the graph (fullgraph=True refuses). Prefill only: HF
 detects packing only without a KV cache. Other masks (a custom mask function, a
@@ -260,30 +261,46 @@ _MAX_LAYOUTS = 8
 def _packed_layout(mask: Optional[Tensor], cu_q: Optional[Tensor], cu_k: Optional[Tensor], B: int, S: int,
                    device) -> _Layout:
     """`_layout` of `_packed_ids`, cached. An entry holds for the same source tensors (the same
-    objects, by weak reference), unchanged since (their `_version`: an in-place edit is a miss),
-    and the same B, S and device. Not cached while torch.compile traces (it graph-breaks on the
-    layout's data-dependent sizes and runs it eagerly) nor for inference tensors, which keep no
-    version counter."""
+    objects, by weak reference), unchanged since, and the same B, S and device. "Unchanged" is
+    their `_version` (an in-place edit is a miss, at no cost); inference tensors keep no version
+    counter, so for them it is their contents, compared with a copy kept in the entry (one host
+    read per layer, where computing the layout takes three). Not cached while torch.compile traces
+    (it graph-breaks on the layout's data-dependent sizes and runs it eagerly)."""
     sources = (mask, cu_q, cu_k)
 
     def compute() -> _Layout:
         return _layout(_packed_ids(mask, cu_q, cu_k, B, S, device), rows_split=cu_q is None and cu_k is None)
 
-    if torch.compiler.is_compiling() or any(t is not None and t.is_inference() for t in sources):
+    if torch.compiler.is_compiling():
         return compute()
     key = next(t for t in sources if t is not None)
-    stamp = (B, S, torch.device(device), *(None if t is None else t._version for t in sources))
+    stamp = (B, S, torch.device(device), *(None if t is None else "inference" if t.is_inference() else t._version
+                                           for t in sources))
     hit = _LAYOUTS.get(key)
     if hit is not None and hit[0] == stamp and all(
-            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[1], sources)):
-        return hit[2]
+            (r is None and t is None) or (r is not None and r() is t) for r, t in zip(hit[1], sources)) \
+            and _same_contents(hit[2], sources):
+        return hit[3]
     layout = compute()
+    copies = tuple(t.clone() if t is not None and t.is_inference() and all(t is not u for u in sources[:i])
+                   else None for i, t in enumerate(sources))  # cu_seq_lens_k is often cu_seq_lens_q
     with _LAYOUTS_LOCK:  # replicas of nn.DataParallel run their layers in threads of one process
         _LAYOUTS.pop(key, None)  # re-entered as the newest
         while len(_LAYOUTS) >= _MAX_LAYOUTS:
             _LAYOUTS.pop(next(iter(_LAYOUTS.keys())), None)
-        _LAYOUTS[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in sources), layout)
+        _LAYOUTS[key] = (stamp, tuple(None if t is None else weakref.ref(t) for t in sources), copies, layout)
     return layout
+
+
+def _same_contents(copies: tuple[Optional[Tensor], ...], sources: tuple[Optional[Tensor], ...]) -> bool:
+    """Whether each source kept as a copy (an inference tensor) still holds it: True with no
+    host read where none was kept, else one read for all of them."""
+    pairs = [(c, t) for c, t in zip(copies, sources) if c is not None]
+    if not pairs:
+        return True
+    if any(c.shape != t.shape or c.dtype != t.dtype or c.device != t.device for c, t in pairs):
+        return False
+    return bool(torch.stack([torch.eq(c, t).all() for c, t in pairs]).all())
 
 
 def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float], layout: _Layout,

@@ -381,12 +381,60 @@ def test_torch_compile_graph_breaks_on_packed_sequences_and_stays_right():
 
 
 def test_packed_forward_under_inference_mode_matches_sdpa():
-    """Inference tensors keep no version counter: their layouts are computed, not cached."""
     model = tiny_base("qwen3")
     x, pos, _ = packed(LAYOUTS["unpadded"], seed=14)
     with torch.inference_mode():
         torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
                                    logits(model, "sdpa", x, position_ids=pos), **TOL)
+
+
+@pytest.mark.parametrize("how", ["position_ids", "cu_seq_lens"])
+def test_inference_tensors_keep_their_layout_across_layers_by_content(how):
+    """Inference tensors keep no version counter: their layout is cached with a copy and checked
+    by content, one host read per further layer where computing it again takes three."""
+    from modeling_utils import HostReads
+
+    x, pos, _ = packed(LAYOUTS["padded"], seed=15)
+    reads = {}
+    for layers in (1, 4):
+        model = tiny_base("llama", num_hidden_layers=layers)
+        model.set_attn_implementation("comet")
+        with torch.inference_mode(), HostReads() as counter:
+            cu = torch.tensor([0, 4, 13, 20, 26], dtype=torch.int32)
+            kw = dict(position_ids=pos) if how == "position_ids" else dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu.clone())
+            model(x, use_cache=False, **kw)
+        reads[layers] = sum(counter.counts.values())
+    assert reads[4] == reads[1] + 3, reads
+
+
+def test_an_inference_tensor_changed_in_place_is_read_again():
+    """Under inference mode an in-place edit leaves no trace in a version counter; the content
+    check sees it, for the mask and for cu_seq_lens."""
+    g = torch.Generator().manual_seed(16)
+    with torch.inference_mode():
+        q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+
+        def attend(*args, **kw):
+            return comet_attention(None, q, k, v, *args, **kw)[0]
+
+        def fresh(*args, **kw):  # the same call on copies no cache can know
+            return attend(*(None if a is None else a.clone() for a in args), **{n: t.clone() for n, t in kw.items()})
+
+        seq = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2]])
+        before = attend(seq)
+        torch.testing.assert_close(attend(seq), before)  # from the cache
+        seq[0, 3:] = 1
+        after = attend(seq)
+        torch.testing.assert_close(after, fresh(seq))
+        assert not torch.allclose(before[0], after[0])
+
+        cu = torch.tensor([0, 3, 6, 12])
+        before = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        torch.testing.assert_close(attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu), before)
+        cu[1] = 5
+        after = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+        torch.testing.assert_close(after, fresh(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu))
+        assert not torch.allclose(before, after)
 
 
 # ---------------------------------------------------------------- length buckets: uneven lengths
