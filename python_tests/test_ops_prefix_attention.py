@@ -132,6 +132,28 @@ def test_ragged_lengths_and_padding(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_nan_in_a_valid_row_stays_out_of_the_padding_keys_gradients(device, dtype):
+    """A NaN in one real query row's output gradient is that row's business: keys past k_lens (in
+    the same key tile as real ones) keep exactly zero gradients, as in the oracle, and the other
+    sample stays finite. (A kernel that multiplies their zero probabilities by dO gets NaN.)"""
+    B, N, P, Hq, Hkv, D = 2, 40, 30, 4, 2, 64
+    q, k, v = make_inputs(B, N, P, Hq, Hkv, D, dtype, device)
+    q_lens = torch.tensor([40, 25], device=device)
+    k_lens = torch.tensor([70, 50], device=device)  # sample 1: keys 50..69 are padding
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q)
+    go[1, 3, 0, 5] = float("nan")
+    for fn in (ops.prefix_attention, ref.prefix_attention):
+        qq, kk, vv = (t.detach().clone().requires_grad_() for t in (q, k, v))
+        out, _ = fn(qq, kk, vv, q_lens=q_lens, k_lens=k_lens)
+        dq, dk, dv = torch.autograd.grad(out, (qq, kk, vv), go)
+        for name, g in (("dq", dq), ("dk", dk), ("dv", dv)):
+            assert torch.isfinite(g[0]).all(), (fn, name)
+        assert (dk[1, 50:] == 0).all() and (dv[1, 50:] == 0).all(), fn
+        assert (dq[1, 25:] == 0).all(), fn
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_queries_that_see_nothing(device):
     """More query rows than keys: the first rows see no key -> zeros, lse -inf."""
     q, k, v = make_inputs(1, 10, 0, 2, 1, 32, torch.float32, device)

@@ -309,11 +309,12 @@ __global__ void __launch_bounds__(kWarp)
       }
     }
   }
+  // Keys past key_end write zeros, not their sums: those hold 0 * dO, NaN where a row's dO is.
   for (int64_t e = lane; e < kKeys * D; e += kWarp) {
     const int64_t j = j0 + e / D, c = e % D;
     if (j < p.K) {
-      dk[((b * p.K + j) * p.Hkv + hk) * D + c] = dk_s[e];
-      dv[((b * p.K + j) * p.Hkv + hk) * D + c] = dv_s[e];
+      dk[((b * p.K + j) * p.Hkv + hk) * D + c] = j < key_end ? dk_s[e] : acc_t(0);
+      dv[((b * p.K + j) * p.Hkv + hk) * D + c] = j < key_end ? dv_s[e] : acc_t(0);
     }
   }
 }

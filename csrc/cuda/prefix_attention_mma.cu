@@ -290,7 +290,7 @@ __global__ void __launch_bounds__(kThreads)
 // long key range) each query tile's keys are split across `splits` blocks whose
 // partial outputs and log-sum-exps merge_splits_kernel combines.
 
-__device__ __forceinline__ uint32_t shared_addr(const void* p) {
+[[maybe_unused]] __device__ __forceinline__ uint32_t shared_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
@@ -590,22 +590,26 @@ __device__ __forceinline__ void store_ds_t(const float (&dpt)[kTile / 8][4], uin
   }
 }
 
-// This thread's dK (times scale) and dV accumulators of its two keys to (B, K, Hkv, D).
+// This thread's dK (times scale) and dV accumulators of its two keys to (B, K, Hkv, D). Keys
+// past key_end (no query sees them) write zeros: their sums hold 0 * dO, NaN where a row's dO is.
 template <typename T, int D>
 __device__ __forceinline__ void write_dk_dv(const float (&dk_r)[D / 8][4], const float (&dv_r)[D / 8][4],
-                                            const int64_t (&keys)[2], int64_t b, int64_t hk, const Shape& p,
-                                            float scale, uint16_t* dk, uint16_t* dv) {
+                                            const int64_t (&keys)[2], int64_t key_end, int64_t b, int64_t hk,
+                                            const Shape& p, float scale, uint16_t* dk, uint16_t* dv) {
   const int t = threadIdx.x % 4;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t j = keys[r];
     if (j >= p.K) continue;
+    const bool seen = j < key_end;  // 0u: the bits of +0 in bf16 and fp16
     const int64_t base = ((b * p.K + j) * p.Hkv + hk) * D;
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
+      const float* dkj = &dk_r[dn][2 * r];
+      const float* dvj = &dv_r[dn][2 * r];
       *reinterpret_cast<uint32_t*>(dk + base + dn * 8 + 2 * t) =
-          Bits<T>::pack(dk_r[dn][2 * r] * scale, dk_r[dn][2 * r + 1] * scale);
-      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = Bits<T>::pack(dv_r[dn][2 * r], dv_r[dn][2 * r + 1]);
+          seen ? Bits<T>::pack(dkj[0] * scale, dkj[1] * scale) : 0u;
+      *reinterpret_cast<uint32_t*>(dv + base + dn * 8 + 2 * t) = seen ? Bits<T>::pack(dvj[0], dvj[1]) : 0u;
     }
   }
 }
@@ -730,7 +734,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  write_dk_dv<T, D>(dk_r, dv_r, keys, b, hk, p, scale, dk, dv);
+  write_dk_dv<T, D>(dk_r, dv_r, keys, key_end, b, hk, p, scale, dk, dv);
 }
 
 // The backward with its fragments fed by ldmatrix (Q, dO and K transposed on the way where they
@@ -873,7 +877,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
 
-  write_dk_dv<T, D>(dk_r, dv_r, keys, b, hk, p, scale, dk, dv);
+  write_dk_dv<T, D>(dk_r, dv_r, keys, key_end, b, hk, p, scale, dk, dv);
 }
 
 // ------------------------------------------------------------------ host side
