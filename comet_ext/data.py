@@ -229,16 +229,22 @@ def _common_token_prefix(tokenizer, a: str, b: str) -> str:
 
 
 def _first_turn_prompt(message: dict, tokenizer) -> list[int]:
-    """Tokens the template puts before the content of a conversation's first message (a default
-    system block, the turn's header...): the labels of an assistant turn start after them. For
-    later turns that is the conversation so far with a generation prompt, but transformers 5
-    refuses to render an empty one; so this renders the message with a marker for its content
-    and tokenizes the text before the marker."""
+    """Tokens the template puts before a conversation's first message, an assistant turn, up to
+    where its labels start (a default system block, the turn's header...). For later turns that
+    is the conversation so far with a generation prompt, but transformers 5 refuses to render an
+    empty one; so this renders the message with a marker for its content and tokenizes the text
+    before the marker, up to the end of the assistant header (the generation prompt's text,
+    `_assistant_frame`) where it holds one: what a template adds after the header (a <think>
+    block) is learned, as in later turns."""
     marker = "COMET_CONTENT_MARKER"  # text no template adds, and with no whitespace a template would strip
     text = tokenizer.apply_chat_template([{**message, "content": marker}], tokenize=False)
     if marker not in text:
         raise ValueError("the chat template does not render a message's content as it is")
-    return _ids(tokenizer(text[: text.index(marker)], add_special_tokens=False)["input_ids"])
+    prefix = text[: text.index(marker)]
+    header = _assistant_frame(tokenizer)[0]
+    if header and header in prefix:
+        prefix = prefix[: prefix.rindex(header) + len(header)]
+    return _ids(tokenizer(prefix, add_special_tokens=False)["input_ids"])
 
 
 def _ids(x) -> list[int]:

@@ -318,6 +318,25 @@ def test_chat_may_start_with_the_assistant():
     assert learned == "first<|im_end|>\na<|im_end|>\n"
 
 
+def test_a_first_assistant_turn_learns_what_the_template_adds_after_its_header_on_either_path():
+    """Turn by turn (a slow tokenizer), the first turn's labels start where a later turn's do: at
+    the end of the assistant header, so a <think> block the template adds is learned, as the one
+    rendering of the whole conversation (a fast tokenizer) learns it."""
+    from comet_ext.data import _turn_by_turn_sample, _whole_chat_sample
+
+    tok = byte_tokenizer()
+    tok.chat_template = THINKING_TEMPLATE
+    expected = _pieces(tok, ("<|im_start|>assistant\n", False), ("<think>\n\n</think>\n\nfirst<|im_end|>\n", True))
+    chat = [{"role": "assistant", "content": "first"}]
+    assert _whole_chat_sample(chat, tok) == expected
+    assert _turn_by_turn_sample(chat, tok) == expected
+    tok.chat_template = "{{- '<|im_start|>system\\nBe brief.<|im_end|>\\n' }}" + THINKING_TEMPLATE  # a system block
+    expected = _pieces(tok, ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>assistant\n", False),
+                       ("<think>\n\n</think>\n\nfirst<|im_end|>\n", True))
+    assert _whole_chat_sample(chat, tok) == expected
+    assert _turn_by_turn_sample(chat, tok) == expected
+
+
 def test_jsonl_lines_that_are_not_unicode_are_reported_and_a_bom_is_accepted(tmp_path):
     good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
     path = tmp_path / "data.jsonl"
