@@ -376,8 +376,10 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t off = kl - ql;
   const int64_t last = min(i0 + kTile, ql) - 1;
   const int64_t key_end = last >= i0 ? visible_end(last, off, kl) : 0;
-  const int64_t share = ((key_end + kTile - 1) / kTile + splits - 1) / splits * kTile;  // keys per split
-  const int64_t j_begin = split * share, j_end = min(key_end, j_begin + share);
+  // This split's key tiles: tiles * split / splits up to the next split's first (balanced: equal
+  // ceil-sized shares would leave the last splits short or empty, 64 tiles over 9 splits as 8 x 8).
+  const int64_t tiles = (key_end + kTile - 1) / kTile;
+  const int64_t j_begin = tiles * split / splits * kTile, j_end = min(key_end, tiles * (split + 1) / splits * kTile);
   const uint16_t* kb = k + b * sk.b + hk * sk.h;
   const uint16_t* vb = v + b * sv.b + hk * sv.h;
 
