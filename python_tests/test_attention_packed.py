@@ -296,14 +296,9 @@ def test_the_layout_is_read_from_the_device_once_per_forward_not_once_per_layer(
     assert reads[4] == reads[1] and 0 < sum(reads[4].values()) <= 5, reads
 
 
-def test_a_mask_changed_in_place_or_replaced_is_read_again():
-    """The cached layout is keyed on the tensor object and its version counter: an in-place
-    edit of the mask or of cu_seq_lens is seen, a new tensor at a recycled address too, and the
-    cache keeps no mask alive."""
-    import gc
-    import weakref
-
-    g = torch.Generator().manual_seed(11)
+def _in_place_edits_are_seen(g: torch.Generator) -> None:
+    """In-place edits of the mask (directly and through a view) and of cu_seq_lens change the
+    attention as they change it on copies no cache can know; unedited, the cached layout serves."""
     q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
 
     def attend(*args, **kw):
@@ -315,6 +310,7 @@ def test_a_mask_changed_in_place_or_replaced_is_read_again():
     seq = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2]])
     before = attend(seq)
     torch.testing.assert_close(before, fresh(seq))
+    torch.testing.assert_close(attend(seq), before)  # from the cache
     seq[0, 3:] = 1  # in place: row 0 is one sequence now
     after = attend(seq)
     torch.testing.assert_close(after, fresh(seq))
@@ -324,18 +320,36 @@ def test_a_mask_changed_in_place_or_replaced_is_read_again():
 
     cu = torch.tensor([0, 3, 6, 12])
     before = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
+    torch.testing.assert_close(attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu), before)
     cu[1] = 5
     after = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
     torch.testing.assert_close(after, fresh(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu))
     assert not torch.allclose(before, after)
 
+
+def test_a_mask_changed_in_place_or_replaced_is_read_again():
+    """The cached layout is keyed on the tensor object and its version counter: an in-place
+    edit of the mask or of cu_seq_lens is seen, a new tensor at a recycled address too, and the
+    cache keeps no mask alive."""
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(11)
+    _in_place_edits_are_seen(g)
+    q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
+
+    def attend(seq):
+        return comet_attention(None, q, k, v, seq)[0]
+
+    seq = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2]])
+    attend(seq)
     gone = weakref.ref(seq)
     del seq
     gc.collect()
     assert gone() is None
     for _ in range(20):  # new masks, some where the last one lived (a recycled id())
         seq = 1 + (torch.rand(2, 6, generator=g) < 0.3).cumsum(1)
-        torch.testing.assert_close(attend(seq), fresh(seq))
+        torch.testing.assert_close(attend(seq), attend(seq.clone()))
         del seq
     kept = [torch.tensor([[1, 1, 2, 2, 2, 2]] * 2) for _ in range(20)]  # masks a caller keeps: a bounded cache
     for seq in kept:
@@ -410,31 +424,8 @@ def test_inference_tensors_keep_their_layout_across_layers_by_content(how):
 def test_an_inference_tensor_changed_in_place_is_read_again():
     """Under inference mode an in-place edit leaves no trace in a version counter; the content
     check sees it, for the mask and for cu_seq_lens."""
-    g = torch.Generator().manual_seed(16)
     with torch.inference_mode():
-        q, k, v = (torch.randn(2, 2, 6, 8, generator=g) for _ in range(3))
-
-        def attend(*args, **kw):
-            return comet_attention(None, q, k, v, *args, **kw)[0]
-
-        def fresh(*args, **kw):  # the same call on copies no cache can know
-            return attend(*(None if a is None else a.clone() for a in args), **{n: t.clone() for n, t in kw.items()})
-
-        seq = torch.tensor([[1, 1, 1, 2, 2, 2], [1, 1, 2, 2, 2, 2]])
-        before = attend(seq)
-        torch.testing.assert_close(attend(seq), before)  # from the cache
-        seq[0, 3:] = 1
-        after = attend(seq)
-        torch.testing.assert_close(after, fresh(seq))
-        assert not torch.allclose(before[0], after[0])
-
-        cu = torch.tensor([0, 3, 6, 12])
-        before = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-        torch.testing.assert_close(attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu), before)
-        cu[1] = 5
-        after = attend(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu)
-        torch.testing.assert_close(after, fresh(None, cu_seq_lens_q=cu, cu_seq_lens_k=cu))
-        assert not torch.allclose(before, after)
+        _in_place_edits_are_seen(torch.Generator().manual_seed(16))
 
 
 # ---------------------------------------------------------------- length buckets: uneven lengths
