@@ -35,7 +35,9 @@ tensors, which keep none, by a content check: one host read per layer). The outp
 the kernel's dtype (autocast's under autocast). Under torch.compile the layout's
 data-dependent sizes break the graph (fullgraph=True refuses). Prefill only: HF
 detects packing only without a KV cache. Other masks (a custom mask function, a
-bidirectional or block overlay) are refused, not silently ignored.
+bidirectional or block overlay, a sliding window that hides keys: some models put it in
+the mask function only), non-causal modules (is_causal=False) and arguments that change
+the scores (`_SCORE_CHANGES`) are refused, not silently ignored.
 """
 from __future__ import annotations
 
@@ -99,16 +101,22 @@ def _sequence_ids(batch_size: int, mask_function, queries: Tensor, kv_offset: in
     oldest = first if window is None else torch.maximum(first, q - window + 1)
     ok = (sees(q).all() & sees(oldest).all() & ~(sees(first - 1) & (first > kv_offset)).any()
           & ~(sees(q + 1) & (q + 1 < kv_end)).any())
-    ok, packed, whole = torch.stack([ok, starts.any(), queries[0] == kv_offset]).tolist()
+    # Where a query's sequence so far is longer than the window, the window masks its oldest keys:
+    # the kernel would attend them (a model that passes no sliding_window to the attention).
+    seen = (q - first + 1).max()  # the most keys a query sees (within its sequence)
+    ok, seen, packed, whole = torch.stack([ok, seen, starts.any(), queries[0] == kv_offset]).tolist()
     if not ok:
         raise NotImplementedError(
             "comet attention implements causal attention with padding masks or packed sequences only; this call "
             "asked for another mask (a custom mask function, a bidirectional or block overlay)")
+    if window is not None and seen > window:
+        raise NotImplementedError(f"comet attention does not implement sliding-window attention: {seen} keys exceed "
+                                  f"the model's sliding_window {window} (its mask function hides the oldest)")
     if not packed:
         return None
     if not whole or queries.numel() != kv_length:  # the sequences of the cached keys are not known
-        raise NotImplementedError("comet attention takes packed sequences (position_ids that restart within a row) "
-                                  "only for a prefill without a KV cache")
+        raise NotImplementedError("comet attention takes a mask that restarts within a row (packed sequences: "
+                                  "position_ids that restart; chunked attention) only for a prefill without a KV cache")
     return 1 + starts.long().cumsum(1)
 
 
@@ -125,23 +133,24 @@ def comet_mask(batch_size: int, q_length: Optional[int] = None, *, kv_length: in
     instead of q_length / q_offset: it lands in kwargs."""
     from transformers.masking_utils import causal_mask_function
 
+    if attention_mask is not None:  # as HF reads it: columns kv_offset.. of key slots, padding past its end
+        attention_mask = attention_mask.bool()
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, max(0, kv_offset + kv_length
+                                                                          - attention_mask.shape[1])))
+        attention_mask = attention_mask[:, kv_offset:kv_offset + kv_length]
     queries = _query_positions(q_length, kwargs)
     if mask_function not in (None, causal_mask_function) and queries is not None and queries.numel():
         ids = _sequence_ids(batch_size, mask_function, queries, kv_offset, kv_length, kwargs.get("local_size"))
         if ids is not None:  # packed: padding (HF passes none with packing; a caller may) is sequence 0
-            return ids if attention_mask is None else ids * attention_mask[:, -kv_length:].bool()
+            return ids if attention_mask is None else ids * attention_mask
     end = _query_end(q_length, kwargs)
     written = kv_length if end is None else min(kv_length, end - kv_offset)
     if written < kv_length:  # a static cache: the mask's length tells the attention where keys end
         if attention_mask is None:
             device = kwargs.get("device", getattr(kwargs.get("cache_position"), "device", None))
             return torch.ones(batch_size, written, dtype=torch.bool, device=device)
-        mask = attention_mask.bool()[:, kv_offset:kv_offset + written]
-        return torch.nn.functional.pad(mask, (0, written - mask.shape[1]))
-    if attention_mask is None:
-        return None
-    attention_mask = attention_mask[:, -kv_length:].bool()
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return attention_mask[:, :written]
+    if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask
 
@@ -331,6 +340,11 @@ def _attend_by_sequence(q: Tensor, k: Tensor, v: Tensor, scaling: Optional[float
     return out.new_zeros(*q.shape[:2], *out.shape[1:]).index_put_((row, col), out[dest])
 
 
+# Keyword arguments by which HF models change the scores or the softmax (logit soft-capping,
+# attention sinks, T5's position bias, sparse attention's selected keys): the kernel would drop them.
+_SCORE_CHANGES = ("softcap", "s_aux", "sinks", "position_bias", "indices", "block_indices")
+
+
 def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
                     attention_mask: Optional[Tensor], scaling: Optional[float] = None, dropout: float = 0.0,
                     **kwargs) -> tuple[Tensor, None]:
@@ -338,9 +352,18 @@ def comet_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor
     `comet_mask`'s: None, a bool (B, n) padding mask, or int64 (B, S) ids of packed sequences."""
     if dropout:
         raise NotImplementedError("comet attention does not implement attention dropout; set attention_dropout=0")
+    is_causal = kwargs.get("is_causal")
+    if (getattr(module, "is_causal", True) if is_causal is None else is_causal) is False:
+        raise NotImplementedError("comet attention is causal attention only; this module asks for non-causal "
+                                  "attention (is_causal=False: an encoder, or cross-attention)")
+    changed = [name for name in _SCORE_CHANGES if kwargs.get(name) is not None]
+    if changed:
+        raise NotImplementedError(f"comet attention implements plain softmax attention; this model passes "
+                                  f"{', '.join(changed)}, which change it")
     if attention_mask is not None and attention_mask.dim() != 2:
         raise ValueError(f"comet attention expects the 2D mask of its mask function, got shape "
-                         f"{tuple(attention_mask.shape)}; was the model created before comet_ext.register()?")
+                         f"{tuple(attention_mask.shape)}: a 4D or float mask (a custom mask, or a bias such as "
+                         f"ALiBi) is not implemented; or was the model created before comet_ext.register()?")
     window = kwargs.get("sliding_window")
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     B, S, Sk = q.shape[0], q.shape[1], k.shape[1]

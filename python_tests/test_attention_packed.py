@@ -90,7 +90,7 @@ def test_packed_sliding_window_takes_sequences_that_fit_it():
     torch.testing.assert_close(logits(model, "comet", x, position_ids=pos),
                                logits(model, "sdpa", x, position_ids=pos), **TOL)
     x, pos, _ = packed([[4, 7, 2]], seed=3)
-    with pytest.raises(NotImplementedError, match="packed sequence of 7 tokens exceeds the model's sliding_window 6"):
+    with pytest.raises(NotImplementedError, match="7 keys exceed the model's sliding_window 6"):
         logits(model, "comet", x, position_ids=pos)
 
 

@@ -148,3 +148,93 @@ def test_mask_function_takes_both_transformers_calling_conventions():
     # nothing padded: no mask at all, so the kernel takes its unmasked path
     assert comet_mask(batch_size=2, cache_position=torch.arange(5), kv_length=5,
                       attention_mask=torch.ones(2, 5, dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("conv", ["q_length", "cache_position"])
+def test_a_sliding_window_only_the_mask_carries_is_refused_where_it_masks_something(conv):
+    """Some models (Qwen2MoE, PhiMoE) pass no sliding_window to the attention: the window is only
+    in the mask function. Where a query sees more keys than the window lets it, the mask function
+    raises (the kernel would attend them); within the window it masks nothing."""
+    from transformers.masking_utils import sliding_window_causal_mask_function
+
+    from comet_ext.attention import comet_mask
+
+    def mask(n, offset=0):
+        where = dict(q_length=n, q_offset=offset) if conv == "q_length" else dict(cache_position=torch.arange(offset, offset + n))
+        return comet_mask(batch_size=2, kv_length=offset + n, local_size=4,
+                          mask_function=sliding_window_causal_mask_function(4), **where)
+
+    assert mask(4) is None and mask(1, offset=3) is None
+    for n, offset in ((5, 0), (1, 4), (12, 0)):
+        with pytest.raises(NotImplementedError, match=f"{offset + n} keys exceed the model's sliding_window 4"):
+            mask(n, offset)
+
+
+def test_a_model_whose_sliding_window_is_in_its_mask_only_matches_eager_or_raises():
+    import transformers
+
+    comet_ext.register()
+    torch.manual_seed(0)
+    config = transformers.Qwen2MoeConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+        num_experts=4, num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_sliding_window=True, sliding_window=4, max_window_layers=2, initializer_range=0.3)
+    model = transformers.Qwen2MoeForCausalLM(config).eval()
+    logits = {}
+    for impl in ("eager", "comet"):
+        model.set_attn_implementation(impl)
+        logits[impl] = model(ids(1, 4)).logits
+    torch.testing.assert_close(logits["comet"], logits["eager"], rtol=1e-4, atol=1e-4)
+    with pytest.raises(NotImplementedError, match="sliding.window"):
+        model(ids(1, 12))
+
+
+def test_non_causal_attention_and_score_changing_arguments_are_refused():
+    """Encoders and cross-attention (is_causal=False, from the call or the module) and models
+    that change the scores (soft-capping, sinks, a position bias, sparse key indices) are
+    refused, not computed as plain causal attention."""
+    import transformers
+
+    from comet_ext.attention import comet_attention
+
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    encoder = torch.nn.Module()
+    encoder.is_causal = False
+    with pytest.raises(NotImplementedError, match="non-causal"):
+        comet_attention(encoder, q, k, v, None)
+    with pytest.raises(NotImplementedError, match="non-causal"):
+        comet_attention(None, q, k, v, None, is_causal=False)
+    torch.testing.assert_close(comet_attention(encoder, q, k, v, None, is_causal=True)[0],
+                               comet_attention(None, q, k, v, None)[0])  # the call's word wins
+    for name, value in (("softcap", 50.0), ("s_aux", torch.zeros(2)), ("sinks", torch.zeros(2)),
+                        ("position_bias", torch.zeros(1, 2, 5, 5)), ("indices", torch.zeros(1, 5, 2))):
+        with pytest.raises(NotImplementedError, match=f"passes {name}"):
+            comet_attention(None, q, k, v, None, **{name: value})
+    comet_attention(None, q, k, v, None, softcap=None)  # None: nothing asked
+
+    comet_ext.register()
+    clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=16, patch_size=8))
+    clip.set_attn_implementation("comet")
+    with pytest.raises(NotImplementedError, match="non-causal"):
+        clip(pixel_values=torch.randn(1, 3, 16, 16))
+    gemma = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, attn_logit_softcapping=30.0))
+    gemma.set_attn_implementation("comet")
+    with pytest.raises(NotImplementedError, match="softcap"):
+        gemma(ids(1, 5))
+
+
+def test_a_mask_shorter_than_the_keys_is_padding_past_its_end_as_hf_reads_it():
+    """HF pads a 2D mask shorter than the keys with zeros: tokens past its end are padding."""
+    comet_ext.register()
+    base = tiny_base("llama")
+    x = ids(2, 6, seed=6)
+    logits = {}
+    for impl, mask in (("sdpa", torch.ones(2, 4, dtype=torch.long)), ("comet", torch.ones(2, 4, dtype=torch.long)),
+                       ("explicit", torch.tensor([[1, 1, 1, 1, 0, 0]] * 2))):
+        base.set_attn_implementation("comet" if impl == "explicit" else impl)
+        logits[impl] = base(x, attention_mask=mask).logits[:, :4]
+    torch.testing.assert_close(logits["comet"], logits["sdpa"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits["comet"], logits["explicit"], rtol=0, atol=0)
