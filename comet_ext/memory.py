@@ -93,6 +93,8 @@ class CometMemory:
     signature: dict = dataclasses.field(default_factory=dict)
     # (HostCounts, the counters' identity and version when they were taken): see host_counts
     _host: Optional[tuple] = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    # What interrupted a step half-way (see mark_interrupted), or None
+    _interrupted: Optional[str] = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         # Every buffer is a normal tensor, never an inference tensor: steps write them in place,
@@ -129,6 +131,25 @@ class CometMemory:
         step that wrote them)."""
         self._host = (counts, self._counters_key())
 
+    def mark_interrupted(self, what: str) -> None:
+        """Records that a step stopped half-way (`what`: the exception), after some layers wrote
+        their part of this memory and before the others and the counters did: continuing it
+        would close chunks twice in some layers and never in others, a silently wrong memory.
+        Every later use (reading on, save, and the copies select / clone / to make) refuses it."""
+        self._interrupted = what
+
+    def require_intact(self, who: str) -> None:
+        """A ValueError if a step was interrupted half-way through this memory."""
+        if self._interrupted is not None:
+            raise ValueError(f"{who}: this memory was left half-written by a read / generate step interrupted by "
+                             f"{self._interrupted}: some layers hold the step and others do not. Start again from "
+                             f"a copy taken before (memory.clone()) or from a saved one")
+
+    def _same_history(self, copy: "CometMemory") -> "CometMemory":
+        """copy (a copy of this memory's values), interrupted if this memory is."""
+        copy._interrupted = self._interrupted
+        return copy
+
     def buffers(self) -> tuple[Tensor, ...]:
         """Every tensor of the memory (what a step updates in place, and its bookkeeping)."""
         return tuple(getattr(self, f) for f in _FIELDS)
@@ -147,7 +168,7 @@ class CometMemory:
         index = self._sample_index(index)
         per_layer = {"state", "kv_k", "kv_v", "fifo_k", "fifo_v", "fifo_head", "fifo_len", "pending_k", "pending_v"}
         parts = {f: getattr(self, f)[:, index] if f in per_layer else getattr(self, f)[index] for f in _FIELDS}
-        return CometMemory(**parts, signature=dict(self.signature))
+        return self._same_history(CometMemory(**parts, signature=dict(self.signature)))
 
     def _sample_index(self, index) -> Tensor:
         """select's index as sample numbers (n,) on the memory's device: an int, a slice, a
@@ -180,7 +201,7 @@ class CometMemory:
         """other (a copy of this memory's values) with this memory's host counters, if current."""
         if self._host is not None and self._host[1] == self._counters_key():
             other.record_host_counts(self._host[0])
-        return other
+        return self._same_history(other)
 
     # ------------------------------------------------------------------ save / load
 
@@ -190,6 +211,7 @@ class CometMemory:
         The header records the format version and the signature of the model
         and CoMeT config it belongs to; `load` refuses a mismatch.
         """
+        self.require_intact("CometMemory.save")
         path = os.fspath(path)
         meta = {"format": "comet_ext.CometMemory", "version": str(FORMAT_VERSION),
                 "signature": json.dumps(self.signature, sort_keys=True)}

@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import functools
 import json
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -198,8 +199,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         an optimizer built before it holds the old parameter: build it after."""
         if isinstance(num_global, bool) or not isinstance(num_global, int) or num_global < 1:
             raise ValueError(f"resize_global_memory: num_global must be an int >= 1, got {num_global!r}")
-        if not noise >= 0.0:
-            raise ValueError(f"resize_global_memory: noise must be >= 0, got {noise!r}")
+        if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
+            raise ValueError(f"resize_global_memory: noise must be a finite number >= 0, got {noise!r}")
         old = self.readout_embedding.detach()
         index = torch.arange(num_global, device=old.device) % old.shape[0]
         new = old[index].clone()
@@ -474,25 +475,29 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             counts = torch.where(closing, memory.pending + seg.comp_count, 0)
         args = (x, seg, plan, cos, sin, prefix_lens, has_global, counts, memory_rope)
         layers = functools.partial(self._step_layers, memory, global_memory)
-        if graphed:
-            x = self._step_graphs.run(layers, args, (global_memory, self._graph_context(memory)))
-        else:
-            x = layers(*args)
-        # Bookkeeping shared by all layers.
-        memory.tokens += seg.text_count
-        memory.open_text += seg.text_count
-        memory.open_rows += seg.q_lens
-        memory.pending += seg.comp_count
-        if plan.any_closing:
-            G = self.comet_config.num_global
-            # in place: a recorded step reads these very tensors
-            memory.has_global.copy_(has_global)
-            fifo_len = memory.fifo_len[0]
-            memory.mem_len.copy_(torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len))
-            for t in (memory.open_rows, memory.open_text, memory.pending):
-                t.masked_fill_(closing, 0)
-        memory.record_host_counts(_counts_after(host, seg, take, global_memory, G=cc.num_global,
-                                                C=memory.fifo_k.shape[2]))
+        try:  # the in-place part: every layer writes its memory, then the counters move
+            if graphed:
+                x = self._step_graphs.run(layers, args, (global_memory, self._graph_context(memory)))
+            else:
+                x = layers(*args)
+            # Bookkeeping shared by all layers.
+            memory.tokens += seg.text_count
+            memory.open_text += seg.text_count
+            memory.open_rows += seg.q_lens
+            memory.pending += seg.comp_count
+            if plan.any_closing:
+                G = self.comet_config.num_global
+                # in place: a recorded step reads these very tensors
+                memory.has_global.copy_(has_global)
+                fifo_len = memory.fifo_len[0]
+                memory.mem_len.copy_(torch.where(closing, G * has_global.long() + fifo_len, memory.mem_len))
+                for t in (memory.open_rows, memory.open_text, memory.pending):
+                    t.masked_fill_(closing, 0)
+            memory.record_host_counts(_counts_after(host, seg, take, global_memory, G=cc.num_global,
+                                                    C=memory.fifo_k.shape[2]))
+        except BaseException as e:  # Ctrl-C, out of memory...: some layers have written their part, not all
+            memory.mark_interrupted(type(e).__name__)
+            raise
         return x, seg
 
     def _step_layers(self, memory: CometMemory, global_memory: bool, x: Tensor, seg: Segment, plan: "_StepPlan",
@@ -708,7 +713,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
             raise ValueError(f"generate: input_ids is empty: shape {tuple(input_ids.shape)}; every sample needs at "
                              f"least one prompt token")
-        if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.bool().any(1).all()):
+        input_ids = self._check_ids(input_ids)
+        if attention_mask is not None:
+            _check_mask_values(attention_mask, input_ids.shape)
+        if attention_mask is not None and not bool(attention_mask.bool().any(1).all()):
             raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
                              f"{(~attention_mask.bool().any(1)).nonzero().flatten().tolist()} are all zeros")
         read_ids, read_mask = _left_to_right_padding(input_ids, attention_mask)
@@ -972,6 +980,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         would be read as garbage or overflow its buffers)."""
         if not isinstance(memory, CometMemory):
             raise ValueError(f"{who}: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
+        memory.require_intact(who)
         if memory.batch_size != batch_size:
             raise ValueError(f"{who}: memory holds {memory.batch_size} samples but input_ids has {batch_size}")
         diff = signature_diff(memory.signature, self.memory_signature()) if memory.signature else {}
@@ -1074,9 +1083,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> Tensor:
         if attention_mask is None:
             return torch.full((B,), T, dtype=torch.long)
-        if attention_mask.shape != (B, T):
-            raise ValueError(f"attention_mask must have shape {(B, T)} like input_ids, got {tuple(attention_mask.shape)}")
-        mask = attention_mask.bool().cpu()
+        mask = attention_mask.cpu() if isinstance(attention_mask, Tensor) else attention_mask  # the one host read
+        _check_mask_values(mask, (B, T))
+        mask = mask.bool()
         lengths = mask.sum(1)
         expected = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
         if not torch.equal(mask, expected):
@@ -1097,6 +1106,19 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"chunk_sizes must each be at most comet_config.chunk_size ({cs}), the longest chunk "
                              f"read() streams; got {max(sizes)}")
         return sizes
+
+
+def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:
+    """A ValueError unless attention_mask is a tensor of `shape` holding ones (tokens) and zeros
+    (padding): anything else nonzero would count as a token."""
+    if not isinstance(attention_mask, Tensor):
+        raise ValueError(f"attention_mask must be a tensor of ones and zeros, got {type(attention_mask).__name__}")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must have shape {tuple(shape)} like input_ids, got "
+                         f"{tuple(attention_mask.shape)}")
+    if not torch.equal(attention_mask, attention_mask.bool().to(attention_mask.dtype)):  # (NaN != NaN: refused)
+        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
+        raise ValueError(f"attention_mask must hold ones (tokens) and zeros (padding) only, got values such as {odd}")
 
 
 def _left_to_right_padding(input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:

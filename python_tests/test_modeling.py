@@ -118,6 +118,45 @@ def test_streaming_host_syncs_do_not_grow_with_depth_or_length():
     assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["_check_ids", "_lengths", "read"]
 
 
+def test_an_interrupted_step_leaves_a_memory_that_refuses_to_go_on(tmp_path):
+    """Ctrl-C (or running out of memory) inside a step that closes a chunk, after layer 0 wrote
+    its global state and FIFO and before layer 1 and the counters did: reading on would close the
+    chunk twice in layer 0, silently. The memory, and any copy of it, refuses every later use; a
+    copy taken before goes on as if nothing happened; an input refused before the step writes
+    anything leaves the memory as it was."""
+    model = tiny_comet("llama")
+    x = ids(1, 40, seed=21)
+    memory = model.read(x[:, :10])
+    kept = memory.clone()
+
+    def interrupt(module, args, output):
+        raise KeyboardInterrupt
+
+    hook = model.decoder.layers[1].mlp.register_forward_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.read(x[:, 10:20], memory)  # closes the first chunk (16 tokens)
+    finally:
+        hook.remove()
+    uses = {"read": lambda: model.read(x[:, 20:], memory),
+            "generate": lambda: model.generate(x[:, :2], memory=memory, max_new_tokens=2),
+            "save": lambda: memory.save(tmp_path / "m.safetensors"),
+            "clone": lambda: model.read(x[:, 20:], memory.clone()),
+            "select": lambda: model.read(x[:, 20:], memory.select(0)),
+            "to": lambda: model.read(x[:, 20:], memory.to(dtype=torch.float64).to(dtype=torch.float32))}
+    for name, use in uses.items():
+        with pytest.raises(ValueError, match="half-written by a read / generate step interrupted by KeyboardInterrupt"):
+            use()
+    assert not (tmp_path / "m.safetensors").exists()
+
+    with pytest.raises(ValueError, match="must lie in"):  # refused before the step: the memory is intact
+        model.read(torch.full((1, 3), VOCAB), kept)
+    whole = model.read(x)
+    model.read(x[:, 10:], kept)
+    for f in ("state", "fifo_k", "kv_k", "open_text", "tokens"):
+        torch.testing.assert_close(getattr(kept, f), getattr(whole, f), msg=f)
+
+
 def test_a_memory_read_under_inference_mode_continues_after_it():
     """A memory read under torch.inference_mode() holds normal tensors: reading on and
     generating from it outside the block works, and equals doing it all outside."""
@@ -512,9 +551,9 @@ def test_resize_global_memory(tmp_path):
                        (True, "num_global must be an int")]:
         with pytest.raises(ValueError, match=match):
             model.resize_global_memory(bad)
-    with pytest.raises(ValueError, match="noise must be >= 0"):
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
         model.resize_global_memory(4, noise=-1.0)
-    with pytest.raises(ValueError, match="noise must be >= 0"):
+    with pytest.raises(ValueError, match="noise must be a finite number >= 0"):
         model.resize_global_memory(4, noise=float("nan"))
 
 
@@ -544,12 +583,22 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])),
          "right-padded"),
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must have shape"),
+        (lambda m: m.read(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 2, 0]])),
+         r"ones \(tokens\) and zeros \(padding\) only, got values such as \[2\]"),
+        (lambda m: m.read(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.tensor([[1.0, 0.5]])), "ones"),
+        (lambda m: m.read(torch.zeros(1, 2, dtype=torch.long), attention_mask=[[1, 1]]), "must be a tensor"),
+        (lambda m: m.generate(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.tensor([[-1, 1]])), "ones"),
+        (lambda m: m.generate([[1, 2]], attention_mask=torch.ones(1, 2)), "input_ids must be an int64 tensor"),
+        (lambda m: m(torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.tensor([[1, 3]])), "ones"),
+        (lambda m: m.resize_global_memory(8, noise=float("inf")), "noise must be a finite number"),
+        (lambda m: m.resize_global_memory(8, noise="0.1"), "noise must be a finite number"),
         (lambda m: m.new_memory(0), "batch_size must be an int >= 1"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), inputs_embeds=torch.zeros(1, 4, 64)), "inputs_embeds"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), output_attentions=True), "output_attentions"),
     ],
     ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "size-over-chunk", "size-float", "labels-shape",
-         "memory-batch", "left-pad", "mask-shape", "memory-batch-0", "inputs-embeds", "output-attentions"],
+         "memory-batch", "left-pad", "mask-shape", "mask-value-2", "mask-value-half", "mask-list", "generate-mask-value",
+         "generate-ids-list", "forward-mask-value", "resize-noise-inf", "resize-noise-str", "memory-batch-0", "inputs-embeds", "output-attentions"],
 )
 def test_bad_inputs(call, match):
     with pytest.raises(ValueError, match=match):
