@@ -150,6 +150,36 @@ class CometMemory:
         copy._interrupted = self._interrupted
         return copy
 
+    def check_layout(self, layout: dict, who: str) -> None:
+        """A ValueError unless every tensor has the shape and dtype of `layout` ({field: (shape,
+        dtype)}, a model's `memory_layout` for this batch)."""
+        wrong = {f: (tuple(getattr(self, f).shape), getattr(self, f).dtype, tuple(shape), dtype)
+                 for f, (shape, dtype) in layout.items()
+                 if tuple(getattr(self, f).shape) != tuple(shape) or getattr(self, f).dtype != dtype}
+        if wrong:
+            raise ValueError(f"{who}: memory tensors do not fit this model; (shape, dtype) held vs expected: "
+                             + "; ".join(f"{f} {h} {hd} vs {e} {ed}" for f, (h, hd, e, ed) in wrong.items()))
+
+    def check_counters(self, chunk_size: int, who: str) -> None:
+        """A ValueError unless the counters hold what steps leave in them (one host read): counters
+        edited, or written by something else, would make the next step read past its buffers or
+        count tokens that were never read. Takes a memory whose layout fits (`check_layout`)."""
+        G, C, Cp = self.state.shape[2], self.fifo_k.shape[2], self.pending_k.shape[2]
+        rules = {
+            f"fifo_len in [0, {C}] and the same in every layer":
+                (self.fifo_len >= 0) & (self.fifo_len <= C) & (self.fifo_len == self.fifo_len[:1]),
+            f"fifo_head in [0, {max(C, 1)})": (self.fifo_head >= 0) & (self.fifo_head < max(C, 1)),
+            f"mem_len = {G} * has_global + fifo_len": self.mem_len == G * self.has_global.long() + self.fifo_len[0],
+            f"open_text in [0, chunk_size = {chunk_size})": (self.open_text >= 0) & (self.open_text < chunk_size),
+            f"pending in [0, {Cp}]": (self.pending >= 0) & (self.pending <= Cp),
+            "open_rows = open_text + pending": self.open_rows == self.open_text + self.pending,
+            "tokens >= open_text": self.tokens >= self.open_text,
+        }
+        held = torch.stack([rule.all() for rule in rules.values()]).tolist()
+        broken = [name for name, ok in zip(rules, held) if not ok]
+        if broken:
+            raise ValueError(f"{who}: the memory's counters are not what reading leaves: {'; '.join(broken)} fails")
+
     def buffers(self) -> tuple[Tensor, ...]:
         """Every tensor of the memory (what a step updates in place, and its bookkeeping)."""
         return tuple(getattr(self, f) for f in _FIELDS)
@@ -251,7 +281,10 @@ class CometMemory:
                     f"CometMemory.load: {path!r} belongs to another model or CoMeT config; "
                     f"differences (file, model): {diff}"
                 )
-            return memory.to(device or model.device, model.dtype)
+            memory = memory.to(device or model.device, model.dtype)
+            memory.check_layout(model.memory_layout(memory.batch_size), f"CometMemory.load({path!r})")
+            memory.check_counters(model.comet_config.chunk_size, f"CometMemory.load({path!r})")
+            return memory
         return memory.to(device) if device is not None else memory
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "CometMemory":

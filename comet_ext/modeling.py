@@ -327,31 +327,29 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """An empty memory for a batch: nothing read yet."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"new_memory: batch_size must be an int >= 1, got {batch_size!r}")
-        c, cc = self.config, self.comet_config
-        L, G, D = c.num_hidden_layers, cc.num_global, self._head_dim()
-        C = cc.fifo_capacity
-        Hkv, d = c.num_key_value_heads, c.hidden_size
-        kw = dict(device=self.device)
-        def kv(n):
-            return torch.zeros(L, batch_size, n, Hkv, D, dtype=self.dtype, **kw)
-
-        def zeros(*shape):
-            return torch.zeros(*shape, dtype=torch.long, **kw)
-
         # made outside inference mode, even under it: steps write the buffers in place, also after it
         with torch.inference_mode(False):
-            memory = CometMemory(
-                state=torch.zeros(L, batch_size, G, d, dtype=self.dtype, **kw),
-                kv_k=kv(self._kv_rows()), kv_v=kv(self._kv_rows()),
-                fifo_k=kv(C), fifo_v=kv(C), fifo_head=zeros(L, batch_size), fifo_len=zeros(L, batch_size),
-                pending_k=kv(max_compression_rows(cc)), pending_v=kv(max_compression_rows(cc)),
-                has_global=torch.zeros(batch_size, dtype=torch.bool, **kw),
-                mem_len=zeros(batch_size), open_rows=zeros(batch_size), open_text=zeros(batch_size),
-                pending=zeros(batch_size), tokens=zeros(batch_size),
-                signature=self.memory_signature(),
-            )
+            memory = CometMemory(**{f: torch.zeros(shape, dtype=dtype, device=self.device)
+                                    for f, (shape, dtype) in self.memory_layout(batch_size).items()},
+                                 signature=self.memory_signature())
         memory.record_host_counts(HostCounts.empty(batch_size))
         return memory
+
+    def memory_layout(self, batch_size: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """{field: (shape, dtype)} of this model's memory for a batch (see CometMemory)."""
+        c, cc, B = self.config, self.comet_config, batch_size
+        L = c.num_hidden_layers
+
+        def keys(rows: int) -> tuple[tuple[int, ...], torch.dtype]:
+            return (L, B, rows, c.num_key_value_heads, self._head_dim()), self.dtype
+
+        per_layer, per_sample = ((L, B), torch.long), ((B,), torch.long)
+        rows, fifo, pending = keys(self._kv_rows()), keys(cc.fifo_capacity), keys(max_compression_rows(cc))
+        return {"state": ((L, B, cc.num_global, c.hidden_size), self.dtype), "kv_k": rows, "kv_v": rows,
+                "fifo_k": fifo, "fifo_v": fifo, "fifo_head": per_layer, "fifo_len": per_layer,
+                "pending_k": pending, "pending_v": pending, "has_global": ((B,), torch.bool),
+                "mem_len": per_sample, "open_rows": per_sample, "open_text": per_sample, "pending": per_sample,
+                "tokens": per_sample}
 
     def _kv_rows(self) -> int:
         """Rows of a streaming memory's key / value buffer: the global rows, the FIFO, the open
@@ -990,16 +988,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if memory.state.dtype != self.dtype or memory.kv_k.dtype != self.dtype:
             raise ValueError(f"{who}: memory holds {memory.kv_k.dtype} keys / values but the model computes in "
                              f"{self.dtype}; cast it with memory.to(dtype={self.dtype})")
-        c, cc, B = self.config, self.comet_config, batch_size
-        state = (c.num_hidden_layers, B, cc.num_global, c.hidden_size)
-        fifo = (c.num_hidden_layers, B, cc.fifo_capacity, c.num_key_value_heads, self._head_dim())
-        rows = self._kv_rows()
-        if (tuple(memory.state.shape) != state or tuple(memory.fifo_k.shape) != fifo
-                or tuple(memory.kv_k.shape) != fifo[:2] + (rows,) + fifo[3:]):
-            raise ValueError(f"{who}: memory has state {tuple(memory.state.shape)}, FIFO "
-                             f"{tuple(memory.fifo_k.shape)} and rows {tuple(memory.kv_k.shape)}; this model "
-                             f"expects (L, B, G, d) = {state}, (L, B, C, Hkv, D) = {fifo} and "
-                             f"(L, B, G + C + open chunk, Hkv, D) = {fifo[:2] + (rows,) + fifo[3:]}")
+        memory.check_layout(self.memory_layout(batch_size), who)
 
     def _check_train_start(self, memory: CometMemory, input_ids: Tensor) -> None:
         """A training forward continues a streamed memory only at a chunk boundary, with

@@ -482,6 +482,32 @@ def test_memory_load_refuses_other_model_and_corrupt_files(tmp_path):
         CometMemory.load(tmp_path / "missing.safetensors", model)
 
 
+@pytest.mark.parametrize("edit, match", [
+    (lambda t: t["open_text"].fill_(40), r"open_text in \[0, chunk_size = 16\)"),  # would invent 24 tokens
+    (lambda t: t["mem_len"].fill_(-3), "mem_len = 4 \\* has_global \\+ fifo_len"),
+    (lambda t: t["pending"].fill_(99), r"pending in \[0, \d+\]"),
+    (lambda t: t["fifo_len"][1].add_(1), "the same in every layer"),
+    (lambda t: t.update(fifo_v=t["fifo_v"][:, :, :2].contiguous()), "fifo_v \\(2, 1, 2, 2, 16\\) torch.float32 vs \\(2, 1, 6, 2, 16\\)"),
+    (lambda t: t.update(open_text=t["open_text"].repeat(2)), "open_text \\(2,\\)"),
+], ids=["open-text", "mem-len", "pending", "fifo-len", "fifo-v-shape", "counter-batch"])
+def test_memory_load_refuses_tensors_and_counters_no_read_leaves(tmp_path, edit, match):
+    """A file with the right header whose tensors were edited (or written by other code): the
+    next read would read past its buffers or count tokens never read; load names what is off."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = tiny_comet("llama")
+    path = tmp_path / "mem.safetensors"
+    model.read(ids(1, 37, seed=22)).save(path)
+    CometMemory.load(path, model)  # as saved: fine
+    with safe_open(path, framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    edit(tensors)
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match=match):
+        CometMemory.load(path, model)
+
+
 @pytest.mark.parametrize("other", [dict(num_global=5), dict(temp_budget=8), dict(chunk_size=20)],
                          ids=["num_global", "temp_budget", "chunk_size"])
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
@@ -491,7 +517,7 @@ def test_read_and_generate_refuse_a_memory_of_another_model(other, signed):
     memory = tiny_comet("llama", **other).read(ids(1, 40, seed=17))
     if not signed:  # a memory built by hand: its shapes still give it away
         memory.signature = {}
-    match = "belongs to another model" if signed else "this model expects"
+    match = "belongs to another model" if signed else "memory tensors do not fit this model"
     with pytest.raises(ValueError, match=match):
         model.read(ids(1, 8, seed=18), memory.clone())
     with pytest.raises(ValueError, match=match):
