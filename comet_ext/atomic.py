@@ -3,8 +3,10 @@
 
 A temporary file or folder next to the target is written, given the permissions a plain
 `open` / `os.makedirs` would have given it (mkstemp / mkdtemp create them private, 0600 /
-0700, which would make a shared model folder unreadable to everyone else), and renamed into
-place: a reader sees the old version or the new one, never a mix.
+0700, which would make a shared model folder unreadable to everyone else), flushed to disk
+(fsync: else after a power loss the rename may be on disk before the data, an empty file in
+place of the old one) and renamed into place: a reader sees the old version or the new one,
+never a mix.
 """
 from __future__ import annotations
 
@@ -21,20 +23,46 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: str) -> None:
+    """Flushes a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """write(tmp) fills a temporary file beside `path`, which then replaces `path`."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
+    atomic_write_all([(path, write)])
+
+
+def atomic_write_all(writes: list[tuple[str | os.PathLike, Callable[[str], None]]]) -> None:
+    """Each write(tmp) of `writes` ((path, write) pairs) fills a temporary file beside its path;
+    once every one is written and on disk, they replace their paths in order. A write that fails
+    (a full disk, Ctrl-C) leaves every path as it was; only a crash between the renames, a few
+    system calls, can leave some replaced and some not (formats that pair their files, like
+    checkpoint's save id, refuse that mix)."""
+    done: list[tuple[str, str]] = []  # (tmp, path)
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
+        for path, write in writes:
+            path = os.fspath(path)
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                                       dir=os.path.dirname(os.path.abspath(path)))
+            os.close(fd)
+            done.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            _fsync(tmp)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp, _ in done:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         raise
+    for tmp, path in done:
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for _, path in done):
+        _fsync(folder)  # the renames
 
 
 def atomic_folder(folder: str | os.PathLike, fill: Callable[[str], None]) -> None:
@@ -48,6 +76,10 @@ def atomic_folder(folder: str | os.PathLike, fill: Callable[[str], None]) -> Non
     try:
         fill(tmp)
         os.chmod(tmp, 0o777 & ~_umask())
+        for where, _, files in os.walk(tmp):
+            for name in files:
+                _fsync(os.path.join(where, name))
+            _fsync(where)
         if os.path.exists(folder):
             old = tempfile.mkdtemp(prefix="." + os.path.basename(folder) + ".", suffix=".old", dir=parent)
             os.replace(folder, old)  # (an empty directory as the target is replaced)
@@ -57,6 +89,7 @@ def atomic_folder(folder: str | os.PathLike, fill: Callable[[str], None]) -> Non
         if old is not None and not os.path.exists(folder):
             os.replace(old, folder)  # put the old version back
         raise
+    _fsync(parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

@@ -3,7 +3,7 @@
 A folder holds config.json (the base model's config, its dtype, a "comet" entry with the
 CometConfig and, while LoRA adapters are applied, a "comet_lora" entry with their
 settings), generation_config.json (the model's decoding defaults) and
-model.safetensors, each written atomically.
+model.safetensors, written atomically together.
 
 Weights are stored under the base model's own names (``model.layers.0...``,
 ``lm_head.weight``) and the memory's under ``comet.`` (``comet.memory_layers.0...``,
@@ -13,9 +13,10 @@ instead of a randomly initialised one. LoRA adapters go under ``comet.`` too, an
 weights they adapt under the plain names: a plain load gets the base without them. Folders
 written before this layout (every key under ``base.``) load too.
 
-The three files are written one after the other, each atomically; the weights first and
-config.json last, both carrying one save id, so a save cut between them is refused on
-load instead of pairing new settings with old weights.
+The three files are written to temporary files first, all of them, then renamed into place
+(atomic.atomic_write_all): a save that fails while writing (a full disk) leaves the folder's
+previous model whole. The weights and config.json carry one save id, so a crash between the
+renames is refused on load instead of pairing new settings with old weights.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_write, write_json
+from .atomic import atomic_write_all, write_json
 from .config import CometConfig
 
 CONFIG_NAME = "config.json"
@@ -123,12 +124,13 @@ def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list
     state = {saved_key(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}
     for _, dropped in tied:  # safetensors refuses shared storage: keep one copy
         state.pop(saved_key(dropped), None)
-    atomic_write(os.path.join(folder, WEIGHTS_NAME),
-                 lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "2", "save_id": save_id}))
+    writes = [(os.path.join(folder, WEIGHTS_NAME),
+               lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "2", "save_id": save_id}))]
     if getattr(model, "generation_config", None) is not None:
         generation = model.generation_config.to_diff_dict()
-        atomic_write(os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation))
-    atomic_write(os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config))
+        writes.append((os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation)))
+    writes.append((os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config)))
+    atomic_write_all(writes)
 
 
 def load(cls, folder: str, dtype, device):

@@ -228,8 +228,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                         state_dict: Optional[dict[str, Tensor]] = None, safe_serialization: bool = True,
                         push_to_hub: bool = False, **unsupported) -> None:
         """config.json (the base config, its dtype and a "comet" entry),
-        generation_config.json and model.safetensors, each written atomically (the
-        layout: comet_ext/checkpoint.py). HF's arguments as transformers.Trainer passes
+        generation_config.json and model.safetensors, written atomically together: a failed save
+        leaves the folder's previous model whole (the layout: comet_ext/checkpoint.py). HF's arguments as transformers.Trainer passes
         them: is_main_process=False writes nothing (other ranks), state_dict saves that
         state (e.g. gathered from shards) instead of the model's. Only safetensors, one
         file, no hub. LoRA adapters from apply_lora are saved with their settings."""

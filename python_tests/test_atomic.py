@@ -72,3 +72,39 @@ def test_saved_models_memories_and_checkpoints_are_readable_by_others(tmp_path, 
     assert len(files) >= 6
     assert {str(f): mode(f) for f in files} == {str(f): 0o644 for f in files}
     assert mode(tmp_path / "ckpt") == 0o755 and mode(tmp_path / "model") == 0o755
+
+
+def test_data_is_on_disk_before_the_rename_that_publishes_it(tmp_path, monkeypatch):
+    """After a power loss a rename can reach the disk before the data it publishes (an empty
+    file in place of the old one) unless the data is fsynced first; the folder is fsynced after."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.fspath(b))), replace(a, b)))
+    atomic_write(tmp_path / "a.json", write_text("new"))
+    kinds = [(kind, os.path.basename(p) if kind == "replace" or p == str(tmp_path) else "tmp") for kind, p in events]
+    assert kinds == [("fsync", "tmp"), ("replace", "a.json"), ("fsync", os.path.basename(tmp_path))], events
+
+
+def test_a_save_over_a_model_that_fails_part_way_leaves_the_old_model_whole(tmp_path, monkeypatch):
+    """save_pretrained writes three files; a full disk while writing the last one used to leave
+    new weights beside the old config (refused on load: neither model loadable)."""
+    from comet_ext import CometForCausalLM, checkpoint
+
+    old, new = tiny_comet("llama", seed=1), tiny_comet("llama", seed=2)
+    old.save_pretrained(tmp_path / "m")
+    before = sorted(os.listdir(tmp_path / "m"))
+    write_json = checkpoint.write_json
+
+    def disk_full_on_config(path, obj):
+        if "comet" in obj:  # config.json, written last
+            raise OSError(28, "No space left on device")
+        write_json(path, obj)
+    monkeypatch.setattr(checkpoint, "write_json", disk_full_on_config)
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path / "m")
+    assert sorted(os.listdir(tmp_path / "m")) == before  # no temporary files left
+    loaded = CometForCausalLM.from_pretrained(tmp_path / "m")
+    for name, p in old.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
