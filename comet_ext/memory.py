@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from typing import Optional
 
@@ -207,19 +208,27 @@ class CometMemory:
         B = self.batch_size
         if isinstance(index, slice):
             index = range(B)[index]
-        if isinstance(index, int) and not isinstance(index, bool):
-            index = [index]
-        index = torch.as_tensor(index, device=self.state.device)
+        if isinstance(index, numbers.Integral) and not isinstance(index, bool):
+            index = [int(index)]
+        if isinstance(index, Tensor) and index.dim() == 0 and not index.is_floating_point():
+            index = index.view(1)
+        try:
+            index = torch.as_tensor(index, device=self.state.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"select: index must be sample numbers (an int, a slice, or a 1-D sequence of ints) or "
+                             f"a boolean mask; got {index!r}") from e
         if index.dtype == torch.bool:
             if index.shape != (B,):
                 raise ValueError(f"select: a boolean index must have one entry per sample, shape ({B},); "
                                  f"got {tuple(index.shape)}")
             index = index.nonzero().flatten()
+        if index.numel() == 0:  # an all-False mask, [] or range(0) (as_tensor makes float32 of those)
+            raise ValueError(f"select: the selection is empty (of {B} samples); a memory holds one sample at least")
         if index.dim() != 1 or index.is_floating_point() or index.is_complex():
             raise ValueError(f"select: index must be sample numbers (an int, a slice, or a 1-D sequence of ints) "
                              f"or a boolean mask; got dtype {index.dtype}, shape {tuple(index.shape)}")
         index = index.long()
-        if index.numel() and not bool(((index >= -B) & (index < B)).all()):
+        if not bool(((index >= -B) & (index < B)).all()):
             raise ValueError(f"select: index {index.tolist()} holds sample numbers outside [-{B}, {B})")
         return index
 

@@ -2,6 +2,7 @@
 streaming against training, pieces against one read, save / load, bad inputs."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from modeling_utils import FAMILIES, VOCAB, HostReads, naive_forward, tiny_base, tiny_comet
@@ -173,15 +174,17 @@ def test_a_memory_read_under_inference_mode_continues_after_it():
         assert not any(t.is_inference() for t in plain.clone().buffers())
 
 
-@pytest.mark.parametrize("index", [[2, 0], torch.tensor([2, 0]), torch.tensor([True, False, True]), slice(0, 2), 1, -1],
-                         ids=["list", "tensor", "mask", "slice", "int", "negative-int"])
+@pytest.mark.parametrize("index", [[2, 0], torch.tensor([2, 0]), torch.tensor([True, False, True]), slice(0, 2), 1, -1,
+                                   np.int64(1), torch.tensor(2)],
+                         ids=["list", "tensor", "mask", "slice", "int", "negative-int", "numpy-int", "0-d-tensor"])
 def test_memory_select_copies_the_chosen_samples(index):
     """select takes sample numbers in every usual form, keeps the batch dimension, and shares
     no storage with the original: reading into the selection leaves the original as it was."""
     model = _deep_tiny(2).eval()
     x = ids(3, 30, seed=9)
     memory = model.read(x, progress=False)
-    chosen = list(range(3))[index] if isinstance(index, (slice, int)) else (
+    index_int = int(index) if isinstance(index, (np.integer, torch.Tensor)) and np.ndim(index) == 0 else index
+    chosen = list(range(3))[index_int] if isinstance(index_int, (slice, int)) else (
         [0, 2] if isinstance(index, torch.Tensor) and index.dtype == torch.bool else [int(i) for i in index])
     chosen = chosen if isinstance(chosen, list) else [chosen]
     before = memory.clone()
@@ -195,6 +198,12 @@ def test_memory_select_copies_the_chosen_samples(index):
         memory.select([3])
     with pytest.raises(ValueError, match="one entry per sample"):
         memory.select(torch.tensor([True, False]))
+    for empty in ([], slice(0, 0), torch.zeros(3, dtype=torch.bool)):  # alike, whatever the form
+        with pytest.raises(ValueError, match="the selection is empty"):
+            memory.select(empty)
+    for odd in (None, "0", 1.5):
+        with pytest.raises(ValueError, match="select: index must be sample numbers"):
+            memory.select(odd)
 
 
 @pytest.mark.parametrize("comet", [dict(), dict(temp_budget=2), dict(temp_stride=-1)],
