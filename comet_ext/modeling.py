@@ -1040,7 +1040,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
         """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
-        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk)."""
+        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk). Also refuses
+        autocast to another low precision than a low-precision model's own, which torch itself
+        fails on deep inside (a bfloat16 model under float16 autocast)."""
+        kind = self.device.type
+        if (torch.is_autocast_enabled(kind) and self.dtype in (torch.bfloat16, torch.float16)
+                and torch.get_autocast_dtype(kind) != self.dtype):
+            raise ValueError(f"a {self.dtype} model under {torch.get_autocast_dtype(kind)} autocast is not supported: "
+                             f"run it without autocast, under {self.dtype} autocast, or cast it to float32 first")
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be an int64 tensor of shape (batch, tokens), got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")

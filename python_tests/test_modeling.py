@@ -595,6 +595,17 @@ def test_resize_global_memory(tmp_path):
 # --------------------------------------------------------------------------- bad inputs
 
 
+def test_a_low_precision_model_under_autocast_to_another_is_a_clear_error():
+    model = tiny_comet("qwen3").to(torch.bfloat16)
+    x = ids(1, 20)
+    with torch.autocast("cpu", dtype=torch.float16):
+        for call in (lambda: model.read(x), lambda: model(x), lambda: model.generate(x, max_new_tokens=1)):
+            with pytest.raises(ValueError, match="a torch.bfloat16 model under torch.float16 autocast"):
+                call()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # its own precision: fine
+        model.read(x)
+
+
 def test_unsupported_family_is_a_clear_error():
     from transformers import GPT2Config, GPT2LMHeadModel
 
