@@ -35,7 +35,7 @@ from .config import CometConfig
 from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
 from .memory import CometMemory, HostCounts, signature_diff
-from .train_memory import FifoWindow, TrainMemory
+from .train_memory import FifoWindow, TrainMemory, loss_divisor
 from .segments import COMPRESSION, READOUT, Segment, gather_rows, max_compression_rows, plan_segment
 from .transfer import upload
 
@@ -120,6 +120,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     base_model_prefix = "comet"
     _supports_sdpa = True
     supports_gradient_checkpointing = True  # as the forward's recompute (activation_checkpointing_enable)
+    # transformers.Trainer then passes num_items_in_batch (the labelled tokens of the whole step, every
+    # gradient-accumulation micro-batch): each micro-batch's loss is its share of the step's token mean
+    accepts_loss_kwargs = True
 
     def __init__(self, base: nn.Module, comet_config: CometConfig):
         super().__init__(base.config)
@@ -808,7 +811,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 recompute: Optional[bool] = None, return_logits: bool = True,
                 memory: Optional[CometMemory] = None, inputs_embeds: Optional[Tensor] = None,
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
-                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None) -> CometOutput:
+                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
+                num_items_in_batch: Optional[Tensor | int] = None) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -828,6 +832,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         under torch.no_grad(), then train on the chunks after it). It must have no
         open chunk (read whole chunks) and every sample the same number of FIFO
         rows; it is not changed, and no gradient flows into it.
+
+        num_items_in_batch: what the summed loss is divided by (default: this batch's labelled
+        tokens). transformers.Trainer passes the labelled tokens of a whole gradient-accumulation
+        step, so that the step's gradient is the token mean over all of it, however it is split.
 
         inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache:
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
@@ -865,16 +873,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 else:
                     hidden[t] = out
         if targets is not None:
-            count = (labels[:, 1:] != -100).sum().clamp(min=1).to(self.device)
-            loss = total / count if isinstance(total, Tensor) else hidden[0].sum() * 0
+            loss = total / loss_divisor(labels, num_items_in_batch, self.device) if isinstance(total, Tensor) \
+                else hidden[0].sum() * 0
             return CometOutput(logits=None, loss=loss)
         logits = self._text_logits(hidden, segs, sizes)
         loss = None
         if labels is not None:  # the mean over labelled tokens; 0 where there is none, as the chunked loss
-            count = (labels[:, 1:] != -100).sum().clamp(min=1)
             loss = nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1).to(logits.device),
-                ignore_index=-100, reduction="sum") / count
+                ignore_index=-100, reduction="sum") / loss_divisor(labels, num_items_in_batch, logits.device)
         return CometOutput(logits=logits, loss=loss)
 
     def _chunk_targets(self, labels: Tensor, sizes: Sequence[int], first: int) -> list[Optional[Tensor]]:

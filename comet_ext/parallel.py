@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .train_memory import TrainMemory
+from .train_memory import TrainMemory, loss_divisor
 
 # A pipeline edge carries a layer's memory as TrainMemory.to_wire's tensors; the first
 # of them carry gradients.
@@ -180,10 +180,12 @@ class _Send(torch.autograd.Function):
 
 
 def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optional[Sequence[int]] = None,
-                  attention_mask: Optional[Tensor] = None, recompute: bool = True, group=None) -> Tensor:
+                  attention_mask: Optional[Tensor] = None, recompute: bool = True, group=None,
+                  num_items_in_batch: Optional[Tensor | int | float] = None) -> Tensor:
     """This rank's share of the mean next-token loss of a CometForCausalLM over the
     whole sequence (summing it over the pipeline group gives the single-process
-    loss). Every rank passes the same full batch; each computes only its chunks."""
+    loss; the summed loss is divided by num_items_in_batch where given, as in the model's
+    forward). Every rank passes the same full batch; each computes only its chunks."""
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
     plan = model._plan_chunks(input_ids, chunk_sizes, attention_mask)
@@ -218,8 +220,7 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
                 hidden[t] = out
         if nxt is not None:
             ties.append(_Send.apply(anchor, nxt, group, fmt, *mem.to_wire(*wire, dtype=model.dtype)))
-    count = (labels[:, 1:] != -100).sum().clamp(min=1).to(model.device)
-    loss = total / count if isinstance(total, Tensor) else anchor * 0
+    loss = total / loss_divisor(labels, num_items_in_batch, model.device) if isinstance(total, Tensor) else anchor * 0
     # The ties add zero, but put every send and receive of this rank into its backward.
     return loss + sum(ties) if ties else loss
 

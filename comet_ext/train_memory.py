@@ -13,11 +13,14 @@ global state S (num_global rows) and the pre-RoPE keys / values of the chunk's
 compression rows (a `FifoPiece`). A step reads its FIFO out of the
 concatenation of the recent pieces (a `FifoWindow`) with one fifo_view
 (gather + RoPE), which checkpointing recomputes in backward.
+
+`loss_divisor`: what a training forward divides its summed loss by (the batch's labelled
+tokens, or a whole gradient-accumulation step's), shared by the forward and the pipeline.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -190,3 +193,14 @@ class TrainMemory:
         rows = max(counts, default=0)  # samples that still read have full FIFOs: trim to them
         fifo = FifoWindow(k.shape[1], k.shape[0]).pushed(k[:, :rows], v[:, :rows], counts)
         return cls(state, has_global, fifo)
+
+
+def loss_divisor(labels: Tensor, num_items_in_batch: Optional[Tensor | int | float], device) -> Tensor:
+    """What a summed next-token loss is divided by: num_items_in_batch where given (a whole
+    step's labelled tokens), else the labelled tokens of `labels` (B, T), at least 1."""
+    if num_items_in_batch is None:
+        return (labels[:, 1:] != -100).sum().clamp(min=1).to(device)
+    n = torch.as_tensor(num_items_in_batch, device=device)
+    if n.numel() != 1 or not bool(n > 0):
+        raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
+    return n.reshape(())

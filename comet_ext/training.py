@@ -196,15 +196,17 @@ class Trainer:
             t0 = time.perf_counter()
             tokens, loss_sum = 0, 0.0
             self.optimizer.zero_grad(set_to_none=True)
-            for micro in range(cfg.grad_accum):
-                batch = collate([self.samples[i] for i in self.batch_indices(self.step, micro)], self.pad_id)
+            batches = [collate([self.samples[i] for i in self.batch_indices(self.step, micro)], self.pad_id)
+                       for micro in range(cfg.grad_accum)]
+            divisor = self._step_divisor(batches)
+            for micro, batch in enumerate(batches):
                 T = batch["input_ids"].shape[1]
                 strategy, sizes = self.planner.plan(T, self.step * cfg.grad_accum + micro,
                                                     batch["input_ids"][0].tolist())
                 batch = {k: v.to(model.device) for k, v in batch.items()}
                 with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=cfg.bf16_autocast):
-                    loss = self._loss(batch, sizes)
-                (loss / cfg.grad_accum).backward()
+                    loss = self._loss(batch, sizes, divisor)  # this micro-batch's share of the step's mean
+                loss.backward()
                 loss_sum += self._global_loss(loss)
                 if not math.isfinite(loss_sum):
                     raise FloatingPointError(f"step {self.step}: the loss is {loss_sum}")
@@ -215,7 +217,7 @@ class Trainer:
             self.scheduler.step()
             self.step += 1
             seconds = time.perf_counter() - t0
-            record = {"step": self.step, "loss": loss_sum / cfg.grad_accum, "grad_norm": float(grad_norm),
+            record = {"step": self.step, "loss": loss_sum, "grad_norm": float(grad_norm),
                       "lr": self.optimizer.param_groups[-1]["lr"], "tokens_per_s": tokens / seconds,
                       "peak_mem_mb": peak_memory_mb(model.device), "chunks": len(sizes), "strategy": strategy}
             self.history.append(record)
@@ -233,15 +235,29 @@ class Trainer:
             bar.close()
         return self.history
 
-    def _loss(self, batch: dict, sizes: list[int]):
+    def _step_divisor(self, batches: list[dict]) -> float:
+        """What each micro-batch's summed loss is divided by, so that a step's gradient is the mean
+        over every labelled token of it (all its micro-batches, all data-parallel replicas, whose
+        gradients are then averaged) however the step is split: a micro-batch with few labelled
+        tokens weighs that little (a mean per micro-batch would over-weight short answers)."""
+        labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        if self.data_group is None:
+            return float(max(labelled, 1))
+        import torch.distributed as dist
+
+        total = torch.tensor(float(labelled), device=self.model.device)
+        dist.all_reduce(total, group=self.data_group)
+        return max(float(total), 1.0) / dist.get_world_size(self.data_group)
+
+    def _loss(self, batch: dict, sizes: list[int], divisor: float):
         if self.pipeline_group is None:
             return self.model(batch["input_ids"], labels=batch["labels"], chunk_sizes=sizes,
                               attention_mask=batch["attention_mask"], recompute=self.cfg.recompute,
-                              return_logits=False).loss
+                              return_logits=False, num_items_in_batch=divisor).loss
         from .parallel import pipeline_loss
 
         return pipeline_loss(self.model, batch["input_ids"], batch["labels"], sizes, batch["attention_mask"],
-                             recompute=self.cfg.recompute, group=self.pipeline_group)
+                             recompute=self.cfg.recompute, group=self.pipeline_group, num_items_in_batch=divisor)
 
     def _global_loss(self, loss) -> float:
         """The step's loss as one process would report it (summed over pipeline stages)."""

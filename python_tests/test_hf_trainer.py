@@ -117,3 +117,32 @@ def test_save_pretrained_takes_hfs_arguments(tmp_path):
     with pytest.raises(ValueError, match="push_to_hub=True"):
         model.save_pretrained(tmp_path / "x", push_to_hub=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_gradient_accumulation_in_transformers_trainer_is_the_token_mean_of_the_step(tmp_path):
+    """transformers.Trainer passes num_items_in_batch (the step's labelled tokens) to a model that
+    accepts it: one SGD step on two samples of 40 and 5 labelled tokens is the same update in one
+    micro-batch or two. CometForCausalLM did not accept it, and HF then averaged the micro-batch
+    means (a 10x different update here)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, VOCAB, (40,), generator=g) for _ in range(2))
+    short = b.clone()
+    short[:35] = -100
+    data = [{"input_ids": a, "labels": a.clone()}, {"input_ids": b, "labels": short}]
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    def update(batch_size, accumulation):
+        model = tiny_comet("llama").train()
+        before = [p.detach().clone() for p in model.parameters()]
+        args = TrainingArguments(output_dir=str(tmp_path / f"run{accumulation}"), max_steps=1,
+                                 per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+                                 learning_rate=1.0, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0,
+                                 use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True)
+        InOrder(model=model, args=args, train_dataset=data).train()
+        return [p.detach() - q for p, q in zip(model.parameters(), before)]
+
+    for one, two in zip(update(2, 1), update(1, 2)):
+        torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-6)

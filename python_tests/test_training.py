@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from modeling_utils import tiny_comet
+from modeling_utils import VOCAB, tiny_comet
 
 from comet_ext.data import (CHATML, IGNORE, Sample, byte_tokenizer, chat_sample, collate, pack, read_chat_jsonl,
                             synthetic_recall, text_sample, token_sample)
@@ -513,3 +513,26 @@ def test_lora_cannot_be_applied_twice_and_merge_keeps_what_was_frozen():
     assert not model.base.model.embed_tokens.weight.requires_grad
     assert all(p.requires_grad for n, p in model.base.named_parameters() if "embed_tokens" not in n)
     apply_lora(model, rank=2)  # merged: adapters may come again
+
+
+def test_a_step_is_the_token_mean_however_it_is_split_into_micro_batches():
+    """Two samples with 39 and 5 labelled tokens: one micro-batch of both, or two of one each
+    (gradient accumulation), give the same step, the mean over all 44 tokens; a mean per
+    micro-batch weighed the 5-token one like the 39-token one."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, VOCAB, (40,), generator=g).tolist() for _ in range(2))
+    samples = [token_sample(a), token_sample(b, [-100] * 35 + b[35:])]
+    runs = {}
+    for batch_size, grad_accum in ((2, 1), (1, 2)):
+        model = tiny_comet("llama")
+        cfg = TrainConfig(total_steps=1, batch_size=batch_size, grad_accum=grad_accum, progress=False,
+                          max_grad_norm=float("inf"))
+        record = Trainer(model, samples, cfg, ChunkPlanner(16, mix={"fixed": 1})).train()[0]
+        runs[grad_accum] = record, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model = tiny_comet("llama").train()
+    summed = sum(model(torch.tensor([s.input_ids]), labels=torch.tensor([s.labels]), num_items_in_batch=1).loss
+                 for s in samples)
+    assert runs[1][0]["loss"] == pytest.approx(float(summed) / 44, rel=1e-5)
+    assert runs[2][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-5)
+    for name, grad in runs[1][1].items():
+        torch.testing.assert_close(runs[2][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
