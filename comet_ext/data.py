@@ -306,7 +306,14 @@ def _chat_line(raw: bytes, tokenizer, max_tokens: Optional[int]) -> Sample:
             raise ValueError(f"a message holds a lone surrogate ({e.object[e.start]!a}): not Unicode text") from None
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("no assistant turn: nothing to learn")
-    sample = chat_sample(messages, tokenizer)
+    try:
+        from jinja2 import TemplateError
+    except ImportError:  # (no template can run without jinja2)
+        TemplateError = ()  # noqa: N806
+    try:
+        sample = chat_sample(messages, tokenizer)
+    except TemplateError as e:  # the template refuses it (Mistral's and Llama 2's: roles that do not alternate)
+        raise ValueError(f"the chat template refused it: {e}") from None
     if max_tokens is not None and len(sample) > max_tokens:
         raise ValueError(f"{len(sample)} tokens, longer than the limit of {max_tokens}")
     return sample

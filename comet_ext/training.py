@@ -72,11 +72,20 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("total_steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0 or self.memory_lr_mult <= 0:
-            raise ValueError(f"TrainConfig: lr ({self.lr}) and memory_lr_mult ({self.memory_lr_mult}) must be > 0")
+        for name, low in (("total_steps", 1), ("batch_size", 1), ("grad_accum", 1), ("warmup_steps", 0),
+                          ("checkpoint_every", 0), ("log_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+        for name in ("lr", "memory_lr_mult"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"TrainConfig.{name} must be a finite number > 0, got {value!r}")
+        if not isinstance(self.min_lr_ratio, (int, float)) or not 0 <= self.min_lr_ratio <= 1:
+            # (below 0 the cosine decay turns the learning rate negative: gradient ascent)
+            raise ValueError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if not isinstance(self.weight_decay, (int, float)) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
         if not self.max_grad_norm > 0:  # clip_grad_norm_ to 0 would zero every gradient: no training at all
             raise ValueError(f"TrainConfig.max_grad_norm must be > 0 (float('inf') for no clipping), "
                              f"got {self.max_grad_norm}")

@@ -106,6 +106,32 @@ def test_bad_jsonl_lines_are_reported_with_line_numbers(tmp_path):
         read_chat_jsonl(path, tok, max_tokens=200, on_error="raise")
 
 
+def test_a_line_the_chat_template_refuses_is_a_problem_of_that_line(tmp_path):
+    """Templates such as Mistral's raise on roles that do not alternate (jinja2's TemplateError,
+    not a ValueError): that line is reported and skipped, the file read on."""
+    tok = byte_tokenizer()
+    tok.chat_template = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                         "{{ raise_exception('roles must alternate user/assistant') }}{% endif %}"
+                         "{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}")
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    bad = {"messages": [{"role": "assistant", "content": "yo"}, {"role": "assistant", "content": "again"}]}
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in (good, bad, good)) + "\n")
+    samples, problems = read_chat_jsonl(path, tok)
+    assert len(samples) == 2 and len(problems) == 1
+    assert ":2: the chat template refused it: roles must alternate" in problems[0]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("min_lr_ratio", -1.0), ("min_lr_ratio", 5.0), ("lr", float("inf")), ("lr", 0.0), ("memory_lr_mult", float("nan")),
+    ("warmup_steps", -3), ("checkpoint_every", -1), ("total_steps", 10.5), ("batch_size", True), ("log_every", -1),
+    ("weight_decay", -0.1),
+])
+def test_train_config_refuses_settings_that_would_train_wrong(field, value):
+    with pytest.raises(ValueError, match=f"TrainConfig.{field} must be"):
+        TrainConfig(**{field: value})
+
+
 # A template that rewrites earlier turns once later ones follow, as Qwen3's does (written here
 # after its behaviour): assistant turns after the last user turn carry a <think> block (empty
 # without reasoning), earlier ones lose theirs.
