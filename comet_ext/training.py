@@ -162,6 +162,12 @@ class Trainer:
         group, replicas see different batches and average their gradients."""
         if not samples:
             raise ValueError("Trainer: no training samples")
+        empty = [i for i, sample in enumerate(samples) if len(sample) == 0]
+        if empty:  # (found here, not when a batch of them is drawn hours in)
+            raise ValueError(f"Trainer: samples {empty[:10]}{' ...' if len(empty) > 10 else ''} hold no token")
+        vocab = model.get_input_embeddings().num_embeddings
+        if isinstance(pad_id, bool) or not isinstance(pad_id, int) or not 0 <= pad_id < vocab:
+            raise ValueError(f"Trainer: pad_id must be a token id in [0, {vocab}) (the vocabulary), got {pad_id!r}")
         self.model, self.samples, self.cfg, self.planner = model, list(samples), cfg, planner
         self.pad_id, self.on_step = pad_id, on_step
         self.pipeline_group, self.data_group = pipeline_group, data_group
@@ -304,6 +310,28 @@ class Trainer:
                 json.dump(dataclasses.asdict(self.cfg), f, indent=1)
         atomic_folder(folder, fill)
 
+    # TrainConfig fields a resumed run may change: how long it runs, how it logs and checkpoints
+    RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "checkpoint_dir", "log_every", "progress")
+
+    def _check_same_run(self, folder: str, saved) -> None:
+        """A ValueError unless the checkpoint's CoMeT config and TrainConfig (but for
+        RESUMABLE_CHANGES) are this trainer's: resuming under others continues another run
+        (another memory layout, data order, schedule) while claiming to be this one."""
+        diff = _differences(saved.comet_config.to_dict(), self.model.comet_config.to_dict())
+        if diff:
+            raise ValueError(f"load_checkpoint: {folder!r} was trained with another CoMeT config; differences "
+                             f"(checkpoint, this model): {diff}")
+        config = os.path.join(folder, "train_config.json")
+        if os.path.isfile(config):  # (older checkpoints may lack it)
+            with open(config) as f:
+                was = json.load(f)
+            now = json.loads(json.dumps(dataclasses.asdict(self.cfg)))  # (tuples as JSON lists, as saved)
+            diff = {k: v for k, v in _differences(was, now).items() if k not in self.RESUMABLE_CHANGES}
+            if diff:
+                raise ValueError(f"load_checkpoint: {folder!r} was trained with other TrainConfig settings; "
+                                 f"differences (checkpoint, this trainer): {diff}. Only "
+                                 f"{', '.join(self.RESUMABLE_CHANGES)} may change on resume")
+
     def load_checkpoint(self, folder: str) -> None:
         """Restores the model weights, optimizer, scheduler, data position and torch's random
         number generators (CPU and CUDA)."""
@@ -313,6 +341,7 @@ class Trainer:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"load_checkpoint: {folder!r} holds no trainer.pt")
         saved = CometForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=self.model.dtype)
+        self._check_same_run(folder, saved)
         self.model.load_state_dict(saved.state_dict())
         state = torch.load(path, map_location=self.model.device, weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -320,6 +349,10 @@ class Trainer:
         self.step, self.history = state["step"], state["history"]
         if "rng" in state:  # what dropout (LoRA's, the model's) draws next; older checkpoints lack it
             _set_rng_state(state["rng"])
+
+
+def _differences(saved: dict, now: dict) -> dict:
+    return {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)}
 
 
 def _rng_state() -> dict:

@@ -1,6 +1,7 @@
 """Chunk planner, training data, and the training loop (single process)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -461,6 +462,33 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     resumed.load_checkpoint(str(tmp_path / "ckpt"))
     got = [h["loss"] for h in resumed.train()]
     assert got == expected
+
+
+def test_resume_refuses_another_run_and_takes_a_longer_one(tmp_path):
+    """A checkpoint resumed under another CoMeT config or other TrainConfig settings would go on
+    as another run (memory layout, data order, schedule) under this one's name: refused, naming
+    the differences. How long it runs, how it logs and checkpoints may change."""
+    first = _trainer(tiny_comet("llama"), 4)
+    first.train(steps=1)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match=r"another CoMeT config.*'temp_budget': \(6, 2\)"):
+        _trainer(tiny_comet("llama", temp_budget=2), 4).load_checkpoint(str(tmp_path / "ckpt"))
+    other = _trainer(tiny_comet("llama"), 4)
+    other.cfg = dataclasses.replace(other.cfg, seed=7)
+    with pytest.raises(ValueError, match=r"other TrainConfig settings.*'seed': \(0, 7\)"):
+        other.load_checkpoint(str(tmp_path / "ckpt"))
+    longer = _trainer(tiny_comet("llama"), 9)
+    longer.load_checkpoint(str(tmp_path / "ckpt"))
+    assert longer.step == 1
+
+
+def test_trainer_refuses_empty_samples_and_a_pad_id_outside_the_vocabulary():
+    model = tiny_comet("llama")
+    good = token_sample([1, 2, 3])
+    with pytest.raises(ValueError, match=r"samples \[1\] hold no token"):
+        Trainer(model, [good, token_sample([])], TrainConfig(progress=False), ChunkPlanner(16))
+    with pytest.raises(ValueError, match=r"pad_id must be a token id in \[0, 97\)"):
+        Trainer(model, [good], TrainConfig(progress=False), ChunkPlanner(16), pad_id=256)
 
 
 def test_resume_is_exact_with_dropout(tmp_path):
