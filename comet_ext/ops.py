@@ -93,8 +93,18 @@ def prefix_attention(
     return _ops.prefix_attention.default(q, k, v, float(scale), q_lens, k_lens)
 
 
+def _same_device(op: str, ref_name: str, ref: Tensor, **others: Optional[Tensor]) -> None:
+    """The kernels' device check, in a fake kernel: the dispatcher runs the fake kernels for a
+    meta tensor among real ones too, where they would hand back uninitialised real tensors."""
+    for name, t in others.items():
+        if t is not None:
+            torch._check(t.device == ref.device, lambda: f"comet::{op}: '{name}' is on {t.device} but '{ref_name}' "
+                                                         f"is on {ref.device}; they must be on the same device")
+
+
 @torch.library.register_fake("comet::prefix_attention")
 def _(q, k, v, scale, q_lens=None, k_lens=None):
+    _same_device("prefix_attention", "q", q, k=k, v=v, q_lens=q_lens, k_lens=k_lens)
     torch._check(q.dim() == 4 and k.dim() == 4 and v.dim() == 4, lambda: "q, k, v must be 4-D")
     torch._check(q.shape[2] > 0 and k.shape[2] > 0, lambda: "q_heads and kv_heads must be positive")
     torch._check(q.shape[2] % k.shape[2] == 0, lambda: "q_heads must be a multiple of kv_heads")
@@ -106,6 +116,8 @@ def _(q, k, v, scale, q_lens=None, k_lens=None):
 
 @torch.library.register_fake("comet::prefix_attention_backward")
 def _(grad_out, grad_lse, q, k, v, out, lse, scale, q_lens=None, k_lens=None):
+    _same_device("prefix_attention_backward", "q", q, grad_out=grad_out, grad_lse=grad_lse, k=k, v=v, out=out,
+                 lse=lse, q_lens=q_lens, k_lens=k_lens)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -161,12 +173,14 @@ def rla(
 
 @torch.library.register_fake("comet::rla")
 def _(x, down, up, norm_weight, eps):
+    _same_device("rla", "x", x, down=down, up=up, norm_weight=norm_weight)
     torch._check(x.dim() == 2, lambda: "x must be (rows, hidden)")
     return x.new_empty(x.shape)
 
 
 @torch.library.register_fake("comet::rla_backward")
 def _(grad_y, x, down, up, norm_weight, eps):
+    _same_device("rla_backward", "x", x, grad_y=grad_y, down=down, up=up, norm_weight=norm_weight)
     gw = x.new_empty((x.shape[1],) if norm_weight is not None else (0,))
     return x.new_empty(x.shape), down.new_empty(down.shape), up.new_empty(up.shape), gw
 
@@ -233,12 +247,16 @@ def gated_update(
 
 @torch.library.register_fake("comet::gated_update")
 def _(readout, state, norm_weight, gate_weight, down, up, eps, gate_snap=1.0):
+    _same_device("gated_update", "readout", readout, state=state, norm_weight=norm_weight, gate_weight=gate_weight,
+                 down=down, up=up)
     torch._check(readout.dim() == 3, lambda: "readout must be (batch, slots, hidden)")
     return readout.new_empty(readout.shape), readout.new_empty(readout.shape)
 
 
 @torch.library.register_fake("comet::gated_update_backward")
 def _(grad_new_state, grad_memory, readout, state, norm_weight, gate_weight, down, up, eps, gate_snap=1.0):
+    _same_device("gated_update_backward", "readout", readout, grad_new_state=grad_new_state, grad_memory=grad_memory,
+                 state=state, norm_weight=norm_weight, gate_weight=gate_weight, down=down, up=up)
     ds = readout.new_empty(readout.shape if state is not None else (0,))
     return (
         readout.new_empty(readout.shape),
@@ -341,27 +359,32 @@ def fifo_view(
 
 @torch.library.register_fake("comet::fifo_push")
 def _(buffer, head, length, rows, counts):
+    _same_device("fifo_push", "buffer", buffer, head=head, length=length, rows=rows, counts=counts)
     return None
 
 
 @torch.library.register_fake("comet::fifo_push_functional")
 def _(buffer, head, length, rows, counts):
+    _same_device("fifo_push_functional", "buffer", buffer, head=head, length=length, rows=rows, counts=counts)
     return buffer.new_empty(buffer.shape), head.new_empty(head.shape), length.new_empty(length.shape)
 
 
 @torch.library.register_fake("comet::fifo_push_backward")
 def _(grad_buffer_out, head, length, counts, num_rows):
+    _same_device("fifo_push_backward", "grad_buffer_out", grad_buffer_out, head=head, length=length, counts=counts)
     rows_shape = (grad_buffer_out.shape[0], num_rows, *grad_buffer_out.shape[2:])
     return grad_buffer_out.new_empty(grad_buffer_out.shape), grad_buffer_out.new_empty(rows_shape)
 
 
 @torch.library.register_fake("comet::fifo_view")
 def _(buffer, head, length, cos=None, sin=None):
+    _same_device("fifo_view", "buffer", buffer, head=head, length=length, cos=cos, sin=sin)
     return buffer.new_empty(buffer.shape)
 
 
 @torch.library.register_fake("comet::fifo_view_backward")
 def _(grad_view, head, length, cos=None, sin=None):
+    _same_device("fifo_view_backward", "grad_view", grad_view, head=head, length=length, cos=cos, sin=sin)
     return grad_view.new_empty(grad_view.shape)
 
 

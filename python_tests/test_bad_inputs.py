@@ -424,6 +424,41 @@ def test_more_bad_calls_are_rejected(call, exc, pattern):
         call()
 
 
+def _meta(t: torch.Tensor) -> torch.Tensor:
+    return t.to("meta")
+
+
+def _fifo():
+    return torch.zeros(2, 4, 3), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long)
+
+
+ONE_META_TENSOR = [  # (the dispatcher runs the fake kernels then, which returned uninitialised real tensors)
+    pytest.param(lambda: ops.prefix_attention(_qkv()[0], _meta(_qkv()[1]), _qkv()[2]), "'k' is on meta but 'q'",
+                 id="attention-k"),
+    pytest.param(lambda: ops.prefix_attention(*_qkv(), q_lens=_meta(torch.tensor([1, 2]))), "'q_lens' is on meta",
+                 id="attention-q-lens"),
+    pytest.param(lambda: ops.rla(torch.randn(3, 8), _meta(torch.randn(2, 8)), torch.randn(8, 2)), "'down' is on meta",
+                 id="rla-down"),
+    pytest.param(lambda: torch.ops.comet.rla(torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2),
+                                             _meta(torch.ones(8)), 1e-6), "'norm_weight' is on meta", id="rla-direct"),
+    pytest.param(lambda: ops.gated_update(torch.randn(1, 2, 8), _meta(torch.randn(1, 2, 8)), torch.ones(8),
+                                          torch.randn(1, 16), torch.randn(2, 8), torch.randn(8, 2)),
+                 "'state' is on meta", id="gated-state"),
+    pytest.param(lambda: ops.fifo_push(*_fifo(), torch.ones(2, 2, 3), _meta(torch.tensor([2, 2]))),
+                 "'counts' is on meta", id="push-counts"),
+    pytest.param(lambda: ops.fifo_push_functional(*_fifo(), _meta(torch.ones(2, 2, 3)), torch.tensor([2, 2])),
+                 "'rows' is on meta", id="push-functional-rows"),
+    pytest.param(lambda: ops.fifo_view(_fifo()[0], _meta(_fifo()[1]), _fifo()[2]), "'head' is on meta",
+                 id="view-head"),
+]
+
+
+@pytest.mark.parametrize("call, pattern", ONE_META_TENSOR)
+def test_one_meta_tensor_among_real_ones_is_refused_by_name(call, pattern):
+    with pytest.raises(RuntimeError, match=pattern + ".*must be on the same device"):
+        call()
+
+
 # --------------------------------------------------------------------------- NaN behaviour
 
 
