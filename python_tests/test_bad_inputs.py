@@ -493,6 +493,26 @@ def test_nan_in_q_poisons_only_that_query_row():
     assert torch.equal(out.isnan(), bad_ref_out.isnan())
 
 
+@pytest.mark.parametrize("how", ["-inf in q", "q.k overflows"])
+def test_a_row_whose_visible_scores_are_all_minus_inf_is_nan_not_padding(how):
+    """Only -inf scores (a -inf in q, or a finite q.k that overflows) leave a row that sees keys
+    with nothing to normalise: NaN, as the oracle's softmax gives and as docs/ops.md says of a
+    non-finite query row. It came back as out 0 / lse -inf, a padded row's result."""
+    q, k, v = _nan_inputs()
+    bad_q = q.clone()
+    if how == "-inf in q":
+        k = k.abs() + 0.1  # every score of the row then -inf
+        bad_q[0, 2, 1] = 0.0
+        bad_q[0, 2, 1, 3] = -math.inf
+    else:
+        k = torch.full_like(k, 1e20)
+        bad_q[0, 2, 1] = -1e20
+    out, lse = ops.prefix_attention(bad_q, k, v)
+    ref_out, ref_lse = ref.prefix_attention(bad_q, k, v)
+    assert out[0, 2, 1].isnan().all() and lse[0, 1, 2].isnan()
+    assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
+
+
 def test_nan_in_last_key_poisons_only_the_rows_that_see_it():
     """Bottom-right causal: the last key is visible only to the last query row, so a NaN
     there poisons that row (all heads of its kv group; here Hkv head 0 -> q heads 0, 1)."""

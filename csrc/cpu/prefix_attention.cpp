@@ -138,7 +138,10 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t h = hk * group + r / m, i = i0 + r % m;
-        const acc_t l = row_sum[r];
+        // l = 0: no visible key, or only -inf scores (a -inf in q, an overflowing q.k), which the
+        // oracle's softmax makes NaN: a row that sees keys is then NaN, not passed off as padding.
+        const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+        const acc_t l = row_sum[r] == 0 && row_vis[r] > 0 ? nan : row_sum[r];
         const acc_t inv = l > 0 ? acc_t(1) / l : (l != l ? l : acc_t(0));  // NaN stays NaN
         scale_row(&o_tile[r * D], D, inv);
         store_row(&o_tile[r * D], D, head_view<scalar_t>(out, b, h).row(i));
