@@ -3,6 +3,8 @@
 // read them for free); CUDA kernels clamp them instead of syncing.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+
 #include <cmath>
 #include <utility>
 #include <vector>
@@ -208,10 +210,26 @@ inline void check_dense_rows(const char* op, const at::Tensor& t, const char* na
   check_last_contiguous(t, op, name);
 }
 
-// The in-place push writes head / length back element by element.
-inline void check_inplace_state(const char* op, const at::Tensor& head, const at::Tensor& length) {
+// The in-place push writes buffer, head and length (head / length element by element): none of
+// them may share memory with itself (an expanded tensor) or with another argument (rows taken
+// from the buffer itself, head and length one tensor), which would write what is still to be read.
+inline void check_inplace_push(const char* op, const at::Tensor& buffer, const at::Tensor& head,
+                               const at::Tensor& length, const at::Tensor& rows, const at::Tensor& counts) {
   COMET_CHECK(head.is_contiguous() && length.is_contiguous(), op,
               "'head' and 'length' must be contiguous (they are updated in place)");
+  const std::pair<const at::Tensor*, const char*> args[] = {
+      {&buffer, "buffer"}, {&head, "head"}, {&length, "length"}, {&rows, "rows"}, {&counts, "counts"}};
+  for (int w = 0; w < 3; ++w) {  // the written ones
+    const auto& [t, name] = args[w];
+    COMET_CHECK(at::has_internal_overlap(*t) != at::MemOverlap::Yes, op, "'", name,
+                "' has elements that share memory (an expanded tensor?); it is written in place");
+    for (int a = w + 1; a < 5; ++a) {
+      const auto status = at::get_overlap_status(*t, *args[a].first);
+      COMET_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, op, "'",
+                  name, "' and '", args[a].second, "' share memory; '", name,
+                  "' is written in place (pass a copy: .clone())");
+    }
+  }
 }
 
 inline void check_push_args(const char* op, const at::Tensor& buffer, const at::Tensor& head,

@@ -453,6 +453,28 @@ ONE_META_TENSOR = [  # (the dispatcher runs the fake kernels then, which returne
 ]
 
 
+def _push_sharing(what: str):
+    buffer, head, length = torch.arange(8.0).view(1, 8, 1), torch.tensor([0]), torch.tensor([3])
+    rows, counts = torch.ones(1, 2, 1), torch.tensor([2])
+    if what == "rows-in-buffer":  # a ring's own rows pushed back into it
+        rows = buffer[:, :2]
+    elif what == "head-is-length":
+        length = head
+    elif what == "expanded-buffer":  # every slot of a sample one memory location
+        buffer = torch.zeros(1, 1, 1).expand(1, 8, 1)
+    return lambda: ops.fifo_push(buffer, head, length, rows, counts)
+
+
+@pytest.mark.parametrize("what, pattern", [
+    ("rows-in-buffer", "'buffer' and 'rows' share memory"), ("head-is-length", "'head' and 'length' share memory"),
+    ("expanded-buffer", "'buffer' has elements that share memory")])
+def test_an_in_place_push_refuses_arguments_that_share_memory(what, pattern):
+    """The push writes buffer, head and length in place: sharing memory with another argument (or
+    within itself) wrote what was still to be read, silently."""
+    with pytest.raises(RuntimeError, match=pattern):
+        _push_sharing(what)()
+
+
 @pytest.mark.parametrize("call, pattern", ONE_META_TENSOR)
 def test_one_meta_tensor_among_real_ones_is_refused_by_name(call, pattern):
     with pytest.raises(RuntimeError, match=pattern + ".*must be on the same device"):

@@ -67,7 +67,7 @@ void fifo_push_cpu(at::Tensor& buffer, at::Tensor& head, at::Tensor& length, con
   const auto cnt = check_push(op, buffer, head, length, rows, counts);
   check_dense_rows(op, buffer, "buffer");
   check_dense_rows(op, rows, "rows");
-  check_inplace_state(op, head, length);
+  check_inplace_push(op, buffer, head, length, rows, counts);
   push_inplace(buffer, head, length, rows, cnt);
 }
 

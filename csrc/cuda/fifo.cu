@@ -188,7 +188,7 @@ void fifo_push_cuda(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
   check_push_args(op, buffer, head, length, rows, counts);
   check_dense_rows(op, buffer, "buffer");
   check_dense_rows(op, rows, "rows");
-  check_inplace_state(op, head, length);
+  check_inplace_push(op, buffer, head, length, rows, counts);
   const int64_t B = buffer.size(0), C = buffer.size(1), n = rows.size(1);
   if (B == 0 || C == 0) return;
   const c10::cuda::CUDAGuard guard(buffer.device());
