@@ -6,6 +6,7 @@ D head dim, M rows, d hidden, r adapter rank, C FIFO capacity.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -165,9 +166,10 @@ def rla(
     """
     if x.dim() < 1:
         raise ValueError(f"rla: 'x' must have a hidden dimension, got a {x.dim()}-D tensor")
-    if x.dim() == 2 or x.shape[-1] == 0:  # 2-D as is; hidden 0 is refused by the op
+    if x.dim() == 2:
         return _ops.rla.default(x, down, up, norm_weight, float(eps))
-    y = _ops.rla.default(x.reshape(-1, x.shape[-1]), down, up, norm_weight, float(eps))
+    # (rows, hidden); hidden 0 is refused by the op, by name (reshape(-1, 0) cannot infer the rows)
+    y = _ops.rla.default(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), down, up, norm_weight, float(eps))
     return y.view(x.shape)
 
 

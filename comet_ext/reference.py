@@ -62,6 +62,11 @@ def prefix_attention(
     B, N, Hq, D = q.shape
     K, Hkv = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if K == 0:  # no key: every row is a padded one (amax over no key would raise)
+        # zeros in q's, k's and v's graphs (their gradients zeros); k and v are empty, so sum to 0
+        out = q.masked_fill(torch.ones((), dtype=torch.bool, device=q.device), 0) + (k.sum() + v.sum()).to(q.dtype)
+        return out, torch.full((B, Hq, N), float("-inf"), dtype=lse_dtype, device=q.device)
     ct = _compute_dtype(q, upcast)
     qf = q.to(ct).transpose(1, 2)  # (B, Hq, N, D)
     kf = k.to(ct).repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2)
@@ -79,7 +84,6 @@ def prefix_attention(
     total = e.sum(-1)
     p = e / torch.where(empty, torch.ones((), dtype=ct, device=q.device), total).unsqueeze(-1)
     out = (p @ vf).transpose(1, 2).to(q.dtype)
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     safe_total = torch.where(empty, torch.ones((), dtype=ct, device=q.device), total)
     lse = torch.where(empty, float("-inf"), m.squeeze(-1) + torch.log(safe_total)).to(lse_dtype)
     return out, lse

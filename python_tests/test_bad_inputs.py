@@ -415,6 +415,10 @@ MORE_BAD_CALLS = [
                  r"'readout' must be float32", id="gated-integer-readout-default-eps"),
     pytest.param(lambda: ops.rla(torch.randn(M, 0), torch.randn(R, 0), torch.randn(0, R)), RuntimeError,
                  r"'x' must have a positive hidden size", id="rla-zero-hidden"),
+    pytest.param(lambda: ops.rla(torch.randn(2, 3, 0), torch.randn(R, 0), torch.randn(0, R)), RuntimeError,
+                 r"'x' must have a positive hidden size", id="rla-3d-zero-hidden"),
+    pytest.param(lambda: ops.rla(torch.randn(0), torch.randn(R, 0), torch.randn(0, R)), RuntimeError,
+                 r"'x' must have a positive hidden size", id="rla-1d-zero-hidden"),
 ]
 
 

@@ -154,6 +154,18 @@ def test_a_nan_in_a_valid_row_stays_out_of_the_padding_keys_gradients(device, dt
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_no_keys_at_all_matches_the_oracle(device):
+    """K = 0: every row sees nothing (out 0, lse -inf), in the op and the oracle alike, and the
+    gradients are zeros."""
+    q, k, v = make_inputs(2, 3, 0, 4, 2, 8, torch.float32, device)
+    k, v = k[:, :0], v[:, :0]
+    ours, oracle = run_both(q, k, v)
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), ours, oracle):
+        assert torch.equal(a, b), name
+    assert (ours[0] == 0).all() and torch.isneginf(ours[1]).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_queries_that_see_nothing(device):
     """More query rows than keys: the first rows see no key -> zeros, lse -inf."""
     q, k, v = make_inputs(1, 10, 0, 2, 1, 32, torch.float32, device)
