@@ -291,6 +291,9 @@ class CometMemory:
                     f"differences (file, model): {diff}"
                 )
             memory = memory.to(device or model.device, model.dtype)
+            if memory.state.dim() != 4:  # (the batch size is read from it)
+                raise ValueError(f"CometMemory.load({path!r}): 'state' must be (layers, batch, slots, hidden), got "
+                                 f"shape {tuple(memory.state.shape)}")
             memory.check_layout(model.memory_layout(memory.batch_size), f"CometMemory.load({path!r})")
             memory.check_counters(model.comet_config.chunk_size, f"CometMemory.load({path!r})")
             return memory
