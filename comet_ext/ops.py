@@ -10,6 +10,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 __all__ = [
@@ -45,6 +46,18 @@ def _first_order_only(op: str) -> None:
     if torch.is_grad_enabled():
         raise NotImplementedError(f"comet::{op}: double backward (create_graph=True) is not supported; its "
                                   "backward kernel has no derivative of its own")
+
+
+def _reverse_mode_only(op: str, *tensors: Optional[Tensor]) -> None:
+    """The ops' derivatives are backward kernels (reverse mode). Forward mode (torch.func.jvp,
+    torch.autograd.forward_ad) would run the op on the primals and drop the tangents, silently:
+    refused where an argument carries one."""
+    if fwAD._current_level < 0:  # no dual level is open: no tangent can exist (the common case)
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"comet_ext.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) "
+                                  "is not implemented, its tangents would be lost; differentiate in reverse mode "
+                                  "(backward)")
 
 
 def _none_if_empty(t: Tensor, present: bool) -> Optional[Tensor]:
@@ -91,6 +104,7 @@ def prefix_attention(
     if scale is None:
         # Malformed q (no dims, head_dim 0) falls through to the op's own checks.
         scale = q.shape[-1] ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
+    _reverse_mode_only("prefix_attention", q, k, v)
     return _ops.prefix_attention.default(q, k, v, float(scale), q_lens, k_lens)
 
 
@@ -166,6 +180,7 @@ def rla(
     """
     if x.dim() < 1:
         raise ValueError(f"rla: 'x' must have a hidden dimension, got a {x.dim()}-D tensor")
+    _reverse_mode_only("rla", x, down, up, norm_weight)
     if x.dim() == 2:
         return _ops.rla.default(x, down, up, norm_weight, float(eps))
     # (rows, hidden); hidden 0 is refused by the op, by name (reshape(-1, 0) cannot infer the rows)
@@ -243,6 +258,7 @@ def gated_update(
         if dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(readout.device.type):
             dtype = torch.float32  # the op runs in fp32 under autocast (below), as nn.RMSNorm does
         eps = torch.finfo(dtype).eps if readout.is_floating_point() else 0.0
+    _reverse_mode_only("gated_update", readout, state, norm_weight, gate_weight, down, up)
     return _ops.gated_update.default(readout, state, norm_weight, gate_weight, down, up, float(eps),
                                      float(gate_snap))
 
@@ -328,6 +344,7 @@ def fifo_push(buffer: Tensor, head: Tensor, length: Tensor, rows: Tensor, counts
             "'rows' requires grad; use fifo_push_functional (returns new tensors) for training, "
             "or call under torch.no_grad()"
         )
+    _reverse_mode_only("fifo_push", buffer, rows)
     _ops.fifo_push.default(buffer, head, length, rows, counts)
     # what torch's own in-place ops do: a tensor's version says it changed (CometMemory trusts
     # its host copy of the FIFO lengths only while their version stands still)
@@ -339,6 +356,7 @@ def fifo_push_functional(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Like :func:`fifo_push` but returns (buffer, head, length) copies; differentiable
     with respect to buffer and rows (costs O(capacity) for the copy)."""
+    _reverse_mode_only("fifo_push_functional", buffer, rows)
     return _ops.fifo_push_functional.default(buffer, head, length, rows, counts)
 
 
@@ -356,6 +374,7 @@ def fifo_view(
     row i, computed in float32 (float64 for a float64 buffer, tables included).
     Differentiable with respect to buffer; the tables are constants.
     """
+    _reverse_mode_only("fifo_view", buffer)
     return _ops.fifo_view.default(buffer, head, length, cos, sin)
 
 

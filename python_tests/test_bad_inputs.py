@@ -479,6 +479,29 @@ def test_an_in_place_push_refuses_arguments_that_share_memory(what, pattern):
         _push_sharing(what)()
 
 
+def test_forward_mode_ad_is_refused_not_silently_zero():
+    """The ops' derivatives are reverse mode: torch.func.jvp / forward_ad dropped the tangents
+    (a zero or missing tangent, no word). Refused; tensors without a tangent still run under an
+    open dual level."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, down, up = torch.randn(3, 8), torch.randn(2, 8), torch.randn(8, 2)
+    with pytest.raises(NotImplementedError, match="rla: forward-mode AD"):
+        torch.func.jvp(lambda x: ops.rla(x, down, up), (x,), (torch.ones_like(x),))
+    q, k, v = _qkv()
+    buffer, head, length = torch.randn(2, 4, 3), torch.tensor([0, 1]), torch.tensor([2, 3])
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="prefix_attention: forward-mode AD"):
+            ops.prefix_attention(q, fwAD.make_dual(k, torch.ones_like(k)), v)
+        with pytest.raises(NotImplementedError, match="fifo_view: forward-mode AD"):
+            ops.fifo_view(fwAD.make_dual(buffer, torch.ones_like(buffer)), head, length)
+        with pytest.raises(NotImplementedError, match="gated_update: forward-mode AD"):
+            s = torch.randn(1, 2, 8)
+            ops.gated_update(torch.randn(1, 2, 8), fwAD.make_dual(s, torch.ones_like(s)), torch.ones(8),
+                             torch.randn(1, 16), torch.randn(2, 8), torch.randn(8, 2))
+        torch.testing.assert_close(ops.rla(x, down, up), ref.rla(x, down, up))  # no tangent: runs
+
+
 @pytest.mark.parametrize("call, pattern", ONE_META_TENSOR)
 def test_one_meta_tensor_among_real_ones_is_refused_by_name(call, pattern):
     with pytest.raises(RuntimeError, match=pattern + ".*must be on the same device"):
