@@ -200,7 +200,11 @@ def loss_divisor(labels: Tensor, num_items_in_batch: Optional[Tensor | int | flo
     step's labelled tokens), else the labelled tokens of `labels` (B, T), at least 1."""
     if num_items_in_batch is None:
         return (labels[:, 1:] != -100).sum().clamp(min=1).to(device)
-    n = torch.as_tensor(num_items_in_batch, device=device)
-    if n.numel() != 1 or not bool(n > 0):
+    if isinstance(num_items_in_batch, Tensor):  # (HF's count, on the device: checked without a host read)
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"num_items_in_batch must be one number, got shape {tuple(num_items_in_batch.shape)}")
+        return num_items_in_batch.to(device).reshape(()).clamp(min=1)
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) \
+            or not num_items_in_batch > 0:
         raise ValueError(f"num_items_in_batch must be a positive number, got {num_items_in_batch!r}")
-    return n.reshape(())
+    return torch.tensor(float(num_items_in_batch), device=device)
