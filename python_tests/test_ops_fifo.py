@@ -191,6 +191,54 @@ def test_push_refuses_autograd():
 
 
 @pytest.mark.parametrize("device", PUSH_DEVICES)
+@pytest.mark.parametrize("call", ["face", "dispatcher"])
+def test_push_bumps_versions(device, call):
+    """The push is an in-place op to autograd (a saved buffer is caught as modified) and to
+    CometMemory's host copy of the lengths, however it is called: the Autograd-key kernel
+    (csrc/autograd.cpp) bumps buffer, head and length."""
+    buffer, head, length = ops.fifo_empty(2, 3, (2,), device=device)
+    push = ops.fifo_push if call == "face" else torch.ops.comet.fifo_push
+    before = [t._version for t in (buffer, head, length)]
+    push(buffer, head, length, torch.randn(2, 2, 2, device=device), torch.tensor([2, 1], device=device))
+    assert all(a > b for a, b in zip([t._version for t in (buffer, head, length)], before))
+
+    x = torch.randn(2, 3, 2, device=device, requires_grad=True)
+    y = (x * buffer).sum()  # saves the buffer for x's gradient
+    with torch.no_grad():
+        push(buffer, head, length, torch.randn(2, 1, 2, device=device), torch.tensor([1, 1], device=device))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@pytest.mark.parametrize("device", PUSH_DEVICES)
+def test_direct_dispatcher_push_refuses_autograd(device):
+    """torch.ops.comet.fifo_push, past the Python face, refused nothing: it wrote a buffer that
+    requires grad and dropped the gradient of the rows written into it (and their tangents)."""
+    import torch.autograd.forward_ad as fwAD
+
+    counts = torch.tensor([2], device=device)
+    for requires in ("buffer", "rows"):
+        buffer, head, length = ops.fifo_empty(1, 3, (2,), device=device)
+        rows = torch.randn(1, 2, 2, device=device)
+        (buffer if requires == "buffer" else rows).requires_grad_()
+        with pytest.raises(RuntimeError, match="fifo_push: updates 'buffer' in place.*fifo_push_functional"):
+            torch.ops.comet.fifo_push(buffer, head, length, rows, counts)
+        assert length.tolist() == [0], "refused before writing"
+        with torch.no_grad():  # as torch's own in-place ops: fine without grad mode
+            torch.ops.comet.fifo_push(buffer, head, length, rows, counts)
+        assert length.tolist() == [2]
+    buffer, head, length = ops.fifo_empty(1, 3, (2,), device=device)
+    rows = torch.randn(1, 2, 2, device=device)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="fifo_push: forward-mode AD"):
+            torch.ops.comet.fifo_push(buffer, head, length, fwAD.make_dual(rows, torch.ones_like(rows)), counts)
+    with torch.inference_mode():  # no autograd at all: the kernel runs directly
+        b, h, l = ops.fifo_empty(1, 3, (2,), device=device)
+        torch.ops.comet.fifo_push(b, h, l, rows, counts)
+    assert l.tolist() == [2]
+
+
+@pytest.mark.parametrize("device", PUSH_DEVICES)
 def test_opcheck(device):
     buffer, head, length = (t.to(device) for t in _ring(dtype=torch.float32))
     rows = torch.randn(2, 3, 2, 4, device=device)
