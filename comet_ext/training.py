@@ -30,6 +30,9 @@ from .atomic import atomic_folder
 from .data import Sample, collate
 from .planner import ChunkPlanner
 
+# what a checkpoint folder holds (save_checkpoint replaces such a folder, and refuses any other)
+CHECKPOINT_ENTRIES = ("model", "trainer.pt", "train_config.json")
+
 log = logging.getLogger("comet_ext.training")
 
 
@@ -300,23 +303,31 @@ class Trainer:
 
     def save_checkpoint(self, folder: str) -> None:
         """Everything to resume exactly, written to a temporary folder and renamed into place
-        (the previous checkpoint is deleted only once the new one is there)."""
+        (the previous checkpoint is deleted only once the new one is there). `folder` must be
+        new, empty or an earlier checkpoint: one holding anything else is refused, since the
+        save replaces it whole."""
         def fill(tmp: str) -> None:
             self.model.save_pretrained(os.path.join(tmp, "model"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "step": self.step, "history": self.history, "rng": _rng_state()},
+                        "step": self.step, "history": self.history, "rng": _rng_state(),
+                        "data_size": self.data_size},
                        os.path.join(tmp, "trainer.pt"))
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(self.cfg), f, indent=1)
-        atomic_folder(folder, fill)
+        atomic_folder(folder, fill, replaces=CHECKPOINT_ENTRIES)
 
     # TrainConfig fields a resumed run may change: how long it runs, how it logs and checkpoints
     RESUMABLE_CHANGES = ("total_steps", "checkpoint_every", "checkpoint_dir", "log_every", "progress")
 
-    def _check_same_run(self, folder: str, saved) -> None:
-        """A ValueError unless the checkpoint's CoMeT config and TrainConfig (but for
-        RESUMABLE_CHANGES) are this trainer's: resuming under others continues another run
-        (another memory layout, data order, schedule) while claiming to be this one."""
+    def _check_same_run(self, folder: str, saved, state: dict) -> None:
+        """A ValueError unless the checkpoint's CoMeT config, TrainConfig (but for
+        RESUMABLE_CHANGES) and number of data replicas are this trainer's: resuming under others
+        continues another run (another memory layout, data order, schedule) while claiming to be
+        this one."""
+        if state.get("data_size", self.data_size) != self.data_size:  # (older checkpoints lack it)
+            raise ValueError(f"load_checkpoint: {folder!r} was trained with {state['data_size']} data replicas, "
+                             f"this trainer has {self.data_size}: the batches each replica reads would change "
+                             f"(samples read twice or skipped); resume with the same data-parallel size")
         diff = _differences(saved.comet_config.to_dict(), self.model.comet_config.to_dict())
         if diff:
             raise ValueError(f"load_checkpoint: {folder!r} was trained with another CoMeT config; differences "
@@ -334,17 +345,30 @@ class Trainer:
 
     def load_checkpoint(self, folder: str) -> None:
         """Restores the model weights, optimizer, scheduler, data position and torch's random
-        number generators (CPU and CUDA)."""
+        number generators (CPU and CUDA). Everything is read and checked before anything is
+        restored: a checkpoint that fails to load leaves the trainer as it was."""
         from .modeling import CometForCausalLM
 
         path = os.path.join(folder, "trainer.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"load_checkpoint: {folder!r} holds no trainer.pt")
+        try:  # (tensors, numbers and containers only: no code runs from a checkpoint's pickle)
+            state = torch.load(path, map_location=self.model.device, weights_only=True)
+        except Exception as e:
+            raise ValueError(f"load_checkpoint: {path!r} cannot be read ({type(e).__name__}: {e})") from e
+        if not isinstance(state, dict) or not {"optimizer", "scheduler", "step", "history"} <= set(state):
+            raise ValueError(f"load_checkpoint: {path!r} is not a Trainer checkpoint's trainer.pt")
         saved = CometForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=self.model.dtype)
-        self._check_same_run(folder, saved)
-        self.model.load_state_dict(saved.state_dict())
-        state = torch.load(path, map_location=self.model.device, weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._check_same_run(folder, saved, state)
+        weights, ours = saved.state_dict(), self.model.state_dict()
+        diff = sorted(k for k in set(weights) | set(ours)
+                      if k not in weights or k not in ours or weights[k].shape != ours[k].shape)
+        if diff:  # (load_state_dict would raise only after copying what matched)
+            raise ValueError(f"load_checkpoint: {folder!r} holds a model of other weights than this trainer's "
+                             f"(e.g. LoRA adapters applied to one of them only); keys that differ or are "
+                             f"missing: {diff[:8]}{' ...' if len(diff) > 8 else ''}")
+        self.optimizer.load_state_dict(state["optimizer"])  # (checks its groups before changing anything)
+        self.model.load_state_dict(weights)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.history = state["step"], state["history"]
         if "rng" in state:  # what dropout (LoRA's, the model's) draws next; older checkpoints lack it

@@ -50,15 +50,47 @@ def test_atomic_folder_swaps_the_whole_folder_and_keeps_the_old_one_on_failure(t
     target = tmp_path / "ckpt"
     atomic_folder(target, lambda d: write_text("1")(os.path.join(d, "x")))
     assert (target / "x").read_text() == "1" and mode(target) == 0o755
-    atomic_folder(target, lambda d: write_text("2")(os.path.join(d, "y")))
+    with pytest.raises(ValueError, match="holds x, which saving there would delete"):
+        atomic_folder(target, lambda d: write_text("2")(os.path.join(d, "y")))
+    atomic_folder(target, lambda d: write_text("2")(os.path.join(d, "y")), replaces=("x", "y"))
     assert os.listdir(target) == ["y"] and os.listdir(tmp_path) == ["ckpt"]
 
     def fails(d):
         write_text("3")(os.path.join(d, "z"))
         raise RuntimeError("killed")
     with pytest.raises(RuntimeError, match="killed"):
-        atomic_folder(target, fails)
+        atomic_folder(target, fails, replaces=("y",))
     assert os.listdir(target) == ["y"] and os.listdir(tmp_path) == ["ckpt"]
+
+
+@pytest.mark.parametrize("exchange", ["renameat2", "two renames"])
+def test_atomic_folder_never_leaves_the_name_empty(tmp_path, monkeypatch, exchange):
+    """Replacing a folder took two renames (old aside, new in): a crash between them left no
+    folder under the name. Where Linux's renameat2 exchange exists, the two trade places in one
+    step; elsewhere the old one is left beside the name. Either way the result is the same."""
+    from comet_ext import atomic
+
+    target = tmp_path / "ckpt"
+    atomic_folder(target, lambda d: write_text("1")(os.path.join(d, "x")))
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (renames.append((a, b)), real_replace(a, b))[1])
+    if exchange == "two renames":
+        monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)
+    else:
+        probe = [tmp_path / "probe-a", tmp_path / "probe-b"]
+        for p in probe:
+            p.mkdir()
+        if not atomic._exchange(*map(str, probe)):
+            pytest.skip("this system or file system has no renameat2 exchange")
+        for p in probe:
+            p.rmdir()
+    atomic_folder(target, lambda d: write_text("2")(os.path.join(d, "x")), replaces=("x",))
+    assert (target / "x").read_text() == "2" and os.listdir(tmp_path) == ["ckpt"]
+    if exchange == "renameat2":
+        assert renames == [], "one exchange, no rename"
+    else:
+        assert len(renames) == 2
 
 
 def test_saved_models_memories_and_checkpoints_are_readable_by_others(tmp_path, umask_022):

@@ -482,6 +482,76 @@ def test_resume_refuses_another_run_and_takes_a_longer_one(tmp_path):
     assert longer.step == 1
 
 
+def test_save_checkpoint_refuses_a_folder_it_would_wipe_and_replaces_an_earlier_checkpoint(tmp_path):
+    """A checkpoint replaces its whole folder: saved into a run folder (notes, the periodic
+    step-* checkpoints) or a project folder, it deleted them all. Refused unless the folder is
+    new, empty or an earlier checkpoint; a symlinked folder is replaced where it points."""
+    tr = _trainer(tiny_comet("llama"), 2)
+    tr.train(steps=1)
+    runs = tmp_path / "runs"
+    (runs / "step-0000001").mkdir(parents=True)
+    (runs / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"holds notes.txt, step-0000001, which saving there would delete"):
+        tr.save_checkpoint(str(runs))
+    assert sorted(p.name for p in runs.iterdir()) == ["notes.txt", "step-0000001"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        tr.save_checkpoint(str(tmp_path / "file"))
+
+    ckpt = tmp_path / "scratch" / "ckpt"
+    tr.save_checkpoint(str(ckpt))
+    (tmp_path / "link").symlink_to(ckpt)
+    tr.train(steps=1)
+    tr.save_checkpoint(str(tmp_path / "link"))  # an earlier checkpoint, through a link
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model", "train_config.json", "trainer.pt"]
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == ["ckpt"]  # no debris
+    resumed = _trainer(tiny_comet("llama"), 2)
+    resumed.load_checkpoint(str(tmp_path / "link"))
+    assert resumed.step == 2
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_the_trainer_as_it_was(tmp_path):
+    """load_checkpoint restored the model's weights, then failed on a damaged trainer.pt (or
+    another model's weights), leaving this run's optimizer and step over the checkpoint's weights."""
+    first = _trainer(tiny_comet("llama"), 4)
+    first.train(steps=1)
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    other = _trainer(tiny_comet("llama", seed=5), 4)
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+
+    def untouched():
+        assert other.step == 0 and all(torch.equal(v, before[k]) for k, v in other.model.state_dict().items())
+
+    trainer_pt = tmp_path / "ckpt" / "trainer.pt"
+    good = trainer_pt.read_bytes()
+    trainer_pt.write_bytes(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"trainer.pt' cannot be read"):
+        other.load_checkpoint(str(tmp_path / "ckpt"))
+    untouched()
+    trainer_pt.write_bytes(good)
+    pytest.importorskip("peft")
+    from comet_ext.lora import apply_lora
+
+    apply_lora(other.model, rank=2)
+    other.optimizer = torch.optim.AdamW(other.model.parameters())
+    before = {k: v.clone() for k, v in other.model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"other weights than this trainer's.*lora"):
+        other.load_checkpoint(str(tmp_path / "ckpt"))
+    untouched()
+
+
+def test_resume_refuses_another_number_of_data_replicas(tmp_path):
+    """The batches a step reads depend on the number of data-parallel replicas: resumed under
+    another, samples were read twice or skipped, silently."""
+    first = _trainer(tiny_comet("llama"), 4)
+    first.train(steps=1)
+    first.data_size = 2  # as a run on two data replicas saves it
+    first.save_checkpoint(str(tmp_path / "ckpt"))
+    with pytest.raises(ValueError, match="trained with 2 data replicas, this trainer has 1"):
+        _trainer(tiny_comet("llama"), 4).load_checkpoint(str(tmp_path / "ckpt"))
+
+
 def test_trainer_refuses_empty_samples_and_a_pad_id_outside_the_vocabulary():
     model = tiny_comet("llama")
     good = token_sample([1, 2, 3])
