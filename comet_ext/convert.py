@@ -11,7 +11,10 @@ and config fields chunk_size, placeholder_id, temp_beacon_id,
 temp_beacon_stride, temp_mem_budget, global_beacon_ids. The compression
 embedding is the temp beacon's row of embed_tokens, the readout embeddings the
 global beacons' rows; the vocabulary (and lm_head) keep their resized size, so
-logits match the reference model's column for column.
+logits match the reference model's column for column. A stride <= 0 (the reference then has
+no temp_memory_net) gives temp_stride=-1. The weights are read from model.safetensors, else
+from the shards of its index (transformers' order; pickled .bin files are not read), in the
+dtype config.json names unless asked otherwise; generation_config.json is kept.
 
     python -m comet_ext.convert REFERENCE_FOLDER OUTPUT_FOLDER
 
@@ -27,6 +30,7 @@ import os
 import re
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import atomic_folder
@@ -67,27 +71,63 @@ def check_beacon_ids(config: dict, vocab: int, path: str) -> None:
                                  "of model.embed_tokens.weight")
 
 
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
 def weights_file(folder: str) -> str:
-    """The file that says where a reference checkpoint's weights are: its index, if sharded."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    return index if os.path.isfile(index) else os.path.join(folder, "model.safetensors")
+    """The file that says where a reference checkpoint's weights are: model.safetensors, else the
+    index of its shards (the order in which transformers, and so the reference, looks)."""
+    single = os.path.join(folder, SINGLE)
+    return single if os.path.isfile(single) or not os.path.isfile(os.path.join(folder, INDEX)) \
+        else os.path.join(folder, INDEX)
+
+
+def read_json(path: str, what: str):
+    """A JSON file's content; an error naming `what` and the file where it is missing or not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path!r} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} {path!r} is not valid JSON ({e})") from None
+
+
+def _shard_files(index: str) -> tuple[dict[str, str], list[str]]:
+    """weight_map and shard file names of a safetensors index, checked: shards are files of the
+    index's own folder (a name like ../x.safetensors would read weights from elsewhere)."""
+    weight_map = read_json(index, "the weights index")
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"convert: {index!r} must hold a 'weight_map' from weight names to shard files")
+    files = sorted(set(weight_map.values()))
+    outside = [name for name in files if os.path.basename(name) != name or name in ("", ".", "..")]
+    if outside:
+        raise ValueError(f"convert: {index!r} names shard files outside its folder: {outside[:4]}")
+    return weight_map, files
 
 
 def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+    where = weights_file(folder)
+    if where.endswith(INDEX):
+        weight_map, files = _shard_files(where)
     else:
-        weight_map, files = {}, ["model.safetensors"]
+        weight_map, files = {}, [SINGLE]
     state = {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"reference checkpoint {folder!r} lacks {name}")
-        shard = load_file(path)
+            bin_only = name == SINGLE and any(os.path.isfile(os.path.join(folder, n))
+                                              for n in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+            raise FileNotFoundError(f"reference checkpoint {folder!r} lacks {name}" + (
+                " (its pytorch_model.bin is not read: pickled weights can run code; load the reference model "
+                "and save_pretrained it with safe_serialization=True first)" if bin_only else ""))
+        try:
+            shard = load_file(path)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"convert: cannot read {path!r} ({e}); the file is truncated or not safetensors") from e
         lacking = sorted(k for k, v in weight_map.items() if v == name and k not in shard)
         if lacking:
             raise ValueError(f"convert: the reference checkpoint lacks the weights {lacking[:8]} (expected in {path!r})")
@@ -145,12 +185,18 @@ def convert_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, tor
     return out
 
 
+def has_fifo(config: dict) -> bool:
+    """The reference builds no temp_memory_net (and feeds no compression token) for a stride <= 0."""
+    return config["temp_beacon_stride"] > 0
+
+
 def comet_config_of(config: dict, state: dict[str, torch.Tensor]):
     from .config import CometConfig
 
     down = state["model.layers.0.global_memory_net.o_proj.down_proj.weight"]
     return CometConfig(chunk_size=config["chunk_size"], num_global=len(config["global_beacon_ids"]),
-                       temp_stride=config["temp_beacon_stride"], temp_budget=config["temp_mem_budget"],
+                       temp_stride=config["temp_beacon_stride"] if has_fifo(config) else -1,
+                       temp_budget=config["temp_mem_budget"],
                        rla_rank=int(down.shape[0]))
 
 
@@ -165,40 +211,50 @@ def base_config_of(config: dict):
 
 
 def load_reference(folder: str, dtype=None):
-    """Builds a CometForCausalLM from a reference checkpoint folder."""
-    from transformers import AutoModelForCausalLM
+    """Builds a CometForCausalLM from a reference checkpoint folder, in `dtype` (None: the dtype
+    its config.json names, as from_pretrained's "auto"), with its generation_config.json."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
+    from .checkpoint import resolve_dtype
     from .modeling import CometForCausalLM
 
     config_path = os.path.join(folder, "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    if not is_reference_config(config):
+    config = read_json(config_path, "the reference config")
+    if not isinstance(config, dict) or not is_reference_config(config):
         raise ValueError(f"{folder!r} is not a reference-implementation checkpoint (no global_beacon_ids)")
     check_reference_config(config, config_path)
+    dtype = resolve_dtype(dtype, config.get("dtype") or config.get("torch_dtype"))
     state = load_reference_state(folder)
     where = weights_file(folder)
     check_beacon_ids(config, _weight(state, "model.embed_tokens.weight", where).shape[0], config_path)
     _weight(state, "model.layers.0.global_memory_net.o_proj.down_proj.weight", where)
     base_config = base_config_of(config)
-    base = AutoModelForCausalLM.from_config(base_config, dtype=dtype or torch.float32)
+    base = AutoModelForCausalLM.from_config(base_config, dtype=dtype)
     try:
         comet_config = comet_config_of(config, state)
     except ValueError as e:
         raise ValueError(f"convert: {config_path!r} does not give a valid CoMeT memory: {e}") from None
     model = CometForCausalLM(base, comet_config)
     converted = convert_state(state, config)
-    missing, unexpected = model.load_state_dict(converted, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(converted, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.json (sizes, ranks)
+        raise ValueError(f"convert: the weights in {where!r} do not fit the model {config_path!r} describes: "
+                         f"{e}") from None
+    tied = getattr(base_config, "tie_word_embeddings", False)
     missing = [reference_key(k) for k in missing
-               if not (k == "base.lm_head.weight" and getattr(base_config, "tie_word_embeddings", False))]
+               if not (k == "base.lm_head.weight" and tied)
+               and not (".temp_memory_net." in k and not has_fifo(config))]  # (kept as initialised, unused)
     if missing:
         raise ValueError(f"convert: the reference checkpoint lacks the weights {missing[:8]} (expected in {where!r})")
     if unexpected:
         raise ValueError(f"convert: the reference checkpoint {where!r} holds weights the model does not have: "
                          f"{[reference_key(k) for k in unexpected[:8]]}")
-    if getattr(base_config, "tie_word_embeddings", False):
+    if tied:
         base.tie_weights()
-    return model.to(dtype) if dtype is not None else model
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):  # its EOS ids, sampling defaults
+        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    return model.to(dtype)
 
 
 def main(argv=None) -> None:
@@ -212,7 +268,12 @@ def main(argv=None) -> None:
     if os.path.lexists(output) and not (os.path.isdir(output) and not os.listdir(output)):
         ap.error(f"output {args.output!r} is not empty (or not a folder); give a new or empty folder, so that no "
                  "file of yours is overwritten and no older weights end up beside the converted ones")
-    model = load_reference(args.reference)
+    if not os.path.isfile(os.path.join(reference, "config.json")):
+        ap.error(f"reference {args.reference!r} is not a folder holding config.json")
+    try:
+        model = load_reference(args.reference)
+    except (ValueError, FileNotFoundError) as e:
+        ap.error(str(e))
     atomic_folder(output, model.save_pretrained)  # written beside it, then renamed into place
     print(f"converted {args.reference} -> {args.output} ({model.comet_config})")
 

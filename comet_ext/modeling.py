@@ -16,7 +16,6 @@ import bisect
 import copy
 import dataclasses
 import functools
-import json
 import math
 import numbers
 import os
@@ -257,16 +256,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         cfg_path = os.path.join(folder, checkpoint.CONFIG_NAME)
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"from_pretrained: no {checkpoint.CONFIG_NAME} in {folder!r}")
-        with open(cfg_path) as f:
-            raw = json.load(f)
-        from .convert import is_reference_config, load_reference
+        from .convert import is_reference_config, load_reference, read_json
 
+        raw = read_json(cfg_path, "the config")
+        if not isinstance(raw, dict):
+            raise ValueError(f"from_pretrained: {cfg_path!r} holds no config (a JSON object)")
         if is_reference_config(raw):  # a reference-implementation checkpoint: convert on load
             model = load_reference(folder, dtype=checkpoint.resolve_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype")))
             return model.to(device) if device is not None else model
         if "comet" not in raw:
             raise ValueError(f"from_pretrained: {folder!r} holds no CoMeT model (its config has no 'comet' entry); "
                              "use CometForCausalLM.from_base to add the memory to a plain model")
+        if not isinstance(raw["comet"], dict):
+            raise ValueError(f"from_pretrained: the 'comet' entry of {cfg_path!r} must be the CoMeT config "
+                             f"(a JSON object), got {raw['comet']!r}")
         return checkpoint.load(cls, folder, dtype, device)
 
     # ------------------------------------------------------------------ helpers

@@ -204,3 +204,104 @@ def test_convert_cli_into_an_empty_folder_leaves_nothing_else_behind(tmp_path, r
     x = torch.randint(0, 97, (1, 20))
     torch.testing.assert_close(CometForCausalLM.from_pretrained(tmp_path / "ours")(x).logits,
                                reference_model(x).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stride", [-1, 0])
+def test_a_reference_without_temporary_memory_loads_with_the_fifo_off(tmp_path, reference_model, stride):
+    """The reference builds no temp_memory_net for a stride <= 0, so such a checkpoint has none of
+    its weights: it was refused as lacking them (and a stride of 0 as invalid)."""
+    temp = [k for k in load_file_of(reference_model, tmp_path / "probe") if ".temp_memory_net." in k]
+    folder = edited_reference(reference_model, tmp_path / "ref", lambda c: c.update(temp_beacon_stride=stride),
+                              drop=temp)
+    loaded = CometForCausalLM.from_pretrained(folder)
+    assert loaded.comet_config.temp_stride == -1
+    no_fifo = qwen3_with_beacon_vocab()
+    no_fifo.comet_config = CometConfig(**{**no_fifo.comet_config.to_dict(), "temp_stride": -1})
+    x = torch.randint(0, 97, (2, 45), generator=torch.Generator().manual_seed(4))
+    expected = naive_forward(no_fifo, x, no_fifo._chunk_sizes(None, 45))
+    torch.testing.assert_close(loaded(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def load_file_of(model, folder) -> dict:
+    folder.mkdir()
+    write_reference_checkpoint(model, folder)
+    return load_file(folder / "model.safetensors")
+
+
+def test_model_safetensors_wins_over_a_stale_index_as_in_transformers(tmp_path, reference_model):
+    """A folder with an older save's shards and index beside a newer model.safetensors: the
+    reference (transformers) reads model.safetensors; the import read the stale shards."""
+    folder = edited_reference(reference_model, tmp_path / "ref", shards=3)
+    newer = qwen3_with_beacon_vocab()
+    with torch.no_grad():
+        for p in newer.parameters():
+            p.mul_(1.5)
+    write_reference_checkpoint(newer, tmp_path / "ref")  # model.safetensors, the index left beside it
+    assert (folder / "model.safetensors.index.json").exists()
+    x = torch.randint(0, 97, (1, 30))
+    torch.testing.assert_close(CometForCausalLM.from_pretrained(folder)(x).logits, newer(x).logits, rtol=0, atol=0)
+
+
+def test_the_reference_generation_config_and_dtype_are_kept(tmp_path, reference_model):
+    """Import dropped the reference's generation_config.json (EOS ids, sampling defaults: generate
+    ran past EOS), and the CLI wrote a bf16 reference as float32 (from_pretrained kept bf16)."""
+    folder = edited_reference(reference_model.to(torch.bfloat16), tmp_path / "ref",
+                              lambda c: c.update(dtype="bfloat16"))
+    reference_model.to(torch.float32)
+    (folder / "generation_config.json").write_text(json.dumps(
+        {"eos_token_id": [5, 6], "do_sample": True, "temperature": 0.7, "top_k": 5}))
+    loaded = CometForCausalLM.from_pretrained(folder)
+    convert_main([str(folder), str(tmp_path / "ours")])
+    converted = CometForCausalLM.from_pretrained(tmp_path / "ours", dtype="auto")
+    for model in (loaded, converted):
+        assert model.dtype == torch.bfloat16
+        g = model.generation_config
+        assert (g.eos_token_id, g.do_sample, g.temperature, g.top_k) == ([5, 6], True, 0.7, 5)
+
+
+def test_damaged_reference_files_are_named(tmp_path, reference_model, capsys):
+    ref = edited_reference(reference_model, tmp_path / "ref")
+    data = (ref / "model.safetensors").read_bytes()
+    (ref / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read '.*model\.safetensors'.*truncated or not safetensors"):
+        CometForCausalLM.from_pretrained(ref)
+    (ref / "model.safetensors").unlink()
+    (ref / "pytorch_model.bin").write_bytes(b"pickle")
+    with pytest.raises(FileNotFoundError, match=r"lacks model\.safetensors \(its pytorch_model\.bin is not read"):
+        CometForCausalLM.from_pretrained(ref)
+    index = ref / "model.safetensors.index.json"
+    for content, pattern in [("{", r"index.*is not valid JSON"),
+                             ('{"metadata": {}}', r"must hold a 'weight_map'"),
+                             ('{"weight_map": ["a"]}', r"must hold a 'weight_map'"),
+                             ('{"weight_map": {"w": "../elsewhere.safetensors"}}', r"shard files outside its folder")]:
+        index.write_text(content)
+        with pytest.raises(ValueError, match=pattern):
+            CometForCausalLM.from_pretrained(ref)
+    (ref / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config '.*config\.json' is not valid JSON"):
+        CometForCausalLM.from_pretrained(ref)
+    with pytest.raises(SystemExit):
+        convert_main([str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert "is not a folder holding config.json" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_main([str(ref), str(tmp_path / "out")])
+    assert "is not valid JSON" in capsys.readouterr().err
+
+
+def test_weights_of_other_shapes_than_the_config_are_named(tmp_path, reference_model):
+    temp_down = "model.layers.0.temp_memory_net.1.down_proj.weight"
+    folder = edited_reference(reference_model, tmp_path / "ref")
+    state = load_file(folder / "model.safetensors")
+    state[temp_down] = torch.zeros(3, state[temp_down].shape[1])  # rank 3, the global RLA's 2
+    save_file(state, folder / "model.safetensors")
+    with pytest.raises(ValueError, match=r"(?s)do not fit the model '.*config\.json' describes.*temp_memory_net"):
+        CometForCausalLM.from_pretrained(folder)
+
+
+def test_a_comet_entry_that_is_not_a_config_is_named(tmp_path, reference_model):
+    reference_model.save_pretrained(tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "config.json").read_text())
+    config["comet"] = None
+    (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"'comet' entry of .* must be the CoMeT config \(a JSON object\), got None"):
+        CometForCausalLM.from_pretrained(tmp_path / "ours")
