@@ -1,10 +1,10 @@
-// The Autograd-key kernel of the one in-place op, fifo_push, for every backend.
+// The Autograd and ADInplaceOrView kernels of the one in-place op, fifo_push, for every backend.
 // The functional ops get theirs from comet_ext/ops.py (torch.library.register_autograd);
 // an op that mutates its arguments cannot, and without a kernel here a direct
 // torch.ops.comet.fifo_push call would write a buffer that requires grad (dropping
 // the gradient of the rows written into it) and leave its version counter alone,
 // so autograd and anything keyed on versions would not see the write. This is
-// what torch's own in-place ops do at this key: refuse what they cannot
+// what torch's own in-place ops do at these keys: refuse what they cannot
 // differentiate, redispatch, then bump the versions of what they wrote.
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
@@ -18,6 +18,17 @@ namespace {
 // would copy the rows' values into the buffer and leave its tangent stale.
 bool has_tangent(const at::Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
 
+using PushFn = void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&);
+
+void call_push(at::Tensor& buffer, at::Tensor& head, at::Tensor& length, const at::Tensor& rows,
+               const at::Tensor& counts) {
+  static const auto handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow("comet::fifo_push", "").typed<PushFn>();
+  handle.call(buffer, head, length, rows, counts);
+}
+
+// Autograd: refuses what a non-differentiable in-place op cannot take, then goes on to
+// ADInplaceOrView. (Skipped under inference mode, where nothing can require grad.)
 void fifo_push_autograd(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
                         const at::Tensor& rows, const at::Tensor& counts) {
   const char* op = "fifo_push";
@@ -28,15 +39,18 @@ void fifo_push_autograd(at::Tensor& buffer, at::Tensor& head, at::Tensor& length
   TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(buffer) && !has_tangent(rows), "comet::", op,
                               ": forward-mode AD is not supported: 'buffer' or 'rows' carries a "
                               "tangent");
+  at::AutoDispatchBelowAutograd guard;
+  call_push(buffer, head, length, rows, counts);
+}
+
+// ADInplaceOrView: the kernel, then the version bumps (under inference mode too, for
+// tensors made outside it; inference tensors have no version counter and skip this key).
+void fifo_push_inplace_or_view(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
+                               const at::Tensor& rows, const at::Tensor& counts) {
   {
     at::AutoDispatchBelowADInplaceOrView guard;
-    static const auto handle = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("comet::fifo_push", "")
-                                   .typed<void(at::Tensor&, at::Tensor&, at::Tensor&,
-                                               const at::Tensor&, const at::Tensor&)>();
-    handle.call(buffer, head, length, rows, counts);
+    call_push(buffer, head, length, rows, counts);
   }
-  // As torch._C._increment_version: inference tensors keep no version counter.
   for (const at::Tensor* t : {&buffer, &head, &length}) {
     if (!t->is_inference()) torch::autograd::impl::bump_version(*t);
   }
@@ -45,5 +59,6 @@ void fifo_push_autograd(at::Tensor& buffer, at::Tensor& head, at::Tensor& length
 }  // namespace
 
 TORCH_LIBRARY_IMPL(comet, Autograd, m) { m.impl("fifo_push", &fifo_push_autograd); }
+TORCH_LIBRARY_IMPL(comet, ADInplaceOrView, m) { m.impl("fifo_push", &fifo_push_inplace_or_view); }
 
 }  // namespace comet

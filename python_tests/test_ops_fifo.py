@@ -201,6 +201,10 @@ def test_push_bumps_versions(device, call):
     before = [t._version for t in (buffer, head, length)]
     push(buffer, head, length, torch.randn(2, 2, 2, device=device), torch.tensor([2, 1], device=device))
     assert all(a > b for a, b in zip([t._version for t in (buffer, head, length)], before))
+    before = [t._version for t in (buffer, head, length)]
+    with torch.inference_mode():  # tensors made outside it keep counting (CometMemory's are such)
+        push(buffer, head, length, torch.randn(2, 1, 2, device=device), torch.tensor([1, 0], device=device))
+    assert all(a > b for a, b in zip([t._version for t in (buffer, head, length)], before))
 
     x = torch.randn(2, 3, 2, device=device, requires_grad=True)
     y = (x * buffer).sum()  # saves the buffer for x's gradient
