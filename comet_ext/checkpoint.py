@@ -175,8 +175,18 @@ def load(cls, folder: str, dtype, device):
     if missing or unexpected:
         raise ValueError(f"from_pretrained: weights do not match the model: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")
-    model.to(dtype)
+    cast_parameters(model, dtype)
     return model.to(device) if device is not None else model
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:
+    """model.to(dtype) for the parameters only (LoRA adapters included): the base's RoPE
+    frequencies (rotary_emb.inv_freq) stay float32, as transformers' from_config /
+    from_pretrained leave them; cast to bfloat16 they move positions by radians at a few
+    thousand."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def tied_keys(model: nn.Module) -> list[tuple[str, str]]:

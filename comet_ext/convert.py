@@ -215,7 +215,7 @@ def load_reference(folder: str, dtype=None):
     its config.json names, as from_pretrained's "auto"), with its generation_config.json."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from .checkpoint import resolve_dtype
+    from .checkpoint import cast_parameters, resolve_dtype
     from .modeling import CometForCausalLM
 
     config_path = os.path.join(folder, "config.json")
@@ -254,7 +254,8 @@ def load_reference(folder: str, dtype=None):
         base.tie_weights()
     if os.path.isfile(os.path.join(folder, "generation_config.json")):  # its EOS ids, sampling defaults
         model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
-    return model.to(dtype)
+    cast_parameters(model, dtype)
+    return model
 
 
 def main(argv=None) -> None:

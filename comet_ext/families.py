@@ -46,6 +46,54 @@ def family_of(config) -> Family:
     return FAMILIES[model_type]
 
 
+def sliding_window(config) -> Optional[int]:
+    """The window of the config's sliding-window layers (Mistral; Qwen2 / Qwen3 with
+    use_sliding_window or such layer_types), None when no layer has one."""
+    window = getattr(config, "sliding_window", None)
+    if not window or getattr(config, "use_sliding_window", True) is False:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
+def _rope_parameters(config) -> list[dict]:
+    """The config's RoPE settings (transformers 5's rope_parameters, else rope_scaling), one dict
+    per layer type where they are given per layer type."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if params and all(isinstance(v, dict) for v in params.values()):
+        return list(params.values())
+    return [params]
+
+
+def check_positions(config, rows: int, why: str) -> None:
+    """A ValueError where the base model would not compute over `rows` rows (positions 0 ..
+    rows - 1, the most a CoMeT chunk has, `why` says of what) what CoMeT's layers compute:
+    a sliding window shorter than `rows` (CoMeT's attention has none, so it would attend past
+    it), or a RoPE whose frequencies depend on each forward's length (dynamic NTK, longrope)
+    once `rows` passes the length where they change (CoMeT takes the memory rows' and the
+    chunk rows' tables in separate calls, which would then get different frequencies). Up to
+    those lengths both behave as the base model does; positions restart every chunk, so the
+    length scaling is not needed."""
+    window = sliding_window(config)
+    if window is not None and rows > window:
+        raise ValueError(f"the model's sliding window ({window} keys) is shorter than the {rows} rows a CoMeT chunk "
+                         f"attends over ({why}), and comet_ext's attention has no window: it would attend past "
+                         f"the model's window; choose sizes with at most {window} rows")
+    for params in _rope_parameters(config):
+        kind = params.get("rope_type", params.get("type", "default"))
+        if "dynamic" in kind or kind == "longrope":
+            limit = (params.get("original_max_position_embeddings") if kind == "longrope" else None) \
+                or config.max_position_embeddings
+            if rows > limit:
+                raise ValueError(f"the model's RoPE ({kind!r}) changes its frequencies with the length of each "
+                                 f"forward past {limit} positions, and a CoMeT chunk runs over {rows} ({why}) in "
+                                 f"separate RoPE calls for its memory rows and its text, which would get "
+                                 f"different frequencies; choose sizes with at most {limit} rows (positions "
+                                 f"restart every chunk, so the length scaling is not needed)")
+
+
 def rotate_half(x: Tensor) -> Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

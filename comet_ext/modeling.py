@@ -31,11 +31,12 @@ from transformers.utils import ModelOutput
 
 from . import checkpoint, generation, ops
 from .config import CometConfig
-from .families import Family, apply_rope, family_of, kv_projection, layer_step, pack_keys
+from .families import Family, apply_rope, check_positions, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
 from .memory import CometMemory, HostCounts, signature_diff
 from .train_memory import FifoWindow, TrainMemory, loss_divisor
-from .segments import COMPRESSION, READOUT, Segment, gather_rows, max_compression_rows, plan_segment
+from .segments import (COMPRESSION, READOUT, Segment, gather_rows, max_chunk_rows, max_compression_rows,
+                       plan_segment)
 from .transfer import upload
 
 
@@ -124,8 +125,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     accepts_loss_kwargs = True
 
     def __init__(self, base: nn.Module, comet_config: CometConfig):
+        family = family_of(base.config)  # (before PreTrainedModel's checks, which fail on MoE configs unnamed)
+        if not isinstance(getattr(base, "model", None), nn.Module) or base.get_output_embeddings() is None:
+            raise ValueError(f"from_base: expected a causal LM (a ...ForCausalLM: a decoder under .model and an "
+                             f"lm_head), got {type(base).__name__}")
         super().__init__(base.config)
-        self.family: Family = family_of(base.config)
+        self.family: Family = family
         self.base = base
         self.comet_config = comet_config
         cfg = base.config
@@ -170,6 +175,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                     "comet_config: " + ", ".join(f"{k}={new} does not fit the model's weights ({k} {n})"
                                                  for k, (new, n) in differ.items())
                     + "; use resize_global_memory(n) for a model with n global slots, a new model for another rank")
+        rows = max_chunk_rows(value)
+        try:
+            check_positions(self.config, rows, f"2 x num_global {value.num_global} + the FIFO's "
+                            f"{value.fifo_capacity} + chunk_size {value.chunk_size} + its "
+                            f"{max_compression_rows(value)} compression rows")
+        except ValueError as e:
+            raise ValueError(f"comet_config: {e}") from None
         self._comet_config = value
 
     @torch.no_grad()
@@ -1048,11 +1060,25 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ input checks
 
+    def _check_memory_modules(self) -> None:
+        """The memory's ops read its modules' weights, not their forwards: an adapter that PEFT
+        put on one of them (its LoRA targets name the memory's o_proj, down_proj, up_proj or
+        g_proj too, "all-linear" takes them all) would be silently left out, and PiSSA-style
+        initialisations, which move part of the weight into the adapter, would change the model."""
+        wrapped = [name for name, m in self.memory_layers.named_modules() if hasattr(m, "base_layer")]
+        if wrapped:
+            raise ValueError(f"the CoMeT memory modules {wrapped[:4]}{' ...' if len(wrapped) > 4 else ''} carry "
+                             f"adapters (PEFT), which comet_ext's memory ops do not apply: leave them out "
+                             f"(get_peft_model with LoraConfig(..., exclude_modules=r\".*memory_layers.*\")), "
+                             f"or use comet_ext.lora.apply_lora, which trains the memory fully")
+
     def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
         """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
         allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk). Also refuses
         autocast to another low precision than a low-precision model's own, which torch itself
-        fails on deep inside (a bfloat16 model under float16 autocast)."""
+        fails on deep inside (a bfloat16 model under float16 autocast), and memory modules wrapped
+        by an adapter library (`_check_memory_modules`)."""
+        self._check_memory_modules()
         kind = self.device.type
         if (torch.is_autocast_enabled(kind) and self.dtype in (torch.bfloat16, torch.float16)
                 and torch.get_autocast_dtype(kind) != self.dtype):

@@ -117,3 +117,9 @@ def max_compression_rows(cfg: CometConfig) -> int:
     if not cfg.uses_temp_memory:
         return 0
     return -(-cfg.chunk_size // cfg.temp_stride)
+
+
+def max_chunk_rows(cfg: CometConfig) -> int:
+    """Rows of the largest chunk a layer runs over (positions 0 .. this - 1): the global rows,
+    a full FIFO, the text, its compression rows and the readout rows of a closed chunk."""
+    return 2 * cfg.num_global + cfg.fifo_capacity + cfg.chunk_size + max_compression_rows(cfg)

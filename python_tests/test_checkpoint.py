@@ -208,3 +208,19 @@ def test_a_memory_of_another_dtype_is_refused_by_read_and_cast_by_load(tmp_path)
     model.read(ids(1, 4), memory.to(dtype=torch.bfloat16))
     for a, b in zip(memory.buffers(), before.buffers()):  # the cast copy shares no buffer, counters included
         assert torch.equal(a, b)
+
+
+def test_a_low_precision_load_keeps_the_rope_frequencies_in_float32(tmp_path):
+    """from_pretrained(dtype=bf16) cast the base's rotary inv_freq to bf16, which transformers
+    leaves in float32: positions moved by radians at a few thousand, and the model differed from
+    the same weights built by from_base (or the reference import)."""
+    model = tiny_comet("qwen3")
+    model.save_pretrained(tmp_path / "m")
+    loaded = CometForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    assert loaded.decoder.rotary_emb.inv_freq.dtype == torch.float32
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    built = CometForCausalLM.from_base(AutoModelForCausalLM.from_config(model.base.config, dtype=torch.bfloat16),
+                                       model.comet_config)
+    built.load_state_dict(loaded.state_dict())
+    x = torch.randint(0, 97, (1, 40))
+    torch.testing.assert_close(loaded(x).logits, built(x).logits, rtol=0, atol=0)

@@ -660,3 +660,27 @@ def test_a_step_is_the_token_mean_however_it_is_split_into_micro_batches():
     assert runs[2][0]["loss"] == pytest.approx(runs[1][0]["loss"], rel=1e-5)
     for name, grad in runs[1][1].items():
         torch.testing.assert_close(runs[2][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["down_proj", "up_proj"], ["g_proj"]])
+def test_peft_adapters_on_the_memory_modules_are_refused_and_excluding_them_works(targets):
+    """The memory's ops read its modules' weights, so PEFT adapters put on them (LoRA targets
+    that name the memory's modules too) were silently left out: zero gradient, and a merged model
+    unlike the trained one. Refused, naming the way out; with the memory excluded, PEFT trains
+    the base's adapters."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    x = torch.randint(0, 97, (1, 20))
+    model = get_peft_model(tiny_comet("qwen3"), LoraConfig(r=2, target_modules=targets))
+    for run in (lambda: model(x), lambda: model.read(x), lambda: model.generate(x, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"memory modules .* carry adapters \(PEFT\).*exclude_modules"):
+            run()
+    if targets == ["g_proj"]:
+        return  # (only the memory has one: nothing else to adapt)
+    model = get_peft_model(tiny_comet("qwen3"), LoraConfig(r=2, target_modules=targets,
+                                                           exclude_modules=r".*memory_layers.*"))
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    assert adapters and all("memory_layers" not in n for n, _ in model.named_parameters() if "lora_" in n)
+    model(x, labels=x).loss.backward()
+    assert all(p.grad is not None for p in adapters)
