@@ -21,7 +21,10 @@ Two rules keep the ranks in step; neither depends on what a rank computes:
   the model (config, dtype) and the batch size alone, whatever autocast makes of
   the state; the ranks check at the start that they agree, and a tensor off that
   format is an error before it is sent (gloo would take fewer bytes into a larger
-  buffer as garbage).
+  buffer as garbage). With it they compare a fingerprint of the step (the batch's
+  ids, labels and mask, the chunk sizes, the layer count and CoMeT config): ranks
+  given other batches exchange state of the same shapes and would give a wrong
+  loss with no word.
 - Every state sent forward has its gradient sent back, zeros where nothing
   depends on it: each edge's send and receive leave a zero "tie" in their rank's
   loss, so backward reaches both ends of every edge whatever requires grad and
@@ -29,6 +32,8 @@ Two rules keep the ranks in step; neither depends on what a rank computes:
 """
 from __future__ import annotations
 
+import json
+import zlib
 from typing import Optional, Sequence
 
 import torch
@@ -120,22 +125,51 @@ def _decode(header: list[int]) -> WireFormat:
     return fmt
 
 
-def _agree_on_wire_format(fmt: WireFormat, prev: Optional[int], nxt: Optional[int], group, device) -> None:
+def _digest(t: Optional[Tensor], device) -> Tensor:
+    """An int64 fingerprint (3,) of an integer tensor: its batch size, its size and a
+    position-weighted sum of its values, computed where it lives (no host read; the sum wraps
+    modulo 2**64 alike on every rank)."""
+    if t is None:
+        return torch.full((3,), -1, dtype=torch.long, device=device)
+    flat = t.reshape(-1).long()
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.long) * 2654435761 % 4294967291 + 1
+    sizes = torch.tensor([t.shape[0] if t.dim() else 0, t.numel()], device=flat.device)
+    return torch.cat([sizes, (flat * weights).sum().reshape(1)]).to(device)
+
+
+def _step_digest(model, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor],
+                 sizes: Sequence[int]) -> Tensor:
+    """What every rank of a pipeline must share for one call: the batch (ids, labels, mask),
+    the chunk sizes, and the model's layer count and CoMeT config. (B,) int64 on the ids' device."""
+    settings = json.dumps([list(sizes), model.config.num_hidden_layers, model.comet_config.to_dict()])
+    device = input_ids.device
+    parts = [_digest(t, device) for t in (input_ids, labels, attention_mask)]
+    return torch.cat(parts + [torch.tensor([zlib.crc32(settings.encode())], device=device)])
+
+
+def _agree_on_the_step(fmt: WireFormat, digest: Tensor, prev: Optional[int], nxt: Optional[int], group,
+                       device) -> None:
     """Checks that the previous rank sends what this rank's buffers take (ranks with
     models of other dtypes or configs, or other batches, would otherwise exchange
-    garbage), then tells the next rank. Once per pipeline_loss: the format does not
-    change from layer to layer."""
-    what = "the wire format of a layer's memory state"
+    garbage) and runs the same step on the same batch (other ids, labels, chunk sizes,
+    layer counts or CoMeT configs would give a wrong loss silently, or hang), then tells
+    the next rank. Once per pipeline_loss: the format does not change from layer to layer."""
+    what = "the wire format of a layer's memory state and the step's fingerprint"
+    ours = torch.cat([torch.tensor(_encode(fmt), dtype=torch.long, device=device), digest.to(device)])
     if prev is not None:
-        header = torch.empty(_HEADER, dtype=torch.long, device=device)
+        header = torch.empty_like(ours)
         _p2p(False, header, prev, group, what)
         theirs = header.tolist()
-        if theirs != _encode(fmt):
+        if theirs[:_HEADER] != ours[:_HEADER].tolist():
             raise ValueError(f"comet_ext pipeline: rank {prev} sends a layer's memory state as "
                              f"[{_describe(_decode(theirs))}], but this rank's wire format is [{_describe(fmt)}]: "
                              f"every rank of a pipeline needs the same model (config and dtype) and batch")
+        if theirs != ours.tolist():
+            raise ValueError(f"comet_ext pipeline: rank {prev} runs this step on another batch (input_ids, labels, "
+                             f"attention_mask), other chunk sizes or another model (layers, CoMeT config) than this "
+                             f"rank: every rank of a pipeline passes the same full batch to the same model")
     if nxt is not None:
-        _p2p(True, torch.tensor(_encode(fmt), dtype=torch.long, device=device), nxt, group, what)
+        _p2p(True, ours, nxt, group, what)
 
 
 class _Recv(torch.autograd.Function):
@@ -188,6 +222,7 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     forward). Every rank passes the same full batch; each computes only its chunks."""
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
+    labels = model._check_labels(labels, input_ids)  # (as the model's forward: a wrong shape is no loss at all)
     plan = model._plan_chunks(input_ids, chunk_sizes, attention_mask)
     segs, xs, ropes, sizes = plan
     mine = block_of(rank, size, len(segs))
@@ -195,7 +230,8 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     nxt = _global_rank(group, rank + 1) if rank < size - 1 else None
     B = input_ids.shape[0]
     fmt = _wire_format(model, B)
-    _agree_on_wire_format(fmt, prev, nxt, group, model.device)
+    _agree_on_the_step(fmt, _step_digest(model, input_ids, labels, attention_mask, sizes), prev, nxt, group,
+                       model.device)
     hidden = {t: xs[t] for t in mine}
     # This rank's positions: logits at text position p predict labels[p + 1].
     targets = dict(zip(mine, model._chunk_targets(labels, [sizes[t] for t in mine], sum(sizes[: mine.start]))))
@@ -260,6 +296,8 @@ def average_over_data(model, data_group) -> None:
         return
     n = dist.get_world_size(data_group)
     for p in model.parameters():
-        if p.grad is not None:
+        if p.requires_grad:
+            if p.grad is None:  # (a replica whose batch never reached a module: every replica reduces alike)
+                p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=data_group)
             p.grad.div_(n)

@@ -226,9 +226,10 @@ class Trainer:
                     loss = self._loss(batch, sizes, divisor)  # this micro-batch's share of the step's mean
                 loss.backward()
                 loss_sum += self._global_loss(loss)
-                if not math.isfinite(loss_sum):
-                    raise FloatingPointError(f"step {self.step}: the loss is {loss_sum}")
                 tokens += int(batch["attention_mask"].sum())
+            loss_sum = self._mean_over_data(loss_sum)
+            if not math.isfinite(loss_sum):  # (on every rank alike: they all hold the step's loss)
+                raise FloatingPointError(f"step {self.step}: the loss is {loss_sum}")
             self._reduce_grads()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             self.optimizer.step()
@@ -286,6 +287,17 @@ class Trainer:
         total = loss.detach().clone()
         dist.all_reduce(total, group=self.pipeline_group)
         return total.item()
+
+    def _mean_over_data(self, loss: float) -> float:
+        """The step's loss over every data replica: each replica's is its tokens' share of the step's
+        token mean (`_step_divisor`), so their mean is the step's mean."""
+        if self.data_group is None:
+            return loss
+        import torch.distributed as dist
+
+        total = torch.tensor([loss], dtype=torch.float64, device=self.model.device)
+        dist.all_reduce(total, group=self.data_group)
+        return total.item() / self.data_size
 
     def _reduce_grads(self) -> None:
         from .parallel import all_reduce_grads, average_over_data

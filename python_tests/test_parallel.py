@@ -134,35 +134,56 @@ def test_pipeline_with_a_side_that_needs_no_gradient_equals_one_process(tmp_path
         torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def _mismatch_worker(rank: int, world: int, store: str, out: str) -> None:
+def _mismatch_worker(rank: int, world: int, store: str, out: str, case: str) -> None:
+    import dataclasses
+
     from comet_ext.parallel import pipeline_loss
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=10))
     torch.set_num_threads(1)
     model, ids, labels, mask = _model_and_batch()
-    if rank == 1:
-        model.double()  # its memory state: float64 where rank 0 sends float32
+    sizes = [16, 16, 16, 16, 11]
+    if case == "labels":
+        labels = labels[:, 1:]  # shifted by hand: a loss over the wrong targets, on every rank
+    elif rank == 1:
+        if case == "dtype":
+            model.double()  # its memory state: float64 where rank 0 sends float32
+        elif case == "ids":
+            ids = ids.clone()
+            ids[1, 5] = (ids[1, 5] + 1) % 97
+        elif case == "chunk_sizes":
+            sizes = [16, 16, 16, 11, 16]
+        elif case == "comet_config":
+            model.comet_config = dataclasses.replace(model.comet_config, temp_stride=2)
     try:
-        pipeline_loss(model, ids, labels, [16, 16, 16, 16, 11], mask).backward()
+        pipeline_loss(model, ids, labels, sizes, mask).backward()
     except Exception as e:  # noqa: BLE001 - the point is which error, and that it comes
         with open(f"{out}.{rank}", "w") as f:
             f.write(f"{type(e).__name__}: {e}")
     _exit_quietly()
 
 
-def test_ranks_that_disagree_on_the_wire_format_stop_with_an_error(tmp_path):
+@pytest.mark.parametrize("case, rank, pattern", [
+    ("dtype", 1, r"rank 0 sends .* torch.float32.* but this rank's wire format is .*torch.float64"),
+    ("ids", 1, r"rank 0 runs this step on another batch"),
+    ("chunk_sizes", 1, r"rank 0 runs this step on another batch .*other chunk sizes"),
+    ("comet_config", 1, r"rank 0 runs this step on another batch .*CoMeT config"),
+    ("labels", 0, r"labels \(2, 74\) must be a tensor of the shape of input_ids \(2, 75\)")])
+def test_ranks_that_disagree_stop_with_an_error(tmp_path, case, rank, pattern):
     """A receiver whose buffers differ from what the sender sends is an error naming both
-    formats (gloo took the float32 bytes into float64 buffers as garbage)."""
+    formats (gloo took the float32 bytes into float64 buffers as garbage); ranks given other
+    batches, chunk sizes or CoMeT configs, which exchange state of the same shapes, gave a
+    wrong loss with no word, and labels not of the ids' shape a loss over the wrong targets."""
     out = str(tmp_path / "error")
-    ctx = mp.start_processes(_mismatch_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
+    ctx = mp.start_processes(_mismatch_worker, args=(2, str(tmp_path / "store"), out, case), nprocs=2, join=False,
                              start_method="spawn")
     for p in ctx.processes:
         p.join(timeout=90)
     assert all(p.exitcode is not None for p in ctx.processes), "a rank hung"
-    assert os.path.exists(f"{out}.1"), "the receiving rank ran on without an error"
-    message = open(f"{out}.1").read()
-    assert "wire format" in message and "torch.float32" in message and "torch.float64" in message, message
+    assert os.path.exists(f"{out}.{rank}"), f"rank {rank} ran on without an error"
+    message = open(f"{out}.{rank}").read()
+    assert re.search(pattern, message), message
 
 
 def test_a_tensor_off_the_wire_format_is_refused_before_it_is_sent():
@@ -202,7 +223,7 @@ def _mesh_worker(rank: int, world: int, store: str, out: str) -> None:
                       pipeline_group=pipeline_group, data_group=data_group)
     trainer.train()
     if rank == 0:
-        torch.save(model.state_dict(), out)
+        torch.save({"weights": model.state_dict(), "losses": [h["loss"] for h in trainer.history]}, out)
     dist.barrier()
     dist.destroy_process_group()
     _exit_quietly()
@@ -219,12 +240,52 @@ def test_data_by_pipeline_mesh_trains_like_one_process(tmp_path):
 
     model = tiny_comet("llama").train()
     cfg = TrainConfig(total_steps=2, batch_size=2, lr=3e-3, progress=False)
-    Trainer(model, synthetic_recall(8, 60, vocab=97), cfg, ChunkPlanner(16, mix={"fixed": 1.0})).train()
+    history = Trainer(model, synthetic_recall(8, 60, vocab=97), cfg, ChunkPlanner(16, mix={"fixed": 1.0})).train()
     out = str(tmp_path / "weights.pt")
     mp.spawn(_mesh_worker, args=(4, str(tmp_path / "store"), out), nprocs=4, join=True)
     got = torch.load(out)
     for name, p in model.state_dict().items():
-        torch.testing.assert_close(got[name], p, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(got["weights"][name], p, rtol=1e-4, atol=1e-5, msg=name)
+    # the logged loss is the step's, over both replicas (it was replica 0's alone)
+    assert got["losses"] == pytest.approx([h["loss"] for h in history], rel=1e-5)
+
+
+def _average_worker(rank: int, world: int, store: str, out: str) -> None:
+    sys.path.insert(0, HERE)
+    from modeling_utils import tiny_comet
+
+    from comet_ext.parallel import average_over_data
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=_TIMEOUT)
+    torch.set_num_threads(1)
+    model = tiny_comet("llama").train()
+    ids = torch.randint(0, 97, (1, 10 if rank == 0 else 40), generator=torch.Generator().manual_seed(rank))
+    model(ids, labels=ids).loss.backward()  # rank 0: one chunk, so no gradient reaches the gate
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    average_over_data(model, dist.group.WORLD)
+    torch.save({"before": grads, "after": {n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+    _exit_quietly()
+
+
+def test_average_over_data_when_a_replica_has_no_gradient_for_some_parameters(tmp_path):
+    """A replica whose batch never reached some module (one chunk: no gated update) skipped their
+    all_reduce: its gradients of them stayed its own and the other replica hung or aborted."""
+    out = str(tmp_path / "grads")
+    ctx = mp.start_processes(_average_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
+                             start_method="spawn")
+    for p in ctx.processes:
+        p.join(timeout=90)
+    assert [p.exitcode for p in ctx.processes] == [0, 0], "a replica hung or failed"
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    missing = [n for n, g in r0["before"].items() if g is None]
+    assert missing and all(r1["before"][n] is not None for n in missing)
+    for name, g1 in r1["before"].items():
+        g0 = r0["before"][name]
+        expected = (g1 + (torch.zeros_like(g1) if g0 is None else g0)) / 2
+        torch.testing.assert_close(r0["after"][name], expected, msg=name)
+        torch.testing.assert_close(r1["after"][name], expected, msg=name)
 
 
 def _failing_worker(rank: int, world: int, store: str, out: str) -> None:
