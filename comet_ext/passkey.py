@@ -90,7 +90,7 @@ def _layout(tokenizer, length: int, depth: float, key: str) -> tuple[list[int], 
 def answer_number(answer: str) -> str:
     """The key an answer gives: its first number, whole ("604941" is not the key 60494), or
     the answer itself when it holds none."""
-    match = re.search(r"\d+", answer)
+    match = re.search(r"-?\d+", answer)  # ("-60494" is not the key 60494 either)
     return match.group(0) if match else answer.strip()
 
 
@@ -100,14 +100,26 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
     each for its key. -> a JSON record per seed; `seconds` and `tokens_per_s` are the
     batch's (a haystack of a given length and depth has the same token count for every key).
     global_memory=False runs the "temporary memory only" ablation; boundary_ids cuts the
-    haystack's chunks after boundary tokens (`CometForCausalLM.read`), the question continuing
-    the open one."""
+    haystack's chunks after boundary tokens (`CometForCausalLM.read`). The question continues the
+    haystack's open chunk where it and its answer fit in it, else starts a chunk of its own."""
+    seeds = list(seeds)  # (an iterator would be spent on the keys)
+    if not seeds:
+        raise ValueError("run_batch: give at least one seed")
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ValueError(f"run_batch: seeds must be ints >= 0 (random.Random(-s) draws what Random(s) does), "
+                         f"got {seeds}")
     keys = [make_key(random.Random(seed)) for seed in seeds]
     rows = [build_haystack(tokenizer, length, depth, key) for key in keys]
     question = rows[0][1]
     ids = torch.tensor([hay for hay, _ in rows], device=model.device)
     start = time.perf_counter()
     memory = model.read(ids, progress=progress, global_memory=global_memory, boundary_ids=boundary_ids)
+    qa = len(question) + len(_encode(tokenizer, " 00000."))  # the question and its answer " NNNNN."
+    if max(memory.host_counts().open_text) + qa > model.comet_config.chunk_size:
+        # As training lays them out: the question and its answer in one chunk, never across a boundary
+        # (a model trained on fixed chunks then answered 1 in 8: haystacks of 88-127 tokens past a whole
+        # number of chunks of 128). Where the haystack's open chunk has no room left, it is closed first.
+        memory = model.read(ids[:, :0], memory, global_memory=global_memory, end_chunk=True)
     read_s = time.perf_counter() - start
     prompt = torch.tensor([question] * len(keys), device=model.device)
     out = model.generate(prompt, memory=memory, max_new_tokens=8, do_sample=False,
@@ -152,8 +164,15 @@ def sweep(model, tokenizer, lengths: Sequence[int], depths: Sequence[float], sam
     boundaries = sorted(boundary_ids) if boundary_ids else None
     done = {}
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        try:
+            with open(path) as f:
+                previous = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"sweep: {path} is not a sweep's JSON ({e}); use another --out, or delete it to "
+                             "start over") from None
+        if not isinstance(previous, dict) or not isinstance(previous.get("cells"), list):
+            raise ValueError(f"sweep: {path} is not a sweep's JSON (no 'cells' list); use another --out, or "
+                             "delete it to start over")
         if previous.get("model_sha256") != fingerprint:
             raise ValueError(f"sweep: {path} holds a sweep of another model (fingerprint "
                              f"{previous.get('model_sha256', 'not recorded')}, this one {fingerprint}); "
@@ -235,7 +254,7 @@ def heatmap(result: dict, path: str) -> None:
     ax.set_title(title + f" ({most} keys per cell)", fontsize=9)
     fig.colorbar(im, ax=ax, label="exact match")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
     plt.close(fig)
 
 
@@ -284,6 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         ap.error(f"--length{'s' if args.sweep else ''}: a haystack needs at least one token, got {min(lengths)}")
     if any(not 0 <= d <= 1 for d in depths):
         ap.error(f"--depth{'s' if args.sweep else ''} must lie in [0, 1], got {[d for d in depths if not 0 <= d <= 1]}")
+    if args.seed < 0:
+        ap.error(f"--seed must be >= 0 (a negative seed draws the keys of its positive twin), got {args.seed}")
     if args.sweep and args.samples < 1:
         ap.error(f"--samples must be >= 1, got {args.samples}")
     if args.sweep:

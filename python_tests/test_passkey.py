@@ -144,6 +144,20 @@ def test_the_shipped_model_answers_from_its_memory():
     assert len(misses) <= 1, misses
 
 
+def test_the_shipped_model_answers_at_lengths_that_end_late_in_a_chunk():
+    """A haystack of 88-127 tokens past a whole number of chunks of 128 put the question and its
+    answer across a chunk boundary, which training never does: the shipped model found 0-2 keys of
+    8 there (and none at 100 or 1000 tokens). Where they do not fit in the open chunk, it is now
+    closed first; where they do, the question continues it, as trained."""
+    model, tokenizer = load(DEFAULT_MODEL)
+    cs = model.comet_config.chunk_size
+    misses = []
+    for length in (100, 1000, 3 * cs + 40, 3 * cs + 100, 3 * cs + 127):
+        runs = run_batch(model, tokenizer, length, 0.5, seeds=range(6))
+        misses += [(length, r["expected"], r["found"]) for r in runs if not r["correct"]]
+    assert len(misses) <= 1, misses
+
+
 def _train_passkey():
     import importlib.util
 
@@ -545,6 +559,33 @@ def test_an_answer_counts_by_its_first_whole_number():
     assert answer_number(" 604941") == "604941"  # six digits are not the key's five
     assert answer_number("key 12 then 60494") == "12"
     assert answer_number(" none ") == "none"
+    assert answer_number(" -60494.") == "-60494"  # not the key 60494
+
+
+def test_run_batch_takes_any_sequence_of_seeds_and_refuses_none_or_negative(model, tok):
+    """A generator of seeds was spent on the keys and gave no record; a negative seed draws the
+    key of its positive twin (random.Random(-s) == Random(s)), counted twice in a sweep."""
+    from comet_ext.passkey import run_batch
+
+    got = run_batch(model, tok, 300, 0.5, (s for s in (3, 4)))
+    assert [r["seed"] for r in got] == [3, 4]
+    for seeds, pattern in [([], "at least one seed"), ([-1, 2], r"ints >= 0.*got \[-1, 2\]")]:
+        with pytest.raises(ValueError, match=pattern):
+            run_batch(model, tok, 300, 0.5, seeds)
+
+
+def test_a_damaged_sweep_file_is_named_and_the_heatmap_is_replaced_atomically(model, tok, tmp_path):
+    out = tmp_path / "sweep"
+    sweep(model, tok, [300], [0.5], samples=1, out=str(out))
+    png = out / "passkey_heatmap.png"
+    inode = png.stat().st_ino
+    sweep(model, tok, [300], [0.5], samples=1, out=str(out))  # resumed: the heatmap is written again
+    assert png.stat().st_ino != inode, "written in place (a reader could see half a PNG)"
+    assert sorted(p.name for p in out.iterdir()) == ["passkey_heatmap.png", "passkey_sweep.json"]
+    for content in ('{"cells": [', "[]", '{"model_sha256": "x"}'):
+        (out / "passkey_sweep.json").write_text(content)
+        with pytest.raises(ValueError, match=r"passkey_sweep.json is not a sweep's JSON"):
+            sweep(model, tok, [300], [0.5], samples=1, out=str(out))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -553,6 +594,7 @@ def test_an_answer_counts_by_its_first_whole_number():
     (["--depth", "1.5"], r"--depth must lie in \[0, 1\]"),
     (["--sweep", "--samples", "0"], "--samples must be >= 1"),
     (["--sweep", "--depths", "0.5", "-0.1"], r"--depths must lie in \[0, 1\], got \[-0.1\]"),
+    (["--seed", "-1"], r"--seed must be >= 0 \(a negative seed draws the keys of its positive twin\)"),
 ])
 def test_passkey_cli_refuses_bad_arguments_before_reading(argv, message, capsys):
     from comet_ext.passkey import main
