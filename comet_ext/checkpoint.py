@@ -171,7 +171,11 @@ def load(cls, folder: str, dtype, device):
     for kept, dropped in tied_keys(model):
         if dropped not in state and kept in state:
             state[dropped] = state[kept]
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes that disagree with config.json (an edited size, rank or vocabulary)
+        raise ValueError(f"from_pretrained: the weights {path!r} do not fit the model {CONFIG_NAME} describes: "
+                         f"{e}") from None
     if missing or unexpected:
         raise ValueError(f"from_pretrained: weights do not match the model: missing {missing[:8]}, "
                          f"unexpected {unexpected[:8]}")

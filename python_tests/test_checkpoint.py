@@ -224,3 +224,14 @@ def test_a_low_precision_load_keeps_the_rope_frequencies_in_float32(tmp_path):
     built.load_state_dict(loaded.state_dict())
     x = torch.randint(0, 97, (1, 40))
     torch.testing.assert_close(loaded(x).logits, built(x).logits, rtol=0, atol=0)
+
+
+def test_a_config_edited_to_other_sizes_than_the_weights_is_named(tmp_path):
+    model = tiny_comet("qwen3")
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["comet"]["rla_rank"] = 3
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"(?s)weights .*model.safetensors' do not fit the model config.json "
+                                         r"describes.*size mismatch"):
+        CometForCausalLM.from_pretrained(tmp_path / "m")
