@@ -54,7 +54,7 @@ def main() -> None:
         ap.error(f"--bases must be multiples of the chunk size {cs}, --tails in [0, {cs})")
     seeds = list(range(args.seeds))
     qa = len(build_haystack(tok, args.bases[0], 0.0, "00000")[1]) + len(tok(" 00000.", add_special_tokens=False)["input_ids"])
-    lines = [f"# The passkey question in the haystack's open chunk, or in one of its own\n",
+    lines = ["# The passkey question in the haystack's open chunk, or in one of its own\n",
              f"`python bench/passkey_question_chunk.py --bases {' '.join(map(str, args.bases))} --tails "
              f"{' '.join(map(str, args.tails))} --depth {args.depth} --seeds {args.seeds}` "
              f"({subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
