@@ -252,8 +252,12 @@ def load_reference(folder: str, dtype=None):
                          f"{[reference_key(k) for k in unexpected[:8]]}")
     if tied:
         base.tie_weights()
-    if os.path.isfile(os.path.join(folder, "generation_config.json")):  # its EOS ids, sampling defaults
-        model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+    generation = os.path.join(folder, "generation_config.json")
+    if os.path.isfile(generation):  # its EOS ids, sampling defaults
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"convert: {generation!r} cannot be read as a generation config ({e})") from None
     cast_parameters(model, dtype)
     return model
 

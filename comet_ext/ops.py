@@ -345,8 +345,8 @@ def fifo_push(buffer: Tensor, head: Tensor, length: Tensor, rows: Tensor, counts
             "or call under torch.no_grad()"
         )
     _reverse_mode_only("fifo_push", buffer, rows)
-    # its Autograd kernel (csrc/autograd.cpp) bumps the versions of buffer, head and length, as
-    # torch's own in-place ops do (CometMemory trusts its host copy of the FIFO lengths only
+    # its ADInplaceOrView kernel (csrc/autograd.cpp) bumps the versions of buffer, head and length,
+    # as torch's own in-place ops do (CometMemory trusts its host copy of the FIFO lengths only
     # while their version stands still)
     _ops.fifo_push.default(buffer, head, length, rows, counts)
 

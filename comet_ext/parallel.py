@@ -261,13 +261,30 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     return loss + sum(ties) if ties else loss
 
 
+def _reduce_grads(model, group, average: bool) -> None:
+    """Sums (or averages) parameter gradients over the group. A parameter with a gradient on some
+    rank only gets zeros on the others first, so every rank reduces the same tensors; one with
+    a gradient on no rank keeps none, as in one process (an optimizer skips it: zeros would move
+    it by its momentum and weight decay)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(present, op=dist.ReduceOp.MAX, group=group)
+    n = dist.get_world_size(group)
+    for p, anywhere in zip(params, present.tolist()):  # (one host read per step)
+        if not anywhere:
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+        if average:
+            p.grad.div_(n)
+
+
 def all_reduce_grads(model, group=None) -> None:
     """Sums parameter gradients over the group (pipeline, or pipeline x data)."""
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=group)
+    _reduce_grads(model, group, average=False)
 
 
 def make_mesh(pipeline_size: int):
@@ -292,12 +309,5 @@ def make_mesh(pipeline_size: int):
 
 def average_over_data(model, data_group) -> None:
     """Averages parameter gradients over the data-parallel replicas."""
-    if data_group is None:
-        return
-    n = dist.get_world_size(data_group)
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:  # (a replica whose batch never reached a module: every replica reduces alike)
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=data_group)
-            p.grad.div_(n)
+    if data_group is not None:
+        _reduce_grads(model, data_group, average=True)

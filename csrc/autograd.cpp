@@ -28,7 +28,8 @@ void call_push(at::Tensor& buffer, at::Tensor& head, at::Tensor& length, const a
 }
 
 // Autograd: refuses what a non-differentiable in-place op cannot take, then goes on to
-// ADInplaceOrView. (Skipped under inference mode, where nothing can require grad.)
+// ADInplaceOrView. (Skipped under inference mode, where nothing can require grad and
+// inference tensors may be written.)
 void fifo_push_autograd(at::Tensor& buffer, at::Tensor& head, at::Tensor& length,
                         const at::Tensor& rows, const at::Tensor& counts) {
   const char* op = "fifo_push";
@@ -36,6 +37,10 @@ void fifo_push_autograd(at::Tensor& buffer, at::Tensor& head, at::Tensor& length
               op, "updates 'buffer' in place and is not differentiable, but 'buffer' or 'rows' "
               "requires grad; use fifo_push_functional (returns new tensors) for training, or "
               "call under torch.no_grad()");
+  COMET_CHECK(!(buffer.is_inference() || head.is_inference() || length.is_inference()), op,
+              "'buffer', 'head' or 'length' is an inference tensor (made under torch.inference_mode()), "
+              "which may be written in place only under inference mode, as torch's own in-place ops "
+              "refuse; clone it outside inference mode first");
   TORCH_CHECK_NOT_IMPLEMENTED(!has_tangent(buffer) && !has_tangent(rows), "comet::", op,
                               ": forward-mode AD is not supported: 'buffer' or 'rows' carries a "
                               "tangent");

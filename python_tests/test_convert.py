@@ -305,3 +305,13 @@ def test_a_comet_entry_that_is_not_a_config_is_named(tmp_path, reference_model):
     (tmp_path / "ours" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"'comet' entry of .* must be the CoMeT config \(a JSON object\), got None"):
         CometForCausalLM.from_pretrained(tmp_path / "ours")
+
+
+def test_a_damaged_reference_generation_config_is_named(tmp_path, reference_model, capsys):
+    folder = edited_reference(reference_model, tmp_path / "ref")
+    (folder / "generation_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"generation_config.json' cannot be read as a generation config"):
+        CometForCausalLM.from_pretrained(folder)
+    with pytest.raises(SystemExit):
+        convert_main([str(folder), str(tmp_path / "out")])
+    assert "cannot be read as a generation config" in capsys.readouterr().err

@@ -194,8 +194,8 @@ def test_push_refuses_autograd():
 @pytest.mark.parametrize("call", ["face", "dispatcher"])
 def test_push_bumps_versions(device, call):
     """The push is an in-place op to autograd (a saved buffer is caught as modified) and to
-    CometMemory's host copy of the lengths, however it is called: the Autograd-key kernel
-    (csrc/autograd.cpp) bumps buffer, head and length."""
+    CometMemory's host copy of the lengths, however it is called: the ADInplaceOrView kernel
+    (csrc/autograd.cpp) bumps buffer, head and length, under inference mode too."""
     buffer, head, length = ops.fifo_empty(2, 3, (2,), device=device)
     push = ops.fifo_push if call == "face" else torch.ops.comet.fifo_push
     before = [t._version for t in (buffer, head, length)]
@@ -239,6 +239,10 @@ def test_direct_dispatcher_push_refuses_autograd(device):
     with torch.inference_mode():  # no autograd at all: the kernel runs directly
         b, h, l = ops.fifo_empty(1, 3, (2,), device=device)
         torch.ops.comet.fifo_push(b, h, l, rows, counts)
+    assert l.tolist() == [2]
+    for push in (ops.fifo_push, torch.ops.comet.fifo_push):  # as torch's in-place ops: not outside it
+        with pytest.raises(RuntimeError, match=r"fifo_push: 'buffer', 'head' or 'length' is an inference tensor"):
+            push(b, h, l, rows, counts)
     assert l.tolist() == [2]
 
 

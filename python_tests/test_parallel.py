@@ -250,7 +250,7 @@ def test_data_by_pipeline_mesh_trains_like_one_process(tmp_path):
     assert got["losses"] == pytest.approx([h["loss"] for h in history], rel=1e-5)
 
 
-def _average_worker(rank: int, world: int, store: str, out: str) -> None:
+def _average_worker(rank: int, world: int, store: str, out: str, lengths: tuple[int, int]) -> None:
     sys.path.insert(0, HERE)
     from modeling_utils import tiny_comet
 
@@ -259,8 +259,8 @@ def _average_worker(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world, timeout=_TIMEOUT)
     torch.set_num_threads(1)
     model = tiny_comet("llama").train()
-    ids = torch.randint(0, 97, (1, 10 if rank == 0 else 40), generator=torch.Generator().manual_seed(rank))
-    model(ids, labels=ids).loss.backward()  # rank 0: one chunk, so no gradient reaches the gate
+    ids = torch.randint(0, 97, (1, lengths[rank]), generator=torch.Generator().manual_seed(rank))
+    model(ids, labels=ids).loss.backward()  # one chunk (10 tokens): no gradient reaches the gate
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     average_over_data(model, dist.group.WORLD)
     torch.save({"before": grads, "after": {n: p.grad for n, p in model.named_parameters()}}, f"{out}.{rank}")
@@ -269,23 +269,31 @@ def _average_worker(rank: int, world: int, store: str, out: str) -> None:
     _exit_quietly()
 
 
-def test_average_over_data_when_a_replica_has_no_gradient_for_some_parameters(tmp_path):
+@pytest.mark.parametrize("lengths", [(10, 40), (10, 12)], ids=["one-replica-short", "both-short"])
+def test_average_over_data_when_replicas_have_no_gradient_for_some_parameters(tmp_path, lengths):
     """A replica whose batch never reached some module (one chunk: no gated update) skipped their
-    all_reduce: its gradients of them stayed its own and the other replica hung or aborted."""
+    all_reduce: its gradients of them stayed its own and the other replica hung or aborted. Where
+    another replica has one, it counts as zeros; where none has, the gradient stays None, as in one
+    process (zeros would let the optimizer move the parameter by its momentum and weight decay)."""
     out = str(tmp_path / "grads")
-    ctx = mp.start_processes(_average_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(_average_worker, args=(2, str(tmp_path / "store"), out, lengths), nprocs=2,
+                             join=False, start_method="spawn")
     for p in ctx.processes:
         p.join(timeout=90)
     assert [p.exitcode for p in ctx.processes] == [0, 0], "a replica hung or failed"
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
     missing = [n for n, g in r0["before"].items() if g is None]
-    assert missing and all(r1["before"][n] is not None for n in missing)
-    for name, g1 in r1["before"].items():
-        g0 = r0["before"][name]
-        expected = (g1 + (torch.zeros_like(g1) if g0 is None else g0)) / 2
+    assert missing
+    for name, g0 in r0["before"].items():
+        g1 = r1["before"][name]
+        if g0 is None and g1 is None:
+            assert r0["after"][name] is None and r1["after"][name] is None, name
+            continue
+        like = g0 if g0 is not None else g1
+        expected = sum(torch.zeros_like(like) if g is None else g for g in (g0, g1)) / 2
         torch.testing.assert_close(r0["after"][name], expected, msg=name)
         torch.testing.assert_close(r1["after"][name], expected, msg=name)
+    assert (lengths[1] > 16) == all(r1["before"][n] is not None for n in missing)
 
 
 def _failing_worker(rank: int, world: int, store: str, out: str) -> None:
