@@ -140,7 +140,7 @@ def _digest(t: Optional[Tensor], device) -> Tensor:
 def _step_digest(model, input_ids: Tensor, labels: Tensor, attention_mask: Optional[Tensor],
                  sizes: Sequence[int]) -> Tensor:
     """What every rank of a pipeline must share for one call: the batch (ids, labels, mask),
-    the chunk sizes, and the model's layer count and CoMeT config. (B,) int64 on the ids' device."""
+    the chunk sizes, and the model's layer count and CoMeT config: (10,) int64 on the ids' device."""
     settings = json.dumps([list(sizes), model.config.num_hidden_layers, model.comet_config.to_dict()])
     device = input_ids.device
     parts = [_digest(t, device) for t in (input_ids, labels, attention_mask)]

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import numbers
 import os
 import random
 import re
@@ -105,9 +106,10 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
     seeds = list(seeds)  # (an iterator would be spent on the keys)
     if not seeds:
         raise ValueError("run_batch: give at least one seed")
-    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 0 for s in seeds):
         raise ValueError(f"run_batch: seeds must be ints >= 0 (random.Random(-s) draws what Random(s) does), "
                          f"got {seeds}")
+    seeds = [int(s) for s in seeds]  # (numpy ints too, as JSON records them)
     keys = [make_key(random.Random(seed)) for seed in seeds]
     rows = [build_haystack(tokenizer, length, depth, key) for key in keys]
     question = rows[0][1]
