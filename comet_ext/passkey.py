@@ -132,6 +132,9 @@ def run_batch(model, tokenizer, length: int, depth: float, seeds: Sequence[int],
         answer = tokenizer.decode(row)
         found = answer_number(answer)
         records.append({"length": length, "depth": depth, "seed": seed, "expected": key, "found": found,
+                        # where the needle is: the filler-passage boundary nearest `depth` (at a few
+                        # hundred tokens, depths that differ share one)
+                        "needle_start": needle_start(tokenizer, length, depth, key),
                         "correct": found == key, "seconds": seconds, "tokens_per_s": len(keys) * length / read_s,
                         "batch": len(keys), "global_memory": global_memory,
                         "gate_snap": model.comet_config.gate_snap,

@@ -569,6 +569,10 @@ def test_run_batch_takes_any_sequence_of_seeds_and_refuses_none_or_negative(mode
 
     got = run_batch(model, tok, 300, 0.5, (s for s in (3, 4)))
     assert [r["seed"] for r in got] == [3, 4]
+    for r in got:  # the record says where the needle went, not only the depth asked for
+        hay, _ = build_haystack(tok, 300, 0.5, r["expected"])
+        at = r["needle_start"]
+        assert r["expected"] in tok.decode(hay[at:at + 60]) and r["expected"] not in tok.decode(hay[:at])
     for seeds, pattern in [([], "at least one seed"), ([-1, 2], r"ints >= 0.*got \[-1, 2\]")]:
         with pytest.raises(ValueError, match=pattern):
             run_batch(model, tok, 300, 0.5, seeds)
