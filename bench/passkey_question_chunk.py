@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import platform
 import random
 import subprocess
 
@@ -58,7 +59,7 @@ def main() -> None:
              f"`python bench/passkey_question_chunk.py --bases {' '.join(map(str, args.bases))} --tails "
              f"{' '.join(map(str, args.tails))} --depth {args.depth} --seeds {args.seeds}` "
              f"({subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()}, "
-             f"{datetime.date.today()}, CPU). Model: `{os.path.relpath(args.model)}` (chunks of {cs}); question + answer: {qa} tokens, "
+             f"{datetime.date.today()}, {platform.machine()} CPU x {os.cpu_count()}, torch {torch.__version__}). Model: `{os.path.relpath(args.model)}` (chunks of {cs}); question + answer: {qa} tokens, "
              f"so they cross a boundary in the open chunk once the tail passes {cs - qa}. Keys found of {args.seeds}, "
              f"depth {args.depth}.\n",
              "| length | tail | across a boundary | open chunk | own chunk |", "|---|---|---|---|---|"]
