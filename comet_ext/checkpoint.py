@@ -43,6 +43,15 @@ MEMORY_MODULES = ("memory_layers.", "compression_embedding", "readout_embedding"
 # what peft's LoRA layers call the layer they wrap, and their own parameters
 ADAPTED = ".base_layer."
 ADAPTER = ".lora_"
+# the memory's parameters as saved before they were renamed out of LoRA's usual targets
+# (files of format 2 and earlier; comet_ext.modeling.LowRankAdapter says why)
+LEGACY_MEMORY_NAMES = {
+    "global_memory_net.g_proj.weight": "global_memory_net.gate.weight",
+    "global_memory_net.o_proj.down_proj.weight": "global_memory_net.rla.down",
+    "global_memory_net.o_proj.up_proj.weight": "global_memory_net.rla.up",
+    "temp_memory_net.rla.down_proj.weight": "temp_memory_net.rla.down",
+    "temp_memory_net.rla.up_proj.weight": "temp_memory_net.rla.up",
+}
 # config.json entries this module writes; a loaded config carries them, a save rewrites them
 OWN_ENTRIES = ("comet", "comet_lora", "comet_save_id")
 
@@ -55,12 +64,15 @@ def saved_key(key: str) -> str:
 
 
 def model_key(key: str, model_keys=None) -> str:
-    """A key of model.safetensors (this layout or the older all-"base." one), or of the
-    model's own state dict -> the model's state-dict key. model_keys (the model's own):
-    a plain layer name whose layer carries LoRA adapters maps to the wrapped layer."""
+    """A key of model.safetensors (this layout or an older one), or of the model's own state
+    dict -> the model's state-dict key. model_keys (the model's own): a plain layer name whose
+    layer carries LoRA adapters maps to the wrapped layer."""
     if key.startswith("comet."):
-        return key[len("comet."):]
-    if key.startswith("base.") or key.startswith(MEMORY_MODULES):
+        key = key[len("comet."):]
+    if key.startswith(MEMORY_MODULES):
+        layer, dot, rest = key.partition(".")[2].partition(".")
+        return f"memory_layers.{layer}.{LEGACY_MEMORY_NAMES.get(rest, rest)}" if dot else key
+    if key.startswith("base."):
         return key
     key = "base." + key
     if model_keys is not None and key not in model_keys:
@@ -125,7 +137,7 @@ def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list
     for _, dropped in tied:  # safetensors refuses shared storage: keep one copy
         state.pop(saved_key(dropped), None)
     writes = [(os.path.join(folder, WEIGHTS_NAME),
-               lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "2", "save_id": save_id}))]
+               lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "3", "save_id": save_id}))]
     if getattr(model, "generation_config", None) is not None:
         generation = model.generation_config.to_diff_dict()
         writes.append((os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation)))

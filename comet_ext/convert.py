@@ -136,8 +136,13 @@ def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
 
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(inner_layer|global_memory_net|temp_memory_net)\.(.+)$")
-_TEMP = {"0.weight": "norm.weight", "1.down_proj.weight": "rla.down_proj.weight",
-         "1.up_proj.weight": "rla.up_proj.weight"}
+# the reference's memory parameters (under model.layers.{i}.<part>.) -> ours (memory_layers.{i}.<part>.)
+_MEMORY = {
+    "global_memory_net": {"norm.weight": "norm.weight", "g_proj.weight": "gate.weight",
+                          "o_proj.down_proj.weight": "rla.down", "o_proj.up_proj.weight": "rla.up"},
+    "temp_memory_net": {"0.weight": "norm.weight", "1.down_proj.weight": "rla.down", "1.up_proj.weight": "rla.up"},
+}
+_REFERENCE = {f"{part}.{ours}": f"{part}.{ref}" for part, names in _MEMORY.items() for ref, ours in names.items()}
 _OURS = re.compile(r"^(base\.model\.layers|memory_layers)\.(\d+)\.(.+)$")
 
 
@@ -149,9 +154,7 @@ def reference_key(key: str) -> str:
     modules, i, rest = m.groups()
     if modules == "base.model.layers":
         return f"model.layers.{i}.inner_layer.{rest}"
-    for ref, ours in _TEMP.items():
-        rest = rest.replace(f"temp_memory_net.{ours}", f"temp_memory_net.{ref}")
-    return f"model.layers.{i}.{rest}"
+    return f"model.layers.{i}.{_REFERENCE.get(rest, rest)}"
 
 
 def _weight(state: dict[str, torch.Tensor], key: str, where: str) -> torch.Tensor:
@@ -173,12 +176,10 @@ def convert_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, tor
         i, part, rest = m.groups()
         if part == "inner_layer":
             out[f"base.model.layers.{i}.{rest}"] = value
-        elif part == "global_memory_net":
-            out[f"memory_layers.{i}.global_memory_net.{rest}"] = value
         else:
-            if rest not in _TEMP:
-                raise ValueError(f"convert: unexpected temp_memory_net key {key!r}")
-            out[f"memory_layers.{i}.temp_memory_net.{_TEMP[rest]}"] = value
+            if rest not in _MEMORY[part]:
+                raise ValueError(f"convert: unexpected {part} key {key!r}")
+            out[f"memory_layers.{i}.{part}.{_MEMORY[part][rest]}"] = value
     embed = out["base.model.embed_tokens.weight"]
     out["compression_embedding"] = embed[config["temp_beacon_id"]].unsqueeze(0).clone()
     out["readout_embedding"] = embed[list(config["global_beacon_ids"])].clone()

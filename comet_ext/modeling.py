@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
@@ -41,17 +42,34 @@ from .transfer import upload
 
 
 class LowRankAdapter(nn.Module):
-    """RLA: x + up(down(x)), optionally after a fused RMSNorm (comet::rla)."""
+    """RLA: x + up(down(x)), optionally after a fused RMSNorm (comet::rla). down (rank, hidden)
+    and up (hidden, rank) are plain parameters, named as the op names them: the memory holds no
+    nn.Linear and no module called o_proj / down_proj / up_proj, so the LoRA targets people
+    write for a decoder (those names, "all-linear") reach the base model only; an adapter on
+    the memory would not apply anyway, since its ops read the weights, not a forward."""
 
     def __init__(self, hidden: int, rank: int):
         super().__init__()
-        self.down_proj = nn.Linear(hidden, rank, bias=False)
-        self.up_proj = nn.Linear(rank, hidden, bias=False)
+        self.down = nn.Parameter(torch.empty(rank, hidden))
+        self.up = nn.Parameter(torch.empty(hidden, rank))
 
     def forward(self, x: Tensor, norm: Optional[nn.RMSNorm] = None) -> Tensor:
         if norm is None:
-            return ops.rla(x, self.down_proj.weight, self.up_proj.weight)
-        return ops.rla(x, self.down_proj.weight, self.up_proj.weight, norm.weight, norm.eps)
+            return ops.rla(x, self.down, self.up)
+        return ops.rla(x, self.down, self.up, norm.weight, norm.eps)
+
+
+class MemoryGate(nn.Module):
+    """W_g: one scalar gate logit per slot from [candidate ; state], weight (1, 2 x hidden).
+    A module of its own (not a parameter of GlobalMemoryNet) so that the memory's parameters
+    keep the order norm, gate, RLA, which optimizer states saved before are indexed by."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(1, 2 * hidden))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
 
 
 class GlobalMemoryNet(nn.Module):
@@ -60,17 +78,16 @@ class GlobalMemoryNet(nn.Module):
     def __init__(self, hidden: int, rank: int):
         super().__init__()
         self.norm = nn.RMSNorm(hidden)
-        self.g_proj = nn.Linear(2 * hidden, 1, bias=False)
-        self.o_proj = LowRankAdapter(hidden, rank)
+        self.gate = MemoryGate(hidden)
+        self.rla = LowRankAdapter(hidden, rank)
 
     def gate_logit(self, readout: Tensor, state: Tensor) -> Tensor:
         """W_g [RMSNorm_g(R) ; S]: the logit of each slot's gate, (B, G), in plain PyTorch (what
         comet::gated_update computes inside its kernel; for diagnostics and gate losses)."""
-        return self.g_proj(torch.cat([self.norm(readout), state.to(readout.dtype)], dim=-1)).squeeze(-1)
+        return self.gate(torch.cat([self.norm(readout), state.to(readout.dtype)], dim=-1)).squeeze(-1)
 
     def forward(self, readout: Tensor, state: Optional[Tensor], gate_snap: float = 1.0) -> tuple[Tensor, Tensor]:
-        return ops.gated_update(readout, state, self.norm.weight, self.g_proj.weight,
-                                self.o_proj.down_proj.weight, self.o_proj.up_proj.weight,
+        return ops.gated_update(readout, state, self.norm.weight, self.gate.weight, self.rla.down, self.rla.up,
                                 gate_snap=gate_snap)
 
 
@@ -168,7 +185,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"comet_config must be a CometConfig, got {type(value).__name__}")
         if "readout_embedding" in self._parameters:  # built: the weights fix the sizes
             weights = {"num_global": self.readout_embedding.shape[0],
-                       "rla_rank": self.memory_layers[0].global_memory_net.o_proj.down_proj.weight.shape[0]}
+                       "rla_rank": self.memory_layers[0].global_memory_net.rla.down.shape[0]}
             differ = {k: (getattr(value, k), n) for k, n in weights.items() if getattr(value, k) != n}
             if differ:
                 raise ValueError(
@@ -191,10 +208,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         std = float(self.base.get_input_embeddings().weight.float().std())
         init = getattr(self.config, "initializer_range", 0.02)
         for layer in self.memory_layers:
-            for rla in (layer.global_memory_net.o_proj, layer.temp_memory_net.rla):
-                nn.init.normal_(rla.down_proj.weight, std=init)
-                nn.init.zeros_(rla.up_proj.weight)
-            nn.init.zeros_(layer.global_memory_net.g_proj.weight)
+            for rla in (layer.global_memory_net.rla, layer.temp_memory_net.rla):
+                nn.init.normal_(rla.down, std=init)
+                nn.init.zeros_(rla.up)
+            nn.init.zeros_(layer.global_memory_net.gate.weight)
             nn.init.ones_(layer.global_memory_net.norm.weight)
             nn.init.ones_(layer.temp_memory_net.norm.weight)
         nn.init.normal_(self.compression_embedding, std=std)
@@ -1042,7 +1059,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         rows = sum(t.shape[1] for t in fifo_kv[: len(fifo_kv) // 2])
         rope = self._memory_rope(rows) if rows or any(has_global_list) else None
         if any(has_global_list):
-            gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.o_proj(state), rope)
+            gk, gv = self._global_kv(l, self.memory_layers[l].global_memory_net.rla(state), rope)
         else:  # no sample has a global memory yet: its rows are all masked
             gk = gv = x.new_zeros(B, G, Hkv, D)
         fifo = FifoWindow.view(fifo_kv, fifo_head, fifo_len, C, rope[0][G:], rope[1][G:]) if rows else None
@@ -1061,15 +1078,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ input checks
 
     def _check_memory_modules(self) -> None:
-        """The memory's ops read its modules' weights, not their forwards: an adapter that PEFT
-        put on one of them (its LoRA targets name the memory's o_proj, down_proj, up_proj or
-        g_proj too, "all-linear" takes them all) would be silently left out, and PiSSA-style
-        initialisations, which move part of the weight into the adapter, would change the model."""
+        """The memory's ops read its modules' weights, not their forwards: an adapter that a PEFT
+        method put on one of them anyway (targets naming the memory's norm, gate or rla, LayerNorm
+        tuning, LoRA's target_parameters) would be silently left out, and PiSSA-style
+        initialisations, which move part of the weight into the adapter, would change the model.
+        (The usual LoRA targets, q_proj ... down_proj and "all-linear", never reach the memory:
+        it holds no nn.Linear and none of those names.)"""
         wrapped = [name for name, m in self.memory_layers.named_modules() if hasattr(m, "base_layer")]
         if wrapped:
             raise ValueError(f"the CoMeT memory modules {wrapped[:4]}{' ...' if len(wrapped) > 4 else ''} carry "
-                             f"adapters (PEFT), which comet_ext's memory ops do not apply: leave them out "
-                             f"(get_peft_model with LoraConfig(..., exclude_modules=r\".*memory_layers.*\")), "
+                             f"adapters (PEFT), which comet_ext's memory ops do not apply: leave them out of the "
+                             f"adapters' targets (e.g. exclude_modules=r\".*memory_layers.*\" in the PEFT config), "
                              f"or use comet_ext.lora.apply_lora, which trains the memory fully")
 
     def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:

@@ -220,11 +220,10 @@ def naive_comet_forward(model, ids: Tensor, chunk_sizes: list[int]) -> Tensor:
             net = model.memory_layers[l]
             t = net.temp_memory_net
             comp = y[:, seg.comp_rows[0, : int(seg.comp_count[0])]]
-            m = rla(comp, t.rla.down_proj.weight, t.rla.up_proj.weight, t.norm.weight, t.norm.eps)
+            m = rla(comp, t.rla.down, t.rla.up, t.norm.weight, t.norm.eps)
             g = net.global_memory_net
             readout = y[:, seg.readout_rows[0]]
-            state[l], glob[l] = gated_update(readout, state[l], g.norm.weight, g.g_proj.weight,
-                                             g.o_proj.down_proj.weight, g.o_proj.up_proj.weight,
+            state[l], glob[l] = gated_update(readout, state[l], g.norm.weight, g.gate.weight, g.rla.down, g.rla.up,
                                              gate_snap=cc.gate_snap)
             if cc.uses_temp_memory:
                 fifo[l] = torch.cat([fifo[l], m], dim=1)[:, -cc.temp_budget:]

@@ -35,7 +35,7 @@ def _model(tok, gate_snap: float = 1.0) -> CometForCausalLM:
     comet = CometConfig(chunk_size=64, num_global=4, temp_stride=8, temp_budget=16, gate_snap=gate_snap)
     model = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), comet).eval()
     for layer_memory in model.memory_layers:  # gates start at 0.5 everywhere; spread them
-        torch.nn.init.normal_(layer_memory.global_memory_net.g_proj.weight, std=0.3)
+        torch.nn.init.normal_(layer_memory.global_memory_net.gate.weight, std=0.3)
     return model
 
 

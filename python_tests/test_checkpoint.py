@@ -51,8 +51,51 @@ def test_folders_of_the_older_layout_still_load(tmp_path):
     assert torch.equal(loaded(x).logits, model(x).logits)
 
 
+# the memory's parameter names in files of format 2 and earlier, written out here (not taken from
+# checkpoint.LEGACY_MEMORY_NAMES, which is under test)
+FORMAT_2_NAMES = {"gate.weight": "g_proj.weight", "global_memory_net.rla.down": "global_memory_net.o_proj.down_proj.weight",
+                  "global_memory_net.rla.up": "global_memory_net.o_proj.up_proj.weight",
+                  "temp_memory_net.rla.down": "temp_memory_net.rla.down_proj.weight",
+                  "temp_memory_net.rla.up": "temp_memory_net.rla.up_proj.weight"}
+
+
+def as_format_2(key: str) -> str:
+    for new, old in FORMAT_2_NAMES.items():
+        if key.endswith(new):
+            return key[: -len(new)] + old
+    return key
+
+
+@pytest.mark.parametrize("older_layout", [False, True])
+def test_files_of_the_memory_names_before_the_rename_still_load(tmp_path, older_layout):
+    """Before format 3 the memory's modules were nn.Linear layers named g_proj, o_proj.down_proj,
+    o_proj.up_proj, rla.down_proj and rla.up_proj (the reference's names, which LoRA's usual
+    targets hit). Folders saved so (the shipped passkey model among them), under comet.* or under
+    the older unprefixed layout, load to the same model; so does a state dict read from such a
+    file (transformers.Trainer resuming from an older checkpoint)."""
+    model = tiny_comet("qwen3", seed=4)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    saved = load_file(path)
+    keys = {k: model_key(k) if older_layout else k for k in saved}
+    old = {as_format_2(keys[k]): v for k, v in saved.items()}
+    assert sum(as_format_2(k) != k for k in keys.values()) == 2 * 5  # per layer: the gate, both RLAs' weights
+    save_file(old, path, metadata={"format": "pt", "comet_ext": "2"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["comet_save_id"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = CometForCausalLM.from_pretrained(tmp_path)
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    other = tiny_comet("qwen3", seed=5)
+    missing, unexpected = other.load_state_dict(old, strict=True)
+    assert not missing and not unexpected
+    x = ids(1, 30)
+    assert torch.equal(other(x).logits, model(x).logits)
+
+
 def test_key_mapping_round_trips():
-    shared = ("base.lm_head.weight", "readout_embedding", "memory_layers.1.global_memory_net.g_proj.weight",
+    shared = ("base.lm_head.weight", "readout_embedding", "memory_layers.1.global_memory_net.gate.weight",
               "compression_embedding")
     plain = shared + ("base.model.layers.0.self_attn.q_proj.weight",)
     with_lora = shared + ("base.model.layers.0.self_attn.q_proj.base_layer.weight",

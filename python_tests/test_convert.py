@@ -16,6 +16,19 @@ from comet_ext.modeling import CometForCausalLM
 VOCAB = 97 + 2 + 4  # + placeholder, temp beacon, 4 global beacons
 
 
+# our memory parameters -> the reference's (MemQwen3ForCausalLM's names), written out here
+# rather than taken from convert.reference_key, which is under test
+REFERENCE_MEMORY_NAMES = {
+    "global_memory_net.norm.weight": "global_memory_net.norm.weight",
+    "global_memory_net.gate.weight": "global_memory_net.g_proj.weight",
+    "global_memory_net.rla.down": "global_memory_net.o_proj.down_proj.weight",
+    "global_memory_net.rla.up": "global_memory_net.o_proj.up_proj.weight",
+    "temp_memory_net.norm.weight": "temp_memory_net.0.weight",
+    "temp_memory_net.rla.down": "temp_memory_net.1.down_proj.weight",
+    "temp_memory_net.rla.up": "temp_memory_net.1.up_proj.weight",
+}
+
+
 def write_reference_checkpoint(model: CometForCausalLM, folder, shards: int = 1) -> None:
     """Lays a comet model out the way the reference implementation saves MemQwen3ForCausalLM."""
     cc = model.comet_config
@@ -30,9 +43,7 @@ def write_reference_checkpoint(model: CometForCausalLM, folder, shards: int = 1)
             state[f"model.layers.{i}.inner_layer.{rest}"] = value
         elif key.startswith("memory_layers."):
             i, rest = key[len("memory_layers."):].split(".", 1)
-            rest = (rest.replace("temp_memory_net.norm.", "temp_memory_net.0.")
-                        .replace("temp_memory_net.rla.", "temp_memory_net.1."))
-            state[f"model.layers.{i}.{rest}"] = value
+            state[f"model.layers.{i}.{REFERENCE_MEMORY_NAMES[rest]}"] = value
         elif key == "base.model.embed_tokens.weight":
             state["model.embed_tokens.weight"] = emb
         elif key.startswith("base."):

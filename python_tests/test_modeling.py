@@ -773,7 +773,7 @@ def test_training_forward_continues_a_read_memory(prefix):
     torch.testing.assert_close(loss, ce, rtol=1e-5, atol=1e-6)
     model.zero_grad()
     loss.backward()
-    gate = model.memory_layers[0].global_memory_net.g_proj.weight.grad
+    gate = model.memory_layers[0].global_memory_net.gate.weight.grad
     assert gate is not None and gate.abs().sum() > 0, "no gradient reached the gate through the continued memory"
 
 
@@ -802,7 +802,7 @@ def test_gate_logit_is_the_gate_the_update_blends_with():
 
     torch.manual_seed(0)
     net = GlobalMemoryNet(32, 4)
-    torch.nn.init.normal_(net.g_proj.weight, std=0.3)
+    torch.nn.init.normal_(net.gate.weight, std=0.3)
     readout, state = torch.randn(2, 5, 32), torch.randn(2, 5, 32)
     new_state, _ = net(readout, state)
     g = torch.sigmoid(net.gate_logit(readout, state)).unsqueeze(-1)

@@ -528,7 +528,7 @@ def test_gate_entropy_is_the_binary_entropy_of_the_gates_the_update_uses(tok, re
         m = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), CometConfig(chunk_size=32, num_global=4,
                                                                           temp_stride=8, temp_budget=8))
         for layer_memory in m.memory_layers:  # gates start at 0.5 everywhere; spread them
-            torch.nn.init.normal_(layer_memory.global_memory_net.g_proj.weight, std=0.3)
+            torch.nn.init.normal_(layer_memory.global_memory_net.gate.weight, std=0.3)
         return m
 
     ids = torch.randint(0, len(tok), (2, 32 * 3))
@@ -548,7 +548,7 @@ def test_gate_entropy_is_the_binary_entropy_of_the_gates_the_update_uses(tok, re
     assert entropy.values == [] and entropy.take() is None
     torch.testing.assert_close(h.double(), expected, rtol=1e-5, atol=1e-6)
     h.backward()
-    grads = [m.global_memory_net.g_proj.weight.grad for m in trained.memory_layers]
+    grads = [m.global_memory_net.gate.weight.grad for m in trained.memory_layers]
     assert all(gr is not None and gr.abs().sum() > 0 for gr in grads)
 
 

@@ -662,25 +662,85 @@ def test_a_step_is_the_token_mean_however_it_is_split_into_micro_batches():
         torch.testing.assert_close(runs[2][1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("targets", ["all-linear", ["down_proj", "up_proj"], ["g_proj"]])
-def test_peft_adapters_on_the_memory_modules_are_refused_and_excluding_them_works(targets):
-    """The memory's ops read its modules' weights, so PEFT adapters put on them (LoRA targets
-    that name the memory's modules too) were silently left out: zero gradient, and a merged model
-    unlike the trained one. Refused, naming the way out; with the memory excluded, PEFT trains
-    the base's adapters."""
+USUAL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("targets", [USUAL_LORA_TARGETS, "all-linear"])
+def test_peft_usual_lora_targets_adapt_the_base_and_leave_the_memory_alone(targets):
+    """get_peft_model with the LoRA targets people write for a decoder: the memory holds no
+    nn.Linear and none of those names, so the adapters land on the base model's layers only
+    (the memory's modules were named o_proj / down_proj / up_proj: PEFT failed on the first,
+    and adapters on the others were refused). Adapters start as no-ops (lora_B = 0): the loss is
+    the plain model's, and every adapter gets a gradient."""
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
-    x = torch.randint(0, 97, (1, 20))
+    x = torch.randint(0, 97, (1, 40))
+    plain = tiny_comet("qwen3")
     model = get_peft_model(tiny_comet("qwen3"), LoraConfig(r=2, target_modules=targets))
+    adapted = {n.split(".lora_A")[0].split(".model.")[-1] for n, _ in model.named_parameters() if ".lora_A" in n}
+    layers = {f"layers.{i}.{part}" for i in range(2) for part in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert adapted == layers  # (all-linear leaves out lm_head, as for any causal LM)
+    loss = model(x, labels=x).loss
+    torch.testing.assert_close(loss, plain(x, labels=x).loss, rtol=0, atol=0)
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+    model.read(x)
+    assert model.generate(x, max_new_tokens=2).shape == (1, 42)
+
+
+def test_peft_modules_to_save_trains_the_memory_modules_as_without_peft():
+    """LoraConfig(modules_to_save=["global_memory_net", "temp_memory_net"]) trains copies of the
+    memory's modules beside the adapters (PEFT otherwise freezes them): the copies are what the
+    model reads (PEFT's wrapper hands over the active copy's attributes too), so the loss and
+    the memory's gradients are those of the model without PEFT."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    x = torch.randint(0, 97, (2, 40))
+    plain = tiny_comet("qwen3")
+    model = get_peft_model(tiny_comet("qwen3"), LoraConfig(
+        r=2, target_modules=USUAL_LORA_TARGETS, modules_to_save=["global_memory_net", "temp_memory_net"]))
+    with torch.no_grad():  # the copies, not the frozen originals, must be what the forward reads
+        for name, p in model.named_parameters():
+            if ".original_module." in name:
+                p.mul_(-1.0)
+    loss = model(x, labels=x).loss
+    expected = plain(x, labels=x).loss
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    loss.backward()
+    expected.backward()
+    copies = {n.split("memory_layers.")[1].replace(".modules_to_save.default", ""): p
+              for n, p in model.named_parameters() if ".modules_to_save.default." in n}
+    assert len(copies) == 2 * 7
+    for name, p in plain.memory_layers.named_parameters():
+        torch.testing.assert_close(copies[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("how", ["layernorm tuning", "lora target_parameters"])
+def test_peft_adapters_that_do_reach_the_memory_are_refused_and_excluding_them_works(how):
+    """The memory's ops read its modules' weights, so an adapter that does wrap one (PEFT's
+    LayerNorm tuning of every `norm`, LoRA's target_parameters naming the RLA's weights) would be
+    silently left out: zero gradient, and a merged model unlike the trained one. Refused, naming
+    the way out; with the memory excluded, PEFT trains the base's norms."""
+    peft = pytest.importorskip("peft")
+
+    def config(**kw):
+        if how == "layernorm tuning":
+            return peft.LNTuningConfig(target_modules=["norm"], **kw)
+        return peft.LoraConfig(r=2, target_modules=["q_proj"], target_parameters=["rla.down"], **kw)
+
+    x = torch.randint(0, 97, (1, 20))
+    model = peft.get_peft_model(tiny_comet("qwen3"), config())
     for run in (lambda: model(x), lambda: model.read(x), lambda: model.generate(x, max_new_tokens=2)):
         with pytest.raises(ValueError, match=r"memory modules .* carry adapters \(PEFT\).*exclude_modules"):
             run()
-    if targets == ["g_proj"]:
-        return  # (only the memory has one: nothing else to adapt)
-    model = get_peft_model(tiny_comet("qwen3"), LoraConfig(r=2, target_modules=targets,
-                                                           exclude_modules=r".*memory_layers.*"))
-    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
-    assert adapters and all("memory_layers" not in n for n, _ in model.named_parameters() if "lora_" in n)
+    if how != "layernorm tuning":
+        return  # (exclude_modules does not reach target_parameters: the way out is not to name them)
+    model = peft.get_peft_model(tiny_comet("qwen3"), config(exclude_modules=r".*memory_layers.*"))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all("memory_layers" not in n for n in trained)
     model(x, labels=x).loss.backward()
-    assert all(p.grad is not None for p in adapters)
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
