@@ -719,6 +719,35 @@ def test_peft_modules_to_save_trains_the_memory_modules_as_without_peft():
         torch.testing.assert_close(copies[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def test_peft_save_reload_and_merge_and_unload_give_the_trained_model(tmp_path):
+    """The PEFT round trip users run: PeftModel.save_pretrained (adapters + the memory's trained
+    copies), PeftModel.from_pretrained over a CometForCausalLM loaded from its folder, then
+    merge_and_unload into a plain CometForCausalLM, saved and loaded as one."""
+    peft = pytest.importorskip("peft")
+    from comet_ext import CometForCausalLM
+
+    x = torch.randint(0, 97, (1, 40))
+    tiny_comet("qwen3").save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(CometForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=2, target_modules="all-linear", modules_to_save=["global_memory_net", "temp_memory_net"]))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as training would move them
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    trained = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = peft.PeftModel.from_pretrained(CometForCausalLM.from_pretrained(tmp_path / "base"),
+                                              tmp_path / "adapter")
+    assert torch.equal(reloaded(x).logits, trained)
+    merged = reloaded.merge_and_unload()
+    assert type(merged) is CometForCausalLM
+    merged.save_pretrained(tmp_path / "merged")
+    again = CometForCausalLM.from_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(again(x).logits, trained, rtol=1e-5, atol=1e-5)
+    untrained = CometForCausalLM.from_pretrained(tmp_path / "base")(x).logits
+    assert not torch.allclose(untrained, trained, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("how", ["layernorm tuning", "lora target_parameters"])
 def test_peft_adapters_that_do_reach_the_memory_are_refused_and_excluding_them_works(how):
     """The memory's ops read its modules' weights, so an adapter that does wrap one (PEFT's
