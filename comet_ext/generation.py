@@ -4,7 +4,10 @@ Which settings apply follows HF's order: keyword arguments, then the `generation
 passed in, then the model's own `generation_config` (a checkpoint's
 generation_config.json), then HF's defaults. Every setting is checked; one that
 CoMeT's decoding does not implement (beam search, ...) raises when the caller asks for
-it and warns when it only comes from the model's defaults — never silently ignored.
+it and warns when it only comes from the model's defaults — never silently ignored; so do
+HF generate's own arguments for other decoding (logits_processor, stopping_criteria,
+assistant_model, ...) unless they ask for nothing (None, an empty list). A prompt given
+without attention_mask has its pad tokens taken for padding, as HF does (`prompt_mask`).
 """
 from __future__ import annotations
 
@@ -29,7 +32,16 @@ DEFAULTS: dict[str, Any] = {
 NO_EFFECT = {"bos_token_id", "use_cache", "cache_implementation", "transformers_version", "_from_model_config",
              "return_legacy_cache", "disable_compile", "compile_config", "num_assistant_tokens",
              "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
-             "target_lookbehind"}
+             "target_lookbehind",
+             # generate arguments that serve only stop_strings, token healing and decoding methods
+             # loaded from the Hub (custom_generate, the deprecated modes), all refused here
+             "tokenizer", "trust_remote_code"}
+# HF generate's own arguments for what CoMeT's decoding does not do: accepted at what asks for
+# nothing (None, an empty LogitsProcessorList / StoppingCriteriaList, synced_gpus=False), refused
+# by name otherwise, like the unsupported GenerationConfig fields.
+HF_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
+                "assistant_model", "assistant_tokenizer", "negative_prompt_ids", "negative_prompt_attention_mask",
+                "custom_generate"}
 DEFAULT_MAX_NEW_TOKENS = 20
 
 
@@ -49,6 +61,9 @@ class DecodeSettings:
     return_dict: bool
     output_scores: bool
     output_logits: bool
+    # the id HF's generate takes for padding in a prompt given without attention_mask: pad_token_id
+    # when set and not an EOS id, else None (every prompt token is read)
+    mask_pad: Optional[int] = None
 
 
 # Values of unsupported fields that ask for nothing: one sequence per prompt, beam-search knobs at
@@ -59,10 +74,26 @@ NEUTRAL: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "length_pe
                            "guidance_scale": 1.0, "encoder_repetition_penalty": 1.0}
 
 
+def _neutral(name: str, v: Any) -> bool:
+    """Whether setting `name` to v asks for nothing (a tensor, model or function always asks)."""
+    if v is None or v is False:
+        return True
+    if isinstance(v, (dict, list, tuple)):  # LogitsProcessorList and StoppingCriteriaList are lists
+        return len(v) == 0
+    if isinstance(v, (Tensor, torch.nn.Module)) or callable(v):
+        return False
+    return name in NEUTRAL and NEUTRAL[name] == v
+
+
 def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
     """The settings in values that ask for something generate() does not do."""
-    return {k: v for k, v in values.items() if k not in DEFAULTS and k not in NO_EFFECT
-            and v is not None and v is not False and v != {} and v != [] and NEUTRAL.get(k, object()) != v}
+    return {k: v for k, v in values.items() if k not in DEFAULTS and k not in NO_EFFECT and not _neutral(k, v)}
+
+
+def _short(values: dict[str, Any]) -> str:
+    """values for an error message, each value's repr cut short (an assistant model's runs to pages)."""
+    return "{" + ", ".join(f"{k!r}: {r if len(r := repr(v)) <= 80 else r[:77] + '...'}"
+                           for k, v in values.items()) + "}"
 
 
 def _set_fields(config) -> dict[str, Any]:
@@ -76,7 +107,7 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     prompt_tokens: the prompt's width (max_length / min_length count it, as in HF)."""
     from transformers import GenerationConfig
 
-    known = set(GenerationConfig().to_dict()) | set(DEFAULTS)
+    known = set(GenerationConfig().to_dict()) | set(DEFAULTS) | NO_EFFECT | HF_ARGUMENTS
     unknown = sorted(k for k in kwargs if k not in known)
     if unknown:
         raise TypeError(f"generate: unexpected keyword arguments {unknown}")
@@ -87,12 +118,13 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     model_set = _set_fields(model_config)
     bad = _unsupported(asked)
     if bad:
-        raise ValueError(f"generate: {bad} not supported: CoMeT decodes one greedy or sampled sequence per "
+        raise ValueError(f"generate: {_short(bad)} not supported: CoMeT decodes one greedy or sampled sequence per "
                          f"prompt (supported settings: {sorted(DEFAULTS)})")
     ignored = {k: v for k, v in _unsupported(model_set).items() if k not in asked}
     if ignored:
-        warnings.warn(f"generate: the model's generation_config sets {ignored}, which CoMeT's decoding does not "
-                      "implement; ignored (pass them explicitly to get an error instead)", UserWarning, stacklevel=3)
+        warnings.warn(f"generate: the model's generation_config sets {_short(ignored)}, which CoMeT's decoding "
+                      "does not implement; ignored (pass them explicitly to get an error instead)", UserWarning,
+                      stacklevel=3)
     value = {k: asked.get(k, model_set.get(k, d)) for k, d in DEFAULTS.items()}
     # a keyword passed as None unsets the field, as in HF: its default, except top_k, whose filter
     # HF then leaves out (top_k=None keeps every token; an unset top_k in a GenerationConfig is 50)
@@ -124,9 +156,39 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     top_k = _int(value["top_k"], "top_k", 0)
     eos = _token_ids(value["eos_token_id"], "eos_token_id", vocab)
     pad = value["pad_token_id"]
-    pad = eos[0] if pad is None and eos else (0 if pad is None else _token_ids(pad, "pad_token_id", vocab)[0])
+    pad = None if pad is None else _token_ids(pad, "pad_token_id", vocab)[0]
+    mask_pad = pad if pad is not None and pad not in eos else None  # HF's rule: a pad that is an EOS id marks nothing
+    pad = eos[0] if pad is None and eos else (0 if pad is None else pad)
     return DecodeSettings(max_new, min_new, do_sample, temperature, top_k, top_p, penalty, eos, pad,
-                          *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")))
+                          *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")),
+                          mask_pad=mask_pad)
+
+
+def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSettings) -> Optional[Tensor]:
+    """The attention_mask (B, T) generate reads the prompt input_ids (B, T) with, checked: the
+    caller's, or, without one, HF's inference: the prompt's s.mask_pad tokens are padding (None
+    when it holds none, or HF infers nothing: every token is read). Each row must hold a token
+    and be left-padded (HF's layout) or right-padded: the memory cannot hold a hole."""
+    inferred = ""
+    if attention_mask is None and s.mask_pad is not None:
+        is_pad = input_ids == s.mask_pad
+        if not bool(is_pad.any()):
+            return None
+        attention_mask = (~is_pad).long()
+        inferred = (f" (generate was given no attention_mask, so, as HF's generate does, it took the prompt's "
+                    f"pad_token_id {s.mask_pad} tokens for padding; pass an attention_mask to read them)")
+    if attention_mask is None:
+        return None
+    mask = attention_mask.bool()
+    if not bool(mask.any(1).all()):
+        raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
+                         f"{(~mask.any(1)).nonzero().flatten().tolist()} are all zeros{inferred}")
+    T = mask.shape[1]
+    lengths, j = mask.sum(1, keepdim=True), torch.arange(T, device=mask.device)
+    if not bool(((mask == (j < lengths)).all(1) | (mask == (j >= T - lengths)).all(1)).all()):
+        raise ValueError(f"generate: attention_mask must be left-padded (zeros, then ones: HF's layout) or "
+                         f"right-padded (ones, then zeros) in every row{inferred}")
+    return attention_mask
 
 
 def _int(v, name: str, lo: int) -> int:

@@ -714,16 +714,21 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
         input_ids (B, T) (or HF's `inputs`): the prompt, e.g. the question after a
         document read into `memory`; attention_mask (B, T): left padding (HF's layout
-        for batched generation) or right padding, at least one token per sample.
-        HF's settings, as keyword arguments or a GenerationConfig, over the model's
-        `generation_config` (see comet_ext/generation.py): greedy or sampling (temperature, top_k, top_p),
-        repetition_penalty, max_new_tokens / max_length, min_new_tokens / min_length,
-        eos / pad ids, return_dict_in_generate with output_scores / output_logits; a
-        `streamer` (HF's put / end protocol); `generator` seeds the sampling. A setting
-        it does not implement (beam search, ...) raises.
+        for batched generation) or right padding, at least one token per sample; without
+        one, as in HF, the prompt's pad_token_id tokens are padding (when pad_token_id is set
+        and is not an EOS id). HF's settings, as keyword arguments or a GenerationConfig, over
+        the model's `generation_config` (see comet_ext/generation.py): greedy or sampling
+        (temperature, top_k, top_p), repetition_penalty, max_new_tokens / max_length,
+        min_new_tokens / min_length, eos / pad ids, return_dict_in_generate with output_scores /
+        output_logits; a `streamer` (HF's put / end protocol). `generator` seeds the sampling;
+        without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
+        then generate gives the tokens HF's would). A setting it does not implement (beam
+        search, logits_processor, ...) raises.
 
         Returns (B, T + new) ids like HF (padded with pad_token_id after a sample's
-        EOS), or HF's GenerateDecoderOnlyOutput with return_dict_in_generate; with
+        EOS), or HF's GenerateDecoderOnlyOutput with return_dict_in_generate (the scores and
+        logits of a sample after its EOS are not HF's: HF goes on feeding it pad tokens, CoMeT
+        stops reading for it, so its logits repeat those of the step that chose its EOS); with
         return_memory, (that, memory). Compression tokens are fed after every
         `temp_stride` text tokens of the open chunk and never appear in the output;
         a chunk that fills up is closed (readout, memory update) and a new one begins,
@@ -749,9 +754,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         input_ids = self._check_ids(input_ids)
         if attention_mask is not None:
             _check_mask_values(attention_mask, input_ids.shape)
-        if attention_mask is not None and not bool(attention_mask.bool().any(1).all()):
-            raise ValueError(f"generate: every sample needs at least one prompt token; attention_mask rows "
-                             f"{(~attention_mask.bool().any(1)).nonzero().flatten().tolist()} are all zeros")
+        # the caller's mask, or HF's inference of one from the prompt's pad tokens; checked
+        attention_mask = generation.prompt_mask(input_ids, attention_mask, s)
         read_ids, read_mask = _left_to_right_padding(input_ids, attention_mask)
         memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)

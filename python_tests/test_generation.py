@@ -13,6 +13,7 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
                                                     RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                                     TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
 
 
 def ids(B, T, seed=0):
@@ -301,3 +302,118 @@ def test_hf_text_generation_pipeline_batches_prompts():
     alone = [pipe(p, max_new_tokens=6, do_sample=False)[0]["generated_text"] for p in prompts]
     batched = [r[0]["generated_text"] for r in pipe(prompts, max_new_tokens=6, do_sample=False, batch_size=2)]
     assert batched == alone and all(t.startswith(p) and len(t) > len(p) for t, p in zip(alone, prompts))
+
+
+@pytest.fixture(scope="module")
+def hf_equal():
+    """A CoMeT model whose generate must equal its base model's HF generate: no temporary
+    memory and a chunk longer than prompt + output, so reading starts from empty memories
+    and every logit is the base model's; float64, so that no greedy choice is a near tie.
+    The base runs sdpa (HF's eager attention gives NaN on left padding in float64)."""
+    model = tiny_comet("qwen3", temp_stride=-1, chunk_size=64).double()
+    model.base.config._attn_implementation = "sdpa"
+    return model
+
+
+def test_pad_tokens_of_a_prompt_without_attention_mask_are_padding_as_in_hf(hf_equal):
+    """Given no attention_mask, HF's generate takes the prompt's pad_token_id tokens for padding
+    (when pad_token_id is set and is not an EOS id), from a keyword or a generation_config alike."""
+    prompt = ids(2, 7, seed=12)
+    pad = next(t for t in range(VOCAB) if t not in prompt.flatten().tolist())
+    prompt[1, :3] = pad
+    hf = hf_equal.base.generate(prompt, max_new_tokens=6, pad_token_id=pad, eos_token_id=None)
+    assert torch.equal(hf_equal.generate(prompt, max_new_tokens=6, pad_token_id=pad, eos_token_id=None), hf)
+    hf_equal.generation_config.pad_token_id = pad
+    try:
+        assert torch.equal(hf_equal.generate(prompt, max_new_tokens=6, eos_token_id=None), hf)
+    finally:
+        hf_equal.generation_config.pad_token_id = None
+    # pad_token_id among the EOS ids: HF infers nothing, every token is read
+    both = dict(max_new_tokens=6, pad_token_id=pad, eos_token_id=[pad, VOCAB - 1])
+    assert torch.equal(hf_equal.generate(prompt, **both), hf_equal.base.generate(prompt, **both))
+    # a pad token inside a prompt would be a hole, which the memory cannot hold: named, not read
+    prompt[0, 3] = pad
+    with pytest.raises(ValueError, match=f"pad_token_id {pad}"):
+        hf_equal.generate(prompt, max_new_tokens=2, pad_token_id=pad)
+    with pytest.raises(ValueError, match=f"rows \\[1\\] are all zeros.*pad_token_id {pad}"):
+        hf_equal.generate(torch.full((2, 3), pad).index_fill(0, torch.tensor([0]), 5), max_new_tokens=2,
+                          pad_token_id=pad)
+
+
+def test_a_mask_neither_left_nor_right_padded_names_both_layouts(model):
+    with pytest.raises(ValueError, match="left-padded .* or right-padded"):
+        model.generate(ids(1, 5), attention_mask=torch.tensor([[1, 1, 0, 1, 1]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)])),
+    dict(stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(6)])),
+    dict(prefix_allowed_tokens_fn=lambda batch, sent: [1]),
+    dict(synced_gpus=True),
+    dict(negative_prompt_ids=torch.tensor([[1, 2]])),
+    dict(custom_generate="some/repo"),
+])
+def test_hf_generate_arguments_it_does_not_implement_raise_a_value_error_naming_them(model, kwargs):
+    (name,) = kwargs
+    with pytest.raises(ValueError, match=f"{name}.*not supported"):
+        model.generate(ids(1, 3), max_new_tokens=2, **kwargs)
+
+
+def test_hf_generate_arguments_at_neutral_values_change_nothing(model):
+    """What HF's generate takes for "none" (what wrappers pass by default) is accepted; the
+    tokenizer serves only stop_strings and token healing, both refused, so it changes nothing."""
+    prompt = ids(1, 3, seed=9)
+    expected = model.generate(prompt, max_new_tokens=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = model.generate(prompt, max_new_tokens=3, logits_processor=LogitsProcessorList(),
+                             stopping_criteria=StoppingCriteriaList(), prefix_allowed_tokens_fn=None,
+                             synced_gpus=False, assistant_model=None, negative_prompt_ids=None,
+                             negative_prompt_attention_mask=None, custom_generate=None, tokenizer=object())
+    assert torch.equal(out, expected)
+
+
+def test_an_assistant_model_is_refused_by_name_without_printing_it(model):
+    with pytest.raises(ValueError, match="assistant_model") as caught:
+        model.generate(ids(1, 3), max_new_tokens=2, assistant_model=model.base)
+    assert len(str(caught.value)) < 600  # the model's repr is not in the message
+
+
+def _left_padded_batch():
+    prompt = ids(2, 7, seed=13)
+    mask = torch.ones_like(prompt)
+    prompt[1, :3], mask[1, :3] = 0, 0
+    return dict(input_ids=prompt, attention_mask=mask)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(max_new_tokens=8),
+    dict(max_length=12, eos_token_id=[90, 28], pad_token_id=1),  # stops sample 1 after 2 tokens
+    dict(max_new_tokens=8, do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3),
+    dict(max_new_tokens=8, do_sample=True, top_k=0, top_p=1e-9),
+    dict(max_new_tokens=8, min_new_tokens=4, repetition_penalty=0.7, return_dict_in_generate=True,
+         output_scores=True, output_logits=True),
+    dict(max_new_tokens=8, left_padded=True, do_sample=True, repetition_penalty=1.3, return_dict_in_generate=True,
+         output_scores=True),
+], ids=["greedy", "eos_list_max_length", "sampling", "top_k0_top_p_tiny", "min_new_scores", "left_padded"])
+def test_generate_is_hfs_generate_when_the_memory_is_empty_and_one_chunk(hf_equal, settings):
+    """The differential oracle: on one chunk with empty memories CoMeT's logits are the base
+    model's, so generate must give what HF's generate on the base gives: tokens, padding, scores
+    and logits, sampling from the same global RNG. (Scores are compared only where no EOS stops a
+    sample: after its EOS HF feeds a sample pad tokens, and its scores are not comparable.)"""
+    settings = dict(settings)
+    prompt = _left_padded_batch() if settings.pop("left_padded", False) else dict(input_ids=ids(2, 7, seed=13))
+    if "eos_token_id" not in settings:  # the Qwen3 config has none; state it for both sides
+        settings["eos_token_id"] = None
+    outputs = []
+    for generate in (hf_equal.generate, hf_equal.base.generate):
+        torch.manual_seed(0)
+        outputs.append(generate(**prompt, **settings))
+    ours, hf = outputs
+    if not settings.get("return_dict_in_generate"):
+        assert torch.equal(ours, hf)
+        return
+    assert torch.equal(ours.sequences, hf.sequences)
+    for name in ("scores", "logits"):
+        if getattr(hf, name) is not None:
+            torch.testing.assert_close(torch.stack(getattr(ours, name)), torch.stack(getattr(hf, name)))
