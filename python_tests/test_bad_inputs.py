@@ -10,6 +10,10 @@ expected and the actual value").
 ``MORE_BAD_CALLS`` holds calls that once slipped through (strided rows, or
 Python-side errors that did not name the argument).
 
+The cases that need no tensor values to be refused run again on fake and meta
+tensors: the fake kernels, which torch.compile / torch.export trace through,
+must refuse them the same way.
+
 The last tests document how NaN inputs of ``prefix_attention`` propagate.
 """
 from __future__ import annotations
@@ -18,6 +22,8 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import comet_ext  # noqa: F401  (loads the op library)
 from comet_ext import ops
@@ -51,7 +57,9 @@ def _attn(q_shape=(B, N, HQ, D), k_shape=(B, K, HKV, D), v_shape=None, **kwargs)
 
     def call():
         q, k, v = _qkv(q_shape, k_shape, v_shape)
-        return ops.prefix_attention(q, k, v, **kwargs)
+        # length tensors are built with the table: they follow q to the device a test runs on (meta)
+        lens = {name: t.to(q.device) for name, t in kwargs.items() if isinstance(t, torch.Tensor)}
+        return ops.prefix_attention(q, k, v, **{**kwargs, **lens})
 
     return call
 
@@ -458,20 +466,28 @@ ONE_META_TENSOR = [  # (the dispatcher runs the fake kernels then, which returne
 
 
 def _push_sharing(what: str):
-    buffer, head, length = torch.arange(8.0).view(1, 8, 1), torch.tensor([0]), torch.tensor([3])
-    rows, counts = torch.ones(1, 2, 1), torch.tensor([2])
-    if what == "rows-in-buffer":  # a ring's own rows pushed back into it
-        rows = buffer[:, :2]
-    elif what == "head-is-length":
-        length = head
-    elif what == "expanded-buffer":  # every slot of a sample one memory location
-        buffer = torch.zeros(1, 1, 1).expand(1, 8, 1)
-    return lambda: ops.fifo_push(buffer, head, length, rows, counts)
+    """A fifo_push call whose arguments share memory (``what``), its tensors built when it runs."""
+
+    def call():
+        buffer, head, length = torch.arange(8.0).view(1, 8, 1), torch.tensor([0]), torch.tensor([3])
+        rows, counts = torch.ones(1, 2, 1), torch.tensor([2])
+        if what == "rows-in-buffer":  # a ring's own rows pushed back into it
+            rows = buffer[:, :2]
+        elif what == "head-is-length":
+            length = head
+        elif what == "expanded-buffer":  # every slot of a sample one memory location
+            buffer = torch.zeros(1, 1, 1).expand(1, 8, 1)
+        return ops.fifo_push(buffer, head, length, rows, counts)
+
+    return call
 
 
-@pytest.mark.parametrize("what, pattern", [
+PUSH_SHARING = [
     ("rows-in-buffer", "'buffer' and 'rows' share memory"), ("head-is-length", "'head' and 'length' share memory"),
-    ("expanded-buffer", "'buffer' has elements that share memory")])
+    ("expanded-buffer", "'buffer' has elements that share memory")]
+
+
+@pytest.mark.parametrize("what, pattern", PUSH_SHARING)
 def test_an_in_place_push_refuses_arguments_that_share_memory(what, pattern):
     """The push writes buffer, head and length in place: sharing memory with another argument (or
     within itself) wrote what was still to be read, silently."""
@@ -506,6 +522,61 @@ def test_forward_mode_ad_is_refused_not_silently_zero():
 def test_one_meta_tensor_among_real_ones_is_refused_by_name(call, pattern):
     with pytest.raises(RuntimeError, match=pattern + ".*must be on the same device"):
         call()
+
+
+# --------------------------------------------------------------------------- the same refusals while tracing
+
+# Refused by the kernels for the values inside head / length / counts / q_lens / k_lens: a fake or meta
+# tensor has a shape but no values, so only the kernels can check these (the CPU ones do, the CUDA ones clamp).
+NEEDS_VALUES = {
+    "attention-q_lens-negative", "attention-q_lens-above-queries", "attention-k_lens-above-keys",
+    "attention-k_lens-negative-int32", "fifo_push-counts-negative", "fifo_push-counts-above-rows",
+    "fifo_push-head-equals-capacity", "fifo_push-head-negative", "fifo_push-length-above-capacity",
+    "fifo_push-length-negative", "fifo_push_functional-counts-above-rows", "fifo_push_functional-head-out-of-range",
+    "fifo_view-length-above-capacity", "fifo_view-length-negative", "fifo_view-head-equals-capacity",
+}
+TRACEABLE_BAD_CALLS = [p for p in BAD_CALLS + MORE_BAD_CALLS if p.id not in NEEDS_VALUES] + [
+    pytest.param(_push_sharing(what), RuntimeError, pattern, id=f"fifo_push-{what}") for what, pattern in PUSH_SHARING
+]
+
+
+def test_the_cases_left_to_the_kernels_are_in_the_tables():
+    assert NEEDS_VALUES <= {p.id for p in BAD_CALLS + MORE_BAD_CALLS}
+
+
+@pytest.mark.parametrize("tensors", ["fake", "meta"])
+@pytest.mark.parametrize("call, exc, pattern", TRACEABLE_BAD_CALLS)
+def test_fake_kernels_refuse_what_the_kernels_refuse(tensors, call, exc, pattern):
+    """Every malformed call of the tables above, its tensors made fake (FakeTensorMode, as torch.compile /
+    torch.export trace) or on the meta device, is refused with the kernel's exception and message: the fake
+    kernels accepted shapes the kernels refuse, traced made-up output shapes and left the error to run
+    time. The in-place push's memory-sharing cases are in too (fake and meta tensors keep the real ones'
+    aliasing). Left out: the cases in NEEDS_VALUES, refused for the values inside head / length / counts /
+    q_lens / k_lens, which a fake tensor does not have. The ValueError cases, the Python face's own checks,
+    run before any kernel; they stay in, as they too must hold under tracing."""
+    # (a real tensor built with the table, a length, is made fake as torch.compile makes its inputs fake)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if tensors == "fake" else torch.device("meta")
+    with pytest.raises(exc, match=pattern):
+        with mode:
+            call()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compile_refuses_mismatched_rla_weights_while_tracing(dynamic):
+    """torch.compile(fullgraph=True) of an rla call with an up of the wrong rank stops in the fake
+    kernel, naming the argument: no graph reaches the backend and the kernel never runs."""
+    torch._dynamo.reset()
+    backend = CompileCounterWithBackend("aot_eager")
+    x, down, up, w = _rla_args()
+    f = torch.compile(lambda x, down, up, w: ops.rla(x, down, up, w), fullgraph=True, backend=backend,
+                      dynamic=dynamic)
+    try:
+        with pytest.raises(RuntimeError, match=r"comet::rla: 'up' must have shape \(8, 2\), got \(8, 3\)"):
+            f(x, down, torch.randn(HID, R + 1), w)
+        assert backend.frame_count == 0
+        torch.testing.assert_close(f(x, down, up, w), ref.rla(x, down, up, w))  # well-formed: traces and runs
+    finally:
+        torch._dynamo.reset()
 
 
 # --------------------------------------------------------------------------- NaN behaviour
