@@ -7,7 +7,7 @@ model.safetensors, written atomically together.
 
 Weights are stored under the base model's own names (``model.layers.0...``,
 ``lm_head.weight``) and the memory's under ``comet.`` (``comet.memory_layers.0...``,
-``comet.readout_embedding``): a plain ``AutoModelForCausalLM.from_pretrained(folder)``
+``comet.memory_embeddings.readout``): a plain ``AutoModelForCausalLM.from_pretrained(folder)``
 then loads the fine-tuned base model (HF reports the ``comet.*`` weights it does not use)
 instead of a randomly initialised one. LoRA adapters go under ``comet.`` too, and the
 weights they adapt under the plain names: a plain load gets the base without them. Folders
@@ -37,14 +37,17 @@ CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 # top-level modules of CometForCausalLM besides `base`: stored under "comet."
-MEMORY_MODULES = ("memory_layers.", "compression_embedding", "readout_embedding")
+MEMORY_MODULES = ("memory_layers.", "memory_embeddings.")
 
 
 # what peft's LoRA layers call the layer they wrap, and their own parameters
 ADAPTED = ".base_layer."
 ADAPTER = ".lora_"
-# the memory's parameters as saved before they were renamed out of LoRA's usual targets
-# (files of format 2 and earlier; comet_ext.modeling.LowRankAdapter says why)
+# the memory's parameters as saved before they were renamed out of LoRA's usual targets and
+# into modules PEFT's modules_to_save can take (files of format 2 and earlier;
+# comet_ext.modeling.LowRankAdapter and MemoryEmbeddings say why)
+LEGACY_EMBEDDINGS = {"compression_embedding": "memory_embeddings.compression",
+                     "readout_embedding": "memory_embeddings.readout"}
 LEGACY_MEMORY_NAMES = {
     "global_memory_net.g_proj.weight": "global_memory_net.gate.weight",
     "global_memory_net.o_proj.down_proj.weight": "global_memory_net.rla.down",
@@ -69,10 +72,11 @@ def model_key(key: str, model_keys=None) -> str:
     layer carries LoRA adapters maps to the wrapped layer."""
     if key.startswith("comet."):
         key = key[len("comet."):]
-    if key.startswith(MEMORY_MODULES):
-        layer, dot, rest = key.partition(".")[2].partition(".")
-        return f"memory_layers.{layer}.{LEGACY_MEMORY_NAMES.get(rest, rest)}" if dot else key
-    if key.startswith("base."):
+    key = LEGACY_EMBEDDINGS.get(key, key)
+    if key.startswith("memory_layers."):
+        layer, _, rest = key[len("memory_layers."):].partition(".")
+        return f"memory_layers.{layer}.{LEGACY_MEMORY_NAMES.get(rest, rest)}"
+    if key.startswith(("base.",) + MEMORY_MODULES):
         return key
     key = "base." + key
     if model_keys is not None and key not in model_keys:

@@ -181,8 +181,8 @@ def convert_state(state: dict[str, torch.Tensor], config: dict) -> dict[str, tor
                 raise ValueError(f"convert: unexpected {part} key {key!r}")
             out[f"memory_layers.{i}.{part}.{_MEMORY[part][rest]}"] = value
     embed = out["base.model.embed_tokens.weight"]
-    out["compression_embedding"] = embed[config["temp_beacon_id"]].unsqueeze(0).clone()
-    out["readout_embedding"] = embed[list(config["global_beacon_ids"])].clone()
+    out["memory_embeddings.compression"] = embed[config["temp_beacon_id"]].unsqueeze(0).clone()
+    out["memory_embeddings.readout"] = embed[list(config["global_beacon_ids"])].clone()
     return out
 
 

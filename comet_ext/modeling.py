@@ -103,6 +103,25 @@ class TempMemoryNet(nn.Module):
         return self.rla(rows, self.norm)
 
 
+class MemoryEmbeddings(nn.Module):
+    """The learned embeddings of CoMeT's own tokens: `compression` (1, hidden), shared by every
+    compression token, and `readout` (num_global, hidden), one per global slot. One module (not
+    two parameters of the model) so that PEFT's modules_to_save can train and save them."""
+
+    def __init__(self, hidden: int, num_global: int):
+        super().__init__()
+        self.compression = nn.Parameter(torch.empty(1, hidden))
+        self.readout = nn.Parameter(torch.empty(num_global, hidden))
+
+    def forward(self, emb: Tensor, kind: Tensor, slot: Tensor) -> Tensor:
+        """Rows (B, N, hidden): emb (B, N, hidden), the token embeddings, with the compression
+        embedding where kind (B, N) is COMPRESSION and readout embedding slot[b, n] where it is
+        READOUT."""
+        kind = kind.unsqueeze(-1)
+        x = torch.where(kind == COMPRESSION, self.compression.to(emb.dtype), emb)
+        return torch.where(kind == READOUT, self.readout[slot].to(emb.dtype), x)
+
+
 class CometLayerMemory(nn.Module):
     def __init__(self, hidden: int, rank: int):
         super().__init__()
@@ -148,20 +167,21 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"lm_head), got {type(base).__name__}")
         super().__init__(base.config)
         self.family: Family = family
+        cfg = base.config
+        d = cfg.hidden_size
+        # first of the model's modules: its parameters come first, where the two parameters it
+        # replaced were, so optimizer states saved before (indexed by order) still fit
+        self.memory_embeddings = MemoryEmbeddings(d, comet_config.num_global)
         self.base = base
         self.comet_config = comet_config
-        cfg = base.config
         self.config = cfg
         if getattr(base, "generation_config", None) is not None:  # a checkpoint's generation_config.json
             self.generation_config = copy.deepcopy(base.generation_config)
-        d = cfg.hidden_size
         self.memory_layers = nn.ModuleList(
             CometLayerMemory(d, comet_config.rla_rank) for _ in range(cfg.num_hidden_layers)
         )
         emb = base.get_input_embeddings().weight
-        self.compression_embedding = nn.Parameter(torch.empty(1, d, dtype=emb.dtype, device=emb.device))
-        self.readout_embedding = nn.Parameter(
-            torch.empty(comet_config.num_global, d, dtype=emb.dtype, device=emb.device))
+        self.memory_embeddings.to(device=emb.device, dtype=emb.dtype)
         self.memory_layers.to(device=emb.device, dtype=emb.dtype)
         self.reset_memory_parameters()
         # state dicts read from model.safetensors (Trainer's resume) use the saved key layout
@@ -183,8 +203,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def comet_config(self, value: CometConfig) -> None:
         if not isinstance(value, CometConfig):
             raise ValueError(f"comet_config must be a CometConfig, got {type(value).__name__}")
-        if "readout_embedding" in self._parameters:  # built: the weights fix the sizes
-            weights = {"num_global": self.readout_embedding.shape[0],
+        if "memory_layers" in self._modules:  # built: the weights fix the sizes
+            weights = {"num_global": self.memory_embeddings.readout.shape[0],
                        "rla_rank": self.memory_layers[0].global_memory_net.rla.down.shape[0]}
             differ = {k: (getattr(value, k), n) for k, n in weights.items() if getattr(value, k) != n}
             if differ:
@@ -214,8 +234,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             nn.init.zeros_(layer.global_memory_net.gate.weight)
             nn.init.ones_(layer.global_memory_net.norm.weight)
             nn.init.ones_(layer.temp_memory_net.norm.weight)
-        nn.init.normal_(self.compression_embedding, std=std)
-        nn.init.normal_(self.readout_embedding, std=std)
+        nn.init.normal_(self.memory_embeddings.compression, std=std)
+        nn.init.normal_(self.memory_embeddings.readout, std=std)
 
     @torch.no_grad()
     def resize_global_memory(self, num_global: int, noise: float = 0.0,
@@ -232,14 +252,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"resize_global_memory: num_global must be an int >= 1, got {num_global!r}")
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
             raise ValueError(f"resize_global_memory: noise must be a finite number >= 0, got {noise!r}")
-        old = self.readout_embedding.detach()
+        old = self.memory_embeddings.readout.detach()
         index = torch.arange(num_global, device=old.device) % old.shape[0]
         new = old[index].clone()
         if num_global > old.shape[0] and noise > 0:
             extra = new[old.shape[0]:]
             jitter = torch.randn(extra.shape, generator=generator, dtype=torch.float32, device="cpu")
             extra += (jitter * noise * old.float().std().item()).to(extra)
-        self.readout_embedding = nn.Parameter(new, requires_grad=self.readout_embedding.requires_grad)
+        self.memory_embeddings.readout = nn.Parameter(new, requires_grad=old.requires_grad)
         self.comet_config = dataclasses.replace(self.comet_config, num_global=num_global)
 
     @classmethod
@@ -322,11 +342,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     @property
     def device(self) -> torch.device:
-        return self.readout_embedding.device
+        return self.memory_embeddings.readout.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.readout_embedding.dtype
+        return self.memory_embeddings.readout.dtype
 
     @property
     def decoder(self) -> nn.Module:
@@ -352,9 +372,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """Rows of a segment: token embeddings, the compression embedding, readout embeddings."""
         emb = self.decoder.embed_tokens(torch.gather(tokens, 1, seg.token.clamp(max=max(tokens.shape[1] - 1, 0)))
                                         if tokens.shape[1] else torch.zeros_like(seg.token))
-        kind = seg.kind.unsqueeze(-1)
-        x = torch.where(kind == COMPRESSION, self.compression_embedding.to(emb.dtype), emb)
-        return torch.where(kind == READOUT, self.readout_embedding[seg.slot].to(emb.dtype), x)
+        return self.memory_embeddings(emb, seg.kind, seg.slot)
 
     # ------------------------------------------------------------------ memory
 

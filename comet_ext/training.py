@@ -99,7 +99,7 @@ class TrainConfig:
 def memory_parameter_names(model) -> set[str]:
     """Parameters that are new with CoMeT: memory modules and the token embeddings."""
     return {n for n, _ in model.named_parameters()
-            if n.startswith("memory_layers.") or n in ("compression_embedding", "readout_embedding")}
+            if n.startswith(("memory_layers.", "memory_embeddings."))}
 
 
 def build_optimizer(model, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -28,7 +28,7 @@ def test_plain_hf_loading_gets_the_fine_tuned_base_not_random_weights(tmp_path):
         model.base.lm_head.weight.add_(0.5)
     model.save_pretrained(tmp_path)
     keys = load_file(tmp_path / "model.safetensors").keys()
-    assert "lm_head.weight" in keys and "comet.readout_embedding" in keys
+    assert "lm_head.weight" in keys and "comet.memory_embeddings.readout" in keys
     assert not any(k.startswith("base.") for k in keys)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
     x = ids(1, 12)
@@ -53,7 +53,8 @@ def test_folders_of_the_older_layout_still_load(tmp_path):
 
 # the memory's parameter names in files of format 2 and earlier, written out here (not taken from
 # checkpoint.LEGACY_MEMORY_NAMES, which is under test)
-FORMAT_2_NAMES = {"gate.weight": "g_proj.weight", "global_memory_net.rla.down": "global_memory_net.o_proj.down_proj.weight",
+FORMAT_2_NAMES = {"memory_embeddings.compression": "compression_embedding",
+                  "memory_embeddings.readout": "readout_embedding", "gate.weight": "g_proj.weight", "global_memory_net.rla.down": "global_memory_net.o_proj.down_proj.weight",
                   "global_memory_net.rla.up": "global_memory_net.o_proj.up_proj.weight",
                   "temp_memory_net.rla.down": "temp_memory_net.rla.down_proj.weight",
                   "temp_memory_net.rla.up": "temp_memory_net.rla.up_proj.weight"}
@@ -70,7 +71,8 @@ def as_format_2(key: str) -> str:
 def test_files_of_the_memory_names_before_the_rename_still_load(tmp_path, older_layout):
     """Before format 3 the memory's modules were nn.Linear layers named g_proj, o_proj.down_proj,
     o_proj.up_proj, rla.down_proj and rla.up_proj (the reference's names, which LoRA's usual
-    targets hit). Folders saved so (the shipped passkey model among them), under comet.* or under
+    targets hit), and its embeddings the model's parameters compression_embedding and
+    readout_embedding. Folders saved so (the shipped passkey model among them), under comet.* or under
     the older unprefixed layout, load to the same model; so does a state dict read from such a
     file (transformers.Trainer resuming from an older checkpoint)."""
     model = tiny_comet("qwen3", seed=4)
@@ -79,7 +81,8 @@ def test_files_of_the_memory_names_before_the_rename_still_load(tmp_path, older_
     saved = load_file(path)
     keys = {k: model_key(k) if older_layout else k for k in saved}
     old = {as_format_2(keys[k]): v for k, v in saved.items()}
-    assert sum(as_format_2(k) != k for k in keys.values()) == 2 * 5  # per layer: the gate, both RLAs' weights
+    # per layer the gate and both RLAs' weights, and the two embeddings
+    assert sum(as_format_2(k) != k for k in keys.values()) == 2 * 5 + 2
     save_file(old, path, metadata={"format": "pt", "comet_ext": "2"})
     config = json.loads((tmp_path / "config.json").read_text())
     del config["comet_save_id"]
@@ -95,8 +98,8 @@ def test_files_of_the_memory_names_before_the_rename_still_load(tmp_path, older_
 
 
 def test_key_mapping_round_trips():
-    shared = ("base.lm_head.weight", "readout_embedding", "memory_layers.1.global_memory_net.gate.weight",
-              "compression_embedding")
+    shared = ("base.lm_head.weight", "memory_embeddings.readout", "memory_layers.1.global_memory_net.gate.weight",
+              "memory_embeddings.compression")
     plain = shared + ("base.model.layers.0.self_attn.q_proj.weight",)
     with_lora = shared + ("base.model.layers.0.self_attn.q_proj.base_layer.weight",
                           "base.model.layers.0.self_attn.q_proj.lora_A.default.weight")

@@ -33,8 +33,8 @@ def write_reference_checkpoint(model: CometForCausalLM, folder, shards: int = 1)
     """Lays a comet model out the way the reference implementation saves MemQwen3ForCausalLM."""
     cc = model.comet_config
     emb = model.base.model.embed_tokens.weight.detach().clone()
-    emb[98] = model.compression_embedding.detach()[0]
-    emb[99:103] = model.readout_embedding.detach()
+    emb[98] = model.memory_embeddings.compression.detach()[0]
+    emb[99:103] = model.memory_embeddings.readout.detach()
     state = {}
     for key, value in model.state_dict().items():
         value = value.detach().clone()

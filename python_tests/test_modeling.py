@@ -427,8 +427,8 @@ def test_gradients_reach_every_memory_module():
     out.loss.backward()
     for name, p in model.memory_layers.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
-    assert model.readout_embedding.grad.abs().sum() > 0
-    assert model.compression_embedding.grad.abs().sum() > 0
+    assert model.memory_embeddings.readout.grad.abs().sum() > 0
+    assert model.memory_embeddings.compression.grad.abs().sum() > 0
 
 
 def test_loss_is_next_token_cross_entropy():
@@ -555,14 +555,14 @@ def test_comet_config_replaced_only_where_it_shapes_no_weight(tmp_path):
 
 def test_resize_global_memory(tmp_path):
     model = tiny_comet("qwen3", seed=4)
-    old = model.readout_embedding.detach().clone()
+    old = model.memory_embeddings.readout.detach().clone()
     one_chunk, two_chunks = ids(1, 16, seed=19), ids(1, 30, seed=19)
     before_one, before_two = model(one_chunk).logits, model(two_chunks).logits
     stale = model.read(two_chunks)
 
     model.resize_global_memory(7, noise=0.5, generator=torch.Generator().manual_seed(0))
-    assert model.comet_config.num_global == 7 and model.readout_embedding.shape == (7, old.shape[1])
-    new = model.readout_embedding.detach()
+    assert model.comet_config.num_global == 7 and model.memory_embeddings.readout.shape == (7, old.shape[1])
+    new = model.memory_embeddings.readout.detach()
     assert torch.equal(new[:4], old)
     jitter = new[4:] - old[:3]
     assert 0.25 < float(jitter.std() / old.std()) < 1.0  # noise 0.5 x the embedding's spread
@@ -579,9 +579,9 @@ def test_resize_global_memory(tmp_path):
     assert torch.equal(loaded(two_chunks).logits, model(two_chunks).logits)
 
     model.resize_global_memory(2)
-    assert torch.equal(model.readout_embedding.detach(), old[:2]) and model.comet_config.num_global == 2
+    assert torch.equal(model.memory_embeddings.readout.detach(), old[:2]) and model.comet_config.num_global == 2
     model.resize_global_memory(4)  # without noise a new slot is an exact copy
-    assert torch.equal(model.readout_embedding.detach(), old[[0, 1, 0, 1]])
+    assert torch.equal(model.memory_embeddings.readout.detach(), old[[0, 1, 0, 1]])
     for bad, match in [(0, "num_global must be an int >= 1"), (2.0, "num_global must be an int"),
                        (True, "num_global must be an int")]:
         with pytest.raises(ValueError, match=match):
@@ -744,7 +744,7 @@ def test_chunkwise_loss_equals_the_full_logits_loss():
         out = model(x, labels=labels, attention_mask=mask, **kw)
         out.loss.backward()
         losses.append(out.loss.detach())
-        grads.append(model.readout_embedding.grad.clone())
+        grads.append(model.memory_embeddings.readout.grad.clone())
         assert (out.logits is None) == (kw.get("return_logits") is False)
     for loss, grad in zip(losses[1:], grads[1:]):
         torch.testing.assert_close(loss, losses[0], rtol=1e-6, atol=1e-6)

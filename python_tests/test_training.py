@@ -663,6 +663,7 @@ def test_a_step_is_the_token_mean_however_it_is_split_into_micro_batches():
 
 
 USUAL_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MEMORY_MODULES = ["memory_embeddings", "global_memory_net", "temp_memory_net"]
 
 
 @pytest.mark.parametrize("targets", [USUAL_LORA_TARGETS, "all-linear"])
@@ -692,17 +693,17 @@ def test_peft_usual_lora_targets_adapt_the_base_and_leave_the_memory_alone(targe
 
 
 def test_peft_modules_to_save_trains_the_memory_modules_as_without_peft():
-    """LoraConfig(modules_to_save=["global_memory_net", "temp_memory_net"]) trains copies of the
-    memory's modules beside the adapters (PEFT otherwise freezes them): the copies are what the
-    model reads (PEFT's wrapper hands over the active copy's attributes too), so the loss and
-    the memory's gradients are those of the model without PEFT."""
+    """LoraConfig(modules_to_save=MEMORY_MODULES) trains copies of all of the memory's modules
+    beside the adapters (PEFT otherwise freezes them): the copies are what the model reads
+    (PEFT's wrapper hands over the active copy's attributes too), so the loss and the memory's
+    gradients are those of the model without PEFT."""
     pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     x = torch.randint(0, 97, (2, 40))
     plain = tiny_comet("qwen3")
     model = get_peft_model(tiny_comet("qwen3"), LoraConfig(
-        r=2, target_modules=USUAL_LORA_TARGETS, modules_to_save=["global_memory_net", "temp_memory_net"]))
+        r=2, target_modules=USUAL_LORA_TARGETS, modules_to_save=MEMORY_MODULES))
     with torch.no_grad():  # the copies, not the frozen originals, must be what the forward reads
         for name, p in model.named_parameters():
             if ".original_module." in name:
@@ -712,10 +713,11 @@ def test_peft_modules_to_save_trains_the_memory_modules_as_without_peft():
     torch.testing.assert_close(loss, expected, rtol=0, atol=0)
     loss.backward()
     expected.backward()
-    copies = {n.split("memory_layers.")[1].replace(".modules_to_save.default", ""): p
+    copies = {n.split("base_model.model.")[1].replace(".modules_to_save.default", ""): p
               for n, p in model.named_parameters() if ".modules_to_save.default." in n}
-    assert len(copies) == 2 * 7
-    for name, p in plain.memory_layers.named_parameters():
+    memory = {n: p for n, p in plain.named_parameters() if not n.startswith("base.")}
+    assert len(copies) == len(memory) == 2 + 2 * 7 and all(p.requires_grad for p in copies.values())
+    for name, p in memory.items():
         torch.testing.assert_close(copies[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
@@ -729,7 +731,7 @@ def test_peft_save_reload_and_merge_and_unload_give_the_trained_model(tmp_path):
     x = torch.randint(0, 97, (1, 40))
     tiny_comet("qwen3").save_pretrained(tmp_path / "base")
     model = peft.get_peft_model(CometForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
-        r=2, target_modules="all-linear", modules_to_save=["global_memory_net", "temp_memory_net"]))
+        r=2, target_modules="all-linear", modules_to_save=MEMORY_MODULES))
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():  # as training would move them
         for p in (p for p in model.parameters() if p.requires_grad):
