@@ -66,3 +66,29 @@ def assert_close_fp32(name: str, ours: torch.Tensor, ref: torch.Tensor, rtol=2e-
     err = max_err(ours, ref)
     bound = atol * scale + rtol * scale
     assert err <= bound, f"{name}: max error {err:.3g} > {bound:.3g}"
+
+
+def outputs_and_grads(fn, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn(*inputs)'s floating outputs and the gradients of a loss over them for every input."""
+    for t in inputs:
+        t.grad = None
+    outs = fn(*inputs)
+    outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.is_floating_point()]
+    sum(o.double().square().sum() for o in outs).backward()
+    return [o.detach().clone() for o in outs] + [t.grad.clone() for t in inputs]
+
+
+def assert_deterministic(fn, inputs: list[torch.Tensor], thread_counts=()) -> None:
+    """Outputs and gradients are bit for bit the same when run again, and under each of
+    thread_counts CPU threads (for the CPU kernels whose partial sums do not follow the threads)."""
+    first = outputs_and_grads(fn, inputs)
+    again = outputs_and_grads(fn, inputs)
+    threads = torch.get_num_threads()
+    try:
+        for n in thread_counts:
+            torch.set_num_threads(n)
+            again += outputs_and_grads(fn, inputs)
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(first * (1 + len(thread_counts)), again)):
+        assert torch.equal(a, b), f"output / gradient {i % len(first)} differs between runs"

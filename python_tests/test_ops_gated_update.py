@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_close_fp32, assert_flash_rule, devices_for
+from conftest import LOW_PRECISION, assert_close_fp32, assert_deterministic, assert_flash_rule, devices_for
 from _hypothesis import given, st
 
 from comet_ext import ops
@@ -226,3 +226,13 @@ def test_snap_opcheck(device):
         torch.library.opcheck(torch.ops.comet.gated_update.default, (*args, 1e-6, 0.9))
     g = torch.randn_like(inputs[0])
     torch.library.opcheck(torch.ops.comet.gated_update_backward.default, (g, g.clone(), *inputs, 1e-6, 0.9))
+
+
+@pytest.mark.parametrize("device", devices_for("gated_update"))
+def test_same_inputs_give_the_same_bits(device):
+    """Run again (float32), both outputs and every gradient are bit for bit the same (see rla's
+    test)."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=g).to(device).requires_grad_()
+               for s in ((3, 37, 256), (3, 37, 256), (256,), (1, 512), (8, 256), (256, 8))]
+    assert_deterministic(ops.gated_update, tensors)

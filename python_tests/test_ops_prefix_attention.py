@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_close_fp32, assert_flash_rule, devices_for
+from conftest import LOW_PRECISION, assert_close_fp32, assert_deterministic, assert_flash_rule, devices_for
 from _hypothesis import given, st
 
 from comet_ext import ops
@@ -276,3 +276,14 @@ def test_cpu_softmax_exp_is_accurate_over_the_float_range(queries):
     assert (w[:, 1] == 0).all()
     rel = (w[:, 2:] / w[:, :1]) / s[:, 2:].double().exp() - 1
     assert rel.abs().max() <= 3 * 2.0**-24, rel.abs().max()
+
+
+@pytest.mark.parametrize("device", devices_for("prefix_attention"))
+def test_same_inputs_give_the_same_bits(device):
+    """Run again (float32: on a GPU the CUDA-core kernels; the tensor-core backward adds dQ with
+    atomics), out, lse and dq / dk / dv are bit for bit the same; on the CPU also under other
+    thread counts (each output element is summed by one thread, in one order)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, generator=g).to(device).requires_grad_()
+               for s in ((2, 97, 4, 64), (2, 300, 2, 64), (2, 300, 2, 64)))
+    assert_deterministic(ops.prefix_attention, [q, k, v], thread_counts=(1, 3) if device == "cpu" else ())

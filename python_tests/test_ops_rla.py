@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import LOW_PRECISION, assert_close_fp32, assert_flash_rule, devices_for
+from conftest import LOW_PRECISION, assert_close_fp32, assert_deterministic, assert_flash_rule, devices_for
 from _hypothesis import given, st
 
 from comet_ext import ops
@@ -103,3 +103,14 @@ def test_opcheck(device, norm):
         args = [t.clone().requires_grad_(requires_grad) if t is not None else None for t in (x, down, up, w)]
         torch.library.opcheck(torch.ops.comet.rla.default, (*args, 1e-6))
     torch.library.opcheck(torch.ops.comet.rla_backward.default, (torch.randn_like(x), x, down, up, w, 1e-6))
+
+
+@pytest.mark.parametrize("device", devices_for("rla"))
+def test_same_inputs_give_the_same_bits(device):
+    """Run again (float32), the forward and every gradient are bit for bit the same (no atomics,
+    a fixed reduction order). On the CPU the weight gradients sum per-thread partials, so they may
+    change in the last bits with torch.get_num_threads() (docs/ops.md)."""
+    g = torch.Generator().manual_seed(0)
+    x, down, up, w = (torch.randn(s, generator=g).to(device).requires_grad_()
+                      for s in ((517, 256), (8, 256), (256, 8), (256,)))
+    assert_deterministic(lambda *a: ops.rla(*a, 1e-6), [x, down, up, w])
