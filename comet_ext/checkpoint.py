@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .atomic import atomic_write_all, write_json
+from .atomic import atomic_write, atomic_write_all, write_json
 from .config import CometConfig
 
 CONFIG_NAME = "config.json"
@@ -197,6 +197,33 @@ def load(cls, folder: str, dtype, device):
                          f"unexpected {unexpected[:8]}")
     cast_parameters(model, dtype)
     return model.to(device) if device is not None else model
+
+
+def upgrade_peft_adapter(folder: str) -> int:
+    """Renames the memory's weights in a PEFT adapter folder saved before format 3 (a
+    get_peft_model run with modules_to_save over global_memory_net / temp_memory_net holds
+    ...memory_layers.{i}.global_memory_net.g_proj.weight and the like), which
+    PeftModel.from_pretrained would no longer find: PEFT looks every key up by the model's names
+    before any load hook of ours runs. Rewrites adapter_model.safetensors in place (atomically)
+    and returns how many keys it renamed (0: nothing to do, the file is left alone)."""
+    path = os.path.join(folder, "adapter_model.safetensors")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"upgrade_peft_adapter: cannot read {path!r} ({e}); expected a PEFT adapter folder "
+                         "saved with safetensors") from e
+    renamed = {}
+    for key in state:
+        head, found, rest = key.partition("memory_layers.")
+        if found:
+            renamed[key] = head + model_key(found + rest)
+    renamed = {k: v for k, v in renamed.items() if k != v}
+    if renamed:
+        state = {renamed.get(k, k): v for k, v in state.items()}
+        atomic_write(path, lambda p: save_file(state, p, metadata=metadata))
+    return len(renamed)
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -252,6 +252,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"resize_global_memory: num_global must be an int >= 1, got {num_global!r}")
         if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0.0 <= noise < math.inf:
             raise ValueError(f"resize_global_memory: noise must be a finite number >= 0, got {noise!r}")
+        if not isinstance(self.memory_embeddings, MemoryEmbeddings):  # PEFT's modules_to_save wrapper
+            raise ValueError(f"resize_global_memory: memory_embeddings is wrapped "
+                             f"({type(self.memory_embeddings).__name__}, PEFT's modules_to_save?); resize the model "
+                             f"before get_peft_model")
+        trainable = self.memory_embeddings.readout.requires_grad
         old = self.memory_embeddings.readout.detach()
         index = torch.arange(num_global, device=old.device) % old.shape[0]
         new = old[index].clone()
@@ -259,7 +264,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             extra = new[old.shape[0]:]
             jitter = torch.randn(extra.shape, generator=generator, dtype=torch.float32, device="cpu")
             extra += (jitter * noise * old.float().std().item()).to(extra)
-        self.memory_embeddings.readout = nn.Parameter(new, requires_grad=old.requires_grad)
+        self.memory_embeddings.readout = nn.Parameter(new, requires_grad=trainable)
         self.comet_config = dataclasses.replace(self.comet_config, num_global=num_global)
 
     @classmethod

@@ -368,17 +368,20 @@ def _check_push_backward_args(op, grad_buffer_out, head, length, counts, num_row
 
 def _shares_memory(a: Tensor, b: Tensor) -> bool:
     """at::get_overlap_status(a, b) is Full or Partial: the same tensor, or two dense ones whose byte ranges
-    in one storage meet. Tensors it cannot tell apart (not dense: TooHard) pass, as in the kernel."""
+    in one storage meet. Tensors it cannot tell apart (not dense: TooHard) pass, as in the kernel, and so do
+    sizes it cannot decide while tracing (data-dependent row counts: guard_or_false, not a bool that would
+    stop the trace)."""
     from torch._prims_common import is_non_overlapping_and_dense_or_false as dense
+    from torch.fx.experimental.symbolic_shapes import guard_or_false
 
     if a is b:
         return True
-    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:
         return False
-    if not (dense(a) and dense(b)):
+    if guard_or_false(a.numel() == 0) or guard_or_false(b.numel() == 0) or not (dense(a) and dense(b)):
         return False
     a0, b0 = a.storage_offset() * a.element_size(), b.storage_offset() * b.element_size()
-    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
+    return guard_or_false(a0 < b0 + b.numel() * b.element_size()) and guard_or_false(b0 < a0 + a.numel() * a.element_size())
 
 
 def _check_inplace_push(op, buffer, head, length, rows, counts) -> None:

@@ -97,6 +97,59 @@ def test_files_of_the_memory_names_before_the_rename_still_load(tmp_path, older_
     assert torch.equal(other(x).logits, model(x).logits)
 
 
+def test_parameter_order_is_the_one_saved_optimizer_states_are_indexed_by():
+    """torch optimizers save their state by parameter position: the renamed memory keeps the
+    order of the names before format 3 (the embeddings first, then the base, then per layer the
+    global net's norm, gate and RLA, the temporary net's norm and RLA), so a trainer.pt or an HF
+    optimizer.pt saved before still fits."""
+    names = [n for n, _ in tiny_comet("qwen3").named_parameters()]
+    base = [i for i, n in enumerate(names) if n.startswith("base.")]
+    assert base == list(range(2, 2 + len(base)))
+    per_layer = ["global_memory_net.norm.weight", "global_memory_net.g_proj.weight",
+                 "global_memory_net.o_proj.down_proj.weight", "global_memory_net.o_proj.up_proj.weight",
+                 "temp_memory_net.norm.weight", "temp_memory_net.rla.down_proj.weight",
+                 "temp_memory_net.rla.up_proj.weight"]
+    before = ["compression_embedding", "readout_embedding"] + [f"memory_layers.{l}.{n}" for l in range(2)
+                                                               for n in per_layer]
+    assert [as_format_2(n) for n in names if not n.startswith("base.")] == before
+
+
+def test_a_peft_adapter_saved_with_the_old_memory_names_loads_once_upgraded(tmp_path):
+    """A get_peft_model run with modules_to_save over the memory's modules, saved before format 3,
+    holds the old names; PEFT looks its keys up by the model's names, so PeftModel.from_pretrained
+    fails on it until upgrade_peft_adapter renames them (and then loads the trained model)."""
+    peft = pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    from comet_ext.checkpoint import upgrade_peft_adapter
+
+    tiny_comet("qwen3", seed=6).save_pretrained(tmp_path / "base")
+    model = peft.get_peft_model(CometForCausalLM.from_pretrained(tmp_path / "base"), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["global_memory_net", "temp_memory_net"]))
+    with torch.no_grad():
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    x = ids(1, 40)
+    trained = model(x).logits
+    model.save_pretrained(tmp_path / "adapter")
+    path = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()
+    new = load_file(path)
+    old = {as_format_2(k): v for k, v in new.items()}
+    assert sum(k not in new for k in old) == 2 * 5  # the gate and both RLAs' weights per layer
+    save_file(old, path, metadata=metadata)
+    with pytest.raises(KeyError):
+        peft.PeftModel.from_pretrained(CometForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert upgrade_peft_adapter(tmp_path / "adapter") == 2 * 5
+    assert load_file(path).keys() == new.keys()
+    assert upgrade_peft_adapter(tmp_path / "adapter") == 0  # nothing left to rename
+    loaded = peft.PeftModel.from_pretrained(CometForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
+    assert torch.equal(loaded(x).logits, trained)
+    with pytest.raises(ValueError, match="cannot read"):
+        upgrade_peft_adapter(tmp_path / "base")
+
+
 def test_key_mapping_round_trips():
     shared = ("base.lm_head.weight", "memory_embeddings.readout", "memory_layers.1.global_memory_net.gate.weight",
               "memory_embeddings.compression")

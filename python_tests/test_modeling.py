@@ -582,6 +582,11 @@ def test_resize_global_memory(tmp_path):
     assert torch.equal(model.memory_embeddings.readout.detach(), old[:2]) and model.comet_config.num_global == 2
     model.resize_global_memory(4)  # without noise a new slot is an exact copy
     assert torch.equal(model.memory_embeddings.readout.detach(), old[[0, 1, 0, 1]])
+    # the new embedding trains as the old one did (build_optimizer takes trainable parameters only)
+    assert model.memory_embeddings.readout.requires_grad
+    model.memory_embeddings.readout.requires_grad_(False)
+    model.resize_global_memory(5)
+    assert not model.memory_embeddings.readout.requires_grad
     for bad, match in [(0, "num_global must be an int >= 1"), (2.0, "num_global must be an int"),
                        (True, "num_global must be an int")]:
         with pytest.raises(ValueError, match=match):

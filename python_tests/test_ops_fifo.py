@@ -275,3 +275,27 @@ def test_cuda_push_and_view_match_cpu():
     gpu = list(push_sequence("cuda", torch.float32, 6, (2, 4), steps, seed=9))
     for (a, _), (b, _) in zip(cpu, gpu):
         torch.testing.assert_close(ops.fifo_view(*a, cos, sin), ops.fifo_view(*b, cos.cuda(), sin.cuda()).cpu())
+
+
+def test_compile_takes_a_data_dependent_number_of_rows():
+    """torch.compile(fullgraph) of a push whose row count comes from a tensor's value (an unbacked
+    size): the fake kernel's memory-sharing check cannot decide the rows' byte range and lets
+    them pass, as the kernel does a case it cannot tell; it stopped the trace on the size (a
+    data-dependent guard) where eager runs."""
+    def step(buffer, head, length, big, n_rows, counts):
+        n = n_rows.item()
+        torch._check(n >= 0)
+        torch._check(n <= big.shape[1])
+        ops.fifo_push(buffer, head, length, big[:, :n], counts)
+        return ops.fifo_view(buffer, head, length)
+
+    big, counts = torch.randn(2, 5, 3), torch.tensor([2, 1])
+    expected = step(*ops.fifo_empty(2, 4, (3,)), big, torch.tensor(2), counts)
+    torch._dynamo.reset()
+    try:
+        with torch._dynamo.config.patch(capture_scalar_outputs=True):
+            got = torch.compile(step, fullgraph=True, backend="aot_eager")(*ops.fifo_empty(2, 4, (3,)), big,
+                                                                            torch.tensor(2), counts)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(got, expected)

@@ -719,6 +719,8 @@ def test_peft_modules_to_save_trains_the_memory_modules_as_without_peft():
     assert len(copies) == len(memory) == 2 + 2 * 7 and all(p.requires_grad for p in copies.values())
     for name, p in memory.items():
         torch.testing.assert_close(copies[name].grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with pytest.raises(ValueError, match="memory_embeddings is wrapped .* before get_peft_model"):
+        model.resize_global_memory(8)
 
 
 def test_peft_save_reload_and_merge_and_unload_give_the_trained_model(tmp_path):
