@@ -900,6 +900,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
         wrappers and other HF tools pass); anything else raises.
         """
+        if torch.compiler.is_exporting():  # (torch.compile, which breaks the graph at those reads, works)
+            raise NotImplementedError(
+                "torch.export of CometForCausalLM is not supported: its forward plans the chunks on the host from "
+                "the input's values (the attention_mask's lengths, which chunks hold labels), so it is no single "
+                "graph; use torch.compile(model), which breaks the graph there and computes what eager does")
         if inputs_embeds is not None:
             raise ValueError("forward: inputs_embeds is not supported; CoMeT embeds input_ids itself (its memory "
                              "rows have embeddings of their own)")
