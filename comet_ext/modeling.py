@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
 from . import checkpoint, generation, ops
@@ -127,6 +128,11 @@ class CometLayerMemory(nn.Module):
         super().__init__()
         self.global_memory_net = GlobalMemoryNet(hidden, rank)
         self.temp_memory_net = TempMemoryNet(hidden, rank)
+
+
+# transformers.Trainer's label smoothing (label_smoothing_factor) shifts the labels against the logits
+# only for the causal-LM classes named here; for any other class it compares logits[p] with labels[p]
+MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.setdefault("comet_ext", "CometForCausalLM")
 
 
 @dataclass
@@ -373,10 +379,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         dummy = torch.empty(0, dtype=self.dtype, device=self.device)
         return self.decoder.rotary_emb(dummy, positions)
 
-    def _embed(self, seg: Segment, tokens: Tensor) -> Tensor:
-        """Rows of a segment: token embeddings, the compression embedding, readout embeddings."""
-        emb = self.decoder.embed_tokens(torch.gather(tokens, 1, seg.token.clamp(max=max(tokens.shape[1] - 1, 0)))
-                                        if tokens.shape[1] else torch.zeros_like(seg.token))
+    def _embed(self, seg: Segment, tokens: Tensor, embedded: Optional[Tensor] = None) -> Tensor:
+        """Rows of a segment: token embeddings, the compression embedding, readout embeddings.
+        embedded: the embeddings of `tokens` (B, n, d) when they are already looked up."""
+        index = seg.token.clamp(max=max(tokens.shape[1] - 1, 0))
+        if embedded is not None:
+            emb = gather_rows(embedded, index)
+        else:
+            emb = self.decoder.embed_tokens(torch.gather(tokens, 1, index) if tokens.shape[1]
+                                            else torch.zeros_like(seg.token))
         return self.memory_embeddings(emb, seg.kind, seg.slot)
 
     # ------------------------------------------------------------------ memory
@@ -871,7 +882,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 memory: Optional[CometMemory] = None, inputs_embeds: Optional[Tensor] = None,
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
-                num_items_in_batch: Optional[Tensor | int] = None) -> CometOutput:
+                num_items_in_batch: Optional[Tensor | int] = None,
+                position_ids: Optional[Tensor] = None) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -896,9 +908,11 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         tokens). transformers.Trainer passes the labelled tokens of a whole gradient-accumulation
         step, so that the step's gradient is the token mean over all of it, however it is split.
 
-        inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache:
+        inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache, position_ids:
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
-        wrappers and other HF tools pass); anything else raises.
+        wrappers and other HF tools pass; position_ids 0, 1, 2, ... along each row's tokens);
+        anything else raises. Packed rows (positions restarting within a row, as
+        DataCollatorWithFlattening makes them) are refused: each row is one sequence.
         """
         if torch.compiler.is_exporting():  # (torch.compile, which breaks the graph at those reads, works)
             raise NotImplementedError(
@@ -914,6 +928,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if return_dict is False:
             raise ValueError("forward: return_dict=False is not supported; the output is a CometOutput (a ModelOutput, "
                              "which also indexes like a tuple)")
+        if position_ids is not None and isinstance(input_ids, Tensor) and input_ids.dim() == 2:  # (else: bad ids)
+            _check_plain_positions(position_ids, attention_mask, tuple(input_ids.shape))
         if labels is not None:
             labels = self._check_labels(labels, input_ids)
         recompute = self._recompute if recompute is None else recompute
@@ -971,6 +987,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         C = cc.fifo_capacity
         dev = self.device
         segs, xs, ropes, start = [], [], [], 0
+        # the input's tokens embedded in one call, as HF's models do, so that hooks on the embedding
+        # see (B, T, d) (NEFTune's noise, transformers.Trainer's neftune_noise_alpha, scales with T)
+        embedded = self.decoder.embed_tokens(input_ids)
         has_global, fifo_len = [False] * B, [0] * B
         if memory is not None:
             host = memory.host_counts()
@@ -980,7 +999,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             seg = plan_segment(cc, [0] * B, take, [t > 0 for t in take], dev)
             mem_len = upload(torch.tensor([cc.num_global * g + f for g, f in zip(has_global, fifo_len)]), dev)
             ropes.append(self._rope(mem_len.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)))
-            xs.append(self._embed(seg, input_ids[:, start:start + n]))
+            xs.append(self._embed(seg, input_ids[:, start:start + n], embedded[:, start:start + n]))
             segs.append(seg)
             fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_counts)]
             has_global = [g or t > 0 for g, t in zip(has_global, take)]
@@ -1172,7 +1191,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         lengths = mask.sum(1)
         expected = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
         if not torch.equal(mask, expected):
-            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row")
+            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row (a tokenizer "
+                             "with padding_side='left', e.g. in a data collator, pads on the left: set it to 'right')")
         return lengths
 
     def _chunk_sizes(self, chunk_sizes: Optional[Sequence[int]], T: int) -> list[int]:
@@ -1189,6 +1209,23 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"chunk_sizes must each be at most comet_config.chunk_size ({cs}), the longest chunk "
                              f"read() streams; got {max(sizes)}")
         return sizes
+
+
+def _check_plain_positions(position_ids, attention_mask, shape: tuple[int, ...]) -> None:
+    """A ValueError unless position_ids (B, T) or (1, T) count 0, 1, 2, ... along every row's tokens
+    (padding aside): positions that restart within a row pack several sequences into it, which
+    transformers.Trainer would otherwise hand over silently (HF's models read them as boundaries)."""
+    B, T = shape
+    pos = position_ids.cpu() if isinstance(position_ids, Tensor) else torch.as_tensor(position_ids)
+    if pos.dim() != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
+        raise ValueError(f"forward: position_ids must have shape ({B}, {T}) like input_ids, got {tuple(pos.shape)}")
+    real = (attention_mask.cpu().bool() if isinstance(attention_mask, Tensor) and attention_mask.shape == (B, T)
+            else torch.ones(B, T, dtype=torch.bool))
+    if not torch.equal(pos.expand(B, T)[real], torch.arange(T).expand(B, T)[real]):
+        raise ValueError("forward: position_ids must count 0, 1, 2, ... along each row's tokens: packed rows "
+                         "(positions restarting within a row, as DataCollatorWithFlattening or padding-free "
+                         "training make them) are not supported, since CometForCausalLM reads each row as one "
+                         "sequence, chunk by chunk; pad the samples into rows instead (e.g. DataCollatorForSeq2Seq)")
 
 
 def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:

@@ -3,6 +3,8 @@ autocast, evaluation, save_model -> from_pretrained) and HF's activation-checkpo
 switch, which maps to the forward's per-(layer, chunk) recomputation."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from modeling_utils import VOCAB, tiny_comet
@@ -146,3 +148,101 @@ def test_gradient_accumulation_in_transformers_trainer_is_the_token_mean_of_the_
 
     for one, two in zip(update(2, 1), update(1, 2)):
         torch.testing.assert_close(two, one, rtol=1e-3, atol=1e-6)
+
+
+def padded(samples: list[dict]) -> dict:
+    """Right-pads a batch as DataCollatorForSeq2Seq does: ids with 0, labels with -100, and the mask."""
+    n = max(len(s["input_ids"]) for s in samples)
+
+    def pad(key, value):
+        return torch.stack([torch.cat([s[key], torch.full((n - len(s[key]),), value)]) for s in samples])
+
+    mask = torch.stack([(torch.arange(n) < len(s["input_ids"])).long() for s in samples])
+    return {"input_ids": pad("input_ids", 0), "labels": pad("labels", -100), "attention_mask": mask}
+
+
+def uneven_data(n: int, seed: int) -> list[dict]:
+    """Counting sequences of 8..40 tokens whose first few labels are masked (a prompt)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length, start = (int(torch.randint(lo, hi, (1,), generator=g)) for lo, hi in ((8, 41), (0, VOCAB)))
+        ids = (start + torch.arange(length)) % VOCAB
+        labels = ids.clone()
+        labels[:int(torch.randint(1, length - 1, (1,), generator=g))] = -100
+        out.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def next_token_accuracy(pred) -> dict:
+    p, labels = pred.predictions[:, :-1], pred.label_ids[:, 1:]
+    keep = labels != -100
+    return {"accuracy": float((p[keep] == labels[keep]).mean()), "predicted": int(keep.sum())}
+
+
+@pytest.mark.parametrize("options", [
+    dict(label_smoothing_factor=0.1),  # Trainer pops the labels and shifts them only for causal LMs it knows
+    dict(neftune_noise_alpha=5.0),  # noise from a hook on the input embeddings, scaled by the sequence length
+    dict(gradient_accumulation_steps=2, max_grad_norm=0.5, optim="adafactor", lr_scheduler_type="cosine",
+         warmup_steps=1),
+    dict(gradient_checkpointing=True, eval_accumulation_steps=1, include_num_input_tokens_seen=True),
+], ids=["label-smoothing", "neftune", "accumulation-adafactor", "checkpointing"])
+def test_transformers_trainer_on_one_chunk_without_temp_memory_is_the_base_models(tmp_path, options):
+    """With the temporary memory off and every sample within one chunk, CoMeT computes what its base
+    model computes, so transformers.Trainer on the two (same weights, seed, data, arguments) logs the
+    same losses, grad norms, eval losses and metrics, predicts the same tokens and ends at the same
+    base weights (the memory's parameters get no gradient: the readout tokens follow the text).
+    Label smoothing was computed against unshifted labels, and NEFTune noise was drawn over
+    the chunk's rows, readout tokens included, instead of over the input's tokens."""
+    model = tiny_comet("llama", temp_stride=-1, chunk_size=64).train()
+    base = copy.deepcopy(model.base).train()
+    train, held = uneven_data(16, 0), uneven_data(5, 1)
+
+    def run(m, name):
+        args = TrainingArguments(output_dir=str(tmp_path / name), max_steps=4, per_device_train_batch_size=2,
+                                 per_device_eval_batch_size=2, learning_rate=1e-2, use_cpu=True, report_to=[],
+                                 save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0,
+                                 prediction_loss_only=False, **options)
+        trainer = Trainer(model=m, args=args, train_dataset=train, eval_dataset=held, data_collator=padded,
+                          compute_metrics=next_token_accuracy,
+                          preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(-1))
+        trainer.train()
+        logs = [{k: v for k, v in h.items() if "runtime" not in k and "per_second" not in k
+                 and k != "total_flos"}  # (counted from the parameters: the memory's too)
+                for h in trainer.state.log_history]
+        return logs, trainer.evaluate(), trainer.predict(held)
+
+    (logs, evaluated, predicted), (base_logs, base_evaluated, base_predicted) = run(model, "comet"), run(base, "base")
+    assert len(logs) == len(base_logs) == 5
+    for got, want in zip(logs, base_logs):
+        assert got.keys() == want.keys() and got == pytest.approx(want, rel=1e-4, abs=1e-6), (got, want)
+    for key in ("eval_loss", "eval_accuracy", "eval_predicted"):
+        assert evaluated[key] == pytest.approx(base_evaluated[key], rel=1e-4), key
+    assert (predicted.label_ids == base_predicted.label_ids).all()
+    labelled = predicted.label_ids[:, 1:] != -100  # (padded positions' logits are not HF's: they predict nothing)
+    assert (predicted.predictions[:, :-1][labelled] == base_predicted.predictions[:, :-1][labelled]).all()
+    for (name, a), b in zip(model.base.named_parameters(), base.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=3e-3, msg=name)  # Adam turns rounding into sign flips
+
+
+def test_packed_rows_and_left_padding_are_refused_by_name():
+    """transformers.Trainer keeps a dataset's columns that the forward names and drops the others
+    (remove_unused_columns): a pre-packed dataset's position_ids column was dropped without a word and
+    its packed rows trained as one sequence each (HF's models read the restarts as boundaries), and
+    DataCollatorWithFlattening met a bare TypeError. Positions that ask for nothing still pass."""
+    model = tiny_comet("llama")
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 20, dtype=torch.long)
+    mask[1, 15:] = 0
+    plain = model(ids, labels=ids, attention_mask=mask).loss
+    counting = torch.arange(20).expand(2, 20).clone()
+    counting[1, 15:] = 1  # padding's positions are not read
+    for positions in (counting, torch.arange(20).unsqueeze(0)):
+        torch.testing.assert_close(model(ids, labels=ids, attention_mask=mask, position_ids=positions).loss, plain)
+    packed = torch.cat([torch.arange(12), torch.arange(8)]).unsqueeze(0)
+    with pytest.raises(ValueError, match="packed rows .* DataCollatorWithFlattening"):
+        model(ids[:1], labels=ids[:1], position_ids=packed)
+    with pytest.raises(ValueError, match="position_ids must have shape"):
+        model(ids, position_ids=torch.arange(19).unsqueeze(0))
+    with pytest.raises(ValueError, match="right-padded .* padding_side='left'"):
+        model(ids, labels=ids, attention_mask=mask.flip(1))
