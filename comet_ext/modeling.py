@@ -383,8 +383,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """Rows of a segment: token embeddings, the compression embedding, readout embeddings.
         embedded: the embeddings of `tokens` (B, n, d) when they are already looked up."""
         index = seg.token.clamp(max=max(tokens.shape[1] - 1, 0))
-        if embedded is not None:
-            emb = gather_rows(embedded, index)
+        if embedded is not None and tokens.shape[1]:  # (indexing: torch.gather would keep embedded for backward)
+            emb = embedded[torch.arange(index.shape[0], device=index.device).unsqueeze(1), index]
         else:
             emb = self.decoder.embed_tokens(torch.gather(tokens, 1, index) if tokens.shape[1]
                                             else torch.zeros_like(seg.token))
