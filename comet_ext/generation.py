@@ -2,16 +2,21 @@
 
 Which settings apply follows HF's order: keyword arguments, then the `generation_config`
 passed in, then the model's own `generation_config` (a checkpoint's
-generation_config.json), then HF's defaults. Every setting is checked; one that
-CoMeT's decoding does not implement (beam search, ...) raises when the caller asks for
-it and warns when it only comes from the model's defaults — never silently ignored; so do
-HF generate's own arguments for other decoding (logits_processor, stopping_criteria,
-assistant_model, ...) unless they ask for nothing (None, an empty list). A prompt given
-without attention_mask has its pad tokens taken for padding, as HF does (`prompt_mask`).
+generation_config.json), then HF's defaults. The scores and the stops are transformers'
+own: the logits processors and stopping criteria HF's generate builds from the same
+settings (`hf_processing`), so every processor HF has (repetition and n-gram penalties, bad
+words, min-p, typical-p, ...), a caller's `logits_processor` / `stopping_criteria` /
+`prefix_allowed_tokens_fn`, and `stop_strings` / `max_time` act as in HF. What CoMeT's
+decoding does not implement (beam search, several sequences per prompt, assisted decoding,
+classifier-free guidance, ...) raises when the caller asks for it and warns when it only
+comes from the model's defaults — never silently ignored. A prompt given without
+attention_mask has its pad tokens taken for padding, as HF does (`prompt_mask`).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import math
 import warnings
 from typing import Any, Optional
@@ -19,29 +24,34 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-# GenerationConfig fields generate() honours, with HF's defaults.
+# GenerationConfig fields generate() reads itself, with HF's defaults.
 DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
     "eos_token_id": None, "pad_token_id": None,
     "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
 }
+# GenerationConfig fields that only HF's logits processors and stopping criteria read: passed
+# on to them as they are (`processed_fields` keeps those this transformers has).
+PROCESSED = ("sequence_bias", "encoder_repetition_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+             "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+             "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens", "top_h", "min_p",
+             "typical_p", "epsilon_cutoff", "eta_cutoff", "watermarking_config", "renormalize_logits",
+             "max_time", "stop_strings")
+# HF generate's own arguments that feed its processors and criteria (the tokenizer serves stop_strings).
+ARGUMENTS = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "tokenizer")
 # Fields that change nothing CoMeT decodes (the memory is its cache; bos starts no prompt here;
 # the assisted-decoding knobs act only with an assistant model, which generate does not take,
 # and transformers 5.0's pipelines pass them at their defaults).
 NO_EFFECT = {"bos_token_id", "use_cache", "cache_implementation", "transformers_version", "_from_model_config",
              "return_legacy_cache", "disable_compile", "compile_config", "num_assistant_tokens",
              "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
-             "target_lookbehind",
-             # generate arguments that serve only stop_strings, token healing and decoding methods
-             # loaded from the Hub (custom_generate, the deprecated modes), all refused here
-             "tokenizer", "trust_remote_code"}
+             "target_lookbehind", "trust_remote_code"}
 # HF generate's own arguments for what CoMeT's decoding does not do: accepted at what asks for
-# nothing (None, an empty LogitsProcessorList / StoppingCriteriaList, synced_gpus=False), refused
-# by name otherwise, like the unsupported GenerationConfig fields.
-HF_ARGUMENTS = {"logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "synced_gpus",
-                "assistant_model", "assistant_tokenizer", "negative_prompt_ids", "negative_prompt_attention_mask",
-                "custom_generate"}
+# nothing (None, synced_gpus=False), refused by name otherwise, like the unsupported
+# GenerationConfig fields.
+HF_ARGUMENTS = {"synced_gpus", "assistant_model", "assistant_tokenizer", "negative_prompt_ids",
+                "negative_prompt_attention_mask", "custom_generate"}
 DEFAULT_MAX_NEW_TOKENS = 20
 
 
@@ -50,12 +60,7 @@ class DecodeSettings:
     """The checked settings of one generate call."""
 
     max_new_tokens: int
-    min_new_tokens: int
     do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    repetition_penalty: float
     eos: tuple[int, ...]
     pad: int
     return_dict: bool
@@ -63,15 +68,27 @@ class DecodeSettings:
     output_logits: bool
     # the id HF's generate takes for padding in a prompt given without attention_mask: pad_token_id
     # when set and not an EOS id, else None (every prompt token is read)
-    mask_pad: Optional[int] = None
+    mask_pad: Optional[int]
+    # what HF's processors and criteria are built from: a GenerationConfig holding the settings
+    # above and the PROCESSED fields (max_length / min_length count the prompt, as in HF), and
+    # the ARGUMENTS given
+    hf_config: Any
+    arguments: dict[str, Any]
 
 
 # Values of unsupported fields that ask for nothing: one sequence per prompt, beam-search knobs at
 # their neutral values.
 NEUTRAL: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
-                           "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0, "diversity_penalty": 0.0,
-                           "num_beam_groups": 1, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
-                           "guidance_scale": 1.0, "encoder_repetition_penalty": 1.0}
+                           "diversity_penalty": 0.0, "num_beam_groups": 1, "guidance_scale": 1.0}
+
+
+@functools.cache
+def processed_fields() -> frozenset[str]:
+    """The PROCESSED fields this transformers' GenerationConfig has (top_h is newer than 5.0):
+    one it lacks would be ignored by its processors, so it counts as unsupported."""
+    from transformers import GenerationConfig
+
+    return frozenset(PROCESSED) & frozenset(GenerationConfig().to_dict())
 
 
 def _neutral(name: str, v: Any) -> bool:
@@ -87,7 +104,8 @@ def _neutral(name: str, v: Any) -> bool:
 
 def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
     """The settings in values that ask for something generate() does not do."""
-    return {k: v for k, v in values.items() if k not in DEFAULTS and k not in NO_EFFECT and not _neutral(k, v)}
+    handled = DEFAULTS.keys() | NO_EFFECT | processed_fields() | set(ARGUMENTS)
+    return {k: v for k, v in values.items() if k not in handled and not _neutral(k, v)}
 
 
 def _short(values: dict[str, Any]) -> str:
@@ -107,7 +125,7 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     prompt_tokens: the prompt's width (max_length / min_length count it, as in HF)."""
     from transformers import GenerationConfig
 
-    known = set(GenerationConfig().to_dict()) | set(DEFAULTS) | NO_EFFECT | HF_ARGUMENTS
+    known = set(GenerationConfig().to_dict()) | set(DEFAULTS) | NO_EFFECT | set(ARGUMENTS) | HF_ARGUMENTS
     unknown = sorted(k for k in kwargs if k not in known)
     if unknown:
         raise TypeError(f"generate: unexpected keyword arguments {unknown}")
@@ -158,10 +176,22 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     pad = value["pad_token_id"]
     pad = None if pad is None else _token_ids(pad, "pad_token_id", vocab)[0]
     mask_pad = pad if pad is not None and pad not in eos else None  # HF's rule: a pad that is an EOS id marks nothing
+    # The GenerationConfig HF's generate would decode with, as its _prepare_generated_length leaves
+    # it (lengths counting the prompt); fields set directly, past GenerationConfig's validation
+    # warnings, which HF's generate does not raise either.
+    hf = GenerationConfig()
+    for k in processed_fields():  # a keyword None unsets the model's value, as in HF
+        setattr(hf, k, kwargs[k] if k in kwargs else asked.get(k, model_set.get(k)))
+    hf.do_sample, hf.temperature, hf.top_k, hf.top_p, hf.repetition_penalty = do_sample, temperature, top_k, top_p, \
+        penalty
+    hf.eos_token_id, hf.pad_token_id = (list(eos) or None), pad
+    hf.max_new_tokens, hf.min_new_tokens, hf.num_beams, hf.num_return_sequences = None, None, 1, 1
+    hf.max_length, hf.min_length = prompt_tokens + max_new, (prompt_tokens + min_new if min_new else 0)
     pad = eos[0] if pad is None and eos else (0 if pad is None else pad)
-    return DecodeSettings(max_new, min_new, do_sample, temperature, top_k, top_p, penalty, eos, pad,
+    return DecodeSettings(max_new, do_sample, eos, pad,
                           *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")),
-                          mask_pad=mask_pad)
+                          mask_pad=mask_pad, hf_config=hf,
+                          arguments={k: kwargs[k] for k in ARGUMENTS if kwargs.get(k) is not None})
 
 
 def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSettings) -> Optional[Tensor]:
@@ -191,6 +221,50 @@ def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSe
     return attention_mask
 
 
+def prompt_layouts(input_ids: Tensor, attention_mask: Optional[Tensor]
+                   ) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
+    """The prompt (B, T) with a mask prompt_mask has checked (rows left- or right-padded), in
+    the two layouts generate needs: (read_ids, read_mask), every sample's tokens first (as
+    `read` takes them), and (hf_ids, hf_mask), every sample's tokens last (HF's layout for
+    generation, which its logits processors and stopping criteria read). Each row is rotated
+    by where its tokens start: no host sync."""
+    if attention_mask is None:
+        return input_ids, None, input_ids, None
+    mask = attention_mask.to(input_ids.device).bool()
+    T = mask.shape[1]
+    lengths = mask.sum(1, keepdim=True)
+    first = mask.int().argmax(1, keepdim=True)  # where a row's tokens start: T - length when left-padded, else 0
+    j = torch.arange(T, device=mask.device)
+
+    def rotated(by: Tensor) -> Tensor:
+        return torch.gather(input_ids, 1, (j + by) % T)
+
+    return (rotated(first), (j < lengths).to(attention_mask.dtype), rotated(first - (T - lengths)),
+            (j >= T - lengths).to(attention_mask.dtype))
+
+
+def hf_processing(model, s: DecodeSettings, hf_ids: Tensor, hf_mask: Optional[Tensor]) -> tuple[Any, Any]:
+    """The LogitsProcessorList and StoppingCriteriaList HF's generate builds for s, from the
+    prompt in HF's layout (hf_ids, hf_mask from prompt_layouts), made by transformers' own
+    generate code on `model` (a GenerationMixin), so that they act as in HF: its default
+    processors in its order, the caller's merged in as HF merges them."""
+    from transformers.generation import LogitsProcessorList, StoppingCriteriaList
+
+    cfg = copy.copy(s.hf_config)  # HF's preparation below writes into it
+    model._prepare_special_tokens(cfg, kwargs_has_attention_mask=True, device=hf_ids.device)
+    processors = model._get_logits_processor(
+        cfg, input_ids_seq_length=hf_ids.shape[1], encoder_input_ids=hf_ids,
+        prefix_allowed_tokens_fn=s.arguments.get("prefix_allowed_tokens_fn"),
+        logits_processor=s.arguments.get("logits_processor", LogitsProcessorList()), device=hf_ids.device,
+        model_kwargs={} if hf_mask is None else {"attention_mask": hf_mask})
+    # generate's loop stops at max_new_tokens itself; HF's max-length criterion would also warn
+    # once the sequence passes max_position_embeddings, which CoMeT decodes past by design
+    cfg.max_length = None
+    criteria = model._get_stopping_criteria(cfg, s.arguments.get("stopping_criteria", StoppingCriteriaList()),
+                                            s.arguments.get("tokenizer"))
+    return processors, criteria
+
+
 def _int(v, name: str, lo: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
         raise ValueError(f"generate: {name} must be an int >= {lo}, got {v!r}")
@@ -213,30 +287,6 @@ def _token_ids(v, name: str, vocab: int) -> tuple[int, ...]:
     if ids is None or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in ids):
         raise ValueError(f"generate: {name} must be a token id or a list of them in [0, {vocab}), got {v!r}")
     return tuple(ids)
-
-
-def next_scores(logits: Tensor, s: DecodeSettings, seen: Optional[Tensor], step: int, eos: Tensor) -> Tensor:
-    """HF's logits processors, in HF's order, on logits (B, vocab) fp32: the repetition
-    penalty over the tokens `seen` (B, vocab) counts (the prompt's and the output's), EOS masked
-    until min_new_tokens, then, when sampling, temperature, top-k and top-p. eos: s.eos as a
-    tensor on logits' device (made once per generate, not once per step)."""
-    if s.repetition_penalty != 1.0 and seen is not None:
-        penalised = torch.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
-        logits = torch.where(seen > 0, penalised, logits)
-    if step < s.min_new_tokens and s.eos:
-        logits = logits.index_fill(-1, eos, float("-inf"))
-    if not s.do_sample:
-        return logits
-    logits = logits / s.temperature
-    if s.top_k and s.top_k < logits.shape[-1]:
-        kth = logits.topk(s.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if s.top_p < 1.0:  # drop the least likely tokens while their mass stays within 1 - top_p (keep one)
-        sorted_logits, order = logits.sort(dim=-1)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - s.top_p
-        drop[:, -1] = False
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    return logits
 
 
 def pick(scores: Tensor, s: DecodeSettings, generator: Optional[torch.Generator]) -> Tensor:

@@ -751,25 +751,30 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         for batched generation) or right padding, at least one token per sample; without
         one, as in HF, the prompt's pad_token_id tokens are padding (when pad_token_id is set
         and is not an EOS id). HF's settings, as keyword arguments or a GenerationConfig, over
-        the model's `generation_config` (see comet_ext/generation.py): greedy or sampling
-        (temperature, top_k, top_p), repetition_penalty, max_new_tokens / max_length,
-        min_new_tokens / min_length, eos / pad ids, return_dict_in_generate with output_scores /
-        output_logits; a `streamer` (HF's put / end protocol). `generator` seeds the sampling;
+        the model's `generation_config` (see comet_ext/generation.py): greedy or sampling,
+        max_new_tokens / max_length, min_new_tokens / min_length, eos / pad ids,
+        return_dict_in_generate with output_scores / output_logits, a `streamer` (HF's put / end
+        protocol), and everything HF's logits processors and stopping criteria implement, built
+        by transformers' own code: temperature, top_k, top_p, min_p, typical_p, repetition and
+        n-gram penalties, bad_words_ids, suppress_tokens, sequence_bias, forced / decaying EOS,
+        stop_strings (with `tokenizer`), max_time, and a caller's `logits_processor`,
+        `stopping_criteria` and `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
         without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
         then generate gives the tokens HF's would). A setting it does not implement (beam
-        search, logits_processor, ...) raises.
+        search, num_return_sequences > 1, assisted decoding, guidance_scale, ...) raises.
 
-        Returns (B, T + new) ids like HF (padded with pad_token_id after a sample's
-        EOS), or HF's GenerateDecoderOnlyOutput with return_dict_in_generate (the scores and
-        logits of a sample after its EOS are not HF's: HF goes on feeding it pad tokens, CoMeT
-        stops reading for it, so its logits repeat those of the step that chose its EOS); with
-        return_memory, (that, memory). Compression tokens are fed after every
-        `temp_stride` text tokens of the open chunk and never appear in the output;
-        a chunk that fills up is closed (readout, memory update) and a new one begins,
-        so generation length is unbounded at constant memory. `memory` is updated in
-        place and afterwards holds every returned token, EOS included, so a later
-        `generate` continues the conversation. global_memory=False continues the
-        "temporary memory only" ablation (see `read`).
+        Returns (B, T + new) ids like HF (padded with pad_token_id after a sample's EOS, or
+        after the token that met a stopping criterion: HF pads there only when EOS ids are
+        set, and otherwise goes on sampling for it), or HF's GenerateDecoderOnlyOutput with
+        return_dict_in_generate (the scores and logits of a sample after its stop are not HF's:
+        HF goes on feeding it pad tokens, CoMeT stops reading for it, so its logits repeat
+        those of the step that chose its last token); with return_memory, (that, memory).
+        Compression tokens are fed after every `temp_stride` text tokens of the open chunk and
+        never appear in the output; a chunk that fills up is closed (readout, memory update)
+        and a new one begins, so generation length is unbounded at constant memory. `memory`
+        is updated in place and afterwards holds every returned token, EOS (or the stopping
+        token) included, so a later `generate` continues the conversation. global_memory=False
+        continues the "temporary memory only" ablation (see `read`).
         """
         if inputs is not None:
             if input_ids is not None:
@@ -790,26 +795,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             _check_mask_values(attention_mask, input_ids.shape)
         # the caller's mask, or HF's inference of one from the prompt's pad tokens; checked
         attention_mask = generation.prompt_mask(input_ids, attention_mask, s)
-        read_ids, read_mask = _left_to_right_padding(input_ids, attention_mask)
+        prompt = input_ids.to(self.device).long()
+        read_ids, read_mask, seq, hf_mask = generation.prompt_layouts(prompt, attention_mask)
+        processors, criteria = generation.hf_processing(self, s, seq, hf_mask)  # before the read: max_time counts it
         memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)
         B = input_ids.shape[0]
-        prompt = input_ids.to(self.device).long()
-        valid = (attention_mask.to(self.device).bool() if attention_mask is not None
-                 else torch.ones_like(prompt, dtype=torch.bool))
-        seen = None
-        if s.repetition_penalty != 1.0:  # how often each token is in the prompt and the output, per sample
-            seen = torch.zeros(B, vocab, dtype=torch.int32, device=self.device)
-            seen.scatter_add_(1, torch.where(valid, prompt, 0), valid.int())  # padding ids may be anything
         if streamer is not None:
             streamer.put(prompt.cpu())
-        eos = upload(torch.tensor(s.eos, dtype=torch.long), self.device)
+        # the sequence so far in HF's layout, which the processors and criteria read (none: not kept)
+        track = len(processors) > 0 or len(criteria) > 0
         new, scores, raw = [], [], []
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         alive_list = [True] * B
         for step in range(s.max_new_tokens):
             logits = self._next_logits(last)
-            processed = generation.next_scores(logits, s, seen, step, eos)
+            processed = processors(seq, logits.clone()) if len(processors) else logits  # (some write in place)
             token = torch.where(alive, generation.pick(processed, s, generator), s.pad)
             new.append(token)
             if s.output_scores:
@@ -818,14 +819,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 raw.append(logits)
             if streamer is not None:
                 streamer.put(token.cpu())
-            if seen is not None:
-                seen.scatter_add_(1, token.unsqueeze(1), alive.int().unsqueeze(1))
-            # every token a live sample produced goes into its memory, its EOS too: the memory
-            # then holds the whole transcript and the next turn reads after it
+            if track:
+                seq = torch.cat([seq, token.unsqueeze(1)], dim=1)
+            # every token a live sample produced goes into its memory, its EOS (or the token that
+            # met a stopping criterion) too: the memory then holds the whole transcript and the
+            # next turn reads after it
             produced = alive_list
-            if s.eos:
-                alive = alive & ~torch.isin(token, eos)
-                alive_list = alive.tolist()  # the step's one host sync: who reads on (without EOS, none)
+            if len(criteria):
+                alive = alive & ~criteria(seq, processed)
+                alive_list = alive.tolist()  # the step's one host sync: who reads on (without criteria, none)
             step_last = self._read_steps(memory, token.unsqueeze(1), [int(p) for p in produced], global_memory)
             last = torch.where(alive.unsqueeze(1), step_last, last)
             if not any(alive_list):
@@ -1239,22 +1241,6 @@ def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:
     if not torch.equal(attention_mask, attention_mask.bool().to(attention_mask.dtype)):  # (NaN != NaN: refused)
         odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
         raise ValueError(f"attention_mask must hold ones (tokens) and zeros (padding) only, got values such as {odd}")
-
-
-def _left_to_right_padding(input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-    """generate's prompts (B, T) as read takes them: a left-padded batch (HF's layout for
-    decoder-only generation) with each sample's tokens moved to the front and its mask
-    right-padded; any other batch as it is (read checks it)."""
-    if attention_mask is None or attention_mask.dim() != 2 or attention_mask.shape != input_ids.shape:
-        return input_ids, attention_mask
-    mask = attention_mask.bool()
-    T = mask.shape[1]
-    pads = T - mask.sum(1, keepdim=True)
-    j = torch.arange(T, device=mask.device)
-    if bool((mask == (j < T - pads)).all()) or not bool((mask == (j >= pads)).all()):
-        return input_ids, attention_mask  # right-padded (or unpadded), or neither: read decides
-    take = (j + pads).clamp(max=T - 1).to(input_ids.device)
-    return torch.gather(input_ids, 1, take), (j < T - pads).to(attention_mask.dtype).to(attention_mask.device)
 
 
 def _cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[int],

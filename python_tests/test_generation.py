@@ -1,6 +1,6 @@
 """CometForCausalLM.generate's HF settings (comet_ext/generation.py): which apply, the
-logits processors against HF's own, the streamer protocol, the returned output, and the
-memory a stopped generation leaves."""
+logits processors and stopping criteria against HF's own and against HF's generate, the
+streamer protocol, the returned output, and the memory a stopped generation leaves."""
 from __future__ import annotations
 
 import warnings
@@ -10,10 +10,10 @@ import torch
 from conftest import HAS_CUDA
 from modeling_utils import VOCAB, HostReads, tiny_comet
 from transformers import GenerationConfig
-from transformers.generation.logits_process import (LogitsProcessorList, MinNewTokensLengthLogitsProcessor,
-                                                    RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
-from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList
+from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList,
+                                                    MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
 
 def ids(B, T, seed=0):
@@ -224,7 +224,9 @@ def test_return_dict_and_inputs_alias(model):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(num_beams=3), ValueError, "num_beams"),
     (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
-    (dict(no_repeat_ngram_size=2), ValueError, "no_repeat_ngram_size"),
+    (dict(guidance_scale=1.5), ValueError, "guidance_scale"),
+    (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha"),
+    (dict(stop_strings=["ab"]), ValueError, "tokenizer"),  # HF's own error: stop strings need the tokenizer
     (dict(generation_config=GenerationConfig(num_beams=2)), ValueError, "num_beams"),
     (dict(beam_width=2), TypeError, "beam_width"),
     (dict(max_new_tokens=2.5), ValueError, "max_new_tokens"),
@@ -346,9 +348,6 @@ def test_a_mask_neither_left_nor_right_padded_names_both_layouts(model):
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(logits_processor=LogitsProcessorList([TopKLogitsWarper(3)])),
-    dict(stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(6)])),
-    dict(prefix_allowed_tokens_fn=lambda batch, sent: [1]),
     dict(synced_gpus=True),
     dict(negative_prompt_ids=torch.tensor([[1, 2]])),
     dict(custom_generate="some/repo"),
@@ -361,7 +360,7 @@ def test_hf_generate_arguments_it_does_not_implement_raise_a_value_error_naming_
 
 def test_hf_generate_arguments_at_neutral_values_change_nothing(model):
     """What HF's generate takes for "none" (what wrappers pass by default) is accepted; the
-    tokenizer serves only stop_strings and token healing, both refused, so it changes nothing."""
+    tokenizer serves only stop_strings, so without them it changes nothing."""
     prompt = ids(1, 3, seed=9)
     expected = model.generate(prompt, max_new_tokens=3)
     with warnings.catch_warnings():
@@ -415,23 +414,118 @@ def test_generate_is_hfs_generate_when_the_memory_is_empty_and_one_chunk(hf_equa
         assert torch.equal(ours, hf)
         return
     assert torch.equal(ours.sequences, hf.sequences)
-    # older transformers (5.0) also penalise the left padding's pad tokens: the padded sample's
-    # scores then differ at the pad id (ours, and later HF's, penalise only the prompt's tokens)
-    rows = slice(None) if not (left_padded and "repetition_penalty" in settings) or _hf_penalty_skips_padding() \
-        else slice(0, 1)
     for name in ("scores", "logits"):
         if getattr(hf, name) is not None:
-            ours_, hf_ = torch.stack(getattr(ours, name)), torch.stack(getattr(hf, name))  # (steps, B, vocab)
-            torch.testing.assert_close(ours_[:, rows], hf_[:, rows])
+            torch.testing.assert_close(torch.stack(getattr(ours, name)), torch.stack(getattr(hf, name)))
 
 
-def _hf_penalty_skips_padding() -> bool:
-    """Whether this transformers' repetition penalty leaves a left-padded prompt's padding out
-    (it takes per-sample padding lengths)."""
-    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+class _BanAtEvenSteps(LogitsProcessor):
+    """A caller's processor: bans `token` whenever the sequence so far has an even length."""
 
-    try:
-        RepetitionPenaltyLogitsProcessor(1.3, prompt_ignore_length=torch.tensor([0, 3]))
-    except ValueError:
-        return False
-    return True
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores):
+        return scores if input_ids.shape[1] % 2 else scores.index_fill(1, torch.tensor([self.token]), -float("inf"))
+
+
+class _StopAfter(StoppingCriteria):
+    """A caller's criterion: a sample is done once its last token is one of `tokens`."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens = torch.tensor(tokens)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.isin(input_ids[:, -1], self.tokens)
+
+
+# Settings that only HF's own logits processors and stopping criteria implement, each made from the
+# tokens the plain greedy run chose (first: its first new token per sample, later: its fourth), so
+# that each changes the output. An EOS id the runs never pick is set where a criterion stops a
+# sample: HF pads a stopped sample only when it has EOS ids (CoMeT always does).
+_PROCESSED = {
+    "no_repeat_ngram": lambda first, later: dict(no_repeat_ngram_size=1),
+    "bad_words_suppress_bias": lambda first, later: dict(bad_words_ids=[[first[0]], [later[1], later[0]]],
+                                                         suppress_tokens=[first[1]], begin_suppress_tokens=[later[0]],
+                                                         sequence_bias={(later[1],): 3.0}),
+    "forced_eos_decay_renormalize": lambda first, later: dict(
+        forced_eos_token_id=later[0], eos_token_id=[later[1]], exponential_decay_length_penalty=(2, 1.5),
+        renormalize_logits=True, remove_invalid_values=True, return_dict_in_generate=True, output_scores=True),
+    "encoder_penalties": lambda first, later: dict(encoder_repetition_penalty=3.0, encoder_no_repeat_ngram_size=2),
+    "min_p_typical_eta_epsilon": lambda first, later: dict(
+        do_sample=True, temperature=1.5, top_k=0, min_p=0.05, typical_p=0.9, eta_cutoff=1e-3, epsilon_cutoff=1e-4,
+        return_dict_in_generate=True, output_scores=True),
+    "callers_processor_and_prefix_fn": lambda first, later: dict(
+        logits_processor=LogitsProcessorList([_BanAtEvenSteps(first[0])]),
+        prefix_allowed_tokens_fn=lambda b, sent: list(range(0, VOCAB, 2 + b))),
+    "callers_criterion": lambda first, later: dict(stopping_criteria=StoppingCriteriaList([_StopAfter([later[0]])]),
+                                                   eos_token_id=[_unused(first + later)], pad_token_id=3),
+    "max_time": lambda first, later: dict(max_time=0.0),  # stops both samples after their first token
+    "left_padded": lambda first, later: dict(left_padded=True, no_repeat_ngram_size=2, repetition_penalty=1.3,
+                                             stopping_criteria=StoppingCriteriaList([_StopAfter([later[1]])]),
+                                             eos_token_id=[_unused(first + later)]),
+}
+
+
+def _unused(tokens: list[int]) -> int:
+    return next(t for t in range(VOCAB) if t not in tokens)
+
+
+@pytest.mark.parametrize("name", list(_PROCESSED))
+def test_hfs_processors_and_criteria_act_as_in_hfs_generate(hf_equal, name):
+    """The differential oracle again, for what only transformers' own processors and criteria
+    implement (n-gram and encoder penalties, bad words, suppression, sequence bias, forced and
+    decaying EOS, min-p / typical / eta / epsilon sampling, a caller's processor, criterion and
+    prefix function, max_time): generate builds them with HF's code and must give HF's tokens,
+    padding and scores; and each setting changes the output (the comparison is not vacuous)."""
+    plain = hf_equal.generate(**_left_padded_batch(), max_new_tokens=8, eos_token_id=None)
+    settings = _PROCESSED[name](plain[:, 7].tolist(), plain[:, 10].tolist())
+    left_padded = settings.pop("left_padded", False)
+    prompt = _left_padded_batch() if left_padded else dict(input_ids=ids(2, 7, seed=13))
+    settings = dict(max_new_tokens=8, **{"eos_token_id": None, **settings})
+    outputs = []
+    for generate in (hf_equal.generate, hf_equal.base.generate, hf_equal.generate):
+        torch.manual_seed(0)
+        outputs.append(generate(**prompt, **settings))
+    torch.manual_seed(0)
+    free = hf_equal.generate(**prompt, max_new_tokens=8, eos_token_id=None, do_sample=settings.get("do_sample", False),
+                             temperature=settings.get("temperature", 1.0), top_k=settings.get("top_k", 50))
+    ours, hf, again = ((o.sequences, o.scores) if settings.get("return_dict_in_generate") else (o, None)
+                       for o in outputs)
+    assert torch.equal(ours[0], hf[0]) and torch.equal(ours[0], again[0])
+    if hf[1] is not None:  # scores compared while a sample runs (after its EOS, HF feeds it pad tokens)
+        new_tokens = ours[0][:, 7:]
+        stopped = torch.isin(new_tokens, torch.tensor(settings["eos_token_id"] or [-1])).int().cumsum(1)
+        running = torch.cat([torch.zeros_like(stopped[:, :1]), stopped[:, :-1]], 1).eq(0).T  # (steps, B)
+        assert int(running.sum()) >= 4
+        torch.testing.assert_close(torch.stack(ours[1])[running], torch.stack(hf[1])[running])
+    assert ours[0].shape != free.shape or not torch.equal(ours[0], free), f"{name} changed nothing"
+
+
+def test_stop_strings_stop_a_sample_as_in_hf_and_its_memory_holds_what_it_returned():
+    """stop_strings with the model's tokenizer (HF's StopStringCriteria): a sample stops at the
+    token that completes the string, as in HF's generate on the base, and its memory holds
+    exactly the returned tokens, so the next turn follows the transcript."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from comet_ext import CometConfig, CometForCausalLM
+    from comet_ext.data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = Qwen3Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = CometForCausalLM.from_base(Qwen3ForCausalLM(cfg), CometConfig(chunk_size=64, num_global=4,
+                                                                          temp_stride=-1)).double().eval()
+    model.base.config._attn_implementation = "sdpa"
+    prompt = torch.tensor([list(b"abcde"), list(b"vwxyz")])
+    letters = dict(max_new_tokens=10, prefix_allowed_tokens_fn=lambda b, sent: list(b"abcdefghijklmnopqrstuvwxyz"))
+    plain = model.generate(prompt, eos_token_id=None, **letters)
+    stop = tok.decode(plain[0, 8:10])  # sample 0 completes it with its fifth new token
+    settings = dict(letters, stop_strings=[stop], tokenizer=tok, eos_token_id=tok.eos_token_id)
+    ours, memory = model.generate(prompt, return_memory=True, **settings)
+    assert torch.equal(ours, model.base.generate(prompt, **settings))
+    assert tok.decode(ours[0, 5:10]).endswith(stop) and stop not in tok.decode(ours[0, 5:9])
+    assert ours[0, 10:].eq(tok.eos_token_id).all()  # padded after its stop (HF's pad: the EOS id), as in HF
+    transcript = model.read(ours[:1, :10])
+    assert int(memory.tokens[0]) == int(transcript.tokens[0]) == 10
