@@ -29,7 +29,7 @@ DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
     "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0,
     "eos_token_id": None, "pad_token_id": None,
-    "return_dict_in_generate": False, "output_scores": False, "output_logits": False,
+    "return_dict_in_generate": False, "output_scores": False, "output_logits": False, "num_return_sequences": 1,
 }
 # GenerationConfig fields that only HF's logits processors and stopping criteria read: passed
 # on to them as they are (`processed_fields` keeps those this transformers has).
@@ -60,6 +60,7 @@ class DecodeSettings:
     """The checked settings of one generate call."""
 
     max_new_tokens: int
+    num_return_sequences: int  # sequences per prompt, each decoded on its own from a copy of its memory
     do_sample: bool
     eos: tuple[int, ...]
     pad: int
@@ -78,8 +79,8 @@ class DecodeSettings:
 
 # Values of unsupported fields that ask for nothing: one sequence per prompt, beam-search knobs at
 # their neutral values.
-NEUTRAL: dict[str, Any] = {"num_beams": 1, "num_return_sequences": 1, "length_penalty": 1.0,
-                           "diversity_penalty": 0.0, "num_beam_groups": 1, "guidance_scale": 1.0}
+NEUTRAL: dict[str, Any] = {"num_beams": 1, "length_penalty": 1.0, "diversity_penalty": 0.0, "num_beam_groups": 1,
+                           "guidance_scale": 1.0}
 
 
 @functools.cache
@@ -172,6 +173,7 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     if not penalty > 0:
         raise ValueError(f"generate: repetition_penalty must be > 0, got {penalty}")
     top_k = _int(value["top_k"], "top_k", 0)
+    num_seq = _int(value["num_return_sequences"], "num_return_sequences", 1)
     eos = _token_ids(value["eos_token_id"], "eos_token_id", vocab)
     pad = value["pad_token_id"]
     pad = None if pad is None else _token_ids(pad, "pad_token_id", vocab)[0]
@@ -185,10 +187,10 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     hf.do_sample, hf.temperature, hf.top_k, hf.top_p, hf.repetition_penalty = do_sample, temperature, top_k, top_p, \
         penalty
     hf.eos_token_id, hf.pad_token_id = (list(eos) or None), pad
-    hf.max_new_tokens, hf.min_new_tokens, hf.num_beams, hf.num_return_sequences = None, None, 1, 1
+    hf.max_new_tokens, hf.min_new_tokens, hf.num_beams, hf.num_return_sequences = None, None, 1, num_seq
     hf.max_length, hf.min_length = prompt_tokens + max_new, (prompt_tokens + min_new if min_new else 0)
     pad = eos[0] if pad is None and eos else (0 if pad is None else pad)
-    return DecodeSettings(max_new, do_sample, eos, pad,
+    return DecodeSettings(max_new, num_seq, do_sample, eos, pad,
                           *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")),
                           mask_pad=mask_pad, hf_config=hf,
                           arguments={k: kwargs[k] for k in ARGUMENTS if kwargs.get(k) is not None})
@@ -245,18 +247,20 @@ def prompt_layouts(input_ids: Tensor, attention_mask: Optional[Tensor]
 
 def hf_processing(model, s: DecodeSettings, hf_ids: Tensor, hf_mask: Optional[Tensor]) -> tuple[Any, Any]:
     """The LogitsProcessorList and StoppingCriteriaList HF's generate builds for s, from the
-    prompt in HF's layout (hf_ids, hf_mask from prompt_layouts), made by transformers' own
-    generate code on `model` (a GenerationMixin), so that they act as in HF: its default
-    processors in its order, the caller's merged in as HF merges them."""
+    prompt in HF's layout (hf_ids, hf_mask from prompt_layouts, one row per prompt), made by
+    transformers' own generate code on `model` (a GenerationMixin), so that they act as in
+    HF: its default processors in its order, the caller's merged in as HF merges them. They
+    then read the num_return_sequences rows of each prompt, as HF's do."""
     from transformers.generation import LogitsProcessorList, StoppingCriteriaList
 
     cfg = copy.copy(s.hf_config)  # HF's preparation below writes into it
     model._prepare_special_tokens(cfg, kwargs_has_attention_mask=True, device=hf_ids.device)
+    mask = None if hf_mask is None else hf_mask.repeat_interleave(s.num_return_sequences, 0)
     processors = model._get_logits_processor(
         cfg, input_ids_seq_length=hf_ids.shape[1], encoder_input_ids=hf_ids,
         prefix_allowed_tokens_fn=s.arguments.get("prefix_allowed_tokens_fn"),
         logits_processor=s.arguments.get("logits_processor", LogitsProcessorList()), device=hf_ids.device,
-        model_kwargs={} if hf_mask is None else {"attention_mask": hf_mask})
+        model_kwargs={} if mask is None else {"attention_mask": mask})
     # generate's loop stops at max_new_tokens itself; HF's max-length criterion would also warn
     # once the sequence passes max_position_embeddings, which CoMeT decodes past by design
     cfg.max_length = None

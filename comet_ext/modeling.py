@@ -760,10 +760,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         stop_strings (with `tokenizer`), max_time, and a caller's `logits_processor`,
         `stopping_criteria` and `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
         without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
-        then generate gives the tokens HF's would). A setting it does not implement (beam
-        search, num_return_sequences > 1, assisted decoding, guidance_scale, ...) raises.
+        then generate gives the tokens HF's would). num_return_sequences=k decodes each prompt k
+        times, each from its own copy of the memory (the memory passed in is then left as it
+        was; return_memory gives the (B·k)-sample one). A setting it does not implement (beam
+        search, assisted decoding, guidance_scale, ...) raises.
 
-        Returns (B, T + new) ids like HF (padded with pad_token_id after a sample's EOS, or
+        Returns (B·k, T + new) ids like HF (padded with pad_token_id after a sample's EOS, or
         after the token that met a stopping criterion: HF pads there only when EOS ids are
         set, and otherwise goes on sampling for it), or HF's GenerateDecoderOnlyOutput with
         return_dict_in_generate (the scores and logits of a sample after its stop are not HF's:
@@ -798,9 +800,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         prompt = input_ids.to(self.device).long()
         read_ids, read_mask, seq, hf_mask = generation.prompt_layouts(prompt, attention_mask)
         processors, criteria = generation.hf_processing(self, s, seq, hf_mask)  # before the read: max_time counts it
+        if s.num_return_sequences > 1 and memory is not None:
+            self._check_memory(memory, input_ids.shape[0], "generate")
+            memory = memory.clone()  # the caller's stays as it was; each prompt's copies go on from it
         memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)
-        B = input_ids.shape[0]
+        if s.num_return_sequences > 1:  # as HF: each prompt num_return_sequences times, in order
+            copies = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(s.num_return_sequences)
+            memory, last, prompt, seq = memory.select(copies), last[copies], prompt[copies], seq[copies]
+        B = prompt.shape[0]
         if streamer is not None:
             streamer.put(prompt.cpu())
         # the sequence so far in HF's layout, which the processors and criteria read (none: not kept)

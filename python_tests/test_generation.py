@@ -223,7 +223,7 @@ def test_return_dict_and_inputs_alias(model):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(num_beams=3), ValueError, "num_beams"),
-    (dict(num_return_sequences=2), ValueError, "num_return_sequences"),
+    (dict(num_return_sequences=0), ValueError, "num_return_sequences"),
     (dict(guidance_scale=1.5), ValueError, "guidance_scale"),
     (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha"),
     (dict(stop_strings=["ab"]), ValueError, "tokenizer"),  # HF's own error: stop strings need the tokenizer
@@ -529,3 +529,35 @@ def test_stop_strings_stop_a_sample_as_in_hf_and_its_memory_holds_what_it_return
     assert ours[0, 10:].eq(tok.eos_token_id).all()  # padded after its stop (HF's pad: the EOS id), as in HF
     transcript = model.read(ours[:1, :10])
     assert int(memory.tokens[0]) == int(transcript.tokens[0]) == 10
+
+
+def test_num_return_sequences_samples_each_prompt_as_hf_does(hf_equal):
+    """num_return_sequences=k: each prompt k times (in HF's order), sampled from the same global
+    RNG draws, with the processors reading each copy's own sequence: HF's tokens and scores."""
+    settings = dict(max_new_tokens=8, do_sample=True, num_return_sequences=3, repetition_penalty=1.3, top_k=20,
+                    eos_token_id=None, return_dict_in_generate=True, output_scores=True)
+    outputs = []
+    for generate in (hf_equal.generate, hf_equal.base.generate):
+        torch.manual_seed(0)
+        outputs.append(generate(**_left_padded_batch(), **settings))
+    ours, hf = outputs
+    assert ours.sequences.shape == (6, 15) and torch.equal(ours.sequences, hf.sequences)
+    assert not torch.equal(ours.sequences[0], ours.sequences[1])  # the copies sample on their own
+    torch.testing.assert_close(torch.stack(ours.scores), torch.stack(hf.scores))
+
+
+def test_num_return_sequences_leaves_the_callers_memory_and_returns_every_copys(model):
+    """Each copy decodes from its own copy of the memory: greedy copies equal one greedy run,
+    the returned memory holds k samples per prompt, each as that run leaves its memory, and
+    the memory passed in is left as it was."""
+    memory = model.read(ids(2, 40, seed=20), progress=False)
+    before = memory.clone()
+    question = ids(2, 5, seed=21)
+    out, copies = model.generate(question, memory=memory, max_new_tokens=6, num_return_sequences=2,
+                                 return_memory=True)
+    assert all(torch.equal(a, b) for a, b in zip(memory.buffers(), before.buffers()))
+    single, alone = model.generate(question, memory=before.clone(), max_new_tokens=6, return_memory=True)
+    assert out.shape == (4, 11) and torch.equal(out, single.repeat_interleave(2, 0))
+    assert copies.batch_size == 4
+    for a, b in zip(copies.buffers(), alone.select([0, 0, 1, 1]).buffers()):  # (4 rows round unlike 2)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
