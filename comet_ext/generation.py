@@ -109,10 +109,14 @@ def _unsupported(values: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in values.items() if k not in handled and not _neutral(k, v)}
 
 
+def _brief(v: Any) -> str:
+    """v's repr for an error message, cut short (an assistant model's runs to pages)."""
+    r = repr(v)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _short(values: dict[str, Any]) -> str:
-    """values for an error message, each value's repr cut short (an assistant model's runs to pages)."""
-    return "{" + ", ".join(f"{k!r}: {r if len(r := repr(v)) <= 80 else r[:77] + '...'}"
-                           for k, v in values.items()) + "}"
+    return "{" + ", ".join(f"{k!r}: {_brief(v)}" for k, v in values.items()) + "}"
 
 
 def _set_fields(config) -> dict[str, Any]:
@@ -137,8 +141,9 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     model_set = _set_fields(model_config)
     bad = _unsupported(asked)
     if bad:
-        raise ValueError(f"generate: {_short(bad)} not supported: CoMeT decodes one greedy or sampled sequence per "
-                         f"prompt (supported settings: {sorted(DEFAULTS)})")
+        raise ValueError(f"generate: {_short(bad)} not supported: CoMeT decodes greedy or sampled sequences (supported "
+                         f"settings: {sorted(DEFAULTS)}, the arguments {list(ARGUMENTS)}, and what HF's logits "
+                         f"processors and stopping criteria read: comet_ext.generation.PROCESSED)")
     ignored = {k: v for k, v in _unsupported(model_set).items() if k not in asked}
     if ignored:
         warnings.warn(f"generate: the model's generation_config sets {_short(ignored)}, which CoMeT's decoding "
@@ -179,13 +184,17 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     pad = None if pad is None else _token_ids(pad, "pad_token_id", vocab)[0]
     mask_pad = pad if pad is not None and pad not in eos else None  # HF's rule: a pad that is an EOS id marks nothing
     # The GenerationConfig HF's generate would decode with, as its _prepare_generated_length leaves
-    # it (lengths counting the prompt); fields set directly, past GenerationConfig's validation
-    # warnings, which HF's generate does not raise either.
+    # it (lengths counting the prompt). The processed fields go in through update(), as in HF's
+    # generate: it converts them (a watermarking_config dict) and validates them (a forced EOS id
+    # that is also suppressed raises; a sampling-only one set for greedy decoding is logged).
     hf = GenerationConfig()
-    for k in processed_fields():  # a keyword None unsets the model's value, as in HF
-        setattr(hf, k, kwargs[k] if k in kwargs else asked.get(k, model_set.get(k)))
     hf.do_sample, hf.temperature, hf.top_k, hf.top_p, hf.repetition_penalty = do_sample, temperature, top_k, top_p, \
         penalty
+    processed = {k: kwargs[k] if k in kwargs else asked.get(k, model_set.get(k))  # a keyword None unsets, as in HF
+                 for k in processed_fields()}
+    processed = {k: v for k, v in processed.items() if v is not None}
+    _check_token_fields(processed, vocab)
+    hf.update(**processed)
     hf.eos_token_id, hf.pad_token_id = (list(eos) or None), pad
     hf.max_new_tokens, hf.min_new_tokens, hf.num_beams, hf.num_return_sequences = None, None, 1, num_seq
     hf.max_length, hf.min_length = prompt_tokens + max_new, (prompt_tokens + min_new if min_new else 0)
@@ -194,6 +203,31 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
                           *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")),
                           mask_pad=mask_pad, hf_config=hf,
                           arguments={k: kwargs[k] for k in ARGUMENTS if kwargs.get(k) is not None})
+
+
+def _check_token_fields(fields: dict[str, Any], vocab: int) -> None:
+    """The processed fields that hold token ids (and max_time), checked before anything is read:
+    HF's processors index the scores with them only when first called, mid-decoding (an id past
+    the vocabulary: a bare IndexError after the prompt is in the memory)."""
+    for name in ("forced_bos_token_id", "forced_eos_token_id", "suppress_tokens", "begin_suppress_tokens"):
+        if name in fields:
+            _token_ids(fields[name], name, vocab)
+    words = fields.get("bad_words_ids")
+    if words is not None:
+        if not isinstance(words, (list, tuple)) or not all(isinstance(w, (list, tuple)) for w in words):
+            raise ValueError(f"generate: bad_words_ids must be a list of token id lists, got {_brief(words)}")
+        for w in words:
+            _token_ids(list(w), "bad_words_ids", vocab)
+    bias = fields.get("sequence_bias")
+    if bias is not None:
+        pairs = isinstance(bias, (list, tuple)) and all(isinstance(p, (list, tuple)) and len(p) == 2 for p in bias)
+        if not isinstance(bias, dict) and not pairs:
+            raise ValueError("generate: sequence_bias must be a dict {tuple of token ids: bias} or a list of "
+                             f"[token ids, bias] pairs, got {_brief(bias)}")
+        for ids in (bias if isinstance(bias, dict) else [p[0] for p in bias]):
+            _token_ids(list(ids) if isinstance(ids, (list, tuple)) else ids, "sequence_bias", vocab)
+    if "max_time" in fields:
+        _float(fields["max_time"], "max_time")
 
 
 def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSettings) -> Optional[Tensor]:

@@ -816,7 +816,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         new, scores, raw = [], [], []
         alive = torch.ones(B, dtype=torch.bool, device=self.device)
         alive_list = [True] * B
-        for step in range(s.max_new_tokens):
+        for _ in range(s.max_new_tokens):
             logits = self._next_logits(last)
             processed = processors(seq, logits.clone()) if len(processors) else logits  # (some write in place)
             token = torch.where(alive, generation.pick(processed, s, generator), s.pad)

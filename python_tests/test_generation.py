@@ -10,6 +10,7 @@ import torch
 from conftest import HAS_CUDA
 from modeling_utils import VOCAB, HostReads, tiny_comet
 from transformers import GenerationConfig
+from transformers.generation import WatermarkingConfig
 from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList,
                                                     MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -236,10 +237,21 @@ def test_return_dict_and_inputs_alias(model):
     (dict(repetition_penalty=0.0), ValueError, "repetition_penalty"),
     (dict(eos_token_id=VOCAB), ValueError, "eos_token_id"),
     (dict(generation_config={"max_new_tokens": 2}), ValueError, "GenerationConfig"),
+    # ids HF's processors would first index the scores with mid-decoding (a bare IndexError)
+    (dict(bad_words_ids=[[VOCAB + 5]]), ValueError, "bad_words_ids"),
+    (dict(bad_words_ids=[3, 4]), ValueError, "list of token id lists"),
+    (dict(forced_eos_token_id=VOCAB + 5), ValueError, "forced_eos_token_id"),
+    (dict(suppress_tokens=[-1]), ValueError, "suppress_tokens"),
+    (dict(sequence_bias={(VOCAB + 1,): 1.0}), ValueError, "sequence_bias"),
+    (dict(max_time="1"), ValueError, "max_time"),
 ])
 def test_bad_or_unsupported_settings_raise(model, kwargs, error, match):
+    """Refused before anything is read: the memory passed in is left as it was."""
+    memory = model.read(ids(1, 20, seed=22), progress=False)
+    before = memory.clone()
     with pytest.raises(error, match=match):
-        model.generate(ids(1, 3), **kwargs)
+        model.generate(ids(1, 3), memory=memory, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(memory.buffers(), before.buffers()))
 
 
 def test_unsupported_model_defaults_warn_and_neutral_values_pass(model):
@@ -375,7 +387,7 @@ def test_hf_generate_arguments_at_neutral_values_change_nothing(model):
 def test_an_assistant_model_is_refused_by_name_without_printing_it(model):
     with pytest.raises(ValueError, match="assistant_model") as caught:
         model.generate(ids(1, 3), max_new_tokens=2, assistant_model=model.base)
-    assert len(str(caught.value)) < 600  # the model's repr is not in the message
+    assert len(str(caught.value)) < 1000 and "DecoderLayer" not in str(caught.value)  # the model's repr is not in it
 
 
 def _left_padded_batch():
@@ -461,6 +473,7 @@ _PROCESSED = {
     "callers_criterion": lambda first, later: dict(stopping_criteria=StoppingCriteriaList([_StopAfter([later[0]])]),
                                                    eos_token_id=[_unused(first + later)], pad_token_id=3),
     "max_time": lambda first, later: dict(max_time=0.0),  # stops both samples after their first token
+    "watermark": lambda first, later: dict(watermarking_config=WatermarkingConfig(bias=4.0)),
     "left_padded": lambda first, later: dict(left_padded=True, no_repeat_ngram_size=2, repetition_penalty=1.3,
                                              stopping_criteria=StoppingCriteriaList([_StopAfter([later[1]])]),
                                              eos_token_id=[_unused(first + later)]),
