@@ -257,31 +257,24 @@ def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSe
     return attention_mask
 
 
-def prompt_layouts(input_ids: Tensor, attention_mask: Optional[Tensor]
-                   ) -> tuple[Tensor, Optional[Tensor], Tensor, Optional[Tensor]]:
-    """The prompt (B, T) with a mask prompt_mask has checked (rows left- or right-padded), in
-    the two layouts generate needs: (read_ids, read_mask), every sample's tokens first (as
-    `read` takes them), and (hf_ids, hf_mask), every sample's tokens last (HF's layout for
-    generation, which its logits processors and stopping criteria read). Each row is rotated
-    by where its tokens start: no host sync."""
+def hf_layout(input_ids: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The prompt (B, T) with a mask prompt_mask has checked (rows left- or right-padded) in
+    HF's layout for generation, every sample's tokens last, which its logits processors and
+    stopping criteria read: (hf_ids, hf_mask). Each row is rotated by where its tokens start:
+    no host sync."""
     if attention_mask is None:
-        return input_ids, None, input_ids, None
+        return input_ids, None
     mask = attention_mask.to(input_ids.device).bool()
     T = mask.shape[1]
     lengths = mask.sum(1, keepdim=True)
     first = mask.int().argmax(1, keepdim=True)  # where a row's tokens start: T - length when left-padded, else 0
     j = torch.arange(T, device=mask.device)
-
-    def rotated(by: Tensor) -> Tensor:
-        return torch.gather(input_ids, 1, (j + by) % T)
-
-    return (rotated(first), (j < lengths).to(attention_mask.dtype), rotated(first - (T - lengths)),
-            (j >= T - lengths).to(attention_mask.dtype))
+    return torch.gather(input_ids, 1, (j + first - (T - lengths)) % T), (j >= T - lengths).to(attention_mask.dtype)
 
 
 def hf_processing(model, s: DecodeSettings, hf_ids: Tensor, hf_mask: Optional[Tensor]) -> tuple[Any, Any]:
     """The LogitsProcessorList and StoppingCriteriaList HF's generate builds for s, from the
-    prompt in HF's layout (hf_ids, hf_mask from prompt_layouts, one row per prompt), made by
+    prompt in HF's layout (hf_ids, hf_mask from hf_layout, one row per prompt), made by
     transformers' own generate code on `model` (a GenerationMixin), so that they act as in
     HF: its default processors in its order, the caller's merged in as HF merges them. They
     then read the num_return_sequences rows of each prompt, as HF's do."""

@@ -631,10 +631,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
              boundary_ids: Optional[Sequence[int]] = None, end_chunk: bool = False):
         """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
 
-        attention_mask (B, T) marks real tokens (right padding only): samples may
-        have different lengths. Full chunks are closed (readout, memory update);
-        the rest stays in the open chunk, which the next `read` or `generate`
-        continues.
+        attention_mask (B, T) marks real tokens, one run per row (padding on the right,
+        the left or both): samples may have different lengths. Full chunks are closed
+        (readout, memory update); the rest stays in the open chunk, which the next `read`
+        or `generate` continues.
 
         boundary_ids (e.g. the ids of "." or a newline): cut chunks at semantic
         boundaries, as the training planner's `semantic` strategy does
@@ -662,7 +662,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         """
         input_ids = self._check_ids(input_ids, allow_no_tokens=True)
         B, T = input_ids.shape
-        lengths = self._lengths(attention_mask, B, T).tolist()
+        lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
+        if any(first):  # rows padded on the left: their tokens first, as if padded on the right
+            input_ids = _tokens_first(input_ids, torch.tensor(first))
         memory = memory if memory is not None else self.new_memory(B)
         self._check_memory(memory, B, "read")
         if not global_memory and any(memory.host_counts().has_global):
@@ -798,12 +800,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         # the caller's mask, or HF's inference of one from the prompt's pad tokens; checked
         attention_mask = generation.prompt_mask(input_ids, attention_mask, s)
         prompt = input_ids.to(self.device).long()
-        read_ids, read_mask, seq, hf_mask = generation.prompt_layouts(prompt, attention_mask)
+        seq, hf_mask = generation.hf_layout(prompt, attention_mask)
         processors, criteria = generation.hf_processing(self, s, seq, hf_mask)  # before the read: max_time counts it
         if s.num_return_sequences > 1 and memory is not None:
             self._check_memory(memory, input_ids.shape[0], "generate")
             memory = memory.clone()  # the caller's stays as it was; each prompt's copies go on from it
-        memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
+        memory, last = self.read(prompt, memory, attention_mask, progress=False, return_last_hidden=True,
                                  global_memory=global_memory)
         if s.num_return_sequences > 1:  # as HF: each prompt num_return_sequences times, in order
             copies = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(s.num_return_sequences)
@@ -893,12 +895,16 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
                 num_items_in_batch: Optional[Tensor | int] = None,
-                position_ids: Optional[Tensor] = None) -> CometOutput:
+                position_ids: Optional[Tensor] = None, logits_to_keep: int | Tensor = 0) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
-        default chunk_size each); attention_mask (B, T): right padding, a sample's
-        chunks end with its tokens (its padded rows never reach the memories).
+        default chunk_size each); attention_mask (B, T): one run of tokens per row, a
+        sample's chunks end with its tokens (its padded rows never reach the memories).
+        Rows padded on the left (or on both sides) are read from their first token, as if
+        padded on the right: chunk_sizes count from there, and the logits come back at the
+        caller's positions; with labels, rows must be right-padded (HF's loss of a
+        left-padded row also has a padding position predict its first token).
         Every chunk is closed. With recompute=True (and grad enabled) each
         (layer, chunk) step is checkpointed: only its inputs are kept and it runs
         again in backward, so activation memory per chunk is one layer input
@@ -917,6 +923,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         num_items_in_batch: what the summed loss is divided by (default: this batch's labelled
         tokens). transformers.Trainer passes the labelled tokens of a whole gradient-accumulation
         step, so that the step's gradient is the token mean over all of it, however it is split.
+
+        logits_to_keep: as in HF's models, the logits of the last logits_to_keep positions
+        only (0: all), or of the positions a 1-D tensor lists: the others' lm_head is never
+        computed (what TRL's trainers pass). Not with labels.
 
         inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache, position_ids:
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
@@ -942,13 +952,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             _check_plain_positions(position_ids, attention_mask, tuple(input_ids.shape))
         if labels is not None:
             labels = self._check_labels(labels, input_ids)
+        keep = _kept_positions(logits_to_keep, input_ids.shape[-1] if isinstance(input_ids, Tensor) else 0)
+        if keep is not None and labels is not None:
+            raise ValueError("forward: logits_to_keep with labels is not supported (the loss needs every position's "
+                             "logits, as in HF's models); pass one or the other")
         recompute = self._recompute if recompute is None else recompute
         if self.training and getattr(self.config, "attention_dropout", 0.0):
             raise NotImplementedError(f"forward: CoMeT's attention does not implement attention dropout (the "
                                       f"config's attention_dropout is {self.config.attention_dropout}); set it to 0")
         if memory is not None:
             self._check_train_start(memory, self._check_ids(input_ids))
-        segs, xs, ropes, sizes = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
+        segs, xs, ropes, sizes, first = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
+        if first is not None and labels is not None:
+            raise ValueError("forward: with labels, attention_mask must be right-padded (ones, then zeros) in every "
+                             "row: HF's loss of a left-padded row also has a padding position predict its first "
+                             "token, which CoMeT does not compute (a tokenizer with padding_side='left', e.g. in a "
+                             "data collator, pads on the left: set it to 'right')")
         B = segs[0].kind.shape[0]
         targets = self._chunk_targets(labels, sizes, 0) if labels is not None and not return_logits else None
         hidden, total = list(xs), 0.0
@@ -966,7 +985,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             loss = total / loss_divisor(labels, num_items_in_batch, self.device) if isinstance(total, Tensor) \
                 else hidden[0].sum() * 0
             return CometOutput(logits=None, loss=loss)
-        logits = self._text_logits(hidden, segs, sizes)
+        rows = None  # the text positions whose logits are computed, per row (None: all, in place)
+        if keep is not None or first is not None:
+            T = sum(sizes)
+            rows = (keep if keep is not None else torch.arange(T)).unsqueeze(0).expand(B, -1)
+            if first is not None:  # the caller's position p of row b is column p - first[b] here
+                rows = (rows - first.unsqueeze(1)) % T
+            rows = upload(rows.contiguous(), self.device)
+        logits = self._text_logits(hidden, segs, sizes, rows)
         loss = None
         if labels is not None:  # the mean over labelled tokens; 0 where there is none, as the chunked loss
             loss = nn.functional.cross_entropy(
@@ -988,11 +1014,16 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                      memory: Optional[CometMemory] = None):
         """Every closed chunk of a training sequence, planned once: segments, row
         embeddings, rotary tables (positions follow from the memory-row counts the
-        plans imply, starting from `memory`'s when given), chunk sizes."""
+        plans imply, starting from `memory`'s when given), chunk sizes, and where each
+        row's tokens start ((B,) host tensor; None when every row starts at 0): rows
+        padded on the left are read from their first token, as if padded on the right."""
         input_ids = self._check_ids(input_ids)
         B, T = input_ids.shape
         sizes = self._chunk_sizes(chunk_sizes, T)
-        lengths = self._lengths(attention_mask, B, T).tolist()
+        lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
+        first = torch.tensor(first) if any(first) else None
+        if first is not None:
+            input_ids = _tokens_first(input_ids, first)
         cc = self.comet_config
         C = cc.fifo_capacity
         dev = self.device
@@ -1014,7 +1045,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_counts)]
             has_global = [g or t > 0 for g, t in zip(has_global, take)]
             start += n
-        return segs, xs, ropes, sizes
+        return segs, xs, ropes, sizes, first
 
     def _run_train_step(self, l: int, seg: Segment, rope: tuple[Tensor, Tensor], x: Tensor, mem: TrainMemory,
                         recompute: bool, targets: Optional[Tensor] = None) -> tuple[Tensor, TrainMemory]:
@@ -1046,10 +1077,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                                            ignore_index=-100, reduction="sum")
         return (loss, *mem)
 
-    def _text_logits(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int]) -> Tensor:
-        """Logits of the text rows of consecutive chunks, (B, sum(sizes), vocab)."""
+    def _text_logits(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int],
+                     rows: Optional[Tensor] = None) -> Tensor:
+        """Logits of the text rows of consecutive chunks, (B, sum(sizes), vocab); with rows (B, n)
+        (text positions), only those, (B, n, vocab)."""
         text = torch.cat([nn.functional.pad(gather_rows(h, s.text_rows), (0, 0, 0, n - s.text_rows.shape[1]))
                           for h, s, n in zip(hidden, segs, sizes)], dim=1)
+        if rows is not None:
+            text = torch.gather(text, 1, rows.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
         return self.base.lm_head(self.decoder.norm(text))
 
     def _train_memory(self, B: int) -> TrainMemory:
@@ -1192,18 +1227,23 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"{sorted(set(labels[bad].tolist()))[:8]}")
         return labels.to(self.device).long()
 
-    def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> Tensor:
+    def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> tuple[Tensor, Tensor]:
+        """Each row's token count and the column its tokens start at, (B,) host tensors, from
+        attention_mask (B, T) (None: every row full; the one host read of the mask). A row's
+        tokens must be one run: padding on the right, on the left, or on both sides (a
+        left-padded prompt before a right-padded completion, as RL trainers batch them)."""
         if attention_mask is None:
-            return torch.full((B,), T, dtype=torch.long)
+            return torch.full((B,), T, dtype=torch.long), torch.zeros(B, dtype=torch.long)
         mask = attention_mask.cpu() if isinstance(attention_mask, Tensor) else attention_mask  # the one host read
         _check_mask_values(mask, (B, T))
         mask = mask.bool()
-        lengths = mask.sum(1)
-        expected = torch.arange(T).unsqueeze(0) < lengths.unsqueeze(1)
-        if not torch.equal(mask, expected):
-            raise ValueError("attention_mask must be right-padded (ones, then zeros) in every row (a tokenizer "
-                             "with padding_side='left', e.g. in a data collator, pads on the left: set it to 'right')")
-        return lengths
+        lengths, first = mask.sum(1), mask.int().argmax(1)  # (an all-zero row: 0 tokens from column 0)
+        j = torch.arange(T)
+        if not torch.equal(mask, (j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1))):
+            raise ValueError("attention_mask must hold each row's tokens in one run: right-padded (ones, then "
+                             "zeros), left-padded (zeros, then ones) or padded on both sides; the memory reads a "
+                             "row's tokens in order and cannot step over zeros between them")
+        return lengths, first
 
     def _chunk_sizes(self, chunk_sizes: Optional[Sequence[int]], T: int) -> list[int]:
         cs = self.comet_config.chunk_size
@@ -1221,6 +1261,31 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return sizes
 
 
+def _tokens_first(input_ids: Tensor, first: Tensor) -> Tensor:
+    """input_ids (B, T) with row b rotated left by first[b] ((B,) host tensor): a row whose
+    tokens start at column first[b] then holds them from column 0, its padding after them."""
+    T = input_ids.shape[1]
+    take = upload((torch.arange(T) + first.unsqueeze(1)) % T, input_ids.device)
+    return torch.gather(input_ids, 1, take)
+
+
+def _kept_positions(logits_to_keep, T: int) -> Optional[Tensor]:
+    """forward's logits_to_keep as the positions (n,) (a host tensor) whose logits it computes,
+    HF's way: an int k keeps the last k (0: all, None returned), a 1-D integer tensor lists them
+    (negative ones count from the end)."""
+    if isinstance(logits_to_keep, Tensor) and logits_to_keep.dim() == 1 and not logits_to_keep.is_floating_point() \
+            and logits_to_keep.dtype != torch.bool:
+        keep = logits_to_keep.cpu().long()
+        if keep.numel() and not bool(((keep >= -T) & (keep < T)).all()):
+            raise ValueError(f"forward: logits_to_keep lists positions outside the input's {T} tokens: "
+                             f"{keep[(keep < -T) | (keep >= T)][:4].tolist()}")
+        return keep % T if T else keep
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+        raise ValueError(f"forward: logits_to_keep must be an int >= 0 (keep the last ones; 0 keeps all) or a 1-D "
+                         f"tensor of positions, got {logits_to_keep!r}")
+    return None if logits_to_keep == 0 else torch.arange(max(T - logits_to_keep, 0), T)
+
+
 def _check_plain_positions(position_ids, attention_mask, shape: tuple[int, ...]) -> None:
     """A ValueError unless position_ids (B, T) or (1, T) count 0, 1, 2, ... along every row's tokens
     (padding aside): positions that restart within a row pack several sequences into it, which
@@ -1231,7 +1296,7 @@ def _check_plain_positions(position_ids, attention_mask, shape: tuple[int, ...])
         raise ValueError(f"forward: position_ids must have shape ({B}, {T}) like input_ids, got {tuple(pos.shape)}")
     real = (attention_mask.cpu().bool() if isinstance(attention_mask, Tensor) and attention_mask.shape == (B, T)
             else torch.ones(B, T, dtype=torch.bool))
-    if not torch.equal(pos.expand(B, T)[real], torch.arange(T).expand(B, T)[real]):
+    if not torch.equal(pos.expand(B, T)[real], (real.cumsum(1) - 1)[real]):
         raise ValueError("forward: position_ids must count 0, 1, 2, ... along each row's tokens: packed rows "
                          "(positions restarting within a row, as DataCollatorWithFlattening or padding-free "
                          "training make them) are not supported, since CometForCausalLM reads each row as one "

@@ -223,8 +223,10 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
     labels = model._check_labels(labels, input_ids)  # (as the model's forward: a wrong shape is no loss at all)
-    plan = model._plan_chunks(input_ids, chunk_sizes, attention_mask)
-    segs, xs, ropes, sizes = plan
+    segs, xs, ropes, sizes, first = model._plan_chunks(input_ids, chunk_sizes, attention_mask)
+    if first is not None:
+        raise ValueError("pipeline_loss: attention_mask must be right-padded (ones, then zeros) in every row, as "
+                         "for the model's forward with labels")
     mine = block_of(rank, size, len(segs))
     prev = _global_rank(group, rank - 1) if rank > 0 else None
     nxt = _global_rank(group, rank + 1) if rank < size - 1 else None

@@ -631,8 +631,13 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(1, 10, dtype=torch.long), chunk_sizes=[5.5, 4.5]), "must be ints"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 5, dtype=torch.long)), "labels"),
         (lambda m: m.read(torch.zeros(2, 4, dtype=torch.long), m.new_memory(3)), "memory holds 3 samples"),
-        (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1]])),
-         "right-padded"),
+        (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 0, 1, 1]])),
+         "one run"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 0, 1]])), "one run"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=-1), "logits_to_keep must be an int"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=torch.tensor([4])), "outside the input"),
+        (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=1, labels=torch.zeros(1, 4, dtype=torch.long)),
+         "logits_to_keep with labels"),
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must have shape"),
         (lambda m: m.read(torch.zeros(1, 3, dtype=torch.long), attention_mask=torch.tensor([[1, 2, 0]])),
          r"ones \(tokens\) and zeros \(padding\) only, got values such as \[2\]"),
@@ -648,7 +653,8 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), output_attentions=True), "output_attentions"),
     ],
     ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "size-over-chunk", "size-float", "labels-shape",
-         "memory-batch", "left-pad", "mask-shape", "mask-value-2", "mask-value-half", "mask-list", "generate-mask-value",
+         "memory-batch", "mask-hole", "forward-mask-hole", "keep-negative", "keep-outside", "keep-with-labels",
+         "mask-shape", "mask-value-2", "mask-value-half", "mask-list", "generate-mask-value",
          "generate-ids-list", "forward-mask-value", "resize-noise-inf", "resize-noise-str", "memory-batch-0", "inputs-embeds", "output-attentions"],
 )
 def test_bad_inputs(call, match):
@@ -675,6 +681,61 @@ def test_training_forward_with_padding_equals_samples_alone():
     batch = model(x, attention_mask=mask).logits
     torch.testing.assert_close(batch[0:1], model(x[0:1]).logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(batch[1:2, :23], model(x[1:2, :23]).logits, rtol=1e-5, atol=1e-5)
+
+
+def _padded(rows: list[torch.Tensor], T: int, side: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """rows (1-D token tensors) padded to T: "left", "right", or "both" (a token of padding before)."""
+    x, mask = torch.full((len(rows), T), 5), torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (r, how) in enumerate(zip(rows, side)):
+        start = {"left": T - len(r), "right": 0, "both": 1}[how]
+        x[b, start:start + len(r)], mask[b, start:start + len(r)] = r, 1
+    return x, mask
+
+
+def test_rows_padded_on_the_left_or_both_sides_read_as_if_right_padded():
+    """A row's tokens may start anywhere (left padding, or a left-padded prompt before a
+    right-padded completion, as RL trainers batch them): it is read from its first token, so the
+    forward's logits at its tokens and `read`'s memory equal those of the right-padded batch."""
+    model = tiny_comet("qwen3")
+    rows = [ids(1, 37, seed=30)[0], ids(1, 21, seed=31)[0], ids(1, 40, seed=32)[0]]
+    x_r, m_r = _padded(rows, 41, ["right"] * 3)
+    right = model(x_r, attention_mask=m_r).logits
+    memory = model.read(x_r, attention_mask=m_r)
+    for side in (["left", "both", "right"], ["both", "left", "left"]):
+        x, m = _padded(rows, 41, side)
+        logits = model(x, attention_mask=m).logits
+        for b in range(3):
+            torch.testing.assert_close(logits[b][m[b].bool()], right[b, :len(rows[b])], rtol=1e-5, atol=1e-5)
+        for a, c in zip(model.read(x, attention_mask=m).buffers(), memory.buffers()):
+            torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    # HF's left-padded position_ids (counting each row's tokens) are accepted
+    x, m = _padded(rows, 41, ["left", "both", "right"])
+    positions = (m.cumsum(1) - 1).clamp(min=0)
+    torch.testing.assert_close(model(x, attention_mask=m, position_ids=positions).logits,
+                               model(x, attention_mask=m).logits)
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+def test_logits_to_keep_computes_the_logits_it_names_as_hf_does(padding):
+    """logits_to_keep (HF's, what TRL passes): an int keeps the last positions (0: all), a 1-D
+    tensor the positions it lists; each equals the full forward's logits there."""
+    model = tiny_comet("llama")
+    x, m = _padded([ids(1, 35, seed=33)[0], ids(1, 20, seed=34)[0]], 36, [padding] * 2)
+    full = model(x, attention_mask=m).logits
+    for keep, cols in [(0, list(range(36))), (5, list(range(31, 36))), (50, list(range(36))),
+                       (torch.tensor([0, 17, -1, 35]), [0, 17, 35, 35])]:
+        got = model(x, attention_mask=m, logits_to_keep=keep).logits
+        assert got.shape == (2, len(cols), VOCAB)
+        for b in range(2):
+            real = [i for i, c in enumerate(cols) if m[b, c]]
+            torch.testing.assert_close(got[b, real], full[b, [cols[i] for i in real]], rtol=1e-5, atol=1e-5)
+
+
+def test_labels_need_right_padded_rows():
+    model = tiny_comet("llama")
+    x, m = _padded([ids(1, 30, seed=35)[0], ids(1, 20, seed=36)[0]], 30, ["left", "left"])
+    with pytest.raises(ValueError, match="right-padded .* padding_side='left'"):
+        model(x, attention_mask=m, labels=x)
 
 
 @pytest.mark.parametrize("return_logits", [True, False])
