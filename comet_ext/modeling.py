@@ -145,6 +145,34 @@ class CometOutput(ModelOutput):
     logits: Optional[Tensor] = None
 
 
+class CometBackbone(nn.Module):
+    """`model.base_model` of a CometForCausalLM: what an HF ...ForCausalLM's base model is, all but
+    the LM head, memory included. Its forward takes the model's forward arguments (no labels) and
+    returns a BaseModelOutput whose last_hidden_state (B, T, d) holds the final-normed hidden
+    states of the text tokens at the caller's positions, so that lm_head(last_hidden_state) is
+    the forward's logits: what TRL's fused LM head reads. It holds the model without owning it
+    (no submodule, no parameter of its own)."""
+
+    _tp_plan = _pp_plan = None  # (PreTrainedModel asks its base model for parallel plans)
+
+    def __init__(self, model: "CometForCausalLM"):
+        super().__init__()
+        self.__dict__["model"] = model  # not a submodule: the model owns the backbone, not the reverse
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                chunk_sizes: Optional[Sequence[int]] = None, recompute: Optional[bool] = None,
+                memory: Optional[CometMemory] = None, position_ids: Optional[Tensor] = None,
+                inputs_embeds: Optional[Tensor] = None, output_attentions: Optional[bool] = None,
+                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
+                use_cache: Optional[bool] = None, **kwargs):
+        from transformers.modeling_outputs import BaseModelOutput
+
+        _check_hf_arguments("base_model", inputs_embeds, output_attentions, output_hidden_states, return_dict, kwargs)
+        hidden = self.model._forward(input_ids, None, chunk_sizes, attention_mask, recompute, True, memory, None,
+                                     position_ids, 0, head=False)
+        return BaseModelOutput(last_hidden_state=hidden)
+
+
 class CometForCausalLM(PreTrainedModel, GenerationMixin):
     """A decoder LM (Llama, Mistral, Qwen2, Qwen3) with the CoMeT memory.
 
@@ -197,6 +225,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         self._recompute = False  # the forward's default; activation_checkpointing_enable()
 
     # ------------------------------------------------------------------ construction
+
+    @property
+    def base_model(self) -> CometBackbone:
+        """All but the LM head, as HF's `base_model` of a causal LM (see CometBackbone)."""
+        backbone = self.__dict__.get("_backbone")
+        if backbone is None or backbone.model is not self:  # (a copy.deepcopy of the model copies it too)
+            backbone = self.__dict__["_backbone"] = CometBackbone(self)
+        return backbone
 
     @property
     def comet_config(self) -> CometConfig:
@@ -895,7 +931,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None,
                 num_items_in_batch: Optional[Tensor | int] = None,
-                position_ids: Optional[Tensor] = None, logits_to_keep: int | Tensor = 0) -> CometOutput:
+                position_ids: Optional[Tensor] = None, logits_to_keep: int | Tensor = 0, **kwargs) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
         input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
@@ -932,22 +968,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
         wrappers and other HF tools pass; position_ids 0, 1, 2, ... along each row's tokens);
         anything else raises. Packed rows (positions restarting within a row, as
-        DataCollatorWithFlattening makes them) are refused: each row is one sequence.
+        DataCollatorWithFlattening makes them, or the cu_seq_lens_q / seq_idx arguments of
+        padding-free collators) are refused: each row is one sequence.
         """
+        _check_hf_arguments("forward", inputs_embeds, output_attentions, output_hidden_states, return_dict, kwargs)
+        return self._forward(input_ids, labels, chunk_sizes, attention_mask, recompute, return_logits, memory,
+                             num_items_in_batch, position_ids, logits_to_keep)
+
+    def _forward(self, input_ids, labels, chunk_sizes, attention_mask, recompute, return_logits, memory,
+                 num_items_in_batch, position_ids, logits_to_keep, head: bool = True) -> CometOutput | Tensor:
+        """forward past its HF argument checks; head=False (the backbone, `base_model`) returns
+        the final-normed hidden states of the text tokens, (B, T, d), in place of the logits."""
         if torch.compiler.is_exporting():  # (torch.compile, which breaks the graph at those reads, works)
             raise NotImplementedError(
                 "torch.export of CometForCausalLM is not supported: its forward plans the chunks on the host from "
                 "the input's values (the attention_mask's lengths, which chunks hold labels), so it is no single "
                 "graph; use torch.compile(model), which breaks the graph there and computes what eager does")
-        if inputs_embeds is not None:
-            raise ValueError("forward: inputs_embeds is not supported; CoMeT embeds input_ids itself (its memory "
-                             "rows have embeddings of their own)")
-        if output_attentions or output_hidden_states:
-            raise ValueError("forward: output_attentions / output_hidden_states are not supported (the fused "
-                             "attention keeps no attention weights; hidden states exist per chunk only)")
-        if return_dict is False:
-            raise ValueError("forward: return_dict=False is not supported; the output is a CometOutput (a ModelOutput, "
-                             "which also indexes like a tuple)")
         if position_ids is not None and isinstance(input_ids, Tensor) and input_ids.dim() == 2:  # (else: bad ids)
             _check_plain_positions(position_ids, attention_mask, tuple(input_ids.shape))
         if labels is not None:
@@ -992,7 +1028,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             if first is not None:  # the caller's position p of row b is column p - first[b] here
                 rows = (rows - first.unsqueeze(1)) % T
             rows = upload(rows.contiguous(), self.device)
-        logits = self._text_logits(hidden, segs, sizes, rows)
+        text = self._text_hidden(hidden, segs, sizes, rows)
+        if not head:
+            return text
+        logits = self.base.lm_head(text)
         loss = None
         if labels is not None:  # the mean over labelled tokens; 0 where there is none, as the chunked loss
             loss = nn.functional.cross_entropy(
@@ -1072,20 +1111,20 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     def _train_step_loss(self, step, seg: Segment, targets: Tensor, x: Tensor, *mem: Tensor):
         y, *mem = step(x, *mem)
         n = int(seg.text_rows.shape[1]) if seg.text_rows.numel() else 0
-        logits = self._text_logits([y], [seg], [max(n, targets.shape[1])])[:, : targets.shape[1]]
+        logits = self.base.lm_head(self._text_hidden([y], [seg], [max(n, targets.shape[1])])[:, : targets.shape[1]])
         loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
                                            ignore_index=-100, reduction="sum")
         return (loss, *mem)
 
-    def _text_logits(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int],
+    def _text_hidden(self, hidden: list[Tensor], segs: list[Segment], sizes: list[int],
                      rows: Optional[Tensor] = None) -> Tensor:
-        """Logits of the text rows of consecutive chunks, (B, sum(sizes), vocab); with rows (B, n)
-        (text positions), only those, (B, n, vocab)."""
+        """The final-normed hidden states of the text rows of consecutive chunks, (B, sum(sizes), d),
+        what the LM head reads; with rows (B, n) (text positions), only those, (B, n, d)."""
         text = torch.cat([nn.functional.pad(gather_rows(h, s.text_rows), (0, 0, 0, n - s.text_rows.shape[1]))
                           for h, s, n in zip(hidden, segs, sizes)], dim=1)
         if rows is not None:
             text = torch.gather(text, 1, rows.unsqueeze(-1).expand(-1, -1, text.shape[-1]))
-        return self.base.lm_head(self.decoder.norm(text))
+        return self.decoder.norm(text)
 
     def _train_memory(self, B: int) -> TrainMemory:
         """One layer's memory before the first chunk of a training forward."""
@@ -1259,6 +1298,34 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"chunk_sizes must each be at most comet_config.chunk_size ({cs}), the longest chunk "
                              f"read() streams; got {max(sizes)}")
         return sizes
+
+
+# Keyword arguments by which padding-free collators (DataCollatorWithFlattening, TRL's padding_free)
+# pack several sequences into one row.
+_PACKED_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+
+
+def _check_hf_arguments(who: str, inputs_embeds, output_attentions, output_hidden_states, return_dict,
+                        kwargs: dict) -> None:
+    """HF's standard forward arguments that ask for something CoMeT's forward does not compute:
+    refused by name (other unknown keywords: Python's TypeError)."""
+    if inputs_embeds is not None:
+        raise ValueError(f"{who}: inputs_embeds is not supported; CoMeT embeds input_ids itself (its memory "
+                         "rows have embeddings of their own)")
+    if output_attentions or output_hidden_states:
+        raise ValueError(f"{who}: output_attentions / output_hidden_states are not supported (the fused "
+                         "attention keeps no attention weights; hidden states exist per chunk only)")
+    if return_dict is False:
+        raise ValueError(f"{who}: return_dict=False is not supported; the output is a ModelOutput (which also "
+                         "indexes like a tuple)")
+    packed = [k for k in _PACKED_ARGUMENTS if kwargs.get(k) is not None]
+    if packed:
+        raise ValueError(f"{who}: packed rows ({', '.join(packed)}: several sequences in one row, as padding-free "
+                         f"collators such as DataCollatorWithFlattening make them) are not supported, since "
+                         f"CometForCausalLM reads each row as one sequence, chunk by chunk; pad the samples into rows")
+    unknown = sorted(k for k in kwargs if k not in _PACKED_ARGUMENTS)
+    if unknown:
+        raise TypeError(f"{who}() got unexpected keyword arguments {unknown}")
 
 
 def _tokens_first(input_ids: Tensor, first: Tensor) -> Tensor:

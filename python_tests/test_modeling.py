@@ -2,6 +2,8 @@
 streaming against training, pieces against one read, save / load, bad inputs."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -729,6 +731,37 @@ def test_logits_to_keep_computes_the_logits_it_names_as_hf_does(padding):
         for b in range(2):
             real = [i for i, c in enumerate(cols) if m[b, c]]
             torch.testing.assert_close(got[b, real], full[b, [cols[i] for i in real]], rtol=1e-5, atol=1e-5)
+
+
+def test_base_model_is_the_backbone_whose_hidden_states_give_the_logits():
+    """model.base_model, as HF's causal LMs have it (TRL's fused LM head calls it and projects
+    last_hidden_state itself): lm_head of its hidden states is the forward's logits, memory
+    included, left padding too, and gradients reach the memory through it."""
+    model = tiny_comet("qwen3")
+    x, m = _padded([ids(1, 35, seed=37)[0], ids(1, 20, seed=38)[0]], 36, ["left", "right"])
+    backbone = model.base_model
+    assert backbone is model.base_model and backbone not in list(model.modules())
+    hidden = backbone(x, attention_mask=m, use_cache=False).last_hidden_state
+    assert hidden.shape == (2, 36, model.config.hidden_size)
+    torch.testing.assert_close(model.base.lm_head(hidden), model(x, attention_mask=m).logits)
+    hidden.sum().backward()
+    assert model.memory_layers[0].global_memory_net.rla.up.grad.abs().sum() > 0
+    copy_ = copy.deepcopy(model)
+    assert copy_.base_model.model is copy_
+    with pytest.raises(ValueError, match="output_hidden_states"):
+        backbone(x, output_hidden_states=True)
+
+
+def test_padding_free_arguments_are_refused_as_packed_rows():
+    model = tiny_comet("llama")
+    x = ids(1, 20, seed=39)
+    cu = torch.tensor([0, 12, 20], dtype=torch.int32)
+    for call in (model, model.base_model):
+        with pytest.raises(ValueError, match="packed rows .*cu_seq_lens_q, cu_seq_lens_k"):
+            call(x, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=12, max_length_k=12)
+    with pytest.raises(TypeError, match="unexpected keyword arguments \\['beam'\\]"):
+        model(x, beam=2)
+    model(x, cu_seq_lens_q=None)  # what asks for nothing passes
 
 
 def test_labels_need_right_padded_rows():
