@@ -7,8 +7,8 @@ own: the logits processors and stopping criteria HF's generate builds from the s
 settings (`hf_processing`), so every processor HF has (repetition and n-gram penalties, bad
 words, min-p, typical-p, ...), a caller's `logits_processor` / `stopping_criteria` /
 `prefix_allowed_tokens_fn`, and `stop_strings` / `max_time` act as in HF. What CoMeT's
-decoding does not implement (beam search, several sequences per prompt, assisted decoding,
-classifier-free guidance, ...) raises when the caller asks for it and warns when it only
+decoding does not implement (beam search, assisted decoding, classifier-free guidance, ...)
+raises when the caller asks for it and warns when it only
 comes from the model's defaults — never silently ignored. A prompt given without
 attention_mask has its pad tokens taken for padding, as HF does (`prompt_mask`).
 """
@@ -77,8 +77,8 @@ class DecodeSettings:
     arguments: dict[str, Any]
 
 
-# Values of unsupported fields that ask for nothing: one sequence per prompt, beam-search knobs at
-# their neutral values.
+# Values of unsupported fields that ask for nothing: beam-search knobs and guidance at their
+# neutral values.
 NEUTRAL: dict[str, Any] = {"num_beams": 1, "length_penalty": 1.0, "diversity_penalty": 0.0, "num_beam_groups": 1,
                            "guidance_scale": 1.0}
 
@@ -190,13 +190,14 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     hf = GenerationConfig()
     hf.do_sample, hf.temperature, hf.top_k, hf.top_p, hf.repetition_penalty = do_sample, temperature, top_k, top_p, \
         penalty
+    hf.num_beams, hf.num_return_sequences = 1, num_seq  # (validated below: several greedy sequences raise, as in HF)
     processed = {k: kwargs[k] if k in kwargs else asked.get(k, model_set.get(k))  # a keyword None unsets, as in HF
                  for k in processed_fields()}
     processed = {k: v for k, v in processed.items() if v is not None}
     _check_token_fields(processed, vocab)
     hf.update(**processed)
     hf.eos_token_id, hf.pad_token_id = (list(eos) or None), pad
-    hf.max_new_tokens, hf.min_new_tokens, hf.num_beams, hf.num_return_sequences = None, None, 1, num_seq
+    hf.max_new_tokens, hf.min_new_tokens = None, None
     hf.max_length, hf.min_length = prompt_tokens + max_new, (prompt_tokens + min_new if min_new else 0)
     pad = eos[0] if pad is None and eos else (0 if pad is None else pad)
     return DecodeSettings(max_new, num_seq, do_sample, eos, pad,

@@ -147,11 +147,12 @@ class CometOutput(ModelOutput):
 
 class CometBackbone(nn.Module):
     """`model.base_model` of a CometForCausalLM: what an HF ...ForCausalLM's base model is, all but
-    the LM head, memory included. Its forward takes the model's forward arguments (no labels) and
-    returns a BaseModelOutput whose last_hidden_state (B, T, d) holds the final-normed hidden
-    states of the text tokens at the caller's positions, so that lm_head(last_hidden_state) is
-    the forward's logits: what TRL's fused LM head reads. It holds the model without owning it
-    (no submodule, no parameter of its own)."""
+    the LM head, memory included. Its forward takes the model's forward arguments but the loss's
+    (labels, return_logits, num_items_in_batch) and returns a BaseModelOutput whose
+    last_hidden_state (B, T, d) holds the final-normed hidden states of the text tokens at the
+    caller's positions (only logits_to_keep's, when given), so that lm_head(last_hidden_state)
+    is the forward's logits: what TRL's fused LM head reads. It holds the model without owning
+    it (no submodule, no parameter of its own); its train / eval mode is the model's."""
 
     _tp_plan = _pp_plan = None  # (PreTrainedModel asks its base model for parallel plans)
 
@@ -159,17 +160,27 @@ class CometBackbone(nn.Module):
         super().__init__()
         self.__dict__["model"] = model  # not a submodule: the model owns the backbone, not the reverse
 
+    @property
+    def training(self) -> bool:
+        model = self.__dict__.get("model")
+        return model.training if model is not None else True
+
+    @training.setter
+    def training(self, mode: bool) -> None:  # (nn.Module's init and train() set it)
+        if self.__dict__.get("model") is not None:
+            self.model.train(mode)
+
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, recompute: Optional[bool] = None,
                 memory: Optional[CometMemory] = None, position_ids: Optional[Tensor] = None,
-                inputs_embeds: Optional[Tensor] = None, output_attentions: Optional[bool] = None,
-                output_hidden_states: Optional[bool] = None, return_dict: Optional[bool] = None,
-                use_cache: Optional[bool] = None, **kwargs):
+                logits_to_keep: int | Tensor = 0, inputs_embeds: Optional[Tensor] = None,
+                output_attentions: Optional[bool] = None, output_hidden_states: Optional[bool] = None,
+                return_dict: Optional[bool] = None, use_cache: Optional[bool] = None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
         _check_hf_arguments("base_model", inputs_embeds, output_attentions, output_hidden_states, return_dict, kwargs)
         hidden = self.model._forward(input_ids, None, chunk_sizes, attention_mask, recompute, True, memory, None,
-                                     position_ids, 0, head=False)
+                                     position_ids, logits_to_keep, head=False)
         return BaseModelOutput(last_hidden_state=hidden)
 
 
@@ -798,8 +809,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         stop_strings (with `tokenizer`), max_time, and a caller's `logits_processor`,
         `stopping_criteria` and `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
         without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
-        then generate gives the tokens HF's would). num_return_sequences=k decodes each prompt k
-        times, each from its own copy of the memory (the memory passed in is then left as it
+        then generate gives the tokens HF's would). num_return_sequences=k samples each prompt k
+        times (greedy decoding refuses it, as HF's), each from its own copy of the memory (the memory passed in is then left as it
         was; return_memory gives the (B·k)-sample one). A setting it does not implement (beam
         search, assisted decoding, guidance_scale, ...) raises.
 
@@ -988,10 +999,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             _check_plain_positions(position_ids, attention_mask, tuple(input_ids.shape))
         if labels is not None:
             labels = self._check_labels(labels, input_ids)
-        keep = _kept_positions(logits_to_keep, input_ids.shape[-1] if isinstance(input_ids, Tensor) else 0)
-        if keep is not None and labels is not None:
-            raise ValueError("forward: logits_to_keep with labels is not supported (the loss needs every position's "
-                             "logits, as in HF's models); pass one or the other")
         recompute = self._recompute if recompute is None else recompute
         if self.training and getattr(self.config, "attention_dropout", 0.0):
             raise NotImplementedError(f"forward: CoMeT's attention does not implement attention dropout (the "
@@ -999,6 +1006,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if memory is not None:
             self._check_train_start(memory, self._check_ids(input_ids))
         segs, xs, ropes, sizes, first = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
+        keep = _kept_positions(logits_to_keep, sum(sizes))
+        if keep is not None and labels is not None:
+            raise ValueError("forward: logits_to_keep with labels is not supported (the loss needs every position's "
+                             "logits, as in HF's models); pass one or the other")
         if first is not None and labels is not None:
             raise ValueError("forward: with labels, attention_mask must be right-padded (ones, then zeros) in every "
                              "row: HF's loss of a left-padded row also has a padding position predict its first "
@@ -1276,7 +1287,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         mask = attention_mask.cpu() if isinstance(attention_mask, Tensor) else attention_mask  # the one host read
         _check_mask_values(mask, (B, T))
         mask = mask.bool()
-        lengths, first = mask.sum(1), mask.int().argmax(1)  # (an all-zero row: 0 tokens from column 0)
+        lengths = mask.sum(1)  # (an all-zero row: 0 tokens from column 0)
+        first = mask.int().argmax(1) if T else torch.zeros(B, dtype=torch.long)
         j = torch.arange(T)
         if not torch.equal(mask, (j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1))):
             raise ValueError("attention_mask must hold each row's tokens in one run: right-padded (ones, then "
@@ -1356,18 +1368,26 @@ def _kept_positions(logits_to_keep, T: int) -> Optional[Tensor]:
 def _check_plain_positions(position_ids, attention_mask, shape: tuple[int, ...]) -> None:
     """A ValueError unless position_ids (B, T) or (1, T) count 0, 1, 2, ... along every row's tokens
     (padding aside): positions that restart within a row pack several sequences into it, which
-    transformers.Trainer would otherwise hand over silently (HF's models read them as boundaries)."""
+    transformers.Trainer would otherwise hand over silently (HF's models read them as boundaries).
+    A mask whose rows are not one run of tokens is left to the mask's own check, which names it."""
     B, T = shape
     pos = position_ids.cpu() if isinstance(position_ids, Tensor) else torch.as_tensor(position_ids)
     if pos.dim() != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
         raise ValueError(f"forward: position_ids must have shape ({B}, {T}) like input_ids, got {tuple(pos.shape)}")
     real = (attention_mask.cpu().bool() if isinstance(attention_mask, Tensor) and attention_mask.shape == (B, T)
             else torch.ones(B, T, dtype=torch.bool))
+    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)  # token runs per row
+    if bool((runs > 1).any()):
+        return
     if not torch.equal(pos.expand(B, T)[real], (real.cumsum(1) - 1)[real]):
-        raise ValueError("forward: position_ids must count 0, 1, 2, ... along each row's tokens: packed rows "
-                         "(positions restarting within a row, as DataCollatorWithFlattening or padding-free "
-                         "training make them) are not supported, since CometForCausalLM reads each row as one "
-                         "sequence, chunk by chunk; pad the samples into rows instead (e.g. DataCollatorForSeq2Seq)")
+        left = bool((~real[:, 0] & real.any(1)).any())
+        raise ValueError("forward: position_ids must count 0, 1, 2, ... along each row's tokens"
+                         + (" from its first one (with left padding: attention_mask.cumsum(-1) - 1, as HF makes them)"
+                            if left else "")
+                         + ": packed rows (positions restarting within a row, as DataCollatorWithFlattening or "
+                         "padding-free training make them) are not supported, since CometForCausalLM reads each row "
+                         "as one sequence, chunk by chunk; pad the samples into rows instead (e.g. "
+                         "DataCollatorForSeq2Seq)")
 
 
 def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:

@@ -225,6 +225,7 @@ def test_return_dict_and_inputs_alias(model):
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(num_beams=3), ValueError, "num_beams"),
     (dict(num_return_sequences=0), ValueError, "num_return_sequences"),
+    (dict(num_return_sequences=2), ValueError, "Greedy methods.*num_return_sequences"),  # HF's own check
     (dict(guidance_scale=1.5), ValueError, "guidance_scale"),
     (dict(penalty_alpha=0.6, top_k=4), ValueError, "penalty_alpha"),
     (dict(stop_strings=["ab"]), ValueError, "tokenizer"),  # HF's own error: stop strings need the tokenizer
@@ -560,14 +561,15 @@ def test_num_return_sequences_samples_each_prompt_as_hf_does(hf_equal):
 
 
 def test_num_return_sequences_leaves_the_callers_memory_and_returns_every_copys(model):
-    """Each copy decodes from its own copy of the memory: greedy copies equal one greedy run,
+    """Each copy decodes from its own copy of the memory: copies sampled with top_k=1 (HF refuses
+    several greedy sequences) equal one greedy run,
     the returned memory holds k samples per prompt, each as that run leaves its memory, and
     the memory passed in is left as it was."""
     memory = model.read(ids(2, 40, seed=20), progress=False)
     before = memory.clone()
     question = ids(2, 5, seed=21)
-    out, copies = model.generate(question, memory=memory, max_new_tokens=6, num_return_sequences=2,
-                                 return_memory=True)
+    out, copies = model.generate(question, memory=memory, max_new_tokens=6, num_return_sequences=2, do_sample=True,
+                                 top_k=1, return_memory=True)
     assert all(torch.equal(a, b) for a, b in zip(memory.buffers(), before.buffers()))
     single, alone = model.generate(question, memory=before.clone(), max_new_tokens=6, return_memory=True)
     assert out.shape == (4, 11) and torch.equal(out, single.repeat_interleave(2, 0))

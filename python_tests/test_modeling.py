@@ -638,6 +638,7 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 0, 1]])), "one run"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=-1), "logits_to_keep must be an int"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=torch.tensor([4])), "outside the input"),
+        (lambda m: m([[1, 2]], logits_to_keep=torch.tensor([1])), "input_ids must be an int64 tensor"),
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), logits_to_keep=1, labels=torch.zeros(1, 4, dtype=torch.long)),
          "logits_to_keep with labels"),
         (lambda m: m.read(torch.zeros(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5)), "attention_mask must have shape"),
@@ -655,7 +656,7 @@ def test_unsupported_family_is_a_clear_error():
         (lambda m: m(torch.zeros(1, 4, dtype=torch.long), output_attentions=True), "output_attentions"),
     ],
     ids=["empty", "out-of-vocab", "1-d", "sizes-sum", "size-zero", "size-over-chunk", "size-float", "labels-shape",
-         "memory-batch", "mask-hole", "forward-mask-hole", "keep-negative", "keep-outside", "keep-with-labels",
+         "memory-batch", "mask-hole", "forward-mask-hole", "keep-negative", "keep-outside", "keep-list-ids", "keep-with-labels",
          "mask-shape", "mask-value-2", "mask-value-half", "mask-list", "generate-mask-value",
          "generate-ids-list", "forward-mask-value", "resize-noise-inf", "resize-noise-str", "memory-batch-0", "inputs-embeds", "output-attentions"],
 )
@@ -710,11 +711,17 @@ def test_rows_padded_on_the_left_or_both_sides_read_as_if_right_padded():
             torch.testing.assert_close(logits[b][m[b].bool()], right[b, :len(rows[b])], rtol=1e-5, atol=1e-5)
         for a, c in zip(model.read(x, attention_mask=m).buffers(), memory.buffers()):
             torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
-    # HF's left-padded position_ids (counting each row's tokens) are accepted
+    # HF's left-padded position_ids (counting each row's tokens) are accepted; counting the columns
+    # is named, and a mask with a hole gets the mask's own error, with position_ids too
     x, m = _padded(rows, 41, ["left", "both", "right"])
     positions = (m.cumsum(1) - 1).clamp(min=0)
     torch.testing.assert_close(model(x, attention_mask=m, position_ids=positions).logits,
                                model(x, attention_mask=m).logits)
+    with pytest.raises(ValueError, match="from its first one .*cumsum"):
+        model(x, attention_mask=m, position_ids=torch.arange(41).unsqueeze(0))
+    m[0, -2] = 0
+    with pytest.raises(ValueError, match="one run"):
+        model(x, attention_mask=m, position_ids=positions)
 
 
 @pytest.mark.parametrize("padding", ["right", "left"])
@@ -746,8 +753,12 @@ def test_base_model_is_the_backbone_whose_hidden_states_give_the_logits():
     torch.testing.assert_close(model.base.lm_head(hidden), model(x, attention_mask=m).logits)
     hidden.sum().backward()
     assert model.memory_layers[0].global_memory_net.rla.up.grad.abs().sum() > 0
+    torch.testing.assert_close(backbone(x, attention_mask=m, logits_to_keep=3).last_hidden_state, hidden[:, -3:])
     copy_ = copy.deepcopy(model)
     assert copy_.base_model.model is copy_
+    assert model.base_model.training is False  # the model's mode (tiny_comet is in eval mode)
+    model.base_model.train()
+    assert model.training and model.base_model.training
     with pytest.raises(ValueError, match="output_hidden_states"):
         backbone(x, output_hidden_states=True)
 

@@ -100,6 +100,7 @@ def test_batched_read_closes_the_open_chunk_of_a_sample_with_no_tokens(comet, fi
 NO_TOKENS = {
     "no_columns": lambda x: dict(input_ids=x[:, :0]),
     "all_padding": lambda x: dict(input_ids=x[:, :3], attention_mask=torch.zeros(1, 3, dtype=torch.long)),
+    "no_columns_with_a_mask": lambda x: dict(input_ids=x[:, :0], attention_mask=torch.ones(1, 0, dtype=torch.long)),
 }
 
 
