@@ -810,9 +810,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         `stopping_criteria` and `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
         without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
         then generate gives the tokens HF's would). num_return_sequences=k samples each prompt k
-        times (greedy decoding refuses it, as HF's), each from its own copy of the memory (the memory passed in is then left as it
-        was; return_memory gives the (B·k)-sample one). A setting it does not implement (beam
-        search, assisted decoding, guidance_scale, ...) raises.
+        times (greedy decoding refuses it, as HF's), each from its own copy of the memory (the
+        memory passed in is then left as it was; return_memory gives the (B·k)-sample one). A
+        setting it does not implement (beam search, assisted decoding, guidance_scale, ...)
+        raises.
 
         Returns (B·k, T + new) ids like HF (padded with pad_token_id after a sample's EOS, or
         after the token that met a stopping criterion: HF pads there only when EOS ids are
@@ -1326,7 +1327,8 @@ def _check_hf_arguments(who: str, inputs_embeds, output_attentions, output_hidde
                          "rows have embeddings of their own)")
     if output_attentions or output_hidden_states:
         raise ValueError(f"{who}: output_attentions / output_hidden_states are not supported (the fused "
-                         "attention keeps no attention weights; hidden states exist per chunk only)")
+                         "attention keeps no attention weights; hidden states exist per chunk only; the final ones "
+                         "are model.base_model(...).last_hidden_state)")
     if return_dict is False:
         raise ValueError(f"{who}: return_dict=False is not supported; the output is a ModelOutput (which also "
                          "indexes like a tuple)")
