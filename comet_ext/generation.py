@@ -124,10 +124,13 @@ def _set_fields(config) -> dict[str, Any]:
     return {k: v for k, v in config.to_dict().items() if v is not None and v != {}} if config is not None else {}
 
 
-def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: int, vocab: int) -> DecodeSettings:
+def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: int, vocab: int,
+            seq_tokens: Optional[int] = None) -> DecodeSettings:
     """model_config: the model's generation_config; passed_config: generate's
     generation_config argument; kwargs: generate's other keyword arguments;
-    prompt_tokens: the prompt's width (max_length / min_length count it, as in HF)."""
+    prompt_tokens: the prompt's width (max_length / min_length count it, as in HF);
+    seq_tokens: the width of the ids that HF's processors read and generate returns before
+    the new tokens (default prompt_tokens; 0 for a prompt given as inputs_embeds alone)."""
     from transformers import GenerationConfig
 
     known = set(GenerationConfig().to_dict()) | set(DEFAULTS) | NO_EFFECT | set(ARGUMENTS) | HF_ARGUMENTS
@@ -198,7 +201,8 @@ def resolve(model_config, passed_config, kwargs: dict[str, Any], prompt_tokens: 
     hf.update(**processed)
     hf.eos_token_id, hf.pad_token_id = (list(eos) or None), pad
     hf.max_new_tokens, hf.min_new_tokens = None, None
-    hf.max_length, hf.min_length = prompt_tokens + max_new, (prompt_tokens + min_new if min_new else 0)
+    seq = prompt_tokens if seq_tokens is None else seq_tokens
+    hf.max_length, hf.min_length = seq + max_new, (seq + min_new if min_new else 0)
     pad = eos[0] if pad is None and eos else (0 if pad is None else pad)
     return DecodeSettings(max_new, num_seq, do_sample, eos, pad,
                           *(bool(value[k]) for k in ("return_dict_in_generate", "output_scores", "output_logits")),
@@ -231,13 +235,14 @@ def _check_token_fields(fields: dict[str, Any], vocab: int) -> None:
         _float(fields["max_time"], "max_time")
 
 
-def prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor], s: DecodeSettings) -> Optional[Tensor]:
+def prompt_mask(input_ids: Optional[Tensor], attention_mask: Optional[Tensor], s: DecodeSettings) -> Optional[Tensor]:
     """The attention_mask (B, T) generate reads the prompt input_ids (B, T) with, checked: the
     caller's, or, without one, HF's inference: the prompt's s.mask_pad tokens are padding (None
-    when it holds none, or HF infers nothing: every token is read). Each row must hold a token
-    and be left-padded (HF's layout) or right-padded: the memory cannot hold a hole."""
+    when it holds none, or HF infers nothing: every token is read; input_ids None, a prompt
+    given as inputs_embeds alone: nothing to infer from). Each row must hold a token and be
+    left-padded (HF's layout) or right-padded: the memory cannot hold a hole."""
     inferred = ""
-    if attention_mask is None and s.mask_pad is not None:
+    if attention_mask is None and s.mask_pad is not None and input_ids is not None:
         is_pad = input_ids == s.mask_pad
         if not bool(is_pad.any()):
             return None

@@ -170,7 +170,7 @@ class CometBackbone(nn.Module):
         if self.__dict__.get("model") is not None:
             self.model.train(mode)
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+    def forward(self, input_ids: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, recompute: Optional[bool] = None,
                 memory: Optional[CometMemory] = None, position_ids: Optional[Tensor] = None,
                 logits_to_keep: int | Tensor = 0, inputs_embeds: Optional[Tensor] = None,
@@ -178,9 +178,9 @@ class CometBackbone(nn.Module):
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
-        _check_hf_arguments("base_model", inputs_embeds, output_attentions, output_hidden_states, return_dict, kwargs)
+        _check_hf_arguments("base_model", output_attentions, output_hidden_states, return_dict, kwargs)
         hidden = self.model._forward(input_ids, None, chunk_sizes, attention_mask, recompute, True, memory, None,
-                                     position_ids, logits_to_keep, head=False)
+                                     position_ids, logits_to_keep, inputs_embeds, head=False)
         return BaseModelOutput(last_hidden_state=hidden)
 
 
@@ -426,15 +426,17 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         dummy = torch.empty(0, dtype=self.dtype, device=self.device)
         return self.decoder.rotary_emb(dummy, positions)
 
-    def _embed(self, seg: Segment, tokens: Tensor, embedded: Optional[Tensor] = None) -> Tensor:
-        """Rows of a segment: token embeddings, the compression embedding, readout embeddings.
-        embedded: the embeddings of `tokens` (B, n, d) when they are already looked up."""
-        index = seg.token.clamp(max=max(tokens.shape[1] - 1, 0))
-        if embedded is not None and tokens.shape[1]:  # (indexing: torch.gather would keep embedded for backward)
-            emb = embedded[torch.arange(index.shape[0], device=index.device).unsqueeze(1), index]
+    def _embed(self, seg: Segment, text: Tensor) -> Tensor:
+        """Rows of a segment: its text's embeddings, the compression embedding, readout embeddings.
+        text: the segment's tokens (B, n), or their embeddings (B, n, d) (looked up already, or a
+        caller's inputs_embeds)."""
+        n = text.shape[1]
+        index = seg.token.clamp(max=max(n - 1, 0))
+        if text.dim() == 3:  # (indexing: torch.gather would keep all of text for backward)
+            emb = text[torch.arange(index.shape[0], device=index.device).unsqueeze(1), index] if n \
+                else text.new_zeros(*index.shape, text.shape[-1])  # (closing rows alone: no text row to fill)
         else:
-            emb = self.decoder.embed_tokens(torch.gather(tokens, 1, index) if tokens.shape[1]
-                                            else torch.zeros_like(seg.token))
+            emb = self.decoder.embed_tokens(torch.gather(text, 1, index) if n else torch.zeros_like(seg.token))
         return self.memory_embeddings(emb, seg.kind, seg.slot)
 
     # ------------------------------------------------------------------ memory
@@ -562,9 +564,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _stream_step(self, memory: CometMemory, tokens: Tensor, take: list[int],
                      global_memory: bool = True, cut: Optional[list[bool]] = None) -> tuple[Tensor, Segment]:
-        """Appends `take[b]` tokens (tokens (B, max take), B x 0 when no sample takes one) to
-        each sample's open chunk, through every layer, closing chunks that fill up, and those
-        with cut[b] set after their tokens. A sample that takes none but has cut[b] set closes
+        """Appends `take[b]` tokens (tokens (B, max take), or their embeddings (B, max take, d);
+        width 0 when no sample takes one) to each sample's open chunk, through every layer,
+        closing chunks that fill up, and those with cut[b] set after their tokens. A sample that takes none but has cut[b] set closes
         the chunk it has open with the closing rows alone (segments.plan_segment); a chunk with
         no text never closes. -> (final hidden (B, N, d), segment).
         global_memory=False: closing chunks leave the (empty) global memory empty."""
@@ -672,11 +674,15 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         return self
 
     @torch.no_grad()
-    def read(self, input_ids: Tensor, memory: Optional[CometMemory] = None,
+    def read(self, input_ids: Optional[Tensor] = None, memory: Optional[CometMemory] = None,
              attention_mask: Optional[Tensor] = None, progress: Optional[bool] = None,
              return_last_hidden: bool = False, global_memory: bool = True,
-             boundary_ids: Optional[Sequence[int]] = None, end_chunk: bool = False):
+             boundary_ids: Optional[Sequence[int]] = None, end_chunk: bool = False,
+             inputs_embeds: Optional[Tensor] = None):
         """Streams input_ids (B, T) of any length into the memory, chunk by chunk.
+
+        inputs_embeds (B, T, d) in place of input_ids: the rows' input embeddings (a soft
+        prompt, another modality's features), read as the embeddings of tokens would be.
 
         attention_mask (B, T) marks real tokens, one run per row (padding on the right,
         the left or both): samples may have different lengths. Full chunks are closed
@@ -707,11 +713,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         chunks do not write the global memory, so only the FIFO carries
         information across chunks. It needs a memory with no global rows yet.
         """
-        input_ids = self._check_ids(input_ids, allow_no_tokens=True)
-        B, T = input_ids.shape
+        text = self._check_text("read", input_ids, inputs_embeds, allow_no_tokens=True)
+        B, T = text.shape[:2]
+        if boundary_ids is not None and text.dim() == 3:
+            raise ValueError("read: boundary_ids needs input_ids (the boundary tokens are found among them), not "
+                             "inputs_embeds")
         lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
         if any(first):  # rows padded on the left: their tokens first, as if padded on the right
-            input_ids = _tokens_first(input_ids, torch.tensor(first))
+            text = _tokens_first(text, torch.tensor(first))
         memory = memory if memory is not None else self.new_memory(B)
         self._check_memory(memory, B, "read")
         if not global_memory and any(memory.host_counts().has_global):
@@ -722,22 +731,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             from tqdm.auto import tqdm
 
             bar = tqdm(total=sum(lengths), unit="tok", desc="comet read")
-        boundaries = self._boundary_positions(input_ids, boundary_ids)
-        last = self._read_steps(memory, input_ids, lengths, global_memory, boundaries, end_chunk, bar,
+        boundaries = self._boundary_positions(text, boundary_ids)
+        last = self._read_steps(memory, text, lengths, global_memory, boundaries, end_chunk, bar,
                                 want_last=return_last_hidden)
         if bar is not None:
             bar.close()
         return (memory, last) if return_last_hidden else memory
 
-    def _read_steps(self, memory: CometMemory, input_ids: Tensor, lengths: list[int], global_memory: bool = True,
+    def _read_steps(self, memory: CometMemory, text: Tensor, lengths: list[int], global_memory: bool = True,
                     boundaries: Optional[list[list[int]]] = None, end_chunk: bool = False, bar=None,
                     want_last: bool = True) -> Tensor:
-        """read's loop, on checked arguments: the first lengths[b] tokens of input_ids (B, T)
-        into each sample's open chunk, a step at a time. -> the final hidden state of each
+        """read's loop, on checked arguments: the first lengths[b] tokens of text (ids (B, T) or
+        embeddings (B, T, d)) into each sample's open chunk, a step at a time. -> the final hidden state of each
         sample's last token read (B, d), zeros where it read none (and everywhere unless
         want_last). The host decides every step from host values (lengths, the memory's host
         counters): nothing here waits on the device."""
-        B, T = input_ids.shape
+        B, T = text.shape[:2]
         done = [0] * B
         last = torch.zeros(B, self.config.hidden_size, dtype=self.dtype, device=self.device)
         cs = self.comet_config.chunk_size
@@ -758,10 +767,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 break
             width = max(take)
             if min(done) == max(done):  # every sample at the same offset: a slice, no index copy
-                tokens = input_ids[:, done[0]:done[0] + width]
+                tokens = text[:, done[0]:done[0] + width]
             else:
                 idx = upload(torch.tensor(done), self.device).unsqueeze(1) + torch.arange(width, device=self.device)
-                tokens = torch.gather(input_ids, 1, idx.clamp(max=T - 1))
+                tokens = _columns(text, idx.clamp(max=T - 1))
             hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
             if want_last and seg.text_rows.shape[1]:  # (a step of closing rows alone has no text row)
                 has = seg.text_count > 0
@@ -791,23 +800,32 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, input_ids: Optional[Tensor] = None, memory: Optional[CometMemory] = None,
                  attention_mask: Optional[Tensor] = None, generation_config=None, streamer=None, *,
-                 inputs: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                 return_memory: bool = False, global_memory: bool = True, **kwargs):
+                 inputs: Optional[Tensor] = None, inputs_embeds: Optional[Tensor] = None,
+                 generator: Optional[torch.Generator] = None, return_memory: bool = False,
+                 global_memory: bool = True, **kwargs):
         """Decodes from the open chunk, after reading the prompt into the memory.
 
         input_ids (B, T) (or HF's `inputs`): the prompt, e.g. the question after a
         document read into `memory`; attention_mask (B, T): left padding (HF's layout
         for batched generation) or right padding, at least one token per sample; without
         one, as in HF, the prompt's pad_token_id tokens are padding (when pad_token_id is set
-        and is not an EOS id). HF's settings, as keyword arguments or a GenerationConfig, over
-        the model's `generation_config` (see comet_ext/generation.py): greedy or sampling,
-        max_new_tokens / max_length, min_new_tokens / min_length, eos / pad ids,
-        return_dict_in_generate with output_scores / output_logits, a `streamer` (HF's put / end
-        protocol), and everything HF's logits processors and stopping criteria implement, built
-        by transformers' own code: temperature, top_k, top_p, min_p, typical_p, repetition and
-        n-gram penalties, bad_words_ids, suppress_tokens, sequence_bias, forced / decaying EOS,
-        stop_strings (with `tokenizer`), max_time, and a caller's `logits_processor`,
-        `stopping_criteria` and `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
+        and is not an EOS id). inputs_embeds (B, T, d): the prompt as input embeddings, read
+        in place of input_ids' (as in HF: given alone, the output holds only the new tokens
+        and the processors see only them; given with input_ids of the same shape, input_ids
+        stand for the prompt in the output and the processors). A prepare_inputs_for_generation
+        set on the model (PEFT's prompt learning sets one around its generate) is called once
+        for the prompt, as HF's generate calls it before its first forward, and what it returns
+        (input_ids or inputs_embeds, attention_mask) is read: a soft prompt goes into the memory.
+
+        HF's settings, as keyword arguments or a GenerationConfig, over the model's
+        `generation_config` (see comet_ext/generation.py): greedy or sampling, max_new_tokens /
+        max_length, min_new_tokens / min_length, eos / pad ids, return_dict_in_generate with
+        output_scores / output_logits, a `streamer` (HF's put / end protocol), and everything
+        HF's logits processors and stopping criteria implement, built by transformers' own code:
+        temperature, top_k, top_p, min_p, typical_p, repetition and n-gram penalties,
+        bad_words_ids, suppress_tokens, sequence_bias, forced / decaying EOS, stop_strings (with
+        `tokenizer`), max_time, and a caller's `logits_processor`, `stopping_criteria` and
+        `prefix_allowed_tokens_fn`. `generator` seeds the sampling;
         without one it draws from torch's global RNG as HF's generate does (torch.manual_seed(s)
         then generate gives the tokens HF's would). num_return_sequences=k samples each prompt k
         times (greedy decoding refuses it, as HF's), each from its own copy of the memory (the
@@ -815,12 +833,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         setting it does not implement (beam search, assisted decoding, guidance_scale, ...)
         raises.
 
-        Returns (B·k, T + new) ids like HF (padded with pad_token_id after a sample's EOS, or
-        after the token that met a stopping criterion: HF pads there only when EOS ids are
-        set, and otherwise goes on sampling for it), or HF's GenerateDecoderOnlyOutput with
-        return_dict_in_generate (the scores and logits of a sample after its stop are not HF's:
-        HF goes on feeding it pad tokens, CoMeT stops reading for it, so its logits repeat
-        those of the step that chose its last token); with return_memory, (that, memory).
+        Returns (B·k, T + new) ids like HF (T = 0 for a prompt given as inputs_embeds alone;
+        padded with pad_token_id after a sample's EOS, or after the token that met a stopping
+        criterion: HF pads there only when EOS ids are set, and otherwise goes on sampling for
+        it), or HF's GenerateDecoderOnlyOutput with return_dict_in_generate (the scores and
+        logits of a sample after its stop are not HF's: HF goes on feeding it pad tokens, CoMeT
+        stops reading for it, so its logits repeat those of the step that chose its last token);
+        with return_memory, (that, memory).
         Compression tokens are fed after every `temp_stride` text tokens of the open chunk and
         never appear in the output; a chunk that fills up is closed (readout, memory update)
         and a new one begins, so generation length is unbounded at constant memory. `memory`
@@ -832,31 +851,44 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             if input_ids is not None:
                 raise ValueError("generate: pass the prompt as input_ids or inputs, not both")
             input_ids = inputs
-        if input_ids is None:
+        if input_ids is None and inputs_embeds is None:
             raise ValueError("generate: input_ids (the prompt, e.g. the question after the document "
-                             "read into `memory`) is required")
+                             "read into `memory`) or inputs_embeds is required")
         vocab = self.base.get_input_embeddings().num_embeddings
-        s = generation.resolve(self.generation_config, generation_config, kwargs,
-                               getattr(input_ids, "shape", (0, 0))[-1], vocab)
+        ids_width, embeds_width = (t.shape[1] if isinstance(t, Tensor) and t.dim() >= 2 else 0
+                                   for t in (input_ids, inputs_embeds))
+        s = generation.resolve(self.generation_config, generation_config, kwargs,  # (lengths count what is read)
+                               embeds_width if inputs_embeds is not None else ids_width, vocab, seq_tokens=ids_width)
         # (read takes a call of no tokens, to close chunks; decoding needs a prompt token to follow)
-        if isinstance(input_ids, Tensor) and input_ids.dim() == 2 and input_ids.shape[1] == 0:
-            raise ValueError(f"generate: input_ids is empty: shape {tuple(input_ids.shape)}; every sample needs at "
-                             f"least one prompt token")
-        input_ids = self._check_ids(input_ids)
+        for name, t in (("input_ids", input_ids), ("inputs_embeds", inputs_embeds)):
+            if isinstance(t, Tensor) and t.dim() >= 2 and t.shape[1] == 0:
+                raise ValueError(f"generate: {name} is empty: shape {tuple(t.shape)}; every sample needs at least "
+                                 f"one prompt token")
+        embeds = self._check_embeds(inputs_embeds) if inputs_embeds is not None else None
+        input_ids = self._check_ids(input_ids) if input_ids is not None else None
+        if input_ids is not None and embeds is not None and input_ids.shape != embeds.shape[:2]:
+            raise ValueError(f"generate: input_ids {tuple(input_ids.shape)} must name the tokens of inputs_embeds "
+                             f"{tuple(embeds.shape)}: the same (batch, tokens)")
+        B = (input_ids if input_ids is not None else embeds).shape[0]
         if attention_mask is not None:
-            _check_mask_values(attention_mask, input_ids.shape)
+            _check_mask_values(attention_mask, (input_ids if embeds is None else embeds).shape[:2])
         # the caller's mask, or HF's inference of one from the prompt's pad tokens; checked
         attention_mask = generation.prompt_mask(input_ids, attention_mask, s)
-        prompt = input_ids.to(self.device).long()
-        seq, hf_mask = generation.hf_layout(prompt, attention_mask)
+        prompt = input_ids if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=self.device)
+        seq, hf_mask = generation.hf_layout(prompt, attention_mask) if input_ids is not None else (prompt, None)
         processors, criteria = generation.hf_processing(self, s, seq, hf_mask)  # before the read: max_time counts it
+        read_ids, read_mask = (input_ids if embeds is None else None), attention_mask
+        hook = self.__dict__.get("prepare_inputs_for_generation")  # (PEFT puts the class's own back after)
+        if hook is not None and getattr(hook, "__func__", None) is not type(self).prepare_inputs_for_generation \
+                and embeds is None:
+            read_ids, embeds, read_mask = _prepared_prompt(hook, input_ids, attention_mask)
         if s.num_return_sequences > 1 and memory is not None:
-            self._check_memory(memory, input_ids.shape[0], "generate")
+            self._check_memory(memory, B, "generate")
             memory = memory.clone()  # the caller's stays as it was; each prompt's copies go on from it
-        memory, last = self.read(prompt, memory, attention_mask, progress=False, return_last_hidden=True,
-                                 global_memory=global_memory)
+        memory, last = self.read(read_ids, memory, read_mask, progress=False, return_last_hidden=True,
+                                 global_memory=global_memory, inputs_embeds=embeds)
         if s.num_return_sequences > 1:  # as HF: each prompt num_return_sequences times, in order
-            copies = torch.arange(input_ids.shape[0], device=self.device).repeat_interleave(s.num_return_sequences)
+            copies = torch.arange(B, device=self.device).repeat_interleave(s.num_return_sequences)
             memory, last, prompt, seq = memory.select(copies), last[copies], prompt[copies], seq[copies]
         B = prompt.shape[0]
         if streamer is not None:
@@ -936,7 +968,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     # ------------------------------------------------------------------ training forward
 
-    def forward(self, input_ids: Tensor, labels: Optional[Tensor] = None,
+    def forward(self, input_ids: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 chunk_sizes: Optional[Sequence[int]] = None, attention_mask: Optional[Tensor] = None,
                 recompute: Optional[bool] = None, return_logits: bool = True,
                 memory: Optional[CometMemory] = None, inputs_embeds: Optional[Tensor] = None,
@@ -946,7 +978,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 position_ids: Optional[Tensor] = None, logits_to_keep: int | Tensor = 0, **kwargs) -> CometOutput:
         """Training-mode forward: layer-outer over all chunks, gradients through the memories.
 
-        input_ids / labels (B, T); chunk_sizes: text tokens per chunk (sums to T;
+        input_ids / labels (B, T), or inputs_embeds (B, T, d) in place of input_ids (the rows'
+        input embeddings: PEFT's prompt tuning prepends its soft prompt so; gradients reach
+        them); chunk_sizes: text tokens per chunk (sums to T;
         default chunk_size each); attention_mask (B, T): one run of tokens per row, a
         sample's chunks end with its tokens (its padded rows never reach the memories).
         Rows padded on the left (or on both sides) are read from their first token, as if
@@ -976,19 +1010,21 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         only (0: all), or of the positions a 1-D tensor lists: the others' lm_head is never
         computed (what TRL's trainers pass). Not with labels.
 
-        inputs_embeds, output_attentions, output_hidden_states, return_dict, use_cache, position_ids:
+        output_attentions, output_hidden_states, return_dict, use_cache, position_ids, past_key_values / cache:
         HF's standard arguments, accepted at the values that ask for nothing (what PEFT's
         wrappers and other HF tools pass; position_ids 0, 1, 2, ... along each row's tokens);
-        anything else raises. Packed rows (positions restarting within a row, as
+        anything else raises (a KV cache, as PEFT's prefix tuning passes, too: the memory is
+        CoMeT's cache). Packed rows (positions restarting within a row, as
         DataCollatorWithFlattening makes them, or the cu_seq_lens_q / seq_idx arguments of
         padding-free collators) are refused: each row is one sequence.
         """
-        _check_hf_arguments("forward", inputs_embeds, output_attentions, output_hidden_states, return_dict, kwargs)
+        _check_hf_arguments("forward", output_attentions, output_hidden_states, return_dict, kwargs)
         return self._forward(input_ids, labels, chunk_sizes, attention_mask, recompute, return_logits, memory,
-                             num_items_in_batch, position_ids, logits_to_keep)
+                             num_items_in_batch, position_ids, logits_to_keep, inputs_embeds)
 
     def _forward(self, input_ids, labels, chunk_sizes, attention_mask, recompute, return_logits, memory,
-                 num_items_in_batch, position_ids, logits_to_keep, head: bool = True) -> CometOutput | Tensor:
+                 num_items_in_batch, position_ids, logits_to_keep, inputs_embeds,
+                 head: bool = True) -> CometOutput | Tensor:
         """forward past its HF argument checks; head=False (the backbone, `base_model`) returns
         the final-normed hidden states of the text tokens, (B, T, d), in place of the logits."""
         if torch.compiler.is_exporting():  # (torch.compile, which breaks the graph at those reads, works)
@@ -996,17 +1032,18 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 "torch.export of CometForCausalLM is not supported: its forward plans the chunks on the host from "
                 "the input's values (the attention_mask's lengths, which chunks hold labels), so it is no single "
                 "graph; use torch.compile(model), which breaks the graph there and computes what eager does")
-        if position_ids is not None and isinstance(input_ids, Tensor) and input_ids.dim() == 2:  # (else: bad ids)
-            _check_plain_positions(position_ids, attention_mask, tuple(input_ids.shape))
+        text = self._check_text("forward", input_ids, inputs_embeds)
+        if position_ids is not None:
+            _check_plain_positions(position_ids, attention_mask, tuple(text.shape[:2]))
         if labels is not None:
-            labels = self._check_labels(labels, input_ids)
+            labels = self._check_labels(labels, text)
         recompute = self._recompute if recompute is None else recompute
         if self.training and getattr(self.config, "attention_dropout", 0.0):
             raise NotImplementedError(f"forward: CoMeT's attention does not implement attention dropout (the "
                                       f"config's attention_dropout is {self.config.attention_dropout}); set it to 0")
         if memory is not None:
-            self._check_train_start(memory, self._check_ids(input_ids))
-        segs, xs, ropes, sizes, first = self._plan_chunks(input_ids, chunk_sizes, attention_mask, memory)
+            self._check_train_start(memory, text.shape[0])
+        segs, xs, ropes, sizes, first = self._plan_chunks(text, chunk_sizes, attention_mask, memory)
         keep = _kept_positions(logits_to_keep, sum(sizes))
         if keep is not None and labels is not None:
             raise ValueError("forward: logits_to_keep with labels is not supported (the loss needs every position's "
@@ -1061,27 +1098,27 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         learn = torch.stack([(t != -100).any() for t in spans]).tolist()  # one host sync for all chunks
         return [t if has else None for t, has in zip(spans, learn)]
 
-    def _plan_chunks(self, input_ids: Tensor, chunk_sizes, attention_mask: Optional[Tensor],
+    def _plan_chunks(self, text: Tensor, chunk_sizes, attention_mask: Optional[Tensor],
                      memory: Optional[CometMemory] = None):
-        """Every closed chunk of a training sequence, planned once: segments, row
-        embeddings, rotary tables (positions follow from the memory-row counts the
-        plans imply, starting from `memory`'s when given), chunk sizes, and where each
-        row's tokens start ((B,) host tensor; None when every row starts at 0): rows
-        padded on the left are read from their first token, as if padded on the right."""
-        input_ids = self._check_ids(input_ids)
-        B, T = input_ids.shape
+        """Every closed chunk of a training sequence text (checked ids (B, T) or embeddings
+        (B, T, d): `_check_text`), planned once: segments, row embeddings, rotary tables
+        (positions follow from the memory-row counts the plans imply, starting from `memory`'s
+        when given), chunk sizes, and where each row's tokens start ((B,) host tensor; None when
+        every row starts at 0): rows padded on the left are read from their first token, as if
+        padded on the right."""
+        B, T = text.shape[:2]
         sizes = self._chunk_sizes(chunk_sizes, T)
         lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
         first = torch.tensor(first) if any(first) else None
         if first is not None:
-            input_ids = _tokens_first(input_ids, first)
+            text = _tokens_first(text, first)
         cc = self.comet_config
         C = cc.fifo_capacity
         dev = self.device
         segs, xs, ropes, start = [], [], [], 0
         # the input's tokens embedded in one call, as HF's models do, so that hooks on the embedding
         # see (B, T, d) (NEFTune's noise, transformers.Trainer's neftune_noise_alpha, scales with T)
-        embedded = self.decoder.embed_tokens(input_ids)
+        embedded = text if text.dim() == 3 else self.decoder.embed_tokens(text)
         has_global, fifo_len = [False] * B, [0] * B
         if memory is not None:
             host = memory.host_counts()
@@ -1091,7 +1128,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             seg = plan_segment(cc, [0] * B, take, [t > 0 for t in take], dev)
             mem_len = upload(torch.tensor([cc.num_global * g + f for g, f in zip(has_global, fifo_len)]), dev)
             ropes.append(self._rope(mem_len.unsqueeze(1) + torch.arange(seg.num_rows, device=dev)))
-            xs.append(self._embed(seg, input_ids[:, start:start + n], embedded[:, start:start + n]))
+            xs.append(self._embed(seg, embedded[:, start:start + n]))
             segs.append(seg)
             fifo_len = [min(f + c, C) for f, c in zip(fifo_len, seg.comp_counts)]
             has_global = [g or t > 0 for g, t in zip(has_global, take)]
@@ -1176,10 +1213,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"{self.dtype}; cast it with memory.to(dtype={self.dtype})")
         memory.check_layout(self.memory_layout(batch_size), who)
 
-    def _check_train_start(self, memory: CometMemory, input_ids: Tensor) -> None:
+    def _check_train_start(self, memory: CometMemory, batch_size: int) -> None:
         """A training forward continues a streamed memory only at a chunk boundary, with
         FIFOs a single piece can hold (every sample the same number of rows)."""
-        self._check_memory(memory, input_ids.shape[0], "forward")
+        self._check_memory(memory, batch_size, "forward")
         if bool((memory.open_rows != 0).any()):
             raise ValueError(f"forward: memory has an open chunk ({memory.open_text.tolist()} text tokens); a "
                              f"training forward starts at a chunk boundary: read whole chunks of "
@@ -1238,18 +1275,48 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"adapters' targets (e.g. exclude_modules=r\".*memory_layers.*\" in the PEFT config), "
                              f"or use comet_ext.lora.apply_lora, which trains the memory fully")
 
-    def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
-        """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
-        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk). Also refuses
-        autocast to another low precision than a low-precision model's own, which torch itself
-        fails on deep inside (a bfloat16 model under float16 autocast), and memory modules wrapped
-        by an adapter library (`_check_memory_modules`)."""
+    def _check_text(self, who: str, input_ids, inputs_embeds, allow_no_tokens: bool = False) -> Tensor:
+        """What a call reads, checked: input_ids (B, T) or inputs_embeds (B, T, d), exactly one of
+        them as in HF's models (`_check_ids`, `_check_embeds`)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{who}: pass exactly one of input_ids and inputs_embeds, got "
+                             f"{'both' if input_ids is not None else 'neither'}")
+        if inputs_embeds is not None:
+            return self._check_embeds(inputs_embeds, allow_no_tokens)
+        return self._check_ids(input_ids, allow_no_tokens)
+
+    def _check_embeds(self, inputs_embeds, allow_no_tokens: bool = False) -> Tensor:
+        """inputs_embeds (B, T, d) on the model's device in its dtype (as its embedding layer
+        would give them), B >= 1 and T >= 1 (T = 0 with allow_no_tokens); the checks of
+        `_check_run`. No host sync: the values are not read."""
+        self._check_run()
+        d = self.config.hidden_size
+        if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d \
+                or not inputs_embeds.is_floating_point():
+            got = f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}" if isinstance(inputs_embeds, Tensor) \
+                else type(inputs_embeds).__name__
+            raise ValueError(f"inputs_embeds must be a floating-point tensor of shape (batch, tokens, {d}) (the "
+                             f"model's hidden size), got {got}")
+        if inputs_embeds.shape[0] == 0 or (inputs_embeds.shape[1] == 0 and not allow_no_tokens):
+            raise ValueError(f"inputs_embeds is empty: shape {tuple(inputs_embeds.shape)}")
+        return inputs_embeds.to(device=self.device, dtype=self.dtype)
+
+    def _check_run(self) -> None:
+        """Refuses autocast to another low precision than a low-precision model's own, which torch
+        itself fails on deep inside (a bfloat16 model under float16 autocast), and memory modules
+        wrapped by an adapter library (`_check_memory_modules`)."""
         self._check_memory_modules()
         kind = self.device.type
         if (torch.is_autocast_enabled(kind) and self.dtype in (torch.bfloat16, torch.float16)
                 and torch.get_autocast_dtype(kind) != self.dtype):
             raise ValueError(f"a {self.dtype} model under {torch.get_autocast_dtype(kind)} autocast is not supported: "
                              f"run it without autocast, under {self.dtype} autocast, or cast it to float32 first")
+
+    def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
+        """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
+        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk); the checks of
+        `_check_run`."""
+        self._check_run()
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"input_ids must be an int64 tensor of shape (batch, tokens), got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -1263,12 +1330,13 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
         return input_ids.to(self.device).long()
 
-    def _check_labels(self, labels, input_ids) -> Tensor:
-        """labels (B, T) as int64 on the model's device: token ids of the vocabulary, or -100
-        (ignored), as HF's losses take them."""
-        if not isinstance(labels, Tensor) or labels.shape != getattr(input_ids, "shape", None):
+    def _check_labels(self, labels, text: Tensor) -> Tensor:
+        """labels (B, T) as int64 on the model's device, for text (B, T) ids or (B, T, d)
+        embeddings: token ids of the vocabulary, or -100 (ignored), as HF's losses take them."""
+        if not isinstance(labels, Tensor) or labels.shape != text.shape[:2]:
             raise ValueError(f"forward: labels {tuple(getattr(labels, 'shape', ()))} must be a tensor of the shape "
-                             f"of input_ids {tuple(getattr(input_ids, 'shape', ()))}")
+                             f"of {'input_ids' if text.dim() == 2 else 'inputs_embeds (batch, tokens)'} "
+                             f"{tuple(text.shape[:2])}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"forward: labels must be integer token ids (or -100), got dtype {labels.dtype}")
         vocab = self.base.get_input_embeddings().num_embeddings
@@ -1316,15 +1384,18 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 # Keyword arguments by which padding-free collators (DataCollatorWithFlattening, TRL's padding_free)
 # pack several sequences into one row.
 _PACKED_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+# HF's KV-cache argument, under its old and its new (transformers 5.x) name.
+_CACHE_ARGUMENTS = ("past_key_values", "cache")
 
 
-def _check_hf_arguments(who: str, inputs_embeds, output_attentions, output_hidden_states, return_dict,
-                        kwargs: dict) -> None:
+def _check_hf_arguments(who: str, output_attentions, output_hidden_states, return_dict, kwargs: dict) -> None:
     """HF's standard forward arguments that ask for something CoMeT's forward does not compute:
     refused by name (other unknown keywords: Python's TypeError)."""
-    if inputs_embeds is not None:
-        raise ValueError(f"{who}: inputs_embeds is not supported; CoMeT embeds input_ids itself (its memory "
-                         "rows have embeddings of their own)")
+    cache = [k for k in _CACHE_ARGUMENTS if kwargs.get(k) is not None]
+    if cache:
+        raise ValueError(f"{who}: {cache[0]} is not supported: CoMeT's memory is its cache (a KV cache passed in, "
+                         f"e.g. by PEFT's prefix tuning, would not be read); read a prefix into a memory and pass "
+                         f"memory= instead")
     if output_attentions or output_hidden_states:
         raise ValueError(f"{who}: output_attentions / output_hidden_states are not supported (the fused "
                          "attention keeps no attention weights; hidden states exist per chunk only; the final ones "
@@ -1337,17 +1408,53 @@ def _check_hf_arguments(who: str, inputs_embeds, output_attentions, output_hidde
         raise ValueError(f"{who}: packed rows ({', '.join(packed)}: several sequences in one row, as padding-free "
                          f"collators such as DataCollatorWithFlattening make them) are not supported, since "
                          f"CometForCausalLM reads each row as one sequence, chunk by chunk; pad the samples into rows")
-    unknown = sorted(k for k in kwargs if k not in _PACKED_ARGUMENTS)
+    unknown = sorted(k for k in kwargs if k not in _PACKED_ARGUMENTS + _CACHE_ARGUMENTS)
     if unknown:
         raise TypeError(f"{who}() got unexpected keyword arguments {unknown}")
 
 
-def _tokens_first(input_ids: Tensor, first: Tensor) -> Tensor:
-    """input_ids (B, T) with row b rotated left by first[b] ((B,) host tensor): a row whose
-    tokens start at column first[b] then holds them from column 0, its padding after them."""
-    T = input_ids.shape[1]
-    take = upload((torch.arange(T) + first.unsqueeze(1)) % T, input_ids.device)
-    return torch.gather(input_ids, 1, take)
+def _prepared_prompt(hook, input_ids: Tensor, attention_mask: Optional[Tensor]):
+    """The prompt a prepare_inputs_for_generation set on the model has it read: HF's generate
+    calls it before every forward, the first time with no cache, and feeds the model what it
+    returns. PEFT's prompt learning sets one around its generate, which then prepends its soft
+    prompt: inputs_embeds (B, n + T, d) and a mask (B, n + T) of ones before the caller's.
+    A left-padded prompt so has padding between the soft prompt and the tokens, which HF's
+    generate steps over (its positions count the mask's ones): the rows are read the same way,
+    every row's tokens moved first, in order. -> (input_ids, inputs_embeds, attention_mask), one
+    of the first two None."""
+    B, T = input_ids.shape
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    prepared = hook(input_ids, attention_mask=mask.to(input_ids.device), use_cache=True,
+                    cache_position=torch.arange(T, device=input_ids.device))
+    if any(prepared.get(k) is not None for k in _CACHE_ARGUMENTS):
+        raise ValueError("generate: the model's prepare_inputs_for_generation passes a KV cache (past_key_values, as "
+                         "PEFT's prefix tuning does), which CoMeT cannot read: its memory is its cache")
+    text = prepared.get("inputs_embeds")
+    text = prepared["input_ids"] if text is None else text
+    mask = prepared.get("attention_mask")
+    if mask is None:
+        return (text, None, None) if text.dim() == 2 else (None, text, None)
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"generate: the model's prepare_inputs_for_generation returned an attention_mask that is "
+                         f"not a (batch, tokens) tensor of its input's {tuple(text.shape[:2])}")
+    order = torch.sort((mask == 0).int(), dim=1, stable=True).indices  # each row's tokens first, in order
+    text, mask = _columns(text, order.to(text.device)), torch.gather(mask, 1, order)
+    return (text, None, mask) if text.dim() == 2 else (None, text, mask)
+
+
+def _columns(text: Tensor, index: Tensor) -> Tensor:
+    """text (B, T) ids or (B, T, d) embeddings at the columns index (B, n) names, per row."""
+    if text.dim() == 3:
+        index = index.unsqueeze(-1).expand(-1, -1, text.shape[-1])
+    return torch.gather(text, 1, index)
+
+
+def _tokens_first(text: Tensor, first: Tensor) -> Tensor:
+    """text (B, T) ids or (B, T, d) embeddings with row b rotated left by first[b] ((B,) host
+    tensor): a row whose tokens start at column first[b] then holds them from column 0, its
+    padding after them."""
+    T = text.shape[1]
+    return _columns(text, upload((torch.arange(T) + first.unsqueeze(1)) % T, text.device))
 
 
 def _kept_positions(logits_to_keep, T: int) -> Optional[Tensor]:

@@ -222,6 +222,7 @@ def pipeline_loss(model, input_ids: Tensor, labels: Tensor, chunk_sizes: Optiona
     forward). Every rank passes the same full batch; each computes only its chunks."""
     rank = dist.get_rank(group)
     size = dist.get_world_size(group)
+    input_ids = model._check_ids(input_ids)
     labels = model._check_labels(labels, input_ids)  # (as the model's forward: a wrong shape is no loss at all)
     segs, xs, ropes, sizes, first = model._plan_chunks(input_ids, chunk_sizes, attention_mask)
     if first is not None:
