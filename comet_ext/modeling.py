@@ -16,6 +16,7 @@ import bisect
 import copy
 import dataclasses
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -566,9 +567,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                      global_memory: bool = True, cut: Optional[list[bool]] = None) -> tuple[Tensor, Segment]:
         """Appends `take[b]` tokens (tokens (B, max take), or their embeddings (B, max take, d);
         width 0 when no sample takes one) to each sample's open chunk, through every layer,
-        closing chunks that fill up, and those with cut[b] set after their tokens. A sample that takes none but has cut[b] set closes
-        the chunk it has open with the closing rows alone (segments.plan_segment); a chunk with
-        no text never closes. -> (final hidden (B, N, d), segment).
+        closing chunks that fill up, and those with cut[b] set after their tokens. A sample that
+        takes none but has cut[b] set closes the chunk it has open with the closing rows alone
+        (segments.plan_segment); a chunk with no text never closes. -> (final hidden (B, N, d), segment).
         global_memory=False: closing chunks leave the (empty) global memory empty."""
         cc = self.comet_config
         host = memory.host_counts()
@@ -814,8 +815,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         and the processors see only them; given with input_ids of the same shape, input_ids
         stand for the prompt in the output and the processors). A prepare_inputs_for_generation
         set on the model (PEFT's prompt learning sets one around its generate) is called once
-        for the prompt, as HF's generate calls it before its first forward, and what it returns
-        (input_ids or inputs_embeds, attention_mask) is read: a soft prompt goes into the memory.
+        for the prompt when the memory is empty (none passed, or one that has read nothing), as
+        HF's generate calls it before its first forward, with PEFT's task_ids, and what it
+        returns (input_ids or inputs_embeds, attention_mask) is read: a soft prompt starts the
+        memory, as it starts PEFT's empty cache.
 
         HF's settings, as keyword arguments or a GenerationConfig, over the model's
         `generation_config` (see comet_ext/generation.py): greedy or sampling, max_new_tokens /
@@ -854,6 +857,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if input_ids is None and inputs_embeds is None:
             raise ValueError("generate: input_ids (the prompt, e.g. the question after the document "
                              "read into `memory`) or inputs_embeds is required")
+        hook = self.__dict__.get("prepare_inputs_for_generation")  # (PEFT puts the class's own back after)
+        hook = None if getattr(hook, "__func__", None) is type(self).prepare_inputs_for_generation else hook
+        hook_kwargs = {"task_ids": kwargs.pop("task_ids")} if hook is not None and "task_ids" in kwargs else {}
         vocab = self.base.get_input_embeddings().num_embeddings
         ids_width, embeds_width = (t.shape[1] if isinstance(t, Tensor) and t.dim() >= 2 else 0
                                    for t in (input_ids, inputs_embeds))
@@ -878,10 +884,12 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         seq, hf_mask = generation.hf_layout(prompt, attention_mask) if input_ids is not None else (prompt, None)
         processors, criteria = generation.hf_processing(self, s, seq, hf_mask)  # before the read: max_time counts it
         read_ids, read_mask = (input_ids if embeds is None else None), attention_mask
-        hook = self.__dict__.get("prepare_inputs_for_generation")  # (PEFT puts the class's own back after)
-        if hook is not None and getattr(hook, "__func__", None) is not type(self).prepare_inputs_for_generation \
-                and embeds is None:
-            read_ids, embeds, read_mask = _prepared_prompt(hook, input_ids, attention_mask)
+        # as PEFT injects its soft prompt into an empty cache only: a memory that has read something
+        # (a document, an earlier turn that read the soft prompt) goes on without it
+        if hook is not None and (memory is None or (isinstance(memory, CometMemory) and memory.batch_size == B
+                                                    and memory.host_counts() == HostCounts.empty(B))):
+            read_ids, embeds, read_mask = _prepared_prompt(hook, type(self).prepare_inputs_for_generation, input_ids,
+                                                           embeds, attention_mask, **hook_kwargs)
         if s.num_return_sequences > 1 and memory is not None:
             self._check_memory(memory, B, "generate")
             memory = memory.clone()  # the caller's stays as it was; each prompt's copies go on from it
@@ -1032,7 +1040,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 "torch.export of CometForCausalLM is not supported: its forward plans the chunks on the host from "
                 "the input's values (the attention_mask's lengths, which chunks hold labels), so it is no single "
                 "graph; use torch.compile(model), which breaks the graph there and computes what eager does")
-        text = self._check_text("forward", input_ids, inputs_embeds)
+        text = self._check_text("forward" if head else "base_model", input_ids, inputs_embeds)
         if position_ids is not None:
             _check_plain_positions(position_ids, attention_mask, tuple(text.shape[:2]))
         if labels is not None:
@@ -1203,7 +1211,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"{who}: memory must be a CometMemory (what read returns), got {type(memory).__name__}")
         memory.require_intact(who)
         if memory.batch_size != batch_size:
-            raise ValueError(f"{who}: memory holds {memory.batch_size} samples but input_ids has {batch_size}")
+            raise ValueError(f"{who}: memory holds {memory.batch_size} samples but the input has {batch_size}")
         diff = signature_diff(memory.signature, self.memory_signature()) if memory.signature else {}
         if diff:
             raise ValueError(f"{who}: memory belongs to another model or CoMeT config; differences "
@@ -1359,10 +1367,14 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         lengths = mask.sum(1)  # (an all-zero row: 0 tokens from column 0)
         first = mask.int().argmax(1) if T else torch.zeros(B, dtype=torch.long)
         j = torch.arange(T)
-        if not torch.equal(mask, (j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1))):
+        holed = (mask != ((j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1)))).any(1)
+        if bool(holed.any()):
+            peft = "" if not bool(mask[holed, 0].all()) else (
+                " (a PEFT prompt-learning model puts ones for its soft prompt before the caller's mask, so a "
+                "left-padded batch has a hole after them: pad it on the right)")
             raise ValueError("attention_mask must hold each row's tokens in one run: right-padded (ones, then "
                              "zeros), left-padded (zeros, then ones) or padded on both sides; the memory reads a "
-                             "row's tokens in order and cannot step over zeros between them")
+                             "row's tokens in order and cannot step over zeros between them" + peft)
         return lengths, first
 
     def _chunk_sizes(self, chunk_sizes: Optional[Sequence[int]], T: int) -> list[int]:
@@ -1413,19 +1425,33 @@ def _check_hf_arguments(who: str, output_attentions, output_hidden_states, retur
         raise TypeError(f"{who}() got unexpected keyword arguments {unknown}")
 
 
-def _prepared_prompt(hook, input_ids: Tensor, attention_mask: Optional[Tensor]):
+def _prepared_prompt(hook, base_prepare, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+                     attention_mask: Optional[Tensor], **model_kwargs):
     """The prompt a prepare_inputs_for_generation set on the model has it read: HF's generate
-    calls it before every forward, the first time with no cache, and feeds the model what it
+    calls it before every forward, the first time with an empty cache and is_first_iteration
+    (or, in older transformers, cache_position) saying so, and feeds the model what it
     returns. PEFT's prompt learning sets one around its generate, which then prepends its soft
     prompt: inputs_embeds (B, n + T, d) and a mask (B, n + T) of ones before the caller's.
     A left-padded prompt so has padding between the soft prompt and the tokens, which HF's
     generate steps over (its positions count the mask's ones): the rows are read the same way,
-    every row's tokens moved first, in order. -> (input_ids, inputs_embeds, attention_mask), one
-    of the first two None."""
-    B, T = input_ids.shape
-    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-    prepared = hook(input_ids, attention_mask=mask.to(input_ids.device), use_cache=True,
-                    cache_position=torch.arange(T, device=input_ids.device))
+    every row's tokens moved first, in order. base_prepare: the model class's own
+    prepare_inputs_for_generation, which the hook calls on (its arguments are this transformers
+    version's). model_kwargs: generate's arguments for the hook (PEFT's task_ids).
+    -> (input_ids, inputs_embeds, attention_mask), one of the first two None."""
+    if inputs_embeds is not None and "inputs_embeds" not in inspect.signature(hook).parameters:
+        raise ValueError("generate: inputs_embeds cannot go through the model's prepare_inputs_for_generation, which "
+                         "does not take them (PEFT's prompt learning sets one that prepends its soft prompt to the "
+                         "embeddings of input_ids), as HF's generate refuses them there; pass input_ids")
+    text = inputs_embeds if inputs_embeds is not None else input_ids
+    B, T = text.shape[:2]
+    dev = text.device
+    ids = input_ids if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=dev)
+    mask = attention_mask.to(dev) if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=dev)
+    params = inspect.signature(base_prepare).parameters
+    first = {k: v for k, v in (("is_first_iteration", True), ("cache_position", torch.arange(T, device=dev)))
+             if k in params}
+    embeds = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    prepared = hook(ids, attention_mask=mask, use_cache=True, **first, **embeds, **model_kwargs)
     if any(prepared.get(k) is not None for k in _CACHE_ARGUMENTS):
         raise ValueError("generate: the model's prepare_inputs_for_generation passes a KV cache (past_key_values, as "
                          "PEFT's prefix tuning does), which CoMeT cannot read: its memory is its cache")
@@ -1505,7 +1531,7 @@ def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:
     if not isinstance(attention_mask, Tensor):
         raise ValueError(f"attention_mask must be a tensor of ones and zeros, got {type(attention_mask).__name__}")
     if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)} like input_ids, got "
+        raise ValueError(f"attention_mask must have shape {tuple(shape)} (batch, tokens) like the input, got "
                          f"{tuple(attention_mask.shape)}")
     if not torch.equal(attention_mask, attention_mask.bool().to(attention_mask.dtype)):  # (NaN != NaN: refused)
         odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()

@@ -182,6 +182,43 @@ def test_peft_prompt_learning_trains_and_generates_as_on_the_base_model(method):
         assert torch.equal(batched[b, start:], alone[0]), b
 
 
+def test_peft_soft_prompt_starts_the_memory_only():
+    """As PEFT injects its soft prompt into an empty cache only: generate reads it when the memory
+    is empty, and a memory that has read something (an earlier turn, which read the soft prompt)
+    goes on without it. Multitask prompt tuning takes its task_ids, as over the base model."""
+    peft = pytest.importorskip("peft")
+    model, base = oracle_pair()
+    config = peft.MultitaskPromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, num_tasks=2)
+    torch.manual_seed(2)
+    ours = peft.get_peft_model(model, config)
+    torch.manual_seed(2)
+    theirs = peft.get_peft_model(base, copy.deepcopy(config))
+    x, tasks = ids(2, 9, seed=10), torch.tensor([0, 1])
+    kwargs = dict(do_sample=False, max_new_tokens=5)
+    first, memory = ours.generate(input_ids=x, task_ids=tasks, return_memory=True, **kwargs)
+    assert torch.equal(first, theirs.generate(input_ids=x, task_ids=tasks, **kwargs))
+    assert not torch.equal(first, theirs.generate(input_ids=x, task_ids=tasks.flip(0), **kwargs))  # tasks matter
+    y = ids(2, 6, seed=11)
+    again = ours.generate(input_ids=y, memory=memory.clone(), task_ids=tasks, **kwargs)
+    assert torch.equal(again, model.generate(y, memory=memory.clone(), **kwargs))
+
+
+def test_peft_prompt_learning_refuses_what_hf_refuses():
+    """inputs_embeds cannot go through PEFT's prepare_inputs_for_generation (HF's generate refuses
+    them there too: the soft prompt would be left out); a left-padded forward batch gets a mask
+    with a hole after the soft prompt's ones: refused, saying why."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_comet("qwen3"), peft.PromptTuningConfig(task_type="CAUSAL_LM",
+                                                                             num_virtual_tokens=3))
+    x = ids(2, 8)
+    with pytest.raises(ValueError, match="inputs_embeds cannot go through the model's prepare_inputs_for_generation"):
+        model.generate(inputs_embeds=model.get_input_embeddings()(x), max_new_tokens=2)
+    left = torch.ones_like(x)
+    left[1, :3] = 0
+    with pytest.raises(ValueError, match="soft prompt before the caller's mask, so a left-padded batch has a hole"):
+        model(input_ids=x, attention_mask=left)
+
+
 def test_peft_prefix_tuning_is_refused_by_name():
     """Prefix tuning passes a KV cache of trained prefixes; CoMeT's memory is its cache."""
     peft = pytest.importorskip("peft")
@@ -207,7 +244,8 @@ def _m():
     (lambda m: m(inputs_embeds=torch.zeros(1, 4, 64, dtype=torch.long)), "floating-point tensor"),
     (lambda m: m(inputs_embeds=torch.zeros(4, 64)), r"\(batch, tokens, 64\)"),
     (lambda m: m(inputs_embeds=torch.zeros(1, 0, 64)), "inputs_embeds is empty"),
-    (lambda m: m(inputs_embeds=soft(1, 4), labels=ids(1, 5)), r"labels \(1, 5\) must be a tensor of the shape of inputs_embeds \(batch, tokens\) \(1, 4\)"),
+    (lambda m: m(inputs_embeds=soft(1, 4), labels=ids(1, 5)),
+     r"labels \(1, 5\) must be a tensor of the shape of inputs_embeds \(batch, tokens\) \(1, 4\)"),
     (lambda m: m.read(inputs_embeds=soft(1, 4), boundary_ids=[3]), "boundary_ids needs input_ids"),
     (lambda m: m.generate(), "input_ids .* or inputs_embeds is required"),
     (lambda m: m.generate(ids(1, 4), inputs_embeds=soft(1, 5)), r"input_ids \(1, 4\) must name the tokens"),
