@@ -1,6 +1,6 @@
 """CometForCausalLM under Hugging Face's own training tools: transformers.Trainer (bf16
-autocast, evaluation, save_model -> from_pretrained) and HF's activation-checkpointing
-switch, which maps to the forward's per-(layer, chunk) recomputation."""
+autocast, evaluation, save_model -> from_pretrained, data parallel over DDP) and HF's
+activation-checkpointing switch, which maps to the forward's per-(layer, chunk) recomputation."""
 from __future__ import annotations
 
 import copy
@@ -246,3 +246,61 @@ def test_packed_rows_and_left_padding_are_refused_by_name():
         model(ids, position_ids=torch.arange(19).unsqueeze(0))
     with pytest.raises(ValueError, match="right-padded .* padding_side='left'"):
         model(ids, labels=ids, attention_mask=mask.flip(1))
+
+
+def _ddp_data() -> list[dict]:
+    """Four samples over several chunks, with different numbers of labelled tokens: a step's
+    loss is the token mean over both replicas' halves only if the replicas agree on the count."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(4):
+        x = torch.randint(0, VOCAB, (40,), generator=g)
+        labels = x.clone()
+        labels[:5 + 7 * i] = -100
+        rows.append({"input_ids": x, "labels": labels})
+    return rows
+
+
+def _ddp_train(out: str, world: int, checkpointing: bool) -> dict:
+    """Two SGD steps of transformers.Trainer over the whole of _ddp_data (one global batch of 4:
+    the order of samples within it does not matter) -> the trained model's state dict."""
+    model = tiny_comet("qwen3").train()
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4 // world, max_steps=2, learning_rate=0.5,
+                             optim="sgd", lr_scheduler_type="constant", use_cpu=True, report_to=[],
+                             save_strategy="no", disable_tqdm=True, gradient_checkpointing=checkpointing,
+                             ddp_backend="gloo" if world > 1 else None)
+    Trainer(model=model, args=args, train_dataset=_ddp_data()).train()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str, checkpointing: bool) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    state = _ddp_train(out + "/run", world, checkpointing)
+    if rank == 0:
+        torch.save(state, out + "/state.pt")
+    torch.distributed.destroy_process_group()  # (left to interpreter exit, gloo's threads may abort it)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_transformers_trainer_data_parallel_equals_one_process(tmp_path, checkpointing):
+    """transformers.Trainer over torch DDP (two gloo processes, as torchrun / accelerate launch
+    start them; HF's activation-checkpointing switch makes DDP look for no unused parameter)
+    trains the weights one process trains on the same global batch: the memory's parameters
+    get their gradients on every replica and the token mean spans both."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path), checkpointing), nprocs=2, join=True)
+    two = torch.load(tmp_path / "state.pt")
+    one = _ddp_train(str(tmp_path / "one"), 1, checkpointing)
+    start = tiny_comet("qwen3").state_dict()
+    assert any(not torch.equal(start[k], one[k]) for k in one if "memory_layers" in k)  # the memory trained
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-6, msg=name)
