@@ -187,6 +187,11 @@ def load(cls, folder: str, dtype, device):
     for kept, dropped in tied_keys(model):
         if dropped not in state and kept in state:
             state[dropped] = state[kept]
+        elif kept in state and dropped in state and not torch.equal(state[kept], state[dropped]):
+            # loading both into the one shared tensor would keep whichever comes last, silently
+            raise ValueError(f"from_pretrained: {CONFIG_NAME} in {folder!r} ties {dropped} to {kept} "
+                             f"(tie_word_embeddings), but {path!r} holds different values for them: the config "
+                             f"does not describe these weights (an edited tie_word_embeddings?)")
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shapes that disagree with config.json (an edited size, rank or vocabulary)

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from modeling_utils import VOCAB, tiny_comet
+from modeling_utils import VOCAB, tiny_base, tiny_comet
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
@@ -334,3 +334,24 @@ def test_a_config_edited_to_other_sizes_than_the_weights_is_named(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)weights .*model.safetensors' do not fit the model config.json "
                                          r"describes.*size mismatch"):
         CometForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_a_config_edited_to_tie_untied_embeddings_is_refused(tmp_path):
+    """Tied, the embedding and the LM head are one tensor: loading two different saved ones into
+    it would keep whichever comes last, a model neither of them was. A tied model's own folder
+    (one copy saved) still loads, tied."""
+    model = tiny_comet("llama")
+    assert not model.config.tie_word_embeddings
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ties base.lm_head.weight to base.model.embed_tokens.weight "
+                                         r"\(tie_word_embeddings\), "
+                                         r"but .* holds different values"):
+        CometForCausalLM.from_pretrained(tmp_path / "m")
+    tied = CometForCausalLM.from_base(tiny_base("llama", tie_word_embeddings=True), model.comet_config)
+    tied.save_pretrained(tmp_path / "tied")
+    loaded = CometForCausalLM.from_pretrained(tmp_path / "tied")
+    assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
+    assert torch.equal(loaded.get_input_embeddings().weight, tied.get_input_embeddings().weight)
