@@ -124,6 +124,17 @@ def lora_settings(model) -> Optional[dict]:
     return settings if has_adapters else None
 
 
+def save_id(folder: str) -> Optional[str]:
+    """The id a save wrote into folder's config.json and weights file (None: saved before ids,
+    or no readable config): what ties a training checkpoint's trainer.pt to its model/."""
+    try:
+        with open(os.path.join(folder, CONFIG_NAME)) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return raw.get("comet_save_id") if isinstance(raw, dict) else None
+
+
 def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list[tuple[str, str]]) -> None:
     """Writes model.safetensors, generation_config.json and config.json into folder."""
     os.makedirs(folder, exist_ok=True)

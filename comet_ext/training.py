@@ -26,6 +26,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from . import checkpoint
 from .atomic import atomic_folder
 from .data import Sample, collate
 from .planner import ChunkPlanner
@@ -322,7 +323,7 @@ class Trainer:
             self.model.save_pretrained(os.path.join(tmp, "model"))
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "step": self.step, "history": self.history, "rng": _rng_state(),
-                        "data_size": self.data_size},
+                        "data_size": self.data_size, "model_save_id": checkpoint.save_id(os.path.join(tmp, "model"))},
                        os.path.join(tmp, "trainer.pt"))
             with open(os.path.join(tmp, "train_config.json"), "w") as f:
                 json.dump(dataclasses.asdict(self.cfg), f, indent=1)
@@ -370,6 +371,12 @@ class Trainer:
             raise ValueError(f"load_checkpoint: {path!r} cannot be read ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict) or not {"optimizer", "scheduler", "step", "history"} <= set(state):
             raise ValueError(f"load_checkpoint: {path!r} is not a Trainer checkpoint's trainer.pt")
+        model_id = checkpoint.save_id(os.path.join(folder, "model"))
+        if state.get("model_save_id") is not None and model_id != state["model_save_id"]:  # (older: no id)
+            raise ValueError(f"load_checkpoint: {os.path.join(folder, 'model')!r} is not the model saved with "
+                             f"{path!r} (save ids {model_id} and {state['model_save_id']}): the folder mixes two "
+                             f"checkpoints, and resuming would pair one step's weights with another's optimizer "
+                             f"state; use a checkpoint folder as save_checkpoint wrote it")
         saved = CometForCausalLM.from_pretrained(os.path.join(folder, "model"), dtype=self.model.dtype)
         self._check_same_run(folder, saved, state)
         weights, ours = saved.state_dict(), self.model.state_dict()

@@ -552,6 +552,26 @@ def test_resume_refuses_another_number_of_data_replicas(tmp_path):
         _trainer(tiny_comet("llama"), 4).load_checkpoint(str(tmp_path / "ckpt"))
 
 
+def test_resume_refuses_a_checkpoint_whose_model_is_another_checkpoints(tmp_path):
+    """A checkpoint folder whose model/ was copied from another checkpoint (of the same run) would
+    resume one step's weights with another step's optimizer state and schedule, silently."""
+    import shutil
+
+    tr = _trainer(tiny_comet("llama"), 4)
+    tr.train(steps=1)
+    tr.save_checkpoint(str(tmp_path / "step1"))
+    tr.train(steps=1)
+    tr.save_checkpoint(str(tmp_path / "step2"))
+    resumed = _trainer(tiny_comet("llama"), 4)
+    resumed.load_checkpoint(str(tmp_path / "step2"))  # whole: loads
+    assert resumed.step == 2
+    shutil.rmtree(tmp_path / "step2" / "model")
+    shutil.copytree(tmp_path / "step1" / "model", tmp_path / "step2" / "model")
+    with pytest.raises(ValueError, match=r"model' is not the model saved with .*trainer.pt' \(save ids [0-9a-f]+ and "
+                                         r"[0-9a-f]+\): the folder mixes two checkpoints"):
+        _trainer(tiny_comet("llama"), 4).load_checkpoint(str(tmp_path / "step2"))
+
+
 def test_trainer_refuses_empty_samples_and_a_pad_id_outside_the_vocabulary():
     model = tiny_comet("llama")
     good = token_sample([1, 2, 3])
