@@ -1367,8 +1367,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         lengths = mask.sum(1)  # (an all-zero row: 0 tokens from column 0)
         first = mask.int().argmax(1) if T else torch.zeros(B, dtype=torch.long)
         j = torch.arange(T)
-        holed = (mask != ((j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1)))).any(1)
-        if bool(holed.any()):
+        runs = (j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1))
+        if not torch.equal(mask, runs):
+            holed = (mask != runs).any(1)
             peft = "" if not bool(mask[holed, 0].all()) else (
                 " (a PEFT prompt-learning model puts ones for its soft prompt before the caller's mask, so a "
                 "left-padded batch has a hole after them: pad it on the right)")
