@@ -64,6 +64,7 @@ def test_the_check_in_two_parts(tmp_path, mode):
         assert steps == ["build", "e2e"] and not any("-m pytest" in c for c in calls)
 
 
+@pytest.mark.slow
 def test_the_end_to_end_keeps_its_share_however_long_the_op_part(tmp_path):
     """Steps of 4 s in a 110 s check with 60 s kept for the end to end (and the 40 s reserve for the
     tables): the op part has 10 s, too little for any step, so all are skipped, and the end to end

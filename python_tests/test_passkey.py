@@ -66,6 +66,7 @@ def test_a_batch_finds_what_each_sample_finds_alone(model, tok):
         assert (alone["expected"], alone["found"]) == (r["expected"], r["found"])
 
 
+@pytest.mark.slow
 def test_cli_json_and_sweep(model, tok, tmp_path):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
@@ -359,6 +360,7 @@ def _run_train_passkey(out, *extra, steps):
     return subprocess.run([sys.executable, path, *tiny, *extra], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_train_passkey_resume_continues_the_run_exactly(tmp_path):
     """22 steps, a crash after them (a stray log line), --resume to 26 steps: the same weights, the
     same log, as 26 steps in one go — across a stage change (stage 1 passes at step 20)."""
@@ -442,6 +444,7 @@ def test_train_passkey_refuses_a_fresh_run_over_a_saved_one(monkeypatch, capsys,
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
+@pytest.mark.slow
 def test_train_passkey_resume_refuses_what_it_cannot_apply_and_drops_a_torn_log_line(monkeypatch, capsys,
                                                                                       tmp_path):
     """--resume with another model shape (or learning rate) is an argparse error naming the option,
@@ -488,6 +491,7 @@ def test_keep_log_until_drops_a_torn_last_line_and_stops_at_a_bad_one_before_it(
         keep_log_until(str(path), 3)
 
 
+@pytest.mark.slow
 def test_train_passkey_stop_after_repeats_the_first_steps_of_the_annealed_run(tmp_path):
     """--stop-after N: the first N steps of the run --steps alone gives, the learning rate on
     the same cosine over --steps (so a run that --minutes stopped early can be repeated
