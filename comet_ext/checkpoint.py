@@ -45,7 +45,7 @@ ADAPTED = ".base_layer."
 ADAPTER = ".lora_"
 # the memory's parameters as saved before they were renamed out of LoRA's usual targets and
 # into modules PEFT's modules_to_save can take (files of format 2 and earlier;
-# comet_ext.modeling.LowRankAdapter and MemoryEmbeddings say why)
+# comet_ext.memory_modules.LowRankAdapter and MemoryEmbeddings say why)
 LEGACY_EMBEDDINGS = {"compression_embedding": "memory_embeddings.compression",
                      "readout_embedding": "memory_embeddings.readout"}
 LEGACY_MEMORY_NAMES = {

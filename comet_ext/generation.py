@@ -17,12 +17,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Optional
 
 import torch
 from torch import Tensor
+
+from .arguments import CACHE_ARGUMENTS, columns
 
 # GenerationConfig fields generate() reads itself, with HF's defaults.
 DEFAULTS: dict[str, Any] = {
@@ -331,3 +334,46 @@ def pick(scores: Tensor, s: DecodeSettings, generator: Optional[torch.Generator]
     if not s.do_sample:
         return scores.argmax(-1)
     return torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
+
+
+def prepared_prompt(hook, base_prepare, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
+                    attention_mask: Optional[Tensor], **model_kwargs):
+    """The prompt a prepare_inputs_for_generation set on the model has it read: HF's generate
+    calls it before every forward, the first time with an empty cache and is_first_iteration
+    (or, in older transformers, cache_position) saying so, and feeds the model what it
+    returns. PEFT's prompt learning sets one around its generate, which then prepends its soft
+    prompt: inputs_embeds (B, n + T, d) and a mask (B, n + T) of ones before the caller's.
+    A left-padded prompt so has padding between the soft prompt and the tokens, which HF's
+    generate steps over (its positions count the mask's ones): the rows are read the same way,
+    every row's tokens moved first, in order. base_prepare: the model class's own
+    prepare_inputs_for_generation, which the hook calls on (its arguments are this transformers
+    version's). model_kwargs: generate's arguments for the hook (PEFT's task_ids).
+    -> (input_ids, inputs_embeds, attention_mask), one of the first two None."""
+    if inputs_embeds is not None and "inputs_embeds" not in inspect.signature(hook).parameters:
+        raise ValueError("generate: inputs_embeds cannot go through the model's prepare_inputs_for_generation, which "
+                         "does not take them (PEFT's prompt learning sets one that prepends its soft prompt to the "
+                         "embeddings of input_ids), as HF's generate refuses them there; pass input_ids")
+    text = inputs_embeds if inputs_embeds is not None else input_ids
+    B, T = text.shape[:2]
+    dev = text.device
+    ids = input_ids if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=dev)
+    mask = attention_mask.to(dev) if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=dev)
+    params = inspect.signature(base_prepare).parameters
+    first = {k: v for k, v in (("is_first_iteration", True), ("cache_position", torch.arange(T, device=dev)))
+             if k in params}
+    embeds = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+    prepared = hook(ids, attention_mask=mask, use_cache=True, **first, **embeds, **model_kwargs)
+    if any(prepared.get(k) is not None for k in CACHE_ARGUMENTS):
+        raise ValueError("generate: the model's prepare_inputs_for_generation passes a KV cache (past_key_values, as "
+                         "PEFT's prefix tuning does), which CoMeT cannot read: its memory is its cache")
+    text = prepared.get("inputs_embeds")
+    text = prepared["input_ids"] if text is None else text
+    mask = prepared.get("attention_mask")
+    if mask is None:
+        return (text, None, None) if text.dim() == 2 else (None, text, None)
+    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2]):
+        raise ValueError(f"generate: the model's prepare_inputs_for_generation returned an attention_mask that is "
+                         f"not a (batch, tokens) tensor of its input's {tuple(text.shape[:2])}")
+    order = torch.sort((mask == 0).int(), dim=1, stable=True).indices  # each row's tokens first, in order
+    text, mask = columns(text, order.to(text.device)), torch.gather(mask, 1, order)
+    return (text, None, mask) if text.dim() == 2 else (None, text, mask)

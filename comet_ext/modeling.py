@@ -12,11 +12,9 @@ C = temp_budget, Hkv kv heads, D head dim, L layers.
 """
 from __future__ import annotations
 
-import bisect
 import copy
 import dataclasses
 import functools
-import inspect
 import math
 import numbers
 import os
@@ -26,109 +24,20 @@ from typing import Optional, Sequence
 import torch
 import torch.utils.checkpoint
 from torch import Tensor, nn
-from torch.nn import functional as F
 
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.utils import ModelOutput
 
-from . import checkpoint, generation, ops
+from . import arguments, checkpoint, generation, ops, planner
 from .config import CometConfig
 from .families import Family, apply_rope, check_positions, family_of, kv_projection, layer_step, pack_keys
 from .graphs import StepGraphs
+from .memory_modules import CometLayerMemory, MemoryEmbeddings
 from .memory import CometMemory, HostCounts, signature_diff
 from .train_memory import FifoWindow, TrainMemory, loss_divisor
-from .segments import (COMPRESSION, READOUT, Segment, gather_rows, max_chunk_rows, max_compression_rows,
-                       plan_segment)
+from .segments import Segment, gather_rows, max_chunk_rows, max_compression_rows, plan_segment
 from .transfer import upload
-
-
-class LowRankAdapter(nn.Module):
-    """RLA: x + up(down(x)), optionally after a fused RMSNorm (comet::rla). down (rank, hidden)
-    and up (hidden, rank) are plain parameters, named as the op names them: the memory holds no
-    nn.Linear and no module called o_proj / down_proj / up_proj, so the LoRA targets people
-    write for a decoder (those names, "all-linear") reach the base model only; an adapter on
-    the memory would not apply anyway, since its ops read the weights, not a forward."""
-
-    def __init__(self, hidden: int, rank: int):
-        super().__init__()
-        self.down = nn.Parameter(torch.empty(rank, hidden))
-        self.up = nn.Parameter(torch.empty(hidden, rank))
-
-    def forward(self, x: Tensor, norm: Optional[nn.RMSNorm] = None) -> Tensor:
-        if norm is None:
-            return ops.rla(x, self.down, self.up)
-        return ops.rla(x, self.down, self.up, norm.weight, norm.eps)
-
-
-class MemoryGate(nn.Module):
-    """W_g: one scalar gate logit per slot from [candidate ; state], weight (1, 2 x hidden).
-    A module of its own (not a parameter of GlobalMemoryNet) so that the memory's parameters
-    keep the order norm, gate, RLA, which optimizer states saved before are indexed by."""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(1, 2 * hidden))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight)
-
-
-class GlobalMemoryNet(nn.Module):
-    """RMSNorm_g (eps = finfo(dtype).eps), the scalar gate W_g (2d -> 1) and RLA_g."""
-
-    def __init__(self, hidden: int, rank: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(hidden)
-        self.gate = MemoryGate(hidden)
-        self.rla = LowRankAdapter(hidden, rank)
-
-    def gate_logit(self, readout: Tensor, state: Tensor) -> Tensor:
-        """W_g [RMSNorm_g(R) ; S]: the logit of each slot's gate, (B, G), in plain PyTorch (what
-        comet::gated_update computes inside its kernel; for diagnostics and gate losses)."""
-        return self.gate(torch.cat([self.norm(readout), state.to(readout.dtype)], dim=-1)).squeeze(-1)
-
-    def forward(self, readout: Tensor, state: Optional[Tensor], gate_snap: float = 1.0) -> tuple[Tensor, Tensor]:
-        return ops.gated_update(readout, state, self.norm.weight, self.gate.weight, self.rla.down, self.rla.up,
-                                gate_snap=gate_snap)
-
-
-class TempMemoryNet(nn.Module):
-    """RMSNorm_t (eps 1e-12) then RLA_t: compression rows -> FIFO rows."""
-
-    def __init__(self, hidden: int, rank: int):
-        super().__init__()
-        self.norm = nn.RMSNorm(hidden, eps=1e-12)
-        self.rla = LowRankAdapter(hidden, rank)
-
-    def forward(self, rows: Tensor) -> Tensor:
-        return self.rla(rows, self.norm)
-
-
-class MemoryEmbeddings(nn.Module):
-    """The learned embeddings of CoMeT's own tokens: `compression` (1, hidden), shared by every
-    compression token, and `readout` (num_global, hidden), one per global slot. One module (not
-    two parameters of the model) so that PEFT's modules_to_save can train and save them."""
-
-    def __init__(self, hidden: int, num_global: int):
-        super().__init__()
-        self.compression = nn.Parameter(torch.empty(1, hidden))
-        self.readout = nn.Parameter(torch.empty(num_global, hidden))
-
-    def forward(self, emb: Tensor, kind: Tensor, slot: Tensor) -> Tensor:
-        """Rows (B, N, hidden): emb (B, N, hidden), the token embeddings, with the compression
-        embedding where kind (B, N) is COMPRESSION and readout embedding slot[b, n] where it is
-        READOUT."""
-        kind = kind.unsqueeze(-1)
-        x = torch.where(kind == COMPRESSION, self.compression.to(emb.dtype), emb)
-        return torch.where(kind == READOUT, self.readout[slot].to(emb.dtype), x)
-
-
-class CometLayerMemory(nn.Module):
-    def __init__(self, hidden: int, rank: int):
-        super().__init__()
-        self.global_memory_net = GlobalMemoryNet(hidden, rank)
-        self.temp_memory_net = TempMemoryNet(hidden, rank)
 
 
 # transformers.Trainer's label smoothing (label_smoothing_factor) shifts the labels against the logits
@@ -179,7 +88,7 @@ class CometBackbone(nn.Module):
                 return_dict: Optional[bool] = None, use_cache: Optional[bool] = None, **kwargs):
         from transformers.modeling_outputs import BaseModelOutput
 
-        _check_hf_arguments("base_model", output_attentions, output_hidden_states, return_dict, kwargs)
+        arguments.check_hf_arguments("base_model", output_attentions, output_hidden_states, return_dict, kwargs)
         hidden = self.model._forward(input_ids, None, chunk_sizes, attention_mask, recompute, True, memory, None,
                                      position_ids, logits_to_keep, inputs_embeds, head=False)
         return BaseModelOutput(last_hidden_state=hidden)
@@ -719,9 +628,9 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if boundary_ids is not None and text.dim() == 3:
             raise ValueError("read: boundary_ids needs input_ids (the boundary tokens are found among them), not "
                              "inputs_embeds")
-        lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
+        lengths, first = torch.stack(arguments.row_lengths(attention_mask, B, T)).tolist()  # (host tensors)
         if any(first):  # rows padded on the left: their tokens first, as if padded on the right
-            text = _tokens_first(text, torch.tensor(first))
+            text = arguments.tokens_first(text, torch.tensor(first))
         memory = memory if memory is not None else self.new_memory(B)
         self._check_memory(memory, B, "read")
         if not global_memory and any(memory.host_counts().has_global):
@@ -758,7 +667,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             take = [min(n, r) for n, r in zip(left, room)]
             cut = [False] * B
             if boundaries is not None:
-                take, cut = _cut_at_boundaries(boundaries, done, left, room)
+                take, cut = planner.cut_at_boundaries(boundaries, done, left, room)
             if end_chunk:
                 # The chunk closes in the step that takes the sample's last token. A sample with
                 # none left (none in this call) closes the chunk it has open in the first step,
@@ -771,7 +680,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 tokens = text[:, done[0]:done[0] + width]
             else:
                 idx = upload(torch.tensor(done), self.device).unsqueeze(1) + torch.arange(width, device=self.device)
-                tokens = _columns(text, idx.clamp(max=T - 1))
+                tokens = arguments.columns(text, idx.clamp(max=T - 1))
             hidden, seg = self._stream_step(memory, tokens, take, global_memory, cut)
             if want_last and seg.text_rows.shape[1]:  # (a step of closing rows alone has no text row)
                 has = seg.text_count > 0
@@ -860,7 +769,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         hook = self.__dict__.get("prepare_inputs_for_generation")  # (PEFT puts the class's own back after)
         hook = None if getattr(hook, "__func__", None) is type(self).prepare_inputs_for_generation else hook
         hook_kwargs = {"task_ids": kwargs.pop("task_ids")} if hook is not None and "task_ids" in kwargs else {}
-        vocab = self.base.get_input_embeddings().num_embeddings
+        vocab = self._vocab_size()
         ids_width, embeds_width = (t.shape[1] if isinstance(t, Tensor) and t.dim() >= 2 else 0
                                    for t in (input_ids, inputs_embeds))
         s = generation.resolve(self.generation_config, generation_config, kwargs,  # (lengths count what is read)
@@ -877,7 +786,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                              f"{tuple(embeds.shape)}: the same (batch, tokens)")
         B = (input_ids if input_ids is not None else embeds).shape[0]
         if attention_mask is not None:
-            _check_mask_values(attention_mask, (input_ids if embeds is None else embeds).shape[:2])
+            arguments.check_mask_values(attention_mask, (input_ids if embeds is None else embeds).shape[:2])
         # the caller's mask, or HF's inference of one from the prompt's pad tokens; checked
         attention_mask = generation.prompt_mask(input_ids, attention_mask, s)
         prompt = input_ids if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=self.device)
@@ -888,8 +797,8 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         # (a document, an earlier turn that read the soft prompt) goes on without it
         if hook is not None and (memory is None or (isinstance(memory, CometMemory) and memory.batch_size == B
                                                     and memory.host_counts() == HostCounts.empty(B))):
-            read_ids, embeds, read_mask = _prepared_prompt(hook, type(self).prepare_inputs_for_generation, input_ids,
-                                                           embeds, attention_mask, **hook_kwargs)
+            read_ids, embeds, read_mask = generation.prepared_prompt(
+                hook, type(self).prepare_inputs_for_generation, input_ids, embeds, attention_mask, **hook_kwargs)
         if s.num_return_sequences > 1 and memory is not None:
             self._check_memory(memory, B, "generate")
             memory = memory.clone()  # the caller's stays as it was; each prompt's copies go on from it
@@ -1026,7 +935,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         DataCollatorWithFlattening makes them, or the cu_seq_lens_q / seq_idx arguments of
         padding-free collators) are refused: each row is one sequence.
         """
-        _check_hf_arguments("forward", output_attentions, output_hidden_states, return_dict, kwargs)
+        arguments.check_hf_arguments("forward", output_attentions, output_hidden_states, return_dict, kwargs)
         return self._forward(input_ids, labels, chunk_sizes, attention_mask, recompute, return_logits, memory,
                              num_items_in_batch, position_ids, logits_to_keep, inputs_embeds)
 
@@ -1042,7 +951,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 "graph; use torch.compile(model), which breaks the graph there and computes what eager does")
         text = self._check_text("forward" if head else "base_model", input_ids, inputs_embeds)
         if position_ids is not None:
-            _check_plain_positions(position_ids, attention_mask, tuple(text.shape[:2]))
+            arguments.check_plain_positions(position_ids, attention_mask, tuple(text.shape[:2]))
         if labels is not None:
             labels = self._check_labels(labels, text)
         recompute = self._recompute if recompute is None else recompute
@@ -1052,7 +961,7 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         if memory is not None:
             self._check_train_start(memory, text.shape[0])
         segs, xs, ropes, sizes, first = self._plan_chunks(text, chunk_sizes, attention_mask, memory)
-        keep = _kept_positions(logits_to_keep, sum(sizes))
+        keep = arguments.kept_positions(logits_to_keep, sum(sizes))
         if keep is not None and labels is not None:
             raise ValueError("forward: logits_to_keep with labels is not supported (the loss needs every position's "
                              "logits, as in HF's models); pass one or the other")
@@ -1116,10 +1025,10 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
         padded on the right."""
         B, T = text.shape[:2]
         sizes = self._chunk_sizes(chunk_sizes, T)
-        lengths, first = torch.stack(self._lengths(attention_mask, B, T)).tolist()  # (host tensors)
+        lengths, first = torch.stack(arguments.row_lengths(attention_mask, B, T)).tolist()  # (host tensors)
         first = torch.tensor(first) if any(first) else None
         if first is not None:
-            text = _tokens_first(text, first)
+            text = arguments.tokens_first(text, first)
         cc = self.comet_config
         C = cc.fifo_capacity
         dev = self.device
@@ -1293,21 +1202,22 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             return self._check_embeds(inputs_embeds, allow_no_tokens)
         return self._check_ids(input_ids, allow_no_tokens)
 
-    def _check_embeds(self, inputs_embeds, allow_no_tokens: bool = False) -> Tensor:
-        """inputs_embeds (B, T, d) on the model's device in its dtype (as its embedding layer
-        would give them), B >= 1 and T >= 1 (T = 0 with allow_no_tokens); the checks of
-        `_check_run`. No host sync: the values are not read."""
+    def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
+        """`arguments.check_ids` for this model's vocabulary, after `_check_run`."""
         self._check_run()
-        d = self.config.hidden_size
-        if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d \
-                or not inputs_embeds.is_floating_point():
-            got = f"{inputs_embeds.dtype} {tuple(inputs_embeds.shape)}" if isinstance(inputs_embeds, Tensor) \
-                else type(inputs_embeds).__name__
-            raise ValueError(f"inputs_embeds must be a floating-point tensor of shape (batch, tokens, {d}) (the "
-                             f"model's hidden size), got {got}")
-        if inputs_embeds.shape[0] == 0 or (inputs_embeds.shape[1] == 0 and not allow_no_tokens):
-            raise ValueError(f"inputs_embeds is empty: shape {tuple(inputs_embeds.shape)}")
-        return inputs_embeds.to(device=self.device, dtype=self.dtype)
+        return arguments.check_ids(input_ids, self._vocab_size(), self.device, allow_no_tokens)
+
+    def _check_embeds(self, inputs_embeds, allow_no_tokens: bool = False) -> Tensor:
+        """`arguments.check_embeds` for this model, after `_check_run`."""
+        self._check_run()
+        return arguments.check_embeds(inputs_embeds, self.config.hidden_size, self.device, self.dtype, allow_no_tokens)
+
+    def _check_labels(self, labels, text: Tensor) -> Tensor:
+        """`arguments.check_labels` for this model's vocabulary."""
+        return arguments.check_labels(labels, text, self._vocab_size(), self.device)
+
+    def _vocab_size(self) -> int:
+        return self.base.get_input_embeddings().num_embeddings
 
     def _check_run(self) -> None:
         """Refuses autocast to another low precision than a low-precision model's own, which torch
@@ -1319,64 +1229,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
                 and torch.get_autocast_dtype(kind) != self.dtype):
             raise ValueError(f"a {self.dtype} model under {torch.get_autocast_dtype(kind)} autocast is not supported: "
                              f"run it without autocast, under {self.dtype} autocast, or cast it to float32 first")
-
-    def _check_ids(self, input_ids, allow_no_tokens: bool = False) -> Tensor:
-        """input_ids (B, T) as int64 on the model's device, B >= 1 and T >= 1 (T = 0 too with
-        allow_no_tokens: a read that only closes chunks, see `read`'s end_chunk); the checks of
-        `_check_run`."""
-        self._check_run()
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int):
-            raise ValueError(f"input_ids must be an int64 tensor of shape (batch, tokens), got "
-                             f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-        if input_ids.shape[0] == 0 or (input_ids.shape[1] == 0 and not allow_no_tokens):
-            raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
-        if input_ids.numel() == 0:
-            return input_ids.to(self.device).long()
-        vocab = self.base.get_input_embeddings().num_embeddings
-        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()  # one host sync, not two
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary), got values in [{lo}, {hi}]")
-        return input_ids.to(self.device).long()
-
-    def _check_labels(self, labels, text: Tensor) -> Tensor:
-        """labels (B, T) as int64 on the model's device, for text (B, T) ids or (B, T, d)
-        embeddings: token ids of the vocabulary, or -100 (ignored), as HF's losses take them."""
-        if not isinstance(labels, Tensor) or labels.shape != text.shape[:2]:
-            raise ValueError(f"forward: labels {tuple(getattr(labels, 'shape', ()))} must be a tensor of the shape "
-                             f"of {'input_ids' if text.dim() == 2 else 'inputs_embeds (batch, tokens)'} "
-                             f"{tuple(text.shape[:2])}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise ValueError(f"forward: labels must be integer token ids (or -100), got dtype {labels.dtype}")
-        vocab = self.base.get_input_embeddings().num_embeddings
-        bad = (labels != -100) & ((labels < 0) | (labels >= vocab))
-        if labels.numel() and bool(bad.any()):
-            raise ValueError(f"forward: labels must be token ids in [0, {vocab}) or -100 (ignored); got "
-                             f"{sorted(set(labels[bad].tolist()))[:8]}")
-        return labels.to(self.device).long()
-
-    def _lengths(self, attention_mask: Optional[Tensor], B: int, T: int) -> tuple[Tensor, Tensor]:
-        """Each row's token count and the column its tokens start at, (B,) host tensors, from
-        attention_mask (B, T) (None: every row full; the one host read of the mask). A row's
-        tokens must be one run: padding on the right, on the left, or on both sides (a
-        left-padded prompt before a right-padded completion, as RL trainers batch them)."""
-        if attention_mask is None:
-            return torch.full((B,), T, dtype=torch.long), torch.zeros(B, dtype=torch.long)
-        mask = attention_mask.cpu() if isinstance(attention_mask, Tensor) else attention_mask  # the one host read
-        _check_mask_values(mask, (B, T))
-        mask = mask.bool()
-        lengths = mask.sum(1)  # (an all-zero row: 0 tokens from column 0)
-        first = mask.int().argmax(1) if T else torch.zeros(B, dtype=torch.long)
-        j = torch.arange(T)
-        runs = (j >= first.unsqueeze(1)) & (j < (first + lengths).unsqueeze(1))
-        if not torch.equal(mask, runs):
-            holed = (mask != runs).any(1)
-            peft = "" if not bool(mask[holed, 0].all()) else (
-                " (a PEFT prompt-learning model puts ones for its soft prompt before the caller's mask, so a "
-                "left-padded batch has a hole after them: pad it on the right)")
-            raise ValueError("attention_mask must hold each row's tokens in one run: right-padded (ones, then "
-                             "zeros), left-padded (zeros, then ones) or padded on both sides; the memory reads a "
-                             "row's tokens in order and cannot step over zeros between them" + peft)
-        return lengths, first
 
     def _chunk_sizes(self, chunk_sizes: Optional[Sequence[int]], T: int) -> list[int]:
         cs = self.comet_config.chunk_size
@@ -1392,168 +1244,6 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"chunk_sizes must each be at most comet_config.chunk_size ({cs}), the longest chunk "
                              f"read() streams; got {max(sizes)}")
         return sizes
-
-
-# Keyword arguments by which padding-free collators (DataCollatorWithFlattening, TRL's padding_free)
-# pack several sequences into one row.
-_PACKED_ARGUMENTS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
-# HF's KV-cache argument, under its old and its new (transformers 5.x) name.
-_CACHE_ARGUMENTS = ("past_key_values", "cache")
-
-
-def _check_hf_arguments(who: str, output_attentions, output_hidden_states, return_dict, kwargs: dict) -> None:
-    """HF's standard forward arguments that ask for something CoMeT's forward does not compute:
-    refused by name (other unknown keywords: Python's TypeError)."""
-    cache = [k for k in _CACHE_ARGUMENTS if kwargs.get(k) is not None]
-    if cache:
-        raise ValueError(f"{who}: {cache[0]} is not supported: CoMeT's memory is its cache (a KV cache passed in, "
-                         f"e.g. by PEFT's prefix tuning, would not be read); read a prefix into a memory and pass "
-                         f"memory= instead")
-    if output_attentions or output_hidden_states:
-        raise ValueError(f"{who}: output_attentions / output_hidden_states are not supported (the fused "
-                         "attention keeps no attention weights; hidden states exist per chunk only; the final ones "
-                         "are model.base_model(...).last_hidden_state)")
-    if return_dict is False:
-        raise ValueError(f"{who}: return_dict=False is not supported; the output is a ModelOutput (which also "
-                         "indexes like a tuple)")
-    packed = [k for k in _PACKED_ARGUMENTS if kwargs.get(k) is not None]
-    if packed:
-        raise ValueError(f"{who}: packed rows ({', '.join(packed)}: several sequences in one row, as padding-free "
-                         f"collators such as DataCollatorWithFlattening make them) are not supported, since "
-                         f"CometForCausalLM reads each row as one sequence, chunk by chunk; pad the samples into rows")
-    unknown = sorted(k for k in kwargs if k not in _PACKED_ARGUMENTS + _CACHE_ARGUMENTS)
-    if unknown:
-        raise TypeError(f"{who}() got unexpected keyword arguments {unknown}")
-
-
-def _prepared_prompt(hook, base_prepare, input_ids: Optional[Tensor], inputs_embeds: Optional[Tensor],
-                     attention_mask: Optional[Tensor], **model_kwargs):
-    """The prompt a prepare_inputs_for_generation set on the model has it read: HF's generate
-    calls it before every forward, the first time with an empty cache and is_first_iteration
-    (or, in older transformers, cache_position) saying so, and feeds the model what it
-    returns. PEFT's prompt learning sets one around its generate, which then prepends its soft
-    prompt: inputs_embeds (B, n + T, d) and a mask (B, n + T) of ones before the caller's.
-    A left-padded prompt so has padding between the soft prompt and the tokens, which HF's
-    generate steps over (its positions count the mask's ones): the rows are read the same way,
-    every row's tokens moved first, in order. base_prepare: the model class's own
-    prepare_inputs_for_generation, which the hook calls on (its arguments are this transformers
-    version's). model_kwargs: generate's arguments for the hook (PEFT's task_ids).
-    -> (input_ids, inputs_embeds, attention_mask), one of the first two None."""
-    if inputs_embeds is not None and "inputs_embeds" not in inspect.signature(hook).parameters:
-        raise ValueError("generate: inputs_embeds cannot go through the model's prepare_inputs_for_generation, which "
-                         "does not take them (PEFT's prompt learning sets one that prepends its soft prompt to the "
-                         "embeddings of input_ids), as HF's generate refuses them there; pass input_ids")
-    text = inputs_embeds if inputs_embeds is not None else input_ids
-    B, T = text.shape[:2]
-    dev = text.device
-    ids = input_ids if input_ids is not None else torch.empty(B, 0, dtype=torch.long, device=dev)
-    mask = attention_mask.to(dev) if attention_mask is not None else torch.ones(B, T, dtype=torch.long, device=dev)
-    params = inspect.signature(base_prepare).parameters
-    first = {k: v for k, v in (("is_first_iteration", True), ("cache_position", torch.arange(T, device=dev)))
-             if k in params}
-    embeds = {} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
-    prepared = hook(ids, attention_mask=mask, use_cache=True, **first, **embeds, **model_kwargs)
-    if any(prepared.get(k) is not None for k in _CACHE_ARGUMENTS):
-        raise ValueError("generate: the model's prepare_inputs_for_generation passes a KV cache (past_key_values, as "
-                         "PEFT's prefix tuning does), which CoMeT cannot read: its memory is its cache")
-    text = prepared.get("inputs_embeds")
-    text = prepared["input_ids"] if text is None else text
-    mask = prepared.get("attention_mask")
-    if mask is None:
-        return (text, None, None) if text.dim() == 2 else (None, text, None)
-    if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(text.shape[:2]):
-        raise ValueError(f"generate: the model's prepare_inputs_for_generation returned an attention_mask that is "
-                         f"not a (batch, tokens) tensor of its input's {tuple(text.shape[:2])}")
-    order = torch.sort((mask == 0).int(), dim=1, stable=True).indices  # each row's tokens first, in order
-    text, mask = _columns(text, order.to(text.device)), torch.gather(mask, 1, order)
-    return (text, None, mask) if text.dim() == 2 else (None, text, mask)
-
-
-def _columns(text: Tensor, index: Tensor) -> Tensor:
-    """text (B, T) ids or (B, T, d) embeddings at the columns index (B, n) names, per row."""
-    if text.dim() == 3:
-        index = index.unsqueeze(-1).expand(-1, -1, text.shape[-1])
-    return torch.gather(text, 1, index)
-
-
-def _tokens_first(text: Tensor, first: Tensor) -> Tensor:
-    """text (B, T) ids or (B, T, d) embeddings with row b rotated left by first[b] ((B,) host
-    tensor): a row whose tokens start at column first[b] then holds them from column 0, its
-    padding after them."""
-    T = text.shape[1]
-    return _columns(text, upload((torch.arange(T) + first.unsqueeze(1)) % T, text.device))
-
-
-def _kept_positions(logits_to_keep, T: int) -> Optional[Tensor]:
-    """forward's logits_to_keep as the positions (n,) (a host tensor) whose logits it computes,
-    HF's way: an int k keeps the last k (0: all, None returned), a 1-D integer tensor lists them
-    (negative ones count from the end)."""
-    if isinstance(logits_to_keep, Tensor) and logits_to_keep.dim() == 1 and not logits_to_keep.is_floating_point() \
-            and logits_to_keep.dtype != torch.bool:
-        keep = logits_to_keep.cpu().long()
-        if keep.numel() and not bool(((keep >= -T) & (keep < T)).all()):
-            raise ValueError(f"forward: logits_to_keep lists positions outside the input's {T} tokens: "
-                             f"{keep[(keep < -T) | (keep >= T)][:4].tolist()}")
-        return keep % T if T else keep
-    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
-        raise ValueError(f"forward: logits_to_keep must be an int >= 0 (keep the last ones; 0 keeps all) or a 1-D "
-                         f"tensor of positions, got {logits_to_keep!r}")
-    return None if logits_to_keep == 0 else torch.arange(max(T - logits_to_keep, 0), T)
-
-
-def _check_plain_positions(position_ids, attention_mask, shape: tuple[int, ...]) -> None:
-    """A ValueError unless position_ids (B, T) or (1, T) count 0, 1, 2, ... along every row's tokens
-    (padding aside): positions that restart within a row pack several sequences into it, which
-    transformers.Trainer would otherwise hand over silently (HF's models read them as boundaries).
-    A mask whose rows are not one run of tokens is left to the mask's own check, which names it."""
-    B, T = shape
-    pos = position_ids.cpu() if isinstance(position_ids, Tensor) else torch.as_tensor(position_ids)
-    if pos.dim() != 2 or pos.shape[1] != T or pos.shape[0] not in (1, B):
-        raise ValueError(f"forward: position_ids must have shape ({B}, {T}) like input_ids, got {tuple(pos.shape)}")
-    real = (attention_mask.cpu().bool() if isinstance(attention_mask, Tensor) and attention_mask.shape == (B, T)
-            else torch.ones(B, T, dtype=torch.bool))
-    runs = real[:, :1].sum(1) + (real[:, 1:] & ~real[:, :-1]).sum(1)  # token runs per row
-    if bool((runs > 1).any()):
-        return
-    if not torch.equal(pos.expand(B, T)[real], (real.cumsum(1) - 1)[real]):
-        left = bool((~real[:, 0] & real.any(1)).any())
-        raise ValueError("forward: position_ids must count 0, 1, 2, ... along each row's tokens"
-                         + (" from its first one (with left padding: attention_mask.cumsum(-1) - 1, as HF makes them)"
-                            if left else "")
-                         + ": packed rows (positions restarting within a row, as DataCollatorWithFlattening or "
-                         "padding-free training make them) are not supported, since CometForCausalLM reads each row "
-                         "as one sequence, chunk by chunk; pad the samples into rows instead (e.g. "
-                         "DataCollatorForSeq2Seq)")
-
-
-def _check_mask_values(attention_mask, shape: tuple[int, ...]) -> None:
-    """A ValueError unless attention_mask is a tensor of `shape` holding ones (tokens) and zeros
-    (padding): anything else nonzero would count as a token."""
-    if not isinstance(attention_mask, Tensor):
-        raise ValueError(f"attention_mask must be a tensor of ones and zeros, got {type(attention_mask).__name__}")
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask must have shape {tuple(shape)} (batch, tokens) like the input, got "
-                         f"{tuple(attention_mask.shape)}")
-    if not torch.equal(attention_mask, attention_mask.bool().to(attention_mask.dtype)):  # (NaN != NaN: refused)
-        odd = attention_mask[(attention_mask != 0) & (attention_mask != 1)].unique()[:4].tolist()
-        raise ValueError(f"attention_mask must hold ones (tokens) and zeros (padding) only, got values such as {odd}")
-
-
-def _cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[int],
-                       room: list[int]) -> tuple[list[int], list[bool]]:
-    """For `read(boundary_ids=...)`: the tokens each sample appends to its open chunk in this
-    step, and whether the chunk is cut after them. Where more tokens are left than the chunk
-    has room for, it ends after the last boundary token that fits (planner.semantic's rule).
-    boundaries[b]: sorted boundary positions; done[b]: tokens read; left[b]: tokens still
-    to read; room[b]: text tokens the open chunk can take. -> (take, cut)."""
-    take, cut = [max(0, min(n, r)) for n, r in zip(left, room)], [False] * len(left)
-    for b, (pos, d, n, r) in enumerate(zip(boundaries, done, left, room)):
-        if n <= r:
-            continue
-        i = bisect.bisect_left(pos, d + r) - 1  # the last boundary inside the window [d, d + r)
-        if i >= 0 and pos[i] >= d:
-            take[b], cut[b] = pos[i] - d + 1, pos[i] - d + 1 < r
-    return take, cut
 
 
 def _layer_step_cached(layer, family, x, cos, sin, buf_k, buf_v, plan: "_StepPlan", prefix_lens, q_lens):

@@ -12,9 +12,12 @@ sample as in the reference setup (README.md, "Fine-tuning"). Strategies of the r
 
 A ChunkPlanner mixes them with configurable probabilities and draws from its
 own seeded generator, so a plan is a pure function of (seed, step).
+
+`cut_at_boundaries` applies the semantic rule while streaming: `read(boundary_ids=...)`.
 """
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import math
 import numbers
@@ -131,3 +134,20 @@ class ChunkPlanner:
             "semantic": lambda: semantic(tokens, cs, self.boundary_ids),
         }[name]()
         return name, sizes
+
+
+def cut_at_boundaries(boundaries: list[list[int]], done: list[int], left: list[int],
+                      room: list[int]) -> tuple[list[int], list[bool]]:
+    """For `read(boundary_ids=...)`: the tokens each sample appends to its open chunk in this
+    step, and whether the chunk is cut after them. Where more tokens are left than the chunk
+    has room for, it ends after the last boundary token that fits (the rule of `semantic`).
+    boundaries[b]: sorted boundary positions; done[b]: tokens read; left[b]: tokens still
+    to read; room[b]: text tokens the open chunk can take. -> (take, cut)."""
+    take, cut = [max(0, min(n, r)) for n, r in zip(left, room)], [False] * len(left)
+    for b, (pos, d, n, r) in enumerate(zip(boundaries, done, left, room)):
+        if n <= r:
+            continue
+        i = bisect.bisect_left(pos, d + r) - 1  # the last boundary inside the window [d, d + r)
+        if i >= 0 and pos[i] >= d:
+            take[b], cut[b] = pos[i] - d + 1, pos[i] - d + 1 < r
+    return take, cut

@@ -118,7 +118,7 @@ def test_streaming_host_syncs_do_not_grow_with_depth_or_length():
     assert reads[2, 20], "the counter saw no host read at all: the count would prove nothing"
     assert len({frozenset(c.items()) for c in reads.values()}) == 1, f"host reads per read differ: {reads}"
     # input_ids' range, the mask to the host, its lengths as a list (a host tensor already)
-    assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["_check_ids", "_lengths", "read"]
+    assert sorted(where.split(":")[0] for _, where in reads[2, 20].elements()) == ["check_ids", "read", "row_lengths"]
 
 
 def test_an_interrupted_step_leaves_a_memory_that_refuses_to_go_on(tmp_path):
@@ -276,7 +276,7 @@ def test_training_host_syncs_do_not_grow_with_depth(recompute, return_logits):
     assert syncs[0], "the counter saw no host read at all: the count would prove nothing"
     assert syncs[1] == syncs[0], f"host reads per training step: {syncs[0]} with 2 layers, {syncs[1]} with 5"
     # input_ids' and labels' ranges, the mask, its lengths as a list (a host tensor); which chunks have labels
-    expected = ["_check_ids", "_check_labels", "_lengths", "_plan_chunks"] + ([] if return_logits else
+    expected = ["check_ids", "check_labels", "row_lengths", "_plan_chunks"] + ([] if return_logits else
                                                                                ["_chunk_targets"])
     assert sorted(where.split(":")[0] for _, where in syncs[0].elements()) == sorted(expected), syncs[0]
 
@@ -909,7 +909,7 @@ def test_training_forward_refuses_a_memory_it_cannot_continue(memory, match):
 def test_gate_logit_is_the_gate_the_update_blends_with():
     """GlobalMemoryNet.gate_logit (diagnostics, train_passkey's --gate-entropy): sigmoid of it is
     the g of comet::gated_update's S <- g S + (1 - g) RMSNorm_g(R)."""
-    from comet_ext.modeling import GlobalMemoryNet
+    from comet_ext.memory_modules import GlobalMemoryNet
 
     torch.manual_seed(0)
     net = GlobalMemoryNet(32, 4)
