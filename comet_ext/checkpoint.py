@@ -2,8 +2,10 @@
 
 A folder holds config.json (the base model's config, its dtype, a "comet" entry with the
 CometConfig and, while LoRA adapters are applied, a "comet_lora" entry with their
-settings), generation_config.json (the model's decoding defaults) and
-model.safetensors, written atomically together.
+settings), generation_config.json (the model's decoding defaults) and the weights, written
+atomically together: model.safetensors, or, above max_shard_size (HF's default, 50GB), HF's
+sharded layout (model-00001-of-0000N.safetensors ... and model.safetensors.index.json, split
+as transformers splits them), which HF's loaders and the Hub take as they take HF's own.
 
 Weights are stored under the base model's own names (``model.layers.0...``,
 ``lm_head.weight``) and the memory's under ``comet.`` (``comet.memory_layers.0...``,
@@ -13,20 +15,25 @@ instead of a randomly initialised one. LoRA adapters go under ``comet.`` too, an
 weights they adapt under the plain names: a plain load gets the base without them. Folders
 written before this layout (every key under ``base.``) load too.
 
-The three files are written to temporary files first, all of them, then renamed into place
-(atomic.atomic_write_all): a save that fails while writing (a full disk) leaves the folder's
-previous model whole. The weights and config.json carry one save id, so a crash between the
-renames is refused on load instead of pairing new settings with old weights.
+The files are written to temporary files first, all of them, then renamed into place
+(atomic.atomic_write_all), config.json last; the weights files of an earlier save that the new
+one does not overwrite (the other layout, more shards) are removed after. A save that fails
+while writing (a full disk) leaves the folder's previous model whole. The weights files, the
+index and config.json carry one save id, so a crash between the renames is refused on load
+instead of pairing new settings with old weights.
 """
 from __future__ import annotations
 
 import json
+import numbers
 import os
+import re
 import uuid
 from typing import Optional
 
 import torch
 from safetensors import SafetensorError, safe_open
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
@@ -36,6 +43,10 @@ from .config import CometConfig
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
+# HF's sharded layout: shards named by this pattern's {suffix} (-00001-of-00003), and their index
+SHARD_PATTERN = "model{suffix}.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_WEIGHTS_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 # top-level modules of CometForCausalLM besides `base`: stored under "comet."
 MEMORY_MODULES = ("memory_layers.", "memory_embeddings.")
 
@@ -135,8 +146,29 @@ def save_id(folder: str) -> Optional[str]:
     return raw.get("comet_save_id") if isinstance(raw, dict) else None
 
 
-def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list[tuple[str, str]]) -> None:
-    """Writes model.safetensors, generation_config.json and config.json into folder."""
+def check_shard_size(max_shard_size) -> None:
+    """max_shard_size as HF's save_pretrained takes it: a number of bytes (an int > 0) or a size
+    with a unit of KB, MB, GB or TB (powers of 1000), such as "5GB"."""
+    if isinstance(max_shard_size, str):
+        try:  # parsed as the save parses it
+            split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)
+            positive = float(max_shard_size.strip()[:-2]) > 0
+        except (ValueError, OverflowError) as e:
+            raise ValueError(f"save_pretrained: max_shard_size {max_shard_size!r} is not a size ({e})") from None
+    else:
+        positive = isinstance(max_shard_size, numbers.Integral) and not isinstance(max_shard_size, bool) \
+            and max_shard_size > 0
+    if not positive:
+        raise ValueError(f"save_pretrained: max_shard_size must be a positive number of bytes or a size such as "
+                         f"'5GB', got {max_shard_size!r}")
+
+
+def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list[tuple[str, str]],
+         max_shard_size: int | str = "50GB") -> None:
+    """Writes the weights (one file, or HF's shards and index above max_shard_size),
+    generation_config.json and config.json into folder; then removes weights files of an
+    earlier save that these did not replace."""
+    check_shard_size(max_shard_size)
     os.makedirs(folder, exist_ok=True)
     save_id = uuid.uuid4().hex
     config = {k: v for k, v in model.config.to_dict().items() if k not in OWN_ENTRIES}
@@ -151,13 +183,59 @@ def save(model, folder: str, state_dict: Optional[dict[str, Tensor]], tied: list
     state = {saved_key(k): v.detach().contiguous().cpu() for k, v in state_dict.items()}
     for _, dropped in tied:  # safetensors refuses shared storage: keep one copy
         state.pop(saved_key(dropped), None)
-    writes = [(os.path.join(folder, WEIGHTS_NAME),
-               lambda p: save_file(state, p, metadata={"format": "pt", "comet_ext": "3", "save_id": save_id}))]
+    split = split_torch_state_dict_into_shards(state, filename_pattern=SHARD_PATTERN, max_shard_size=max_shard_size)
+    metadata = {"format": "pt", "comet_ext": "3", "save_id": save_id}
+    writes = [(os.path.join(folder, name), lambda p, shard={k: state[k] for k in keys}: save_file(shard, p, metadata))
+              for name, keys in split.filename_to_tensors.items()]
+    if split.is_sharded:
+        index = {"metadata": {**split.metadata, "comet_save_id": save_id},
+                 "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+        writes.append((os.path.join(folder, INDEX_NAME), lambda p: write_json(p, index)))
     if getattr(model, "generation_config", None) is not None:
         generation = model.generation_config.to_diff_dict()
         writes.append((os.path.join(folder, GENERATION_CONFIG_NAME), lambda p: write_json(p, generation)))
     writes.append((os.path.join(folder, CONFIG_NAME), lambda p: write_json(p, config)))
     atomic_write_all(writes)
+    written = {os.path.basename(path) for path, _ in writes}
+    for name in os.listdir(folder):  # an earlier save's: the other layout, or more shards
+        if _WEIGHTS_FILE.fullmatch(name) and name not in written:
+            os.remove(os.path.join(folder, name))
+
+
+def read_shard_index(path: str, who: str) -> tuple[dict, dict[str, str], list[str]]:
+    """(metadata, weight_map, shard file names) of HF's safetensors index at path, checked: a
+    weight_map from weight names to shard files of the index's own folder (a name like
+    ../x.safetensors would read weights from elsewhere). Errors start with `who`."""
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{who}: cannot read the weights index {path!r} ({e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{who}: the weights index {path!r} is not valid JSON ({e})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in weight_map.items()):
+        raise ValueError(f"{who}: {path!r} must hold a 'weight_map' from weight names to shard files")
+    files = sorted(set(weight_map.values()))
+    outside = [name for name in files if os.path.basename(name) != name or name in ("", ".", "..")]
+    if outside:
+        raise ValueError(f"{who}: {path!r} names shard files outside its folder: {outside[:4]}")
+    metadata = index.get("metadata")
+    return metadata if isinstance(metadata, dict) else {}, weight_map, files
+
+
+def _weights_files(folder: str, save_id: Optional[str]) -> list[str]:
+    """The weights files of the save config.json names (save_id; None: saved before ids): the
+    shards its index lists, or model.safetensors. Where both layouts are there (a crash before
+    the earlier save's files were removed), the one whose save id is config.json's."""
+    single, index = os.path.join(folder, WEIGHTS_NAME), os.path.join(folder, INDEX_NAME)
+    if not os.path.isfile(index):
+        return [single]
+    metadata, _, shards = read_shard_index(index, "from_pretrained")
+    if os.path.isfile(single) and save_id is not None and metadata.get("comet_save_id") != save_id:
+        return [single]
+    return [os.path.join(folder, name) for name in shards]
 
 
 def load(cls, folder: str, dtype, device):
@@ -182,19 +260,22 @@ def load(cls, folder: str, dtype, device):
         from .lora import apply_lora
 
         apply_lora(model, **raw["comet_lora"])
-    path = os.path.join(folder, WEIGHTS_NAME)
     own = set(model.state_dict(keep_vars=True))
-    try:
-        with safe_open(path, framework="pt") as f:
-            save_id = (f.metadata() or {}).get("save_id")
-            state = {model_key(k, own): f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"from_pretrained: cannot read the weights {path!r} ({e}); the file is missing, "
-                         "truncated or not safetensors") from e
-    if raw.get("comet_save_id") is not None and save_id != raw["comet_save_id"]:
-        raise ValueError(f"from_pretrained: {path!r} is not the weights file saved with {CONFIG_NAME} (save ids "
-                         f"{save_id} and {raw['comet_save_id']}): a save_pretrained into {folder!r} was cut "
-                         "between its files; save again")
+    state = {}
+    paths = _weights_files(folder, raw.get("comet_save_id"))
+    for path in paths:
+        try:
+            with safe_open(path, framework="pt") as f:
+                save_id = (f.metadata() or {}).get("save_id")
+                state.update({model_key(k, own): f.get_tensor(k) for k in f.keys()})
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"from_pretrained: cannot read the weights {path!r} ({e}); the file is missing, "
+                             "truncated or not safetensors") from e
+        if raw.get("comet_save_id") is not None and save_id != raw["comet_save_id"]:
+            raise ValueError(f"from_pretrained: {path!r} is not a weights file saved with {CONFIG_NAME} (save ids "
+                             f"{save_id} and {raw['comet_save_id']}): a save_pretrained into {folder!r} was cut "
+                             "between its files; save again")
+    path = paths[0] if len(paths) == 1 else os.path.join(folder, INDEX_NAME)  # (for the messages below)
     for kept, dropped in tied_keys(model):
         if dropped not in state and kept in state:
             state[dropped] = state[kept]

@@ -34,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import atomic_folder
+from .checkpoint import INDEX_NAME, WEIGHTS_NAME, read_shard_index
 
 REFERENCE_FIELDS = ("chunk_size", "placeholder_id", "temp_beacon_id", "temp_beacon_stride", "temp_mem_budget",
                     "global_beacon_ids")
@@ -71,7 +72,7 @@ def check_beacon_ids(config: dict, vocab: int, path: str) -> None:
                                  "of model.embed_tokens.weight")
 
 
-SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+SINGLE, INDEX = WEIGHTS_NAME, INDEX_NAME
 
 
 def weights_file(folder: str) -> str:
@@ -93,26 +94,11 @@ def read_json(path: str, what: str):
         raise ValueError(f"{what} {path!r} is not valid JSON ({e})") from None
 
 
-def _shard_files(index: str) -> tuple[dict[str, str], list[str]]:
-    """weight_map and shard file names of a safetensors index, checked: shards are files of the
-    index's own folder (a name like ../x.safetensors would read weights from elsewhere)."""
-    weight_map = read_json(index, "the weights index")
-    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-    if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in weight_map.items()):
-        raise ValueError(f"convert: {index!r} must hold a 'weight_map' from weight names to shard files")
-    files = sorted(set(weight_map.values()))
-    outside = [name for name in files if os.path.basename(name) != name or name in ("", ".", "..")]
-    if outside:
-        raise ValueError(f"convert: {index!r} names shard files outside its folder: {outside[:4]}")
-    return weight_map, files
-
-
 def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
     where = weights_file(folder)
     if where.endswith(INDEX):
-        weight_map, files = _shard_files(where)
+        _, weight_map, files = read_shard_index(where, "convert")
     else:
         weight_map, files = {}, [SINGLE]
     state = {}

@@ -245,23 +245,24 @@ class CometForCausalLM(PreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, folder: str | os.PathLike, is_main_process: bool = True,
                         state_dict: Optional[dict[str, Tensor]] = None, safe_serialization: bool = True,
-                        push_to_hub: bool = False, **unsupported) -> None:
-        """config.json (the base config, its dtype and a "comet" entry),
-        generation_config.json and model.safetensors, written atomically together: a failed save
-        leaves the folder's previous model whole (the layout: comet_ext/checkpoint.py). HF's arguments as transformers.Trainer passes
-        them: is_main_process=False writes nothing (other ranks), state_dict saves that
-        state (e.g. gathered from shards) instead of the model's. Only safetensors, one
-        file, no hub. LoRA adapters from apply_lora are saved with their settings."""
+                        push_to_hub: bool = False, max_shard_size: int | str = "50GB", **unsupported) -> None:
+        """config.json (the base config, its dtype and a "comet" entry), generation_config.json
+        and the weights, written atomically together: a failed save leaves the folder's previous
+        model whole (the layout: comet_ext/checkpoint.py). The weights are model.safetensors, or
+        above max_shard_size (bytes, or a size such as "5GB"; HF's default) HF's shards and
+        index. HF's arguments as transformers.Trainer passes them: is_main_process=False writes
+        nothing (other ranks), state_dict saves that state (e.g. gathered from shards) instead of
+        the model's. Only safetensors, no hub. LoRA adapters from apply_lora are saved with their
+        settings."""
         if unsupported:
-            raise TypeError(f"save_pretrained: unsupported arguments {sorted(unsupported)} (one safetensors file "
-                            "is written, unsharded)")
+            raise TypeError(f"save_pretrained: unsupported arguments {sorted(unsupported)}")
         if not safe_serialization:
             raise ValueError("save_pretrained: safe_serialization=False is not supported (safetensors only)")
         if push_to_hub:
             raise ValueError("save_pretrained: push_to_hub=True is not supported (comet_ext never uses the network)")
         if not is_main_process:
             return
-        checkpoint.save(self, os.fspath(folder), state_dict, checkpoint.tied_keys(self))
+        checkpoint.save(self, os.fspath(folder), state_dict, checkpoint.tied_keys(self), max_shard_size)
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, dtype: Optional[torch.dtype | str] = None,

@@ -355,3 +355,120 @@ def test_a_config_edited_to_tie_untied_embeddings_is_refused(tmp_path):
     loaded = CometForCausalLM.from_pretrained(tmp_path / "tied")
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     assert torch.equal(loaded.get_input_embeddings().weight, tied.get_input_embeddings().weight)
+
+
+# ----------------------------------------------------------------------------- sharded weights
+
+
+def _weights_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("model") and "safetensors" in p.name)
+
+
+def _nudged(model, seed: int):
+    """model with every parameter moved by a seeded amount: saves that can be told apart."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _assert_same_parameters(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+
+
+def test_weights_over_max_shard_size_are_saved_as_hf_shards_and_load_here_and_in_hf(tmp_path):
+    """Above max_shard_size the weights go into HF's sharded layout (as transformers splits them):
+    every shard at most the size unless one tensor is larger, the index naming every weight. Both
+    CometForCausalLM and HF's AutoModelForCausalLM load it, the same as from one file."""
+    model = _nudged(tiny_comet("qwen3", seed=2), 1)
+    model.save_pretrained(tmp_path / "one")
+    single = load_file(tmp_path / "one" / "model.safetensors")
+    total = sum(t.numel() * t.element_size() for t in single.values())
+    biggest = max(t.numel() * t.element_size() for t in single.values())
+    limit = max(total // 4, biggest)
+    for size in (limit, f"{limit / 1000}KB"):
+        folder = tmp_path / f"sharded-{type(size).__name__}"
+        model.save_pretrained(folder, max_shard_size=size)
+        files = _weights_files(folder)
+        shards = [f for f in files if f != "model.safetensors.index.json"]
+        assert "model.safetensors" not in files and "model.safetensors.index.json" in files
+        assert len(shards) >= 4 and shards == [f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                                               for i in range(1, len(shards) + 1)]
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        assert index["metadata"]["total_size"] == total
+        assert sorted(index["weight_map"]) == sorted(single) and sorted(set(index["weight_map"].values())) == shards
+        held = {}
+        for shard in shards:
+            part = load_file(folder / shard)
+            assert sum(t.numel() * t.element_size() for t in part.values()) <= limit
+            assert all(index["weight_map"][k] == shard for k in part)
+            held.update(part)
+        assert held.keys() == single.keys() and all(torch.equal(held[k], single[k]) for k in single)
+        loaded = CometForCausalLM.from_pretrained(folder)
+        _assert_same_parameters(loaded, model)
+        x = ids(2, 40, seed=4)
+        assert torch.equal(loaded(x).logits, model(x).logits)
+        plain = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x).logits, model.base(x).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_save_replaces_the_weights_files_of_an_earlier_one(tmp_path):
+    """Saving into a folder removes the weights files the new save did not write (one file after
+    shards, fewer shards after more, shards after one file): what is left is the last save's."""
+    model = tiny_comet("llama", seed=5)
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    for seed, size in enumerate((total // 6, "50GB", total // 6, total // 2, "50GB")):
+        _nudged(model, seed)
+        model.save_pretrained(tmp_path, max_shard_size=size)
+        files = _weights_files(tmp_path)
+        if size == "50GB":
+            assert files == ["model.safetensors"]
+        else:
+            index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+            assert files == sorted(set(index["weight_map"].values()) | {"model.safetensors.index.json"})
+        _assert_same_parameters(CometForCausalLM.from_pretrained(tmp_path), model)
+
+
+def test_a_sharded_save_cut_between_its_files_is_refused_or_loads_the_whole_one(tmp_path):
+    """A shard left from another save (a crash between the renames) is refused by its save id; a
+    crash after config.json but before the earlier layout's files were removed leaves both
+    layouts, and the one config.json names is loaded."""
+    model = tiny_comet("llama", seed=6)
+    total = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+    model.save_pretrained(tmp_path / "a", max_shard_size=total // 3)
+    first, second = _weights_files(tmp_path / "a")[:2]
+    assert first.startswith("model-00001-of-") and second.startswith("model-00002-of-")
+    old_shard = (tmp_path / "a" / first).read_bytes()
+    model.save_pretrained(tmp_path / "a", max_shard_size=total // 3)
+    (tmp_path / "a" / first).write_bytes(old_shard)
+    with pytest.raises(ValueError, match="was cut between its files"):
+        CometForCausalLM.from_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "a", max_shard_size=total // 3)  # whole again, then a shard lost
+    (tmp_path / "a" / second).unlink()
+    with pytest.raises(ValueError, match=f"cannot read the weights .*{second}"):
+        CometForCausalLM.from_pretrained(tmp_path / "a")
+
+    for first, last in ((total // 3, "50GB"), ("50GB", total // 3)):  # both layouts on disk: the last one loads
+        folder = tmp_path / f"{first}-then-{last}"
+        model.save_pretrained(folder, max_shard_size=first)
+        earlier = {f.name: f.read_bytes() for f in folder.iterdir() if f.name.startswith("model")}
+        _nudged(model, 7)
+        model.save_pretrained(folder, max_shard_size=last)
+        for name, data in earlier.items():  # as if the save stopped before removing them
+            (folder / name).write_bytes(data)
+        files = _weights_files(folder)
+        assert "model.safetensors" in files and "model.safetensors.index.json" in files
+        _assert_same_parameters(CometForCausalLM.from_pretrained(folder), model)
+
+
+@pytest.mark.parametrize("size", [0, -5, "0GB", "-1MB", "5GiB", "lots", 1.5, True, None])
+def test_a_bad_max_shard_size_is_refused_before_anything_is_written(tmp_path, size):
+    model = tiny_comet("llama")
+    with pytest.raises(ValueError, match="max_shard_size"):
+        model.save_pretrained(tmp_path / "m", max_shard_size=size)
+    assert not (tmp_path / "m").exists()

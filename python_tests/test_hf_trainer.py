@@ -87,7 +87,15 @@ def test_unsupported_checkpointing_options_are_refused(kwargs, match):
     assert not model.is_activation_checkpointing
 
 
-def test_trainer_resumes_from_its_checkpoint_exactly(tmp_path):
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "sharded"])
+def test_trainer_resumes_from_its_checkpoint_exactly(tmp_path, monkeypatch, sharded):
+    """Also from checkpoints in HF's sharded layout (a model over max_shard_size, 50GB by
+    default: here a few KB), which transformers.Trainer reads shard by shard."""
+    if sharded:
+        save = CometForCausalLM.save_pretrained
+        monkeypatch.setattr(CometForCausalLM, "save_pretrained",
+                            lambda self, *a, **kw: save(self, *a, **{"max_shard_size": 20_000, **kw}))
+
     def trainer():
         torch.manual_seed(0)
         args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4,
@@ -98,6 +106,7 @@ def test_trainer_resumes_from_its_checkpoint_exactly(tmp_path):
     full = trainer()
     full.train()
     resumed = trainer()
+    assert ("model.safetensors.index.json" in {p.name for p in (tmp_path / "checkpoint-6").iterdir()}) == sharded
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -112,8 +121,8 @@ def test_save_pretrained_takes_hfs_arguments(tmp_path):
     loaded = CometForCausalLM.from_pretrained(tmp_path / "given")
     for name, value in loaded.state_dict().items():
         assert torch.equal(value, state[name]), name
-    with pytest.raises(TypeError, match="max_shard_size"):
-        model.save_pretrained(tmp_path / "x", max_shard_size="1GB")
+    with pytest.raises(TypeError, match="variant"):
+        model.save_pretrained(tmp_path / "x", variant="fp16")
     with pytest.raises(ValueError, match="safe_serialization=False"):
         model.save_pretrained(tmp_path / "x", safe_serialization=False)
     with pytest.raises(ValueError, match="push_to_hub=True"):
