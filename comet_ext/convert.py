@@ -72,15 +72,12 @@ def check_beacon_ids(config: dict, vocab: int, path: str) -> None:
                                  "of model.embed_tokens.weight")
 
 
-SINGLE, INDEX = WEIGHTS_NAME, INDEX_NAME
-
-
 def weights_file(folder: str) -> str:
     """The file that says where a reference checkpoint's weights are: model.safetensors, else the
     index of its shards (the order in which transformers, and so the reference, looks)."""
-    single = os.path.join(folder, SINGLE)
-    return single if os.path.isfile(single) or not os.path.isfile(os.path.join(folder, INDEX)) \
-        else os.path.join(folder, INDEX)
+    single = os.path.join(folder, WEIGHTS_NAME)
+    return single if os.path.isfile(single) or not os.path.isfile(os.path.join(folder, INDEX_NAME)) \
+        else os.path.join(folder, INDEX_NAME)
 
 
 def read_json(path: str, what: str):
@@ -97,15 +94,15 @@ def read_json(path: str, what: str):
 def load_reference_state(folder: str) -> dict[str, torch.Tensor]:
     """All tensors of a (possibly sharded) safetensors checkpoint."""
     where = weights_file(folder)
-    if where.endswith(INDEX):
+    if where.endswith(INDEX_NAME):
         _, weight_map, files = read_shard_index(where, "convert")
     else:
-        weight_map, files = {}, [SINGLE]
+        weight_map, files = {}, [WEIGHTS_NAME]
     state = {}
     for name in files:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
-            bin_only = name == SINGLE and any(os.path.isfile(os.path.join(folder, n))
+            bin_only = name == WEIGHTS_NAME and any(os.path.isfile(os.path.join(folder, n))
                                               for n in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
             raise FileNotFoundError(f"reference checkpoint {folder!r} lacks {name}" + (
                 " (its pytorch_model.bin is not read: pickled weights can run code; load the reference model "

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .arguments import CACHE_ARGUMENTS, columns
 
+
 # GenerationConfig fields generate() reads itself, with HF's defaults.
 DEFAULTS: dict[str, Any] = {
     "max_new_tokens": None, "max_length": None, "min_new_tokens": None, "min_length": None,
